@@ -43,10 +43,11 @@ class Qwen3Config:
             raise ValueError(f"{source}: field 'model_type' is {model_type!r}, expected 'qwen3'")
         if d.get("attention_bias", False):
             raise ValueError(f"{source}: field 'attention_bias' is true; Qwen3 without biases expected")
-        rope_scaling = d.get("rope_scaling")
-        if rope_scaling not in (None, {}) and rope_scaling.get("rope_type", "default") != "default":
-            raise ValueError(f"{source}: field 'rope_scaling' {rope_scaling!r} is not supported "
-                             "(only default RoPE)")
+        for field in ("rope_scaling", "rope_parameters"):  # transformers v4 / v5 names
+            rope = d.get(field) or {}
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ValueError(f"{source}: field '{field}' {rope!r} is not supported "
+                                 "(only default RoPE)")
         n_heads = int(d["num_attention_heads"])
         eos = d.get("eos_token_id")
         eos_ids = () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),))
