@@ -1,0 +1,262 @@
+"""Tests for jaxhack.rl.sampler (tiny random fp32 Qwen3 on CPU)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxhack.models import qwen3
+from jaxhack.models.config import TINY
+from jaxhack.rl import sampler
+
+CONFIG = dataclasses.replace(TINY, eos_token_ids=(2,))
+PROMPTS = [[5, 17, 33], [1, 9, 8, 7, 100, 200, 300], [4] * 5 + [11, 12, 13, 14, 15, 16, 17]]
+MAX_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = qwen3.init_params(CONFIG, jax.random.PRNGKey(0), jnp.float32)
+    # Sharpen the output distribution so greedy has clear winners and sampling is non-uniform.
+    p["lm_head"] = p["lm_head"] * 40.0
+    return p
+
+
+def lora_adapters(config, key, rank=4, b_scale=0.5):
+    """Hand-built LoRA adapters (merged frozen + trainable) for every target module."""
+    L = config.num_hidden_layers
+    out = {}
+    for i, (name, (d_in, d_out)) in enumerate(qwen3.module_shapes(config).items()):
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        out[name] = {"a": jax.random.normal(ka, (L, rank, d_in)) * 0.3,
+                     "b": jax.random.normal(kb, (L, d_out, rank)) * b_scale,
+                     "scale": jnp.full((L,), 2.0)}
+    return out
+
+
+def svd_adapters(config, key, rank=4):
+    L = config.num_hidden_layers
+    out = {}
+    for i, (name, (d_in, d_out)) in enumerate(qwen3.module_shapes(config).items()):
+        ku, kv, ks = jax.random.split(jax.random.fold_in(key, i), 3)
+        out[name] = {"u": jax.random.normal(ku, (L, d_out, rank)) * 0.3,
+                     "vh": jax.random.normal(kv, (L, rank, d_in)) * 0.3,
+                     "delta_s": jax.random.normal(ks, (L, rank)),
+                     "delta_s_hack": jnp.zeros((L, rank))}
+    return out
+
+
+REF_LEN = 64
+
+
+@jax.jit
+def _full_forward_logits(params, ids, mask, adapters):
+    """No cache: ids, mask [1, REF_LEN] -> logits [1, REF_LEN, V]."""
+    hidden, _ = qwen3.forward(params, CONFIG, ids, mask, adapters=adapters)
+    return qwen3.lm_logits(params, CONFIG, hidden)
+
+
+def reference_greedy(params, prompt, n_new, adapters=None):
+    """Re-run the full (cache-free) forward on the growing sequence; argmax each step.
+    The sequence sits at the start of a fixed REF_LEN window followed by masked pads, which cannot
+    influence it (causal attention), so there is one compilation instead of one per length.
+    Returns tokens [n_new] and their temperature-1 log-probs [n_new]."""
+    seq = list(prompt)
+    tokens, logps = [], []
+    for _ in range(n_new):
+        n = len(seq)
+        assert n <= REF_LEN
+        ids = np.zeros((1, REF_LEN), np.int32); ids[0, :n] = seq
+        mask = np.arange(REF_LEN)[None, :] < n
+        logits = _full_forward_logits(params, jnp.asarray(ids), jnp.asarray(mask), adapters)[0, n - 1]
+        tok = int(jnp.argmax(logits))
+        tokens.append(tok)
+        logps.append(float(jax.nn.log_softmax(logits)[tok]))
+        seq.append(tok)
+    return np.asarray(tokens), np.asarray(logps)
+
+
+@pytest.fixture(scope="module")
+def greedy_no_eos(params):
+    return sampler.generate(params, CONFIG, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0,
+                            key=jax.random.PRNGKey(1), eos_token_ids=[])
+
+
+def test_greedy_matches_full_forward_argmax(params, greedy_no_eos):
+    res = greedy_no_eos
+    assert res.tokens.shape == (len(PROMPTS), MAX_NEW)
+    np.testing.assert_array_equal(res.prompt_lengths, [len(p) for p in PROMPTS])
+    np.testing.assert_array_equal(res.lengths, [MAX_NEW] * len(PROMPTS))
+    assert not res.finished.any()
+    for i, prompt in enumerate(PROMPTS):
+        ref_tokens, ref_logp = reference_greedy(params, prompt, MAX_NEW)
+        np.testing.assert_array_equal(res.tokens[i], ref_tokens)
+        np.testing.assert_allclose(res.logprobs[i], ref_logp, atol=2e-4, rtol=1e-4)
+    # the sharpened model should not be degenerate (otherwise the comparison is weak)
+    assert len(np.unique(res.tokens)) > 5
+
+
+def test_eos_stops_and_pads(params, greedy_no_eos):
+    base = greedy_no_eos.tokens
+    k = 6
+    eos = int(base[1, k])  # the greedy token of sequence 1 at step k becomes the EOS
+    pad_id = CONFIG.vocab_size - 1
+    assert eos != pad_id
+    res = sampler.generate(params, CONFIG, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0,
+                           key=jax.random.PRNGKey(1), eos_token_ids=[eos, 99999], pad_id=pad_id)
+    for i in range(len(PROMPTS)):
+        hits = np.flatnonzero(base[i] == eos)
+        expected_len = int(hits[0]) + 1 if hits.size else MAX_NEW
+        assert res.lengths[i] == expected_len
+        assert res.finished[i] == bool(hits.size)
+        np.testing.assert_array_equal(res.tokens[i, :expected_len], base[i, :expected_len])
+        assert (res.tokens[i, expected_len:] == pad_id).all()
+        assert (res.logprobs[i, expected_len:] == 0.0).all()
+        np.testing.assert_allclose(res.logprobs[i, :expected_len],
+                                   greedy_no_eos.logprobs[i, :expected_len], atol=1e-5)
+        np.testing.assert_array_equal(res.completion_mask[i], np.arange(MAX_NEW) < expected_len)
+    assert res.lengths[1] <= k + 1 and res.finished[1]
+
+
+def test_config_eos_default_and_all_done_early(params, greedy_no_eos):
+    # eos_token_ids=None uses config.eos_token_ids: make every sequence's first token an EOS.
+    firsts = tuple(sorted(set(int(t) for t in greedy_no_eos.tokens[:, 0])))
+    cfg = dataclasses.replace(CONFIG, eos_token_ids=firsts)
+    res = sampler.generate(params, cfg, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0,
+                           key=jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(res.lengths, [1] * len(PROMPTS))
+    assert res.finished.all()
+    assert (res.tokens[:, 1:] == 0).all()  # default pad_id
+    np.testing.assert_array_equal(res.tokens[:, 0], greedy_no_eos.tokens[:, 0])
+
+
+def test_top_p_near_zero_equals_greedy(params, greedy_no_eos):
+    res = sampler.generate(params, CONFIG, PROMPTS, max_new_tokens=MAX_NEW, temperature=1.3, top_p=1e-6,
+                           key=jax.random.PRNGKey(7), eos_token_ids=[])
+    np.testing.assert_array_equal(res.tokens, greedy_no_eos.tokens)
+    np.testing.assert_allclose(res.logprobs, greedy_no_eos.logprobs, atol=1e-5)
+
+
+def _next_token_probs(params, prompt):
+    ids = jnp.asarray([prompt], jnp.int32)
+    hidden, _ = qwen3.forward(params, CONFIG, ids, jnp.ones_like(ids, bool))
+    return qwen3.lm_logits(params, CONFIG, hidden[0, -1])  # [V]
+
+
+def _chi_square(counts, probs, n):
+    expected = probs * n
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    stat = float(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep]))
+    return stat, int(keep.sum()) - 1
+
+
+def test_temperature_sampling_frequencies(params):
+    prompt = PROMPTS[0]
+    n = 512
+    temperature = 1.5
+    res = sampler.generate(params, CONFIG, [prompt] * n, max_new_tokens=1, temperature=temperature,
+                           key=jax.random.PRNGKey(3), eos_token_ids=[])
+    logits = np.asarray(_next_token_probs(params, prompt), np.float64)
+    probs = np.exp(logits / temperature - np.max(logits / temperature))
+    probs /= probs.sum()
+    counts = np.bincount(res.tokens[:, 0], minlength=CONFIG.vocab_size).astype(np.float64)
+    stat, df = _chi_square(counts, probs, n)
+    assert df >= 3, "distribution too peaked for a meaningful test"
+    assert stat < df + 5 * np.sqrt(2 * df), (stat, df)
+    # and it is not the temperature-1 distribution
+    probs1 = np.exp(logits - logits.max()); probs1 /= probs1.sum()
+    stat1, df1 = _chi_square(counts, probs1, n)
+    assert stat1 > df1 + 5 * np.sqrt(2 * df1), (stat1, df1)
+    # logprobs are the temperature-1 log-probs of the sampled tokens
+    logp1 = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    np.testing.assert_allclose(res.logprobs[:, 0], logp1[res.tokens[:, 0]], atol=1e-4)
+
+
+def test_top_p_restricts_to_nucleus(params):
+    prompt = PROMPTS[0]
+    n, top_p = 512, 0.6
+    res = sampler.generate(params, CONFIG, [prompt] * n, max_new_tokens=1, temperature=1.0, top_p=top_p,
+                           key=jax.random.PRNGKey(4), eos_token_ids=[])
+    logits = np.asarray(_next_token_probs(params, prompt), np.float64)
+    probs = np.exp(logits - logits.max()); probs /= probs.sum()
+    order = np.argsort(-probs)
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    nucleus = order[mass_before < top_p]
+    assert 1 < len(nucleus) < CONFIG.vocab_size // 2
+    sampled = set(res.tokens[:, 0].tolist())
+    assert sampled <= set(nucleus.tolist())
+    renorm = np.zeros_like(probs); renorm[nucleus] = probs[nucleus]; renorm /= renorm.sum()
+    counts = np.bincount(res.tokens[:, 0], minlength=CONFIG.vocab_size).astype(np.float64)
+    stat, df = _chi_square(counts, renorm, n)
+    assert stat < df + 5 * np.sqrt(2 * max(df, 1)), (stat, df)
+
+
+@pytest.mark.parametrize("kind", ["lora", "svd"])
+def test_adapters_change_output_and_match_reference(params, greedy_no_eos, kind):
+    make = lora_adapters if kind == "lora" else svd_adapters
+    adapters = make(CONFIG, jax.random.PRNGKey(11))
+    res = sampler.generate(params, CONFIG, PROMPTS, adapters=adapters, max_new_tokens=MAX_NEW,
+                           temperature=0.0, key=jax.random.PRNGKey(1), eos_token_ids=[])
+    assert not np.allclose(res.logprobs, greedy_no_eos.logprobs, atol=1e-3)
+    assert (res.tokens != greedy_no_eos.tokens).any()
+    if kind == "svd":  # the cache path with adapters is checked against the reference once (LoRA)
+        return
+    ref_tokens, ref_logp = reference_greedy(params, PROMPTS[1], MAX_NEW, adapters=adapters)
+    np.testing.assert_array_equal(res.tokens[1], ref_tokens)
+    np.testing.assert_allclose(res.logprobs[1], ref_logp, atol=2e-4, rtol=1e-4)
+
+
+def test_zero_lora_equals_base(params, greedy_no_eos):
+    adapters = lora_adapters(CONFIG, jax.random.PRNGKey(11), b_scale=0.0)
+    res = sampler.generate(params, CONFIG, PROMPTS, adapters=adapters, max_new_tokens=MAX_NEW,
+                           temperature=0.0, key=jax.random.PRNGKey(1), eos_token_ids=[])
+    np.testing.assert_array_equal(res.tokens, greedy_no_eos.tokens)
+    np.testing.assert_allclose(res.logprobs, greedy_no_eos.logprobs, atol=1e-5)
+
+
+def test_no_recompile_within_bucket(params):
+    kwargs = dict(max_new_tokens=MAX_NEW, eos_token_ids=[])
+    sampler.generate(params, CONFIG, [[3, 4, 5], [6, 7], [8]], key=jax.random.PRNGKey(0), **kwargs)
+    count = sampler.TRACE_COUNT
+    # different prompt lengths (same 64-bucket), batch sizes in the same bucket (3, 4 -> 4), other
+    # sampling modes / EOS ids (traced values): all reuse the compiled program
+    r = sampler.generate(params, CONFIG, [[3] * 40, [6, 7, 8], [9] * 17, [1]], key=jax.random.PRNGKey(1),
+                         **kwargs)
+    sampler.generate(params, CONFIG, [[1] * 64, [2], [3]], key=jax.random.PRNGKey(2), temperature=0.0,
+                     top_p=0.5, max_new_tokens=MAX_NEW, eos_token_ids=[5, 6])
+    sampler.generate(params, CONFIG, [[1] * 64, [2], [3]], key=jax.random.PRNGKey(2), top_p=0.5, **kwargs)
+    assert sampler.TRACE_COUNT == count
+    assert r.tokens.shape == (4, MAX_NEW)
+    # a longer prompt moves to the next bucket and does compile
+    sampler.generate(params, CONFIG, [[1] * 65, [2], [3]], key=jax.random.PRNGKey(2), **kwargs)
+    assert sampler.TRACE_COUNT == count + 1
+
+
+def test_buckets_and_left_pad():
+    assert [sampler.prompt_bucket(n) for n in (1, 64, 65, 200)] == [64, 64, 128, 256]
+    assert [sampler.batch_bucket(n) for n in (1, 3, 4, 5, 64, 65, 256)] == [1, 4, 4, 8, 64, 128, 256]
+    tokens, mask = sampler.left_pad([[7, 8], [9]], 4, 3, pad_id=0)
+    np.testing.assert_array_equal(tokens, [[0, 0, 7, 8], [0, 0, 0, 9], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
+
+
+def test_sampling_is_deterministic_per_key_and_varies_across_keys(params):
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, eos_token_ids=[])
+    a = sampler.generate(params, CONFIG, PROMPTS, key=jax.random.PRNGKey(5), **kwargs)
+    b = sampler.generate(params, CONFIG, PROMPTS, key=jax.random.PRNGKey(5), **kwargs)
+    c = sampler.generate(params, CONFIG, PROMPTS, key=jax.random.PRNGKey(6), **kwargs)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+
+
+def test_bad_arguments(params):
+    with pytest.raises(ValueError, match="empty"):
+        sampler.generate(params, CONFIG, [[1], []], max_new_tokens=2, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="top_p"):
+        sampler.generate(params, CONFIG, [[1]], max_new_tokens=2, top_p=0.0, key=jax.random.PRNGKey(0))
