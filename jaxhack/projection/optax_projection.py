@@ -1,0 +1,186 @@
+"""`hack_projection`: an optax GradientTransformation that removes the hack-ward part of the
+adapter gradient (or update) per module, and reports cosines in its state (docs/projection.md).
+
+Per module m with V [k, dim] (orthonormal, hack-ward rows) and gradient vector g [dim] (SVD: the
+delta_s gradient; LoRA: concat(a.ravel(), b.ravel())), in the LOSS-gradient sign convention:
+  c = V g                                  [k]
+  one_sided: removed = overshoot * relu(c) V    (only the hack-ward part)
+  no_gate:   removed = overshoot * c V          (the whole span(V) component)
+  reverse:   removed = -overshoot * relu(-c) V  (only the anti-hack part; a control arm:
+                                                  g_out = g + overshoot * relu(-c) V)
+  erase:   g <- g - removed
+  route:   delta_s <- g - removed, delta_s_hack <- removed  (SVD only)
+  measure: g unchanged (bit-identical), state still reports the cosines
+delta_s_hack (SVD) is trained only under route: with erase and measure its incoming gradient is
+replaced by zeros (its raw gradient is an exact copy of delta_s's, since the forward uses their sum).
+
+Placement: placement="gradient" goes BEFORE the optimizer (optax.chain(hack_projection(...),
+optax.adamw(...))) and sees loss gradients. placement="update" goes AFTER it (optax.chain(
+optax.adamw(...), hack_projection(..., placement="update"))) and sees updates, which point along
+-gradient: the transform negates them, projects in the gradient convention, and negates back, so a
+hack-ward update (one that moves along -v) is what gets removed. Reported cosines are always in the
+gradient convention (cos > 0: hack-ward). `chain_with_projection` builds either chain.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxhack.projection.cosines import HIGHEST, coefficients, directions, module_mean, safe_norm
+from jaxhack.projection.modules import adapter_kind, from_module_vector, module_vector
+
+Mode = Literal["erase", "route", "measure"]
+Gate = Literal["one_sided", "no_gate", "reverse"]
+Placement = Literal["gradient", "update"]
+
+
+class HackProjectionState(NamedTuple):
+    """Metrics of the last update (zeros after init). Per module: {name: [L]}; means: scalars."""
+    cos_in: dict[str, jax.Array]   # top-1 cos of the incoming gradient, per module [L]
+    cos_out: dict[str, jax.Array]  # same after projection (delta_s part under route) [L]
+    fired: dict[str, jax.Array]    # 1.0 where the projection removed anything [L]
+    mean_cos_in: jax.Array         # [] mean over valid modules
+    mean_cos_out: jax.Array        # []
+    frac_fired: jax.Array          # [] share of valid modules that fired
+    frac_positive: jax.Array       # [] share of valid modules with any c > 0 before projection
+    removed_norm: jax.Array        # [] global norm of what was removed (0 under measure)
+
+
+def gate_weights(c: jax.Array, gate: Gate) -> jax.Array:
+    """Coefficients of the part to remove. c: [..., k] -> [..., k]."""
+    if gate == "one_sided":
+        return jax.nn.relu(c)
+    if gate == "no_gate":
+        return c
+    if gate == "reverse":
+        return -jax.nn.relu(-c)
+    raise ValueError(f"unknown gate {gate!r}; expected one of one_sided, no_gate, reverse")
+
+
+def project_vector(v: jax.Array, g: jax.Array, gate: Gate = "one_sided", overshoot: float = 1.0):
+    """Project one module's gradient. v: [L, k, dim]; g: [..., L, dim] (gradient convention).
+
+    Returns (g_out [..., L, dim] fp32, removed [..., L, dim] fp32, c [..., L, k]), g_out = g - removed.
+    The target coefficients are t = c - overshoot * gate(c); after the first subtraction one
+    refinement step removes the fp32 rounding left in span(V) ("twice is enough"), so V g_out = t
+    to ~1e-7 relative instead of ~|g| * 1e-6.
+    """
+    v32 = v.astype(jnp.float32)
+    g32 = g.astype(jnp.float32)
+    c = coefficients(v32, g32)  # [..., L, k]
+    w = overshoot * gate_weights(c, gate)
+    target = c - w
+    g1 = g32 - jnp.einsum("...lk,lkd->...ld", w, v32, precision=HIGHEST)
+    err = coefficients(v32, g1) - target  # [..., L, k] rounding error along V
+    g_out = g1 - jnp.einsum("...lk,lkd->...ld", err, v32, precision=HIGHEST)
+    return g_out, g32 - g_out, c
+
+
+def _cos_top(c: jax.Array, g: jax.Array) -> jax.Array:
+    """Top-1 cosine from coefficients c [L, k] and g [L, dim]; 0 where |g| = 0."""
+    norm = safe_norm(g)
+    ok = norm > 0
+    return jnp.where(ok, c[..., 0] / jnp.where(ok, norm, 1.0), 0.0)
+
+
+def _check_args(mode, gate, placement, overshoot):
+    if mode not in ("erase", "route", "measure"):
+        raise ValueError(f"unknown mode {mode!r}; expected one of erase, route, measure")
+    gate_weights(jnp.zeros(1), gate)  # validates the gate name
+    if placement not in ("gradient", "update"):
+        raise ValueError(f"unknown placement {placement!r}; expected gradient or update")
+    if not overshoot >= 0:
+        raise ValueError(f"overshoot must be >= 0, got {overshoot}")
+
+
+def hack_projection(v_hack: dict, mode: Mode = "erase", gate: Gate = "one_sided",
+                    overshoot: float = 1.0, placement: Placement = "gradient"
+                    ) -> optax.GradientTransformation:
+    """Optax transform projecting the adapter gradient/update against v_hack ({name: [L, k, dim]}
+    or a bundle with key "V"). The update tree must be the trainable adapter tree {name: module}."""
+    _check_args(mode, gate, placement, overshoot)
+    V = {name: jnp.asarray(v, jnp.float32) for name, v in directions(v_hack).items()}  # [L, k, dim]
+    for name, v in V.items():
+        chex.assert_rank(v, 3)
+    valid = {name: jnp.any(v[:, 0, :] != 0, axis=-1) for name, v in V.items()}  # [L]
+    sign = 1.0 if placement == "gradient" else -1.0
+
+    def init_fn(params):
+        del params
+        zeros = {name: jnp.zeros(v.shape[0], jnp.float32) for name, v in V.items()}
+        z = jnp.zeros((), jnp.float32)
+        return HackProjectionState(zeros, dict(zeros), dict(zeros), z, z, z, z, z)
+
+    def update_fn(updates, state, params=None):
+        del state, params
+        kind = adapter_kind(updates)
+        if mode == "route" and kind != "svd":
+            raise ValueError("mode='route' needs an SVD adapter (delta_s_hack); got a LoRA tree")
+        missing = sorted(set(V) - set(updates))
+        if missing:
+            raise ValueError(f"v_hack modules {missing} not in the update tree (has {sorted(updates)})")
+        out, cos_in, cos_out, fired, positive = {}, {}, {}, {}, {}
+        removed_sq = jnp.zeros((), jnp.float32)
+        for name, module in updates.items():
+            new = dict(module)
+            if kind == "svd":  # not trained outside route; under route it gets the removed part below
+                new["delta_s_hack"] = jnp.zeros_like(module["delta_s_hack"])
+            if name in V:
+                x = module_vector(module)  # [L, dim]
+                g = sign * x.astype(jnp.float32)
+                g_out, removed, c = project_vector(V[name], g, gate, overshoot)
+                w_fired = jnp.any(overshoot * gate_weights(c, gate) != 0, axis=-1)  # [L]
+                positive[name] = jnp.any(c > 0, axis=-1).astype(jnp.float32)
+                cos_in[name] = _cos_top(c, g)
+                if mode == "measure":
+                    cos_out[name] = cos_in[name]
+                    fired[name] = jnp.zeros_like(cos_in[name])
+                else:
+                    cos_out[name] = _cos_top(coefficients(V[name], g_out), g_out)
+                    fired[name] = w_fired.astype(jnp.float32)
+                    removed_sq = removed_sq + jnp.sum(jnp.square(removed))
+                    new = from_module_vector((sign * g_out).astype(x.dtype), new)
+                    if mode == "route":
+                        new["delta_s_hack"] = (sign * removed).astype(module["delta_s_hack"].dtype)
+            out[name] = new
+        state = HackProjectionState(
+            cos_in=cos_in, cos_out=cos_out, fired=fired,
+            mean_cos_in=module_mean(cos_in, valid), mean_cos_out=module_mean(cos_out, valid),
+            frac_fired=module_mean(fired, valid), frac_positive=module_mean(positive, valid),
+            removed_norm=jnp.where(removed_sq > 0, jnp.sqrt(jnp.where(removed_sq > 0, removed_sq, 1.0)), 0.0))
+        return out, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def chain_with_projection(optimizer: optax.GradientTransformation, v_hack: dict,
+                          placement: Placement = "gradient", **kwargs) -> optax.GradientTransformation:
+    """optax.chain(projection, optimizer) for placement="gradient"; optax.chain(optimizer,
+    projection) for placement="update" (kwargs: mode, gate, overshoot)."""
+    proj = hack_projection(v_hack, placement=placement, **kwargs)
+    return optax.chain(proj, optimizer) if placement == "gradient" else optax.chain(optimizer, proj)
+
+
+def find_projection_state(opt_state: Any) -> HackProjectionState:
+    """The HackProjectionState inside a (possibly chained / nested) optax state."""
+    if isinstance(opt_state, HackProjectionState):
+        return opt_state
+    if isinstance(opt_state, (tuple, list)):
+        for s in opt_state:
+            try:
+                return find_projection_state(s)
+            except LookupError:
+                pass
+    raise LookupError("no HackProjectionState in the optimizer state")
+
+
+def projection_metrics(opt_state: Any) -> dict[str, jax.Array]:
+    """Scalar metrics of the last step: mean_cos_in, mean_cos_out, frac_fired, frac_positive,
+    removed_norm."""
+    s = find_projection_state(opt_state)
+    return {"mean_cos_in": s.mean_cos_in, "mean_cos_out": s.mean_cos_out, "frac_fired": s.frac_fired,
+            "frac_positive": s.frac_positive, "removed_norm": s.removed_norm}
