@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,20 @@ from jaxhack.models.convert import DTYPES, count_params, load_hf_params  # noqa:
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+def copy_tokenizer_files(hf_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the HF tokenizer files that exist into CKPT/tokenizer/ so the checkpoint is self-contained."""
+    present = [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
+    if present:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in present:
+            shutil.copyfile(hf_dir / f, out_dir / f)
+    return present
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {"source": str(args.hf_dir.resolve()), "lora": str(args.lora_dir.resolve()) if args.lora_dir else None,
                 "dtype": args.dtype, "n_params": n}
     path = save_checkpoint(out, params, config, metadata=metadata, force=args.force)
+    copied = copy_tokenizer_files(args.hf_dir, path / "tokenizer")
     dt = time.time() - t0
     print(f"converted {args.hf_dir} -> {path}")
     print(f"  layers={config.num_hidden_layers} hidden={config.hidden_size} vocab={config.vocab_size} "
           f"tied={config.tie_word_embeddings} lora={'merged from ' + str(args.lora_dir) if args.lora_dir else 'none'}")
+    print(f"  tokenizer files: {', '.join(copied) if copied else 'none found (load_model falls back to bytes)'}")
     print(f"  parameters={n:,} ({n / 1e9:.3f} B) dtype={args.dtype}")
     print(f"  seconds: convert={t_convert:.1f} total={dt:.1f}")
     print(f"  peak RSS: after convert={rss_convert:.2f} GiB, after save={peak_rss_gib():.2f} GiB "

@@ -99,9 +99,10 @@ def attention(q, k, v, query_slots, key_mask, config: Qwen3Config):
     return out.reshape(B, T, Hq * hd)
 
 
-def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask, cache_index,
-           config: Qwen3Config):
-    """One decoder layer. h: [B,T,D]. cache_kv: None or (k [B,S,Hkv,hd], v [B,S,Hkv,hd])."""
+def _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slots, key_mask,
+           cache_index, config: Qwen3Config):
+    """One decoder layer. h: [B,T,D]. cache_kv: None or the whole cache (k, v), each
+    [L,B,S,Hkv,hd]; this layer's new keys/values are written in place at [layer_index, :, cache_index]."""
     B, T, _ = h.shape
     hd, Hq, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     ad = (lambda name: None) if layer_adapters is None else (lambda name: layer_adapters.get(name))
@@ -113,9 +114,12 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
     q = rope(rms_norm(q, layer["q_norm"], config.rms_norm_eps), positions, config.rope_theta)
     k = rope(rms_norm(k, layer["k_norm"], config.rms_norm_eps), positions, config.rope_theta)
     if cache_kv is not None:
-        k_cache = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
-        k_all, v_all, new_kv = k_cache.astype(q.dtype), v_cache.astype(q.dtype), (k_cache, v_cache)
+        start = (layer_index, 0, cache_index, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(cache_kv[0], k[None].astype(cache_kv[0].dtype), start)
+        v_cache = jax.lax.dynamic_update_slice(cache_kv[1], v[None].astype(cache_kv[1].dtype), start)
+        k_all = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(q.dtype)
+        v_all = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(q.dtype)
+        new_kv = (k_cache, v_cache)
     else:
         k_all, v_all, new_kv = k, v, None
     attn = attention(q, k_all, v_all, query_slots, key_mask, config)
@@ -161,19 +165,23 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
 
     h = params["embed"][input_ids]  # [B,T,D]
 
-    def body(h, xs):
-        layer, layer_adapters, cache_kv = xs
-        h, new_kv = _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, attention_mask,
-                           cache_index, config)
-        return h, new_kv
+    # The cache rides in the scan carry and each layer updates its slice in place (no per-step copy
+    # of the whole cache, which would dominate decoding time and double its memory).
+    def body(carry, xs):
+        h, cache_kv = carry
+        layer, layer_adapters, layer_index = xs
+        h, cache_kv = _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slots,
+                             attention_mask, cache_index, config)
+        return (h, cache_kv), None
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":
         body = jax.checkpoint(body, policy=policy)
-    cache_xs = None if cache is None else (cache["k"], cache["v"])
-    h, new_kv = jax.lax.scan(body, h, (params["layers"], adapters, cache_xs))
+    cache_kv = None if cache is None else (cache["k"], cache["v"])
+    layer_indices = jnp.arange(config.num_hidden_layers)
+    (h, cache_kv), _ = jax.lax.scan(body, (h, cache_kv), (params["layers"], adapters, layer_indices))
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
-    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+    new_cache = None if cache is None else {"k": cache_kv[0], "v": cache_kv[1]}
     return h, new_cache
 
 
