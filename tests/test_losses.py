@@ -1,0 +1,160 @@
+"""Loss reductions (masks, PPO clip, K3 KL, normalisations), advantages, log-prob alignment, batches."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxhack.models import adapters, qwen3
+from jaxhack.models.config import TINY
+from jaxhack.rl import batch as rl_batch
+from jaxhack.rl import losses
+
+CONFIG = dataclasses.replace(TINY, vocab_size=128)
+
+
+def random_params(config, seed=0, std=0.05):
+    """Random params in the qwen3.init_params layout, filled by numpy (no per-shape jit compiles)."""
+    shapes = jax.eval_shape(lambda: qwen3.init_params(config, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.asarray(1 + 0.1 * rng.standard_normal(s.shape), s.dtype)
+        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# --- pure reductions ----------------------------------------------------------------------------
+
+MASK = np.array([False, False, True, True, True, False])
+LOGP = np.array([0.0, -0.3, -1.0, -2.0, -0.5, -4.0], np.float32)
+
+
+def test_nll_masks_and_means():
+    assert float(losses.nll_from_logprobs(LOGP, MASK)) == pytest.approx(3.5 / 3)
+    garbage = LOGP.copy()
+    garbage[~MASK] = [-np.inf, np.nan, 1e30]  # prompt / pad positions may hold anything
+    assert float(losses.nll_from_logprobs(garbage, MASK)) == float(losses.nll_from_logprobs(LOGP, MASK))
+    grad = np.asarray(jax.jit(jax.grad(losses.nll_from_logprobs))(jnp.asarray(garbage), MASK))
+    np.testing.assert_array_equal(grad, np.where(MASK, -1 / 3, 0.0).astype(np.float32))
+    assert float(losses.nll_from_logprobs(LOGP, np.zeros(6, bool))) == 0.0  # empty completion
+
+
+def test_reinforce_is_scaled_nll():
+    value = losses.reinforce_from_logprobs(LOGP, MASK, jnp.float32(0.75), group_size=8)
+    assert float(value) == pytest.approx(-0.75 * (-3.5 / 3) / 8)
+    assert float(losses.reinforce_from_logprobs(LOGP, MASK, jnp.float32(-2.0), 4)) == pytest.approx(-2.0 * 3.5 / 3 / 4)
+
+
+def _grpo_reference(logp, mask, adv, old, ref, eps_lo, eps_hi, beta, denom):
+    """Straightforward numpy version of the Phase-3 per-token loss, summed over the mask."""
+    total = 0.0
+    for t in np.flatnonzero(mask):
+        rho = np.exp(np.float64(logp[t]) - old[t])
+        pg = -min(rho * adv, np.clip(rho, 1 - eps_lo, 1 + eps_hi) * adv)
+        d = np.float64(ref[t]) - logp[t]
+        total += pg + beta * (np.exp(d) - d - 1)
+    return total / denom
+
+
+@pytest.mark.parametrize("adv", [1.3, -0.7])
+@pytest.mark.parametrize("eps_high", [None, 0.28])
+def test_grpo_matches_reference_in_and_out_of_clip(adv, eps_high):
+    old = LOGP + np.array([0, 0, 0.5, -0.5, 0.05, 9.0], np.float32)  # rho far outside/inside the clip
+    ref = LOGP + np.array([0, 0, 0.2, -0.1, 0.0, 3.0], np.float32)
+    kw = dict(group_size=4, max_new=7, prompts_per_step=3, clip_eps=0.2, clip_eps_high=eps_high, beta=0.05)
+    value = jax.jit(functools.partial(losses.grpo_from_logprobs, **kw))(LOGP, MASK, jnp.float32(adv), old, ref)
+    expected = _grpo_reference(LOGP, MASK, adv, old, ref, 0.2, 0.2 if eps_high is None else eps_high,
+                               0.05, 4 * 7 * 3)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    pg, kl = jax.jit(losses.grpo_token_terms, static_argnums=(5, 6))(LOGP, MASK, jnp.float32(adv), old, ref,
+                                                                      0.2, eps_high)
+    assert np.all(np.asarray(pg)[~MASK] == 0) and np.all(np.asarray(kl)[~MASK] == 0)
+    np.testing.assert_array_equal(np.asarray(kl)[MASK] > 0, (ref != LOGP)[MASK])  # K3 > 0 iff ref != logp
+
+
+def test_grpo_clip_stops_gradient_when_ratio_is_past_the_clip():
+    # A > 0 and rho = e^0.5 > 1 + eps: the clipped term is the min, so d loss / d logp = 0 (no KL)
+    mask = np.array([True])
+    g = jax.jit(jax.grad(lambda lp: losses.grpo_from_logprobs(lp, mask, jnp.float32(1.0), jnp.array([-1.5]),
+                                                      lp, group_size=1, max_new=1, prompts_per_step=1,
+                                                      beta=0.0)))(jnp.array([-1.0]))
+    assert float(g[0]) == 0.0
+    # inside the clip at rho = 1: gradient -A, i.e. plain policy gradient
+    g = jax.jit(jax.grad(lambda lp: losses.grpo_from_logprobs(lp, mask, jnp.float32(2.0), jnp.array([-1.0]),
+                                                      jnp.array([-1.0]), group_size=1, max_new=1,
+                                                      prompts_per_step=1, beta=0.3)))(jnp.array([-1.0]))
+    assert float(g[0]) == pytest.approx(-2.0)
+
+
+def test_centered_advantages():
+    r = jnp.array([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
+    np.testing.assert_allclose(np.asarray(losses.centered_advantages(r, group_size=3)),
+                               [-1, 0, 1, -1, -1, 2], atol=1e-6)
+    ids = jnp.array([7, 2, 7, 2, 2, 7])  # groups {0,2,5} and {1,3,4}
+    np.testing.assert_allclose(np.asarray(losses.centered_advantages(r, group_ids=ids)),
+                               [1 - 17 / 3, 2 - 22 / 3, 3 - 17 / 3, 10 - 22 / 3, 10 - 22 / 3, 13 - 17 / 3],
+                               rtol=1e-6)
+    with pytest.raises(ValueError):
+        losses.centered_advantages(r, group_size=4)
+    with pytest.raises(ValueError):
+        losses.centered_advantages(r)
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+def test_make_batch_right_and_left():
+    prompts, comps = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
+    right = rl_batch.make_batch(prompts, comps, pad_id=0, padding="right", pad_multiple=4)
+    assert right["tokens"].shape == (2, 8) and right["tokens"].dtype == np.int32
+    np.testing.assert_array_equal(right["tokens"][0], [5, 6, 7, 9, 10, 0, 0, 0])
+    np.testing.assert_array_equal(right["completion_mask"][1], [0, 1, 1, 1, 0, 0, 0, 0])
+    left = rl_batch.make_batch(prompts, comps, pad_id=0, padding="left", length=6)
+    np.testing.assert_array_equal(left["tokens"][1], [0, 0, 8, 11, 12, 13])
+    np.testing.assert_array_equal(left["attention_mask"][0], [0, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(left["completion_mask"][0], [0, 0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(rl_batch.completion_lengths(left), [2, 3])
+    placed = rl_batch.place_completion_values(left, [[-0.5, -1.5], [-1, -2, -3]])
+    np.testing.assert_array_equal(placed[1], [0, 0, 0, -1, -2, -3])
+    with pytest.raises(ValueError, match="shorter"):
+        rl_batch.make_batch(prompts, comps, length=4)
+    with pytest.raises(ValueError, match="completion tokens"):
+        rl_batch.place_completion_values(left, [[-0.5], [-1, -2, -3]])
+
+
+# --- model-level log-probs ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CONFIG)
+
+
+def test_sequence_logprobs_alignment_and_nll(params):
+    b = rl_batch.make_batch([[3, 4, 5], [6, 7]], [[8, 9, 10], [11]], padding="left")
+    tokens, mask = jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"])
+    logp = np.asarray(losses.reference_logprobs(params, CONFIG, tokens, mask, chunk=4))
+    hidden, _ = jax.jit(qwen3.forward, static_argnums=1)(params, CONFIG, tokens, mask)
+    full = np.asarray(jax.nn.log_softmax(qwen3.lm_logits(params, CONFIG, hidden), axis=-1))  # [N,T,V]
+    tok = b["tokens"]
+    expected = np.zeros(tok.shape, np.float32)
+    expected[:, 1:] = np.take_along_axis(full[:, :-1], tok[:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-5)
+    assert np.all(logp[:, 0] == 0)
+
+
+def test_reference_is_zero_svd_adapter_exactly(params):
+    b = rl_batch.make_batch([[3, 4, 5], [6]], [[8, 9], [11, 12, 13]], padding="right", length=6)
+    tokens, mask = jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"])
+    tr, fr = adapters.init_svd_adapter(params, CONFIG, targets=("v_proj", "up_proj"))
+    with_zero = losses.sequence_logprobs(params, CONFIG, adapters.merge(tr, fr), tokens, mask, chunk=4)
+    ref = losses.reference_logprobs(params, CONFIG, tokens, mask, chunk=4)
+    assert np.array_equal(np.asarray(with_zero), np.asarray(ref))
+    bumped = jax.tree.map(lambda x: x + 0.2, tr)
+    moved = losses.sequence_logprobs(params, CONFIG, adapters.merge(bumped, fr), tokens, mask, chunk=4)
+    assert np.max(np.abs(np.asarray(moved) - np.asarray(ref))) > 1e-5
