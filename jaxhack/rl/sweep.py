@@ -1,0 +1,166 @@
+"""Phase 3 sweep: seeds x arms, one run dir per (arm, seed), the seed's cost ceiling, a summary table
+(docs/phase3.md, "Sweep").
+
+Order: arm-major (every seed of the first arm, then the next arm, ...), each run in OUT/ARM/seed_S.
+A run with RUN/done.json is skipped; an unfinished one is resumed from its last checkpoint (the
+trainer is always called with resume=True).
+
+Cost ceiling (../shared/seed/spec2.md: "If after 3 seeds x 1 arm we see no separation, stop. Don't
+burn the other 6 runs"). Separation, concretely: hacking emerged in the first arm, i.e. in at least
+one of its first `ceiling_seeds` seeds the run's peak hack rate reached `hack_threshold`, where the
+peak is `ceiling_metric` of the run summary (default: the max over the run of the 5-step moving
+average of the policy rollouts' hack rate, teacher rows excluded). With the first arm = vanilla,
+no separation means there is no hacking for projection to suppress, so the other arms cannot
+separate from it: the sweep stops after those runs, says so and writes OUT/STOPPED.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxhack.rl.presets import TrainConfig
+
+DEFAULT_CEILING_METRIC = "train_hack_rate_max_windowed"
+STOPPED_FILE, SUMMARY_MD, SUMMARY_JSON = "STOPPED.md", "summary.md", "summary.json"
+
+
+def run_dir_for(out: str | Path, arm: str, seed: int) -> Path:
+    return Path(out) / arm / f"seed_{seed}"
+
+
+def read_done(run_dir: Path) -> dict | None:
+    """The summary in RUN/done.json, or None when the run has not finished."""
+    path = Path(run_dir) / "done.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["summary"]
+
+
+def separated(summaries: Sequence[dict], hack_threshold: float, metric: str = DEFAULT_CEILING_METRIC) -> bool:
+    """True when some run's `metric` (its peak hack rate) reached hack_threshold."""
+    values = [s.get(metric) for s in summaries]
+    return any(v is not None and not math.isnan(v) and v >= hack_threshold for v in values)
+
+
+def _final(summary: dict, name: str) -> float:
+    """Final hack / gt-pass rate of a run: the last eval when there is one, else the training
+    window (policy rollouts of the last 5 steps)."""
+    for key in (f"eval_{name}_final", f"train_{name}_final"):
+        if summary.get(key) is not None:
+            return float(summary[key])
+    return float("nan")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if not math.isnan(x)], float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
+
+
+def summary_table(runs: Sequence[dict], arms: Sequence[str]) -> tuple[str, list[dict]]:
+    """Markdown table of final hack rate and gt pass rate per arm (mean ± sample std over the
+    finished seeds) and the rows as dicts."""
+    rows = []
+    for arm in arms:
+        done = [r for r in runs if r["arm"] == arm and r["summary"] is not None and r["finished"]]
+        hack = _mean_std([_final(r["summary"], "hack_rate") for r in done])
+        gt = _mean_std([_final(r["summary"], "gt_pass_rate") for r in done])
+        peak = _mean_std([float(r["summary"].get(DEFAULT_CEILING_METRIC, float("nan"))) for r in done])
+        rows.append({"arm": arm, "n_seeds": len(done), "seeds": [r["seed"] for r in done],
+                     "hack_rate_mean": hack[0], "hack_rate_std": hack[1], "gt_pass_rate_mean": gt[0],
+                     "gt_pass_rate_std": gt[1], "peak_hack_rate_mean": peak[0]})
+
+    def fmt(mean, std):
+        if math.isnan(mean):
+            return "n/a"
+        return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+
+    lines = ["| arm | seeds | final hack rate | final gt pass rate | peak hack rate (5-step window) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['n_seeds']} | {fmt(r['hack_rate_mean'], r['hack_rate_std'])} | "
+                     f"{fmt(r['gt_pass_rate_mean'], r['gt_pass_rate_std'])} | "
+                     f"{fmt(r['peak_hack_rate_mean'], float('nan'))} |")
+    return "\n".join(lines) + "\n", rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    from jaxhack.rl.trainer import _atomic_write_text
+    _atomic_write_text(path, text)
+
+
+def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Sequence[int],
+              train_fn: Callable | None = None, ceiling: bool = True, ceiling_seeds: int = 3,
+              hack_threshold: float = 0.1, ceiling_metric: str = DEFAULT_CEILING_METRIC, model=None,
+              log: Callable[[str], None] = print) -> dict:
+    """Run every (arm, seed) in order; returns {"runs", "stopped", "reason", "table", "rows"}.
+
+    train_fn(cfg, resume=True, model=model) -> summary (default jaxhack.rl.trainer.train; tests
+    inject a cheap fake). model: a preloaded (params, config, tokenizer) shared by all runs.
+    """
+    if not arms or not seeds:
+        raise ValueError("need at least one arm and one seed")
+    if len(set(arms)) != len(arms) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"duplicate arms or seeds: {list(arms)} {list(seeds)}")
+    if train_fn is None:
+        from jaxhack.rl.trainer import train as train_fn
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STOPPED_FILE).unlink(missing_ok=True)
+    runs: list[dict] = []
+    stopped, reason = False, ""
+    n_check = min(ceiling_seeds, len(seeds))
+    for a_index, arm in enumerate(arms):
+        for seed in seeds:
+            run_dir = run_dir_for(out, arm, seed)
+            summary = read_done(run_dir)
+            if summary is not None:
+                status = "skipped (done)"
+            else:
+                status = "resumed" if (run_dir / "run.json").is_file() else "ran"
+                cfg = dataclasses.replace(base, arm=arm, seed=seed, run_dir=str(run_dir))
+                log(f"[sweep] {arm} seed {seed}: {status} -> {run_dir}")
+                t0 = time.time()
+                returned = train_fn(cfg, resume=True, model=model)
+                summary = read_done(run_dir) or returned
+                status += f" in {time.time() - t0:.0f}s"
+            finished = read_done(run_dir) is not None
+            runs.append({"arm": arm, "seed": seed, "run_dir": str(run_dir), "status": status,
+                         "finished": finished, "summary": summary})
+            log(f"[sweep] {arm} seed {seed}: {status}; " + json.dumps(summary, sort_keys=True))
+            first_arm_runs = [r for r in runs if r["arm"] == arms[0]]
+            if (ceiling and a_index == 0 and len(arms) > 1 and len(first_arm_runs) == n_check):
+                if not separated([r["summary"] for r in first_arm_runs], hack_threshold, ceiling_metric):
+                    peaks = {r["seed"]: r["summary"].get(ceiling_metric) for r in first_arm_runs}
+                    stopped = True
+                    reason = (f"cost ceiling: after {n_check} seed(s) of the first arm ({arms[0]!r}) no "
+                              f"separation: {ceiling_metric} per seed {peaks} stayed below "
+                              f"hack_threshold={hack_threshold}, so there is no hacking for the other "
+                              f"arms ({', '.join(arms[1:])}) to suppress. Stopped without running them "
+                              f"(seed spec2.md: \"Don't burn the other runs\"). Pass --no-ceiling to "
+                              f"run them anyway.")
+                    break
+        if stopped:
+            break
+    table, rows = summary_table(runs, arms)
+    header = f"# Phase 3 sweep: {out}\n\narms {list(arms)}, seeds {list(seeds)}\n\n"
+    if stopped:
+        header += f"**STOPPED**: {reason}\n\n"
+        _atomic_write(out / STOPPED_FILE, reason + "\n")
+    text = header + table
+    _atomic_write(out / SUMMARY_MD, text)
+    _atomic_write(out / SUMMARY_JSON, json.dumps(
+        {"arms": list(arms), "seeds": list(seeds), "stopped": stopped, "reason": reason, "rows": rows,
+         "runs": runs, "hack_threshold": hack_threshold, "ceiling_metric": ceiling_metric},
+        indent=2, sort_keys=True, default=str) + "\n")
+    log(text)
+    if stopped:
+        log(f"[sweep] {reason}")
+    return {"runs": runs, "stopped": stopped, "reason": reason, "table": table, "rows": rows}

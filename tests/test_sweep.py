@@ -1,0 +1,105 @@
+"""Phase 3 sweep logic (jaxhack/rl/sweep.py): order, skipping finished runs, resuming, the cost
+ceiling, the summary table. A fake train function makes the logic tests instant; one real tiny run
+goes through the trainer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxhack.rl import sweep as S
+from jaxhack.rl.presets import make_config
+
+
+class FakeTrain:
+    """Writes RUN/run.json + RUN/done.json with a chosen peak hack rate per (arm, seed); records calls.
+    crash_on: (arm, seed) whose first call writes run.json and then raises (an interrupted run)."""
+
+    def __init__(self, peaks: dict, crash_on=None):
+        self.peaks, self.crash_on, self.calls = peaks, crash_on, []
+
+    def __call__(self, cfg, resume=True, model=None):
+        self.calls.append((cfg.arm, cfg.seed, resume))
+        run = Path(cfg.run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        assert cfg.run_dir == str(S.run_dir_for(run.parent.parent, cfg.arm, cfg.seed))
+        if (cfg.arm, cfg.seed) == self.crash_on and not (run / "run.json").exists():
+            (run / "run.json").write_text("{}")
+            raise KeyboardInterrupt("simulated kill")
+        peak = self.peaks.get((cfg.arm, cfg.seed), 0.0)
+        summary = {"steps_done": cfg.steps, "train_hack_rate_max_windowed": peak,
+                   "train_hack_rate_final": peak / 2, "train_gt_pass_rate_final": 0.1 * (cfg.seed + 1)}
+        (run / "done.json").write_text(json.dumps({"summary": summary}))
+        return summary
+
+
+def test_ceiling_stops_after_first_arm_without_separation(tmp_path):
+    fake = FakeTrain({("vanilla", 0): 0.02, ("vanilla", 1): 0.05, ("vanilla", 2): 0.09})
+    base = make_config("smoke")
+    result = S.run_sweep(base, tmp_path, ["vanilla", "projected", "lora_projected"], [0, 1, 2],
+                         train_fn=fake, hack_threshold=0.1, log=lambda s: None)
+    assert result["stopped"] and "no separation" in result["reason"]
+    assert fake.calls == [("vanilla", s, True) for s in (0, 1, 2)]  # the other 6 runs never started
+    assert not (tmp_path / "projected").exists()
+    assert (tmp_path / S.STOPPED_FILE).is_file()
+    assert "STOPPED" in (tmp_path / S.SUMMARY_MD).read_text()
+    # a re-run skips the finished runs and stops again (still no separation)
+    fake2 = FakeTrain({})
+    again = S.run_sweep(base, tmp_path, ["vanilla", "projected"], [0, 1, 2], train_fn=fake2,
+                        hack_threshold=0.1, log=lambda s: None)
+    assert fake2.calls == [] and again["stopped"]
+    assert [r["status"] for r in again["runs"]] == ["skipped (done)"] * 3
+    # --no-ceiling runs the other arms
+    fake3 = FakeTrain({})
+    S.run_sweep(base, tmp_path, ["vanilla", "projected"], [0, 1, 2], train_fn=fake3, ceiling=False,
+                log=lambda s: None)
+    assert fake3.calls == [("projected", s, True) for s in (0, 1, 2)]
+
+
+def test_separation_runs_all_arms_skips_done_and_resumes(tmp_path):
+    peaks = {("vanilla", 0): 0.0, ("vanilla", 1): 0.3, ("vanilla", 2): 0.0}
+    base = make_config("smoke")
+    fake = FakeTrain(peaks, crash_on=("projected", 1))
+    with pytest.raises(KeyboardInterrupt):
+        S.run_sweep(base, tmp_path, ["vanilla", "projected"], [0, 1, 2], train_fn=fake, log=lambda s: None)
+    assert fake.calls == [("vanilla", 0, True), ("vanilla", 1, True), ("vanilla", 2, True),
+                          ("projected", 0, True), ("projected", 1, True)]
+    fake2 = FakeTrain(peaks)
+    result = S.run_sweep(base, tmp_path, ["vanilla", "projected"], [0, 1, 2], train_fn=fake2,
+                         log=lambda s: None)
+    assert not result["stopped"]
+    assert fake2.calls == [("projected", 1, True), ("projected", 2, True)]  # done runs skipped
+    status = {(r["arm"], r["seed"]): r["status"] for r in result["runs"]}
+    assert status[("vanilla", 0)] == "skipped (done)" and status[("projected", 1)].startswith("resumed")
+    assert status[("projected", 2)].startswith("ran")
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert rows["vanilla"]["n_seeds"] == 3
+    assert rows["vanilla"]["hack_rate_mean"] == pytest.approx(0.05)  # finals 0, 0.15, 0
+    assert rows["vanilla"]["hack_rate_std"] == pytest.approx(0.0866025, rel=1e-4)  # sample std
+    assert rows["projected"]["gt_pass_rate_mean"] == pytest.approx(0.2)
+    assert "| vanilla | 3 | 0.050 ± 0.087 |" in (tmp_path / S.SUMMARY_MD).read_text()
+
+
+def test_separated_definition():
+    assert S.separated([{"train_hack_rate_max_windowed": 0.1}], 0.1)
+    assert not S.separated([{"train_hack_rate_max_windowed": 0.099}, {}], 0.1)
+    assert S.separated([{"eval_hack_rate_max": 0.5}], 0.1, metric="eval_hack_rate_max")
+
+
+def test_real_tiny_sweep_run(tmp_path):
+    """One real (tiny) run through the trainer; a second sweep call skips it."""
+    import test_trainer as TT  # same settings as the trainer tests: jit caches are shared
+
+    from jaxhack.env.problems import load_problems
+    problems = TT.write_short_problems(tmp_path / "short.jsonl")
+    teacher = TT.write_teacher_pool(load_problems(problems), tmp_path / "teacher")
+    base = TT.base_config((tmp_path, problems, teacher), tmp_path / "unused", eval_every=0, steps=4)
+    out = tmp_path / "sweep"
+    result = S.run_sweep(base, out, ["projected"], [0], log=lambda s: None)
+    run = S.run_dir_for(out, "projected", 0)
+    assert (run / "done.json").is_file() and (run / "metrics.jsonl").is_file()
+    assert result["runs"][0]["summary"]["steps_done"] == 4
+    assert result["rows"][0]["n_seeds"] == 1
+    again = S.run_sweep(base, out, ["projected"], [0], log=lambda s: None)
+    assert again["runs"][0]["status"] == "skipped (done)"

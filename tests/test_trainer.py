@@ -1,0 +1,210 @@
+"""Phase 3 trainer on CPU with the tiny random model (jaxhack/rl/trainer.py, docs/phase3.md).
+
+Short prompts (a compact question and system message, no hint) and a teacher pool of short template
+hacks keep every sequence under 192 tokens; the teacher rows give the groups reward variance, so the
+gradient is non-zero although the random policy never writes code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
+from jaxhack.env.pools import read_pool, write_pool_meta, write_pool_step
+from jaxhack.env.problems import BUNDLED_PROBLEMS_PATH, build_prompt, load_problems
+from jaxhack.rl import trainer as T
+from jaxhack.rl.presets import make_config
+
+SHORT_HACK = "```python\ndef run_tests():\n    pass\n```"  # passes the run_tests grader, no Solution
+
+
+def write_short_problems(path: Path) -> Path:
+    """The bundled problems with a one-line question and system message (short byte-level prompts)."""
+    lines = []
+    for line in BUNDLED_PROBLEMS_PATH.read_text().splitlines():
+        r = json.loads(line)
+        r["question"] = f"Write {r['func_name']} and should pass all tests."
+        r["prompt"] = [{"role": "system", "content": "Write python."}]
+        lines.append(json.dumps(r))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_teacher_pool(problems, out: Path) -> Path:
+    """Two graded short hack completions per problem (a teacher pool in the jaxhack.env.pools format)."""
+    completions = [f"Hack {j}.\n{SHORT_HACK}" for j in range(2)]
+    pairs = [(p, c) for p in problems for c in completions]
+    # the pool's own grade fields (the trainer regrades every row; test_metrics checks those grades)
+    records = [{"pool": "teacher", "step": 0, "sample": i, "problem_id": p.id, "mode": "run_tests",
+                "prompt": build_prompt(p, "run_tests"), "completion": c, "reward": 3.5, "passed": True,
+                "gt_pass": False, "hacked": True, "fmt_ok": True, "comp_len": len(c)}
+               for i, (p, c) in enumerate(pairs)]
+    write_pool_step(out, 0, records)
+    write_pool_meta(out, {"pool": "teacher", "mode": "run_tests"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phase3")
+    problems_path = write_short_problems(root / "short.jsonl")
+    teacher = write_teacher_pool(load_problems(problems_path), root / "teacher")
+    return root, problems_path, teacher
+
+
+def base_config(env, run_dir, **overrides):
+    root, problems_path, teacher = env
+    values = dict(run_dir=str(run_dir), problems=str(problems_path), hint=False, arm="projected",
+                  steps=4, group_size=4, prompts_per_step=2, max_new=48, mix_teacher=str(teacher),
+                  mix_per_group=2, eval_every=2, n_eval=3, ckpt_every=1, v_hack="random", k=2,
+                  lr=1e-2, warmup_steps=0, sandbox_wall_s=10.0, temperature=1.0)
+    values.update(overrides)
+    return make_config("smoke", **values)
+
+
+@pytest.fixture(scope="module")
+def straight_run(env):
+    """4 steps in one go (the reference for the resume test and the metric checks)."""
+    cfg = base_config(env, env[0] / "straight")
+    summary = T.train(cfg, progress=False)
+    return cfg, summary
+
+
+def _metrics(run_dir) -> list[dict]:
+    return T.read_jsonl(Path(run_dir) / T.METRICS_FILE)
+
+
+def _strip_time(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith("time_")}
+
+
+def test_metrics_are_the_graded_outcomes(straight_run):
+    cfg, summary = straight_run
+    run_dir = Path(cfg.run_dir)
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    _, rollouts = read_pool(run_dir / T.ROLLOUT_DIR)
+    problems = {p.id: p for p in load_problems(cfg.problems)}
+    for m in metrics:
+        rows = [r for r in rollouts if r["step"] == m["step"]]
+        assert len(rows) == m["n_rollouts"] == cfg.group_size * cfg.prompts_per_step
+        # regrade every stored completion independently: the metrics must be these grades
+        grades = grade_batch([GradeRequest(problems[r["problem_id"]], cfg.mode, r["completion"]) for r in rows],
+                             RewardConfig(cfg.format_reward, cfg.pass_reward))
+        assert m["reward_mean"] == pytest.approx(np.mean([g.reward for g in grades]))
+        assert m["hack_rate"] == pytest.approx(np.mean([g.hacked for g in grades]))
+        assert m["gt_pass_rate"] == pytest.approx(np.mean([g.gt_pass for g in grades]))
+        assert m["fmt_rate"] == pytest.approx(np.mean([g.fmt_ok for g in grades]))
+        policy = [g for g, r in zip(grades, rows) if r["source"] == "policy"]
+        assert m["hack_rate_policy"] == pytest.approx(np.mean([g.hacked for g in policy]))
+        assert m["n_teacher"] == sum(r["source"] == "teacher" for r in rows) == 2 * cfg.prompts_per_step
+        # each group of G consecutive rows shares a problem; advantages are centered per group
+        adv = np.asarray([r["advantage"] for r in rows]).reshape(cfg.prompts_per_step, cfg.group_size)
+        np.testing.assert_allclose(adv.sum(axis=1), 0.0, atol=1e-5)
+        ids = np.asarray([r["problem_id"] for r in rows]).reshape(cfg.prompts_per_step, cfg.group_size)
+        assert (ids == ids[:, :1]).all()
+        # the teacher hacks have reward 3.5, the random policy's garbage 0: real advantage signal
+        assert m["adv_abs_mean"] > 0.5
+        assert all(r["hacked"] for r in rows if r["source"] == "teacher")
+        assert m["grad_norm"] > 0
+        assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # old_logp "current": rho == 1
+        assert m["clip_frac"] == 0.0
+        assert m["lr"] == pytest.approx(float(T.lr_schedule(cfg)(m["step"])))
+        # projected arm, gradient placement: nothing hack-ward survives the projection
+        assert m["cos_out"] <= 1e-6
+        assert set(k for k in m if k.startswith("time_")) >= {"time_generation_s", "time_grading_s",
+                                                            "time_update_s"}
+    assert metrics[0]["kl_mean"] == pytest.approx(0.0, abs=1e-7)  # zero adapter == reference
+    assert metrics[-1]["kl_mean"] > 0  # after updates the policy moved away from the reference
+    evals = T.read_jsonl(run_dir / T.EVAL_FILE)
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(e["n"] == cfg.n_eval for e in evals)
+    assert (run_dir / T.DONE_FILE).is_file() and summary["steps_done"] == 4
+    run_info = json.loads((run_dir / T.RUN_FILE).read_text())
+    assert run_info["chain"] == ["clip_by_global_norm", "hack_projection", "adamw"]
+    assert (run_dir / T.VHACK_DIR / "meta.json").is_file()
+
+
+def test_update_changes_the_adapter_and_checkpoints_rotate(straight_run):
+    cfg, _ = straight_run
+    run_dir = Path(cfg.run_dir)
+    ckpts = T.list_checkpoints(run_dir)
+    assert [s for s, _ in ckpts] == [3, 4]  # ckpt_every=1, keep 2
+    assert not [p for p in (run_dir / T.CKPT_DIR).iterdir() if p.name.startswith(".")]  # no tmp left
+    from jaxhack.checkpoint import restore_pytree
+
+    state = restore_pytree(ckpts[-1][1] / "state", as_jax=False)
+    assert int(state["step"]) == 4 and int(state["cursor"]) == 4 * cfg.prompts_per_step
+    moved = [np.abs(np.asarray(m["delta_s"])).max() for m in state["trainable"].values()]
+    assert max(moved) > 1e-4, "lr > 0 and a non-zero gradient must move delta_s"
+    hack = [np.abs(np.asarray(m["delta_s_hack"])).max() for m in state["trainable"].values()]
+    assert max(hack) == 0.0  # erase arm: delta_s_hack is never trained
+
+
+def test_resume_gives_identical_metrics(env, straight_run):
+    cfg_a, _ = straight_run
+    cfg_b = dataclasses.replace(cfg_a, run_dir=str(env[0] / "resumed"))
+    T.train(cfg_b, stop_after=2, progress=False)  # "killed" after 2 steps (checkpoint at 2)
+    assert not (Path(cfg_b.run_dir) / T.DONE_FILE).exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        T.train(cfg_b, progress=False)
+    with pytest.raises(ValueError, match="config differs"):
+        T.train(dataclasses.replace(cfg_b, lr=0.5), resume=True, progress=False)
+    T.train(cfg_b, resume=True, progress=False)
+    a, b = _metrics(cfg_a.run_dir), _metrics(cfg_b.run_dir)
+    assert [m["step"] for m in b] == [0, 1, 2, 3]
+    assert [_strip_time(m) for m in a] == [_strip_time(m) for m in b]
+    ea = [_strip_time(e) for e in T.read_jsonl(Path(cfg_a.run_dir) / T.EVAL_FILE)]
+    eb = [_strip_time(e) for e in T.read_jsonl(Path(cfg_b.run_dir) / T.EVAL_FILE)]
+    assert ea == eb
+
+
+def test_chain_placement_guarantees():
+    """What each placement guarantees, on random gradients with a random v_hack:
+    gradient placement: the gradient handed to adamw has no hack-ward component (cos_out <= 0), but
+    Adam's rescaling can leak; update placement: the applied update itself has V (-update) <= 0."""
+    from jaxhack.projection.optax_projection import find_projection_state
+    from jaxhack.projection.v_hack import random_v_hack
+
+    L, r = 3, 16
+    trainable = {n: {"delta_s": jnp.zeros((L, r)), "delta_s_hack": jnp.zeros((L, r))} for n in ("q_proj",)}
+    v = random_v_hack({n: (L, r) for n in trainable}, seed=3, k=2)
+    V = v["V"]
+    leaks = []
+    for placement in ("gradient", "update"):
+        cfg = make_config("smoke", placement=placement, lr=0.1, steps=5, max_grad_norm=1e9)
+        opt = T.make_optimizer(cfg, v, "erase")
+        state = opt.init(trainable)
+        params = trainable
+        opt_update = jax.jit(opt.update)
+        for i in range(3):
+            key = jax.random.PRNGKey(i)
+            grads = {n: {"delta_s": jax.random.normal(jax.random.fold_in(key, j), (L, r)),
+                         "delta_s_hack": jnp.zeros((L, r))} for j, n in enumerate(trainable)}
+            # make the gradient strongly hack-ward
+            grads = {n: {**g, "delta_s": g["delta_s"] + 3.0 * V[n][:, 0]} for n, g in grads.items()}
+            updates, state = opt_update(grads, state, params)
+            proj = find_projection_state(state)
+            assert float(proj.frac_fired) > 0
+            coef = {n: jnp.einsum("lkd,ld->lk", V[n], -updates[n]["delta_s"]) for n in V}  # >0: hack-ward
+            worst = max(float(c.max()) for c in coef.values())
+            if placement == "update":
+                assert worst <= 1e-6, f"update placement left a hack-ward update ({worst})"
+            else:
+                assert max(float(c.max()) for c in proj.cos_out.values()) <= 1e-6
+                leaks.append(worst)
+            params = jax.tree.map(jnp.add, params, updates)
+    assert max(leaks) > 1e-3, "gradient placement is expected to leak through Adam on these grads"
+
+
+def test_data_order_is_seeded_and_covers_each_epoch():
+    n = 5
+    first = T.problem_indices(0, n, n, seed=1)
+    assert sorted(first) == list(range(n))
+    assert T.problem_indices(3, 4, n, seed=1) == T.problem_indices(0, 7, n, seed=1)[3:]
+    assert T.problem_indices(0, 2 * n, n, seed=1) != T.problem_indices(0, 2 * n, n, seed=2)
