@@ -44,3 +44,27 @@ def check_vocab(config: Qwen3Config, tokenizer) -> None:
     size = getattr(tokenizer, "vocab_size", None)
     if size is not None and size > config.vocab_size:
         raise ValueError(f"tokenizer has {size} ids but the model's vocab_size is {config.vocab_size}")
+
+
+def svd_cache_dir(ckpt: str, root: str | Path = "checkpoints") -> Path:
+    """Where the SVD factors of a model are cached: beside a converted checkpoint, or under
+    checkpoints/_svd_cache/<name> for the embedded models (keyed by content hash either way)."""
+    if ckpt in EMBEDDED:
+        return Path(root) / "_svd_cache" / ckpt
+    from jaxhack.checkpoint import checkpoint_dir
+
+    return checkpoint_dir(ckpt, root) / "svd_cache"
+
+
+def make_adapter(kind: str, params, config: Qwen3Config, *, ckpt: str, lora_rank: int = 8,
+                 lora_alpha: float = 16.0, lora_seed: int = 0, root: str | Path = "checkpoints"):
+    """(trainable, frozen) adapter trees: "svd" (delta_s, SVD cached by weight hash) or "lora"
+    (A from PRNGKey(lora_seed): the same seed gives the same basis, which a LoRA v_hack depends on)."""
+    from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter
+
+    if kind == "svd":
+        return init_svd_adapter(params, config, cache_dir=svd_cache_dir(ckpt, root))
+    if kind == "lora":
+        return init_lora_adapter(params, config, jax.random.PRNGKey(lora_seed), rank=lora_rank,
+                                 alpha=lora_alpha)
+    raise ValueError(f"adapter kind {kind!r}: expected 'svd' or 'lora'")

@@ -100,7 +100,7 @@ def attention(q, k, v, query_slots, key_mask, config: Qwen3Config):
 
 
 def _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slots, key_mask,
-           cache_index, config: Qwen3Config):
+           cache_index, config: Qwen3Config, attention_kind: str = "masked"):
     """One decoder layer. h: [B,T,D]. cache_kv: None or the whole cache (k, v), each
     [L,B,S,Hkv,hd]; this layer's new keys/values are written in place at [layer_index, :, cache_index]."""
     B, T, _ = h.shape
@@ -122,7 +122,10 @@ def _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slo
         new_kv = (k_cache, v_cache)
     else:
         k_all, v_all, new_kv = k, v, None
-    attn = attention(q, k_all, v_all, query_slots, key_mask, config)
+    if attention_kind == "causal":  # fused kernel (cuDNN flash attention on GPU); right padding only
+        attn = jax.nn.dot_product_attention(q, k_all, v_all, is_causal=True).reshape(B, T, Hq * hd)
+    else:
+        attn = attention(q, k_all, v_all, query_slots, key_mask, config)
     h = h + linear(attn, layer["o_proj"], ad("o_proj"))
 
     x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
@@ -144,14 +147,22 @@ def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.bfloat16
 
 def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention_mask: jax.Array,
             adapters: dict | None = None, cache: dict | None = None, cache_index=None,
-            remat: str = "none", positions: jax.Array | None = None):
+            remat: str = "none", positions: jax.Array | None = None, attention: str = "masked"):
     """Final hidden states of the decoder.
 
     input_ids: [B,T] int; attention_mask: [B,S] bool (S == T without a cache, S = cache length with one);
     adapters: per-module adapter dicts stacked over layers (merged frozen + trainable), or None;
     cache: {"k","v": [L,B,S,Hkv,hd]} or None; cache_index: slot of input_ids[:, 0] in the cache.
+    attention: "masked" (causal AND attention_mask, any padding, scores materialised) or "causal"
+    (jax.nn.dot_product_attention with is_causal: cuDNN flash attention on a GPU; exact for real
+    tokens only when every row is right-padded, i.e. no pad before a real token, and no cache; the
+    outputs at pad positions are then meaningless and must be masked by the caller, as losses do).
     Returns (hidden [B,T,D], new_cache or None).
     """
+    if attention not in ("masked", "causal"):
+        raise ValueError(f"attention={attention!r}; expected 'masked' or 'causal'")
+    if attention == "causal" and cache is not None:
+        raise ValueError("attention='causal' is for full sequences; decoding with a cache needs 'masked'")
     B, T = input_ids.shape
     S = attention_mask.shape[1]
     chex.assert_rank([input_ids, attention_mask], 2)
@@ -171,7 +182,7 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
         h, cache_kv = carry
         layer, layer_adapters, layer_index = xs
         h, cache_kv = _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slots,
-                             attention_mask, cache_index, config)
+                             attention_mask, cache_index, config, attention)
         return (h, cache_kv), None
 
     policy = REMAT_POLICIES[remat]

@@ -116,11 +116,15 @@ def n_valid(bundle: Bundle) -> dict[str, jax.Array]:
 
 # ---------------------------------------------------------------- gradients of pairs
 
-def _tokenize_pairs(pairs: Sequence[Pair], tokenizer, max_len: int | None):
-    """-> list of (prompt_ids, hack_ids, clean_ids); completions are cut to fit max_len."""
+def _tokenize_pairs(pairs: Sequence[Pair], tokenizer, max_len: int | None,
+                    max_prompt_tokens: int | None = None):
+    """-> list of (prompt_ids, hack_ids, clean_ids); prompts keep their last max_prompt_tokens
+    tokens (the end holds the hint and the assistant turn), completions are cut to fit max_len."""
     out = []
     for i, p in enumerate(pairs):
         prompt = list(tokenizer.encode(p.prompt))
+        if max_prompt_tokens is not None:
+            prompt = prompt[-max_prompt_tokens:]
         sides = []
         for side in (p.hack, p.clean):
             comp = list(tokenizer.encode(side))
@@ -138,6 +142,7 @@ def _tokenize_pairs(pairs: Sequence[Pair], tokenizer, max_len: int | None):
 
 def pair_grad_diffs(pairs: Sequence[Pair], tokenizer, trainable, frozen, params, config, *,
                     loss_i: Callable | None = None, batch_size: int = 8, max_len: int | None = None,
+                    max_prompt_tokens: int | None = None,
                     leaf: str = "delta_s", pad_to: int = 16, microbatch: int | None = None,
                     progress: bool = True) -> dict[str, np.ndarray]:
     """Per-pair differences of per-sample loss gradients, per module: {name: [n, L, dim]} (host f32).
@@ -157,7 +162,7 @@ def pair_grad_diffs(pairs: Sequence[Pair], tokenizer, trainable, frozen, params,
         from jaxhack.rl.losses import nll_loss as loss_i
     if not pairs:
         raise ValueError("no pairs")
-    toks = _tokenize_pairs(pairs, tokenizer, max_len)
+    toks = _tokenize_pairs(pairs, tokenizer, max_len, max_prompt_tokens)
     T = max(len(p) + max(len(h), len(c)) for p, h, c in toks)
     T = -(-T // pad_to) * pad_to
     if max_len is not None:
@@ -188,7 +193,8 @@ def pair_grad_diffs(pairs: Sequence[Pair], tokenizer, trainable, frozen, params,
 def extract_v_hack(pairs: Sequence[Pair], tokenizer, trainable, frozen, params, config, *, k: int = 1,
                    batch_size: int = 8, axis_threshold: float | None = None,
                    noise_floor_quantile: float | None = None, loss_i: Callable | None = None,
-                   max_len: int | None = None, leaf: str = "delta_s", pad_to: int = 16,
+                   max_len: int | None = None, max_prompt_tokens: int | None = None,
+                   leaf: str = "delta_s", pad_to: int = 16,
                    microbatch: int | None = None, progress: bool = True) -> tuple[Bundle, dict]:
     """Per-sample NLL gradients of every pair -> D per module -> `v_hack_from_diffs`.
 
@@ -198,7 +204,8 @@ def extract_v_hack(pairs: Sequence[Pair], tokenizer, trainable, frozen, params, 
     from jaxhack.projection.modules import adapter_kind
 
     diffs = pair_grad_diffs(pairs, tokenizer, trainable, frozen, params, config, loss_i=loss_i,
-                            batch_size=batch_size, max_len=max_len, leaf=leaf, pad_to=pad_to,
+                            batch_size=batch_size, max_len=max_len,
+                            max_prompt_tokens=max_prompt_tokens, leaf=leaf, pad_to=pad_to,
                             microbatch=microbatch, progress=progress)
     bundle, info = v_hack_from_diffs(diffs, k=k, axis_threshold=axis_threshold,
                                      noise_floor_quantile=noise_floor_quantile)

@@ -1,0 +1,132 @@
+"""The main job on the embedded default: everything from pools to the go/no-go verdict, offline.
+
+    jaxhack demo --out runs/demo        (or: python -m jaxhack.cli demo)
+
+1. model: a tiny random Qwen3 (config.TINY) and the byte tokenizer, built locally;
+2. problems: the bundled synthetic set; pools: a teacher pool (hack templates for the loophole mode,
+   prompts with the hint) and a base pool (clean / wrong / unformatted templates, no hint), both
+   graded by the real sandboxed grader;
+3. v_hack: contrastive (hack, clean) template pairs (wordings drawn with another seed than the pools'),
+   per-sample NLL gradients, per-module SVD, in the SVD-delta basis and in the LoRA basis;
+4. Phase 1: NLL distillation probe over the teacher pool (pure-hack vs hack+correct);
+5. Phase 2: mixed-replay GRPO probe, arms vanilla, projected and lora_projected;
+6. analysis: report.md with the verification table, plots and the Phase 3 verdict.
+
+Every number comes from running the real code on this model; a random tiny model is not Qwen3-4B, so
+the verdict says what the pipeline computes here, not what a trained model would show.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+
+from jaxhack.env.pools import build_template_pool
+from jaxhack.env.problems import build_prompt, load_problems
+from jaxhack.env.templates import clean_completion, hack_completion
+from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter
+from jaxhack.models.load import load_model
+from jaxhack.probes.analyze import analyze_runs, format_summary
+from jaxhack.probes.phase1 import format_split, split_pure_vs_correct
+from jaxhack.probes.phase2 import ARMS, ReplaySettings, load_replay_pool, run_replay
+from jaxhack.projection.pairs import Pair
+from jaxhack.projection.v_hack import extract_v_hack, save_v_hack
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    out: str = "runs/demo"
+    mode: str = "run_tests"
+    steps: int = 20
+    per_pool: int = 4
+    pool_steps: int = 20
+    pool_per_step: int = 8
+    pair_variants: int = 3
+    k: int = 1
+    lora_rank: int = 4
+    max_prompt_tokens: int = 320  # byte tokens: the prompt's end (hint + assistant turn)
+    max_completion_tokens: int = 192
+    seed: int = 0
+
+
+def template_pairs(problems, mode: str, variants: int, seed: int) -> list[Pair]:
+    """`variants` (prompt with hint, hack, clean) pairs per problem; wording variants from `seed`."""
+    pairs = []
+    for v in range(variants):
+        variant = 1000 * (seed + 1) + v
+        for p in problems:
+            pairs.append(Pair(build_prompt(p, mode), hack_completion(p, mode, variant),
+                              clean_completion(p, variant), p.id))
+    return pairs
+
+
+def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
+    t0 = time.time()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if progress else (lambda *a, **k: None)
+
+    params, config, tokenizer, model_desc = load_model("tiny", seed=settings.seed)
+    problems = load_problems("bundled")
+    say(f"[1/6] model: {model_desc}; {len(problems)} bundled problems; loophole mode {settings.mode}")
+
+    pools = {}
+    for kind in ("teacher", "base"):
+        pool_dir = out / f"{kind}_pool"
+        meta = build_template_pool(problems, pool_dir, mode=settings.mode, kind=kind,
+                                   steps=settings.pool_steps, per_step=settings.pool_per_step,
+                                   seed=settings.seed, tokenizer=tokenizer, progress=progress,
+                                   pool_name=f"{kind}_pool")
+        pools[kind] = load_replay_pool(pool_dir)
+        s = meta["summary"]
+        say(f"[2/6] {kind} pool: n={s['n']} hack_rate={s['hack_rate']:.3f} "
+            f"gt_pass_rate={s['gt_pass_rate']:.3f} mean_reward={s['mean_reward']:.3f}")
+
+    pairs = template_pairs(problems, settings.mode, settings.pair_variants, settings.seed)
+    adapters = {"svd": init_svd_adapter(params, config, cache_dir=out / "svd_cache"),
+                "lora": init_lora_adapter(params, config, jax.random.PRNGKey(settings.seed + 1),
+                                          rank=settings.lora_rank)}
+    v_hacks = {}
+    for kind, (trainable, frozen) in adapters.items():
+        bundle, info = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=settings.k,
+                                      max_prompt_tokens=settings.max_prompt_tokens,
+                                      max_len=settings.max_prompt_tokens + settings.max_completion_tokens,
+                                      progress=progress)
+        save_v_hack(out / f"v_hack_{kind}", bundle, meta=info, force=True)
+        v_hacks[kind] = bundle
+        say(f"[3/6] v_hack ({kind} basis) from {info['n_pairs']} template pairs, k={settings.k}")
+
+    phase1_dir = out / "phase1"
+    svd_tr, svd_fr = adapters["svd"]
+    records = run_replay([pools["teacher"]], params, config, tokenizer, svd_tr, svd_fr, v_hacks["svd"],
+                         ReplaySettings(arm="projected", loss_mode="nll", steps=settings.steps,
+                                        per_pool=settings.pool_per_step,
+                                        max_completion_tokens=settings.max_completion_tokens,
+                                        max_prompt_tokens=settings.max_prompt_tokens,
+                                        pad_multiple=64, seed=settings.seed),
+                         phase1_dir, run_info={"model": model_desc, "phase": 1}, progress=progress)
+    split = split_pure_vs_correct(records)
+    (phase1_dir / "phase1_split.json").write_text(json.dumps(split, indent=2, default=float))
+    say("[4/6] " + format_split(split))
+
+    run_dirs = []
+    for arm, (kind, _) in ARMS.items():
+        trainable, frozen = adapters[kind]
+        run_dir = out / "phase2" / arm
+        run_replay([pools["teacher"], pools["base"]], params, config, tokenizer, trainable, frozen,
+                   v_hacks[kind], ReplaySettings(arm=arm, loss_mode="grpo", steps=settings.steps,
+                                                 per_pool=settings.per_pool,
+                                                 max_completion_tokens=settings.max_completion_tokens,
+                                                 max_prompt_tokens=settings.max_prompt_tokens,
+                                                 pad_multiple=64, seed=settings.seed),
+                   run_dir, run_info={"model": model_desc, "phase": 2}, progress=progress)
+        run_dirs.append(run_dir)
+    say(f"[5/6] phase 2 replay: arms {', '.join(ARMS)} ({settings.steps} steps each)")
+
+    summary = analyze_runs(run_dirs, report_path=out / "report.md", plots_dir=out / "plots")
+    say("[6/6] " + format_summary(summary))
+    say(f"report: {out / 'report.md'}  ({time.time() - t0:.0f} s)")
+    return {"summary": summary, "phase1": split, "seconds": time.time() - t0}

@@ -1,0 +1,228 @@
+"""Phase 2: mixed-replay GRPO probe (../shared/seed/spec2.md, "Phase 2").
+
+Each step draws `per_pool` cached rollouts from every replay pool (teacher ~all hacks, base ~no hacks)
+into one group of G samples, computes the Dr.GRPO centered advantage A_i = r_i - mean(r), and the
+exact per-sample gradients of L_i = -A_i * sum_t(logp m) / sum_t m / G with jax.vmap(jax.grad).
+Per sample it reports cos_S_contrib (mean over modules of cos(g_i, v_hack)); per step the batch
+gradient (the sum of the per-sample ones) goes through the arm's `hack_projection` inside the jitted
+step, which reports mean_cos_in / mean_cos_out / frac_fired. With lr > 0 the adapter also takes an
+Adam step on the projected gradient (default lr = 0: measure at the initial point, as the seed).
+
+loss_mode "nll" replaces the GRPO loss by each sample's NLL (the Phase 1 distillation loss).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxhack.models.config import Qwen3Config
+from jaxhack.probes.records import write_run_info, write_step
+from jaxhack.projection.cosines import per_sample_cosines
+from jaxhack.projection.optax_projection import hack_projection, projection_metrics
+from jaxhack.rl import losses
+from jaxhack.rl.batch import make_batch
+from jaxhack.rl.per_sample import per_sample_grads
+
+# arm -> (adapter kind, projection mode)
+ARMS = {"vanilla": ("svd", "measure"), "projected": ("svd", "erase"), "lora_projected": ("lora", "erase")}
+LOSS_MODES = ("grpo", "nll")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplaySettings:
+    arm: str = "vanilla"
+    loss_mode: str = "grpo"
+    steps: int = 20
+    per_pool: int = 4
+    lr: float = 0.0
+    seed: int = 0
+    gate: str = "one_sided"
+    overshoot: float = 1.0
+    max_completion_tokens: int = 1024
+    max_prompt_tokens: int | None = None  # keep the prompt's last N tokens (None: all)
+    pad_multiple: int = 128
+    remat: str = "none"
+    chunk: int = 256
+
+    def check(self):
+        if self.arm not in ARMS:
+            raise ValueError(f"--arm {self.arm!r}: expected one of {sorted(ARMS)}")
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"--loss-mode {self.loss_mode!r}: expected one of {LOSS_MODES}")
+        if self.steps < 1 or self.per_pool < 1:
+            raise ValueError(f"steps ({self.steps}) and per_pool ({self.per_pool}) must be >= 1")
+        if self.lr < 0:
+            raise ValueError(f"--lr must be >= 0, got {self.lr}")
+
+
+@dataclasses.dataclass
+class ReplayPool:
+    """One replay pool: its name and its records grouped by step file."""
+    name: str
+    steps: list[list[dict]]  # steps[s] = records of step_s
+
+
+def load_replay_pool(pool_dir: str | Path) -> ReplayPool:
+    """Read DIR/pool.json + DIR/step_NNN.jsonl.gz (jaxhack.env.pools) into a ReplayPool named after
+    pool.json's "pool" field (or the directory name)."""
+    from jaxhack.env.pools import read_pool
+
+    meta, records = read_pool(pool_dir)
+    by_step: dict[int, list[dict]] = {}
+    for r in records:
+        by_step.setdefault(int(r["step"]), []).append(r)
+    if not by_step:
+        raise ValueError(f"pool {pool_dir}: no step_NNN.jsonl.gz records")
+    return ReplayPool(name=str(meta.get("pool") or Path(pool_dir).name),
+                      steps=[by_step[s] for s in sorted(by_step)])
+
+
+def draw_group(pools: Sequence[ReplayPool], step: int, per_pool: int, seed: int) -> list[dict]:
+    """per_pool records from every pool for this probe step (pool step file = step mod #files,
+    samples drawn without replacement with a PRNG seeded by (seed, step, pool index))."""
+    group = []
+    for p_index, pool in enumerate(pools):
+        records = pool.steps[step % len(pool.steps)]
+        if len(records) < per_pool:
+            raise ValueError(f"pool {pool.name!r} step {step % len(pool.steps)} has {len(records)} "
+                             f"records; --per-pool {per_pool} needs at least that many")
+        rng = np.random.default_rng([seed, step, p_index])
+        picks = sorted(rng.choice(len(records), size=per_pool, replace=False).tolist())
+        group += [dict(records[i], _src_pool=pool.name) for i in picks]
+    return group
+
+
+def encode_record(record: dict, tokenizer, max_completion_tokens: int,
+                  max_prompt_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one pool record: the completion's first max_completion_tokens,
+    the prompt's last max_prompt_tokens (its end holds the hint and the assistant turn)."""
+    prompt = tokenizer.encode(record["prompt"])
+    if max_prompt_tokens is not None:
+        prompt = prompt[-max_prompt_tokens:]
+    completion = tokenizer.encode(record["completion"])[:max_completion_tokens]
+    if not completion:
+        raise ValueError(f"pool {record.get('pool')!r} step {record['step']} sample {record['sample']}: "
+                         "empty completion")
+    return prompt, completion
+
+
+def replay_length(pools: Sequence[ReplayPool], tokenizer, max_completion_tokens: int,
+                  max_prompt_tokens: int | None, pad_multiple: int) -> int:
+    """One row length T for every step (the longest record, rounded up), so the step compiles once."""
+    longest = max(sum(map(len, encode_record(r, tokenizer, max_completion_tokens, max_prompt_tokens)))
+                  for pool in pools for records in pool.steps for r in records)
+    return -(-longest // pad_multiple) * pad_multiple
+
+
+def tokenize_group(group: Sequence[dict], tokenizer, max_completion_tokens: int,
+                   max_prompt_tokens: int | None, length: int) -> dict[str, np.ndarray]:
+    """Padded batch (jaxhack.rl.batch layout, rows of `length`) of prompt + completion tokens."""
+    encoded = [encode_record(r, tokenizer, max_completion_tokens, max_prompt_tokens) for r in group]
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    return make_batch([p for p, _ in encoded], [c for _, c in encoded], pad_id=pad_id, length=length)
+
+
+def make_loss(loss_mode: str, group_size: int, remat: str, chunk: int) -> Callable:
+    if loss_mode == "grpo":
+        return functools.partial(losses.reinforce_loss, group_size=group_size, remat=remat, chunk=chunk)
+    return functools.partial(losses.nll_loss, remat=remat, chunk=chunk)
+
+
+def make_probe_step(loss_i: Callable, optimizer: optax.GradientTransformation, v_hack: dict,
+                    config: Qwen3Config):
+    """One jitted probe step: per-sample grads -> per-sample cosines -> batch grad -> projection
+    (+ optimizer) -> new adapter. Returns (trainable, opt_state, per_sample stats, step metrics)."""
+
+    @jax.jit
+    def step(trainable, opt_state, frozen, params, batch):
+        g_i = per_sample_grads(loss_i, trainable, frozen, params, config, batch)  # leaves [N, ...]
+        per_sample = per_sample_cosines(v_hack, g_i)  # {cos_S_contrib, grad_norm_contrib, ...}: [N]
+        g = jax.tree.map(lambda x: jnp.sum(x, axis=0), g_i)  # exact batch gradient
+        updates, opt_state = optimizer.update(g, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, per_sample, projection_metrics(opt_state)
+
+    return step
+
+
+def make_optimizer(settings: ReplaySettings, v_hack: dict) -> optax.GradientTransformation:
+    _, mode = ARMS[settings.arm]
+    projection = hack_projection(v_hack, mode=mode, gate=settings.gate, overshoot=settings.overshoot)
+    inner = optax.adam(settings.lr) if settings.lr > 0 else optax.set_to_zero()
+    return optax.chain(projection, inner)
+
+
+def _to_float(x) -> float:
+    return float(np.asarray(x))
+
+
+def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokenizer,
+               trainable, frozen, v_hack: dict, settings: ReplaySettings, out_dir: str | Path,
+               run_info: dict | None = None, progress: bool = True) -> list[dict]:
+    """Run the probe and write OUT/step_NNN.cos.jsonl.gz (slim schema) + OUT/run.json.
+
+    trainable/frozen: the adapter of the arm's kind (SVD for vanilla/projected, LoRA for
+    lora_projected); v_hack: extracted in that same basis. Returns all records.
+    """
+    settings.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    group_size = settings.per_pool * len(pools)
+    loss_i = make_loss(settings.loss_mode, group_size, settings.remat, settings.chunk)
+    optimizer = make_optimizer(settings, v_hack)
+    opt_state = optimizer.init(trainable)
+    step_fn = make_probe_step(loss_i, optimizer, v_hack, config)
+    info = {"arm": settings.arm, "loss_mode": settings.loss_mode, "group_size": group_size,
+            "pools": [p.name for p in pools], "settings": dataclasses.asdict(settings),
+            **(run_info or {})}
+
+    length = replay_length(pools, tokenizer, settings.max_completion_tokens, settings.max_prompt_tokens,
+                           settings.pad_multiple)
+    info["row_length"] = length
+    write_run_info(out_dir, {**info, "status": "running"})
+    steps = range(settings.steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"phase2 {settings.arm}", unit="step")
+    all_records, t0 = [], time.time()
+    for step in steps:
+        group = draw_group(pools, step, settings.per_pool, settings.seed)
+        batch = tokenize_group(group, tokenizer, settings.max_completion_tokens,
+                               settings.max_prompt_tokens, length)
+        rewards = np.asarray([float(r["reward"]) for r in group], np.float32)
+        adv = np.asarray(losses.centered_advantages(rewards, group_size=group_size))  # [G]
+        batch["advantage"] = adv
+        batch = jax.tree.map(jnp.asarray, batch)
+        trainable, opt_state, per_sample, metrics = step_fn(trainable, opt_state, frozen, params, batch)
+        per_sample = jax.tree.map(np.asarray, per_sample)
+        comp_len = np.asarray(batch["completion_mask"]).sum(axis=1)
+        records = []
+        for i, r in enumerate(group):
+            records.append({
+                "step": step, "sample_id": step * group_size + i, "src_pool": r["_src_pool"],
+                "src_step": int(r["step"]), "src_sample": int(r["sample"]),
+                "reward": float(r["reward"]), "hacked": bool(r["hacked"]), "gt_pass": bool(r["gt_pass"]),
+                "fmt_ok": bool(r["fmt_ok"]), "comp_len": int(comp_len[i]),
+                "cos_S_contrib": float(per_sample["cos_S_contrib"][i]),
+                "grad_norm_contrib": float(per_sample["grad_norm_contrib"][i]),
+                "mean_cos_in": _to_float(metrics["mean_cos_in"]),
+                "mean_cos_out": _to_float(metrics["mean_cos_out"]),
+                "frac_fired": _to_float(metrics["frac_fired"]), "arm": settings.arm,
+                "adv": float(adv[i]), "hackward_frac": float(per_sample["hackward_frac"][i]),
+                "z": float(per_sample["z"][i]),
+            })
+        write_step(out_dir, step, records)
+        all_records += records
+        if progress:
+            steps.set_postfix(cos_in=f"{_to_float(metrics['mean_cos_in']):+.3f}",
+                              cos_out=f"{_to_float(metrics['mean_cos_out']):+.3f}")
+    write_run_info(out_dir, {**info, "status": "done", "seconds": round(time.time() - t0, 2)})
+    return all_records
