@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=None, help="default 512 (16 with --small)")
     p.add_argument("--completion-len", type=int, default=None, help="default 1024 (32 with --small)")
     p.add_argument("--chunk", type=int, default=256, help="positions per chunk of the vocabulary log-softmax")
+    p.add_argument("--attention", default="causal", choices=("masked", "causal"),
+                   help="masked: scores materialised; causal: fused kernel (right-padded batches)")
     p.add_argument("--microbatch", type=int, default=None, help="samples per lax.map step (default: all, vmap)")
     p.add_argument("--runs", type=int, default=3, help="timed runs after the warm-up")
     p.add_argument("--time-svd", action="store_true", help="also time one fp32 SVD per distinct weight shape")
@@ -140,7 +142,8 @@ def run_child(args) -> dict:
         "completion_mask": jnp.broadcast_to(jnp.arange(T) >= P, (G, T)),
         "advantage": losses.centered_advantages(jax.random.uniform(key_r, (G,)) * 4, group_size=G),
     }
-    loss = functools.partial(losses.reinforce_loss, group_size=G, remat=remat, chunk=args.chunk)
+    loss = functools.partial(losses.reinforce_loss, group_size=G, remat=remat, chunk=args.chunk,
+                             attention=args.attention)
     step = jax.jit(lambda tr, fr, p, b: per_sample.per_sample_grads(loss, tr, fr, p, config, b,
                                                                     microbatch=args.microbatch))
     try:

@@ -21,22 +21,46 @@ from jaxhack.tokenizer import ByteTokenizer, load_tokenizer
 EMBEDDED = ("tiny", "random-4b")
 
 
-def load_model(ckpt: str, seed: int = 0, root: str | Path = "checkpoints"):
-    """Returns (params, config, tokenizer, description)."""
-    if ckpt == "tiny":
-        return qwen3.init_params(TINY, jax.random.PRNGKey(seed)), TINY, ByteTokenizer(), \
-            f"tiny random Qwen3 (seed {seed}, {TINY.num_hidden_layers} layers, d={TINY.hidden_size})"
-    if ckpt == "random-4b":
-        params = jax.jit(qwen3.init_params, static_argnums=(0, 2))(QWEN3_4B, jax.random.PRNGKey(seed),
-                                                                 jnp.bfloat16)
-        return params, QWEN3_4B, ByteTokenizer(), f"Qwen3-4B shapes, random bf16 weights (seed {seed})"
+def _has_tokenizer_files(d: Path) -> bool:
+    return d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_model(ckpt: str, dtype: str | None = None, tokenizer: str | None = None, seed: int = 0,
+               root: str | Path = "checkpoints"):
+    """(params, config, tokenizer, description) for `ckpt`.
+
+    dtype: cast the params (None: fp32 for tiny, bf16 for random-4b, as stored for a checkpoint).
+    tokenizer: "byte" or a directory, overriding the default. A checkpoint's tokenizer is looked for in
+    CKPT/tokenizer/ (copied there by scripts/convert.py), then in the HF directory it was converted
+    from (metadata "source"); without either, a clear error.
+    """
+    if ckpt in EMBEDDED:
+        config = TINY if ckpt == "tiny" else QWEN3_4B
+        param_dtype = jnp.dtype(dtype or ("float32" if ckpt == "tiny" else "bfloat16"))
+        init = jax.jit(qwen3.init_params, static_argnames=("config", "dtype"))  # no fp32 copy kept
+        params = init(config=config, key=jax.random.PRNGKey(seed), dtype=param_dtype)
+        tok = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
+        desc = (f"tiny random Qwen3 (seed {seed}, {config.num_hidden_layers} layers, d={config.hidden_size})"
+                if ckpt == "tiny" else f"Qwen3-4B shapes, random {param_dtype} weights (seed {seed})")
+        return params, config, tok, desc
     from jaxhack.checkpoint import checkpoint_dir, load_checkpoint
 
     path = checkpoint_dir(ckpt, root)
-    params, config, _ = load_checkpoint(path)
-    tok_dir = path / "tokenizer"
-    tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer_config.json").is_file() else ByteTokenizer()
-    return params, config, tokenizer, f"checkpoint {path}"
+    params, config, meta = load_checkpoint(path)
+    if dtype is not None and any(x.dtype != jnp.dtype(dtype) for x in jax.tree.leaves(params)):
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    source = Path(str(meta.get("source", "")))
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    elif _has_tokenizer_files(path / "tokenizer"):
+        tok = load_tokenizer(path / "tokenizer")
+    elif meta.get("source") and _has_tokenizer_files(source):
+        tok = load_tokenizer(source)
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer files in {path / 'tokenizer'} nor in its source "
+                                f"{meta.get('source')!r}; pass --tokenizer DIR (or 'byte')")
+    check_vocab(config, tok)
+    return params, config, tok, f"checkpoint {path}"
 
 
 def check_vocab(config: Qwen3Config, tokenizer) -> None:

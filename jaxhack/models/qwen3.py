@@ -83,26 +83,27 @@ def linear(x: jax.Array, w: jax.Array, adapter: dict | None) -> jax.Array:
 
 
 def attention(q, k, v, query_slots, key_mask, config: Qwen3Config):
-    """q: [B,T,Hq,hd]; k, v: [B,S,Hkv,hd]; query_slots: [T] slot index of each query;
-    key_mask: [B,S] bool. Causal over slots and masked by key_mask. Returns [B,T,Hq*hd]."""
+    """q: [B,T,Hq,hd]; k, v: [B,Hkv,S,hd] (head-major, the cache layout); query_slots: [T] slot index of
+    each query; key_mask: [B,S] bool. Causal over slots and masked by key_mask. Returns [B,T,Hq*hd]."""
     B, T, Hq, hd = q.shape
-    Hkv = k.shape[2]
-    S = k.shape[1]
+    Hkv, S = k.shape[1], k.shape[2]
     q = q.reshape(B, T, Hkv, Hq // Hkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (hd ** -0.5)
     causal = query_slots[:, None] >= jnp.arange(S)[None, :]  # [T,S]
     allowed = causal[None, :, :] & key_mask[:, None, :]  # [B,T,S]
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(B, T, Hq * hd)
 
 
 def _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slots, key_mask,
            cache_index, config: Qwen3Config, attention_kind: str = "masked"):
     """One decoder layer. h: [B,T,D]. cache_kv: None or the whole cache (k, v), each
-    [L,B,S,Hkv,hd]; this layer's new keys/values are written in place at [layer_index, :, cache_index]."""
+    [L,B,Hkv,S,hd]; this layer's new keys/values are written in place at [layer_index, :, :, cache_index].
+    The head-major cache layout lets both attention matmuls read the cache as it lies (a [B,S,Hkv,hd]
+    layout made XLA re-lay out the whole cache on every decode step)."""
     B, T, _ = h.shape
     hd, Hq, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     ad = (lambda name: None) if layer_adapters is None else (lambda name: layer_adapters.get(name))
@@ -113,19 +114,21 @@ def _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slo
     v = linear(x, layer["v_proj"], ad("v_proj")).reshape(B, T, Hkv, hd)
     q = rope(rms_norm(q, layer["q_norm"], config.rms_norm_eps), positions, config.rope_theta)
     k = rope(rms_norm(k, layer["k_norm"], config.rms_norm_eps), positions, config.rope_theta)
-    if cache_kv is not None:
-        start = (layer_index, 0, cache_index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(cache_kv[0], k[None].astype(cache_kv[0].dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(cache_kv[1], v[None].astype(cache_kv[1].dtype), start)
-        k_all = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(q.dtype)
-        v_all = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(q.dtype)
-        new_kv = (k_cache, v_cache)
-    else:
-        k_all, v_all, new_kv = k, v, None
     if attention_kind == "causal":  # fused kernel (cuDNN flash attention on GPU); right padding only
-        attn = jax.nn.dot_product_attention(q, k_all, v_all, is_causal=True).reshape(B, T, Hq * hd)
+        attn = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(B, T, Hq * hd)
+        new_kv = None
     else:
-        attn = attention(q, k_all, v_all, query_slots, key_mask, config)
+        k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,Hkv,T,hd]
+        if cache_kv is not None:
+            start = (layer_index, 0, 0, cache_index, 0)
+            k_cache = jax.lax.dynamic_update_slice(cache_kv[0], k_heads[None].astype(cache_kv[0].dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(cache_kv[1], v_heads[None].astype(cache_kv[1].dtype), start)
+            k_heads = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(q.dtype)
+            v_heads = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(q.dtype)
+            new_kv = (k_cache, v_cache)
+        else:
+            new_kv = None
+        attn = attention(q, k_heads, v_heads, query_slots, key_mask, config)
     h = h + linear(attn, layer["o_proj"], ad("o_proj"))
 
     x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
@@ -141,7 +144,7 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -152,7 +155,7 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
 
     input_ids: [B,T] int; attention_mask: [B,S] bool (S == T without a cache, S = cache length with one);
     adapters: per-module adapter dicts stacked over layers (merged frozen + trainable), or None;
-    cache: {"k","v": [L,B,S,Hkv,hd]} or None; cache_index: slot of input_ids[:, 0] in the cache.
+    cache: {"k","v": [L,B,Hkv,S,hd]} (init_cache) or None; cache_index: slot of input_ids[:, 0] in the cache.
     attention: "masked" (causal AND attention_mask, any padding, scores materialised) or "causal"
     (jax.nn.dot_product_attention with is_causal: cuDNN flash attention on a GPU; exact for real
     tokens only when every row is right-padded, i.e. no pad before a real token, and no cache; the

@@ -113,7 +113,7 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, eos
     chex.assert_shape(row_active, (B,))
     chex.assert_shape(eos, (MAX_EOS_IDS,))
 
-    cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": [L,B,S,Hkv,hd]}
+    cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": [L,B,Hkv,S,hd]}
     mask = jnp.concatenate([prompt_mask, jnp.zeros((B, max_new), bool)], axis=1)  # [B,S]
     hidden, cache = qwen3.forward(params, config, prompt_tokens, mask, adapters=adapters, cache=cache,
                                   cache_index=0)  # hidden [B,P,D]
@@ -196,3 +196,39 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     return SampleResult(tokens=np.asarray(out_tokens)[:n], lengths=np.asarray(lengths)[:n],
                         logprobs=np.asarray(out_logp)[:n], prompt_lengths=prompt_lengths,
                         finished=np.asarray(finished)[:n])
+
+
+def decode_completions(result: SampleResult, tokenizer) -> list[str]:
+    """Completion texts of a SampleResult: each row's tokens up to its length, the EOS dropped."""
+    eos = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+    texts = []
+    for row, n in zip(result.tokens, result.lengths):
+        ids = [int(t) for t in row[: int(n)]]
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def sampling_source(params: dict, config: Qwen3Config, tokenizer, *, max_new_tokens: int,
+                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, adapters=None,
+                    batch_size: int = 64):
+    """A completion source for `jaxhack.env.pools.build_pool`: samples each slot's prompt from the
+    model (KV-cache `generate`), in batches of `batch_size`; the key of a batch is derived from
+    (seed, step, first sample), so a pool is reproducible."""
+    eos = list(getattr(tokenizer, "eos_token_ids", ()) or config.eos_token_ids)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+    def source(slots) -> list[str]:
+        completions = []
+        for start in range(0, len(slots), batch_size):
+            chunk = slots[start: start + batch_size]
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), chunk[0].step),
+                                     chunk[0].sample)
+            result = generate(params, config, [tokenizer.encode(s.prompt) for s in chunk], adapters=adapters,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              key=key, eos_token_ids=eos, pad_id=pad_id)
+            completions += decode_completions(result, tokenizer)
+        return completions
+
+    return source

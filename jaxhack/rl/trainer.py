@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxhack.models import qwen3
 from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter, merge
-from jaxhack.models.config import QWEN3_4B, TINY, Qwen3Config
+from jaxhack.models.config import Qwen3Config
+from jaxhack.models.load import load_model as _load_model
 from jaxhack.rl.presets import RESUME_FREE_FIELDS, TrainConfig
 
 # arm -> (adapter kind, projection mode, v_hack control)
@@ -64,50 +64,9 @@ _EVAL_TAG, _LORA_TAG, _BASES_TAG = 1_000_003, 1_000_033, 1_000_037
 
 # ================================================================ model loading
 
-def _has_tokenizer_files(d: Path) -> bool:
-    return d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-
-
 def load_model(ckpt: str, dtype: str | None = None, tokenizer: str | None = None):
-    """(params, config, tokenizer) for `ckpt`:
-    - "tiny": config.TINY, random fp32 init (seed TINY_SEED), ByteTokenizer (the embedded default);
-    - "random-4b": config.QWEN3_4B, random bf16 init (benchmarks only; rewards will be ~0), byte
-      tokenizer (its ids fit the 151936-row vocabulary); initialised inside one jit, so no fp32
-      copy of the weights is ever held;
-    - otherwise a converted checkpoint NAME or DIR (`jaxhack.checkpoint.load_checkpoint`) with the
-      tokenizer found in the checkpoint dir, or in metadata["source"] (the HF dir it came from).
-    dtype: cast the params (None keeps them). tokenizer: "byte" or a dir, overriding the above.
-    """
-    from jaxhack.tokenizer import ByteTokenizer, load_tokenizer
-
-    if ckpt in ("tiny", "random-4b"):
-        config = TINY if ckpt == "tiny" else QWEN3_4B
-        param_dtype = jnp.dtype(dtype or ("float32" if ckpt == "tiny" else "bfloat16"))
-        init = jax.jit(qwen3.init_params, static_argnames=("config", "dtype"))
-        seed = TINY_SEED if ckpt == "tiny" else RANDOM_4B_SEED
-        params = init(config=config, key=jax.random.PRNGKey(seed), dtype=param_dtype)
-        tok = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
-        return params, config, tok
-    from jaxhack.checkpoint import checkpoint_dir, load_checkpoint
-
-    params, config, meta = load_checkpoint(ckpt)
-    if dtype is not None and any(x.dtype != jnp.dtype(dtype) for x in jax.tree.leaves(params)):
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-    else:
-        cdir = checkpoint_dir(ckpt)
-        source = Path(str(meta.get("source", "")))
-        if _has_tokenizer_files(cdir):
-            tok = load_tokenizer(cdir)
-        elif meta.get("source") and _has_tokenizer_files(source):
-            tok = load_tokenizer(source)
-        else:
-            raise FileNotFoundError(
-                f"{cdir}: no tokenizer files in the checkpoint dir nor in its source "
-                f"{meta.get('source')!r}; pass --tokenizer DIR (or 'byte')")
-    if tok.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} ids > model vocab {config.vocab_size}")
+    """(params, config, tokenizer) for `ckpt` (see jaxhack.models.load.load_model)."""
+    params, config, tok, _ = _load_model(ckpt, dtype, tokenizer, seed=TINY_SEED if ckpt == "tiny" else RANDOM_4B_SEED)
     return params, config, tok
 
 

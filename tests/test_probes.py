@@ -1,0 +1,135 @@
+"""Phase 1 / Phase 2 probes and the embedded-default demo, end to end on a tiny model."""
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxhack.demo import DemoSettings, run_demo, template_pairs
+from jaxhack.env.pools import build_template_pool
+from jaxhack.env.problems import load_problems
+from jaxhack.models.adapters import init_svd_adapter
+from jaxhack.models.load import load_model
+from jaxhack.probes.phase1 import split_pure_vs_correct
+from jaxhack.probes.phase2 import (ReplayPool, ReplaySettings, draw_group, load_replay_pool, run_replay,
+                                   tokenize_group)
+from jaxhack.probes.records import read_run
+from jaxhack.projection.cosines import per_sample_cosines
+from jaxhack.projection.v_hack import extract_v_hack
+from jaxhack.rl import losses
+from jaxhack.rl.per_sample import per_sample_grads
+
+SLIM_FIELDS = {"step", "sample_id", "src_pool", "src_step", "src_sample", "reward", "hacked", "gt_pass",
+               "fmt_ok", "comp_len", "cos_S_contrib", "grad_norm_contrib", "mean_cos_in", "mean_cos_out",
+               "frac_fired", "arm"}
+PROMPT_TOKENS, COMPLETION_TOKENS = 48, 48
+
+
+def _fake_pool(name, n_steps, per_step):
+    return ReplayPool(name, [[{"step": s, "sample": i, "reward": float(i)} for i in range(per_step)]
+                             for s in range(n_steps)])
+
+
+def test_draw_group_is_deterministic_and_balanced():
+    pools = [_fake_pool("teacher_pool", 3, 8), _fake_pool("base_pool", 2, 8)]
+    a = draw_group(pools, step=4, per_pool=4, seed=7)
+    b = draw_group(pools, step=4, per_pool=4, seed=7)
+    c = draw_group(pools, step=4, per_pool=4, seed=8)
+    assert a == b and a != c
+    assert [r["_src_pool"] for r in a] == ["teacher_pool"] * 4 + ["base_pool"] * 4
+    assert {r["step"] for r in a[:4]} == {4 % 3} and {r["step"] for r in a[4:]} == {4 % 2}
+    assert len({r["sample"] for r in a[:4]}) == 4  # without replacement
+    with pytest.raises(ValueError, match="per-pool 9"):
+        draw_group(pools, step=0, per_pool=9, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    params, config, tokenizer, _ = load_model("tiny")
+    problems = load_problems("bundled")[:4]
+    for kind in ("teacher", "base"):
+        build_template_pool(problems, root / f"{kind}_pool", mode="run_tests", kind=kind, steps=2,
+                            per_step=4, progress=False, pool_name=f"{kind}_pool")
+    pools = [load_replay_pool(root / "teacher_pool"), load_replay_pool(root / "base_pool")]
+    trainable, frozen = init_svd_adapter(params, config)
+    pairs = template_pairs(problems, "run_tests", 1, seed=3)
+    v_hack, _ = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=1,
+                               max_prompt_tokens=PROMPT_TOKENS, max_len=PROMPT_TOKENS + COMPLETION_TOKENS,
+                               batch_size=4, progress=False)
+    return root, params, config, tokenizer, pools, trainable, frozen, v_hack
+
+
+def _settings(arm, **kw):
+    return ReplaySettings(arm=arm, steps=2, per_pool=2, max_prompt_tokens=PROMPT_TOKENS,
+                          max_completion_tokens=COMPLETION_TOKENS, pad_multiple=32, **kw)
+
+
+def test_phase2_records_match_an_independent_computation(tiny_setup):
+    root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
+    out = root / "vanilla"
+    records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, _settings("vanilla"),
+                         out, progress=False)
+    stored, info = read_run(out)
+    assert info["arm"] == "vanilla" and info["status"] == "done" and info["group_size"] == 4
+    assert len(stored) == len(records) == 8
+    assert SLIM_FIELDS <= set(stored[0])
+    # recompute step 1 from scratch: same draw, per-sample grads, cosines
+    step1 = [r for r in stored if r["step"] == 1]
+    group = draw_group(pools, 1, 2, 0)
+    assert [(r["src_pool"], r["src_step"], r["src_sample"]) for r in step1] == \
+        [(g["_src_pool"], g["step"], g["sample"]) for g in group]
+    batch = tokenize_group(group, tokenizer, COMPLETION_TOKENS, PROMPT_TOKENS, info["row_length"])
+    rewards = np.array([g["reward"] for g in group], np.float32)
+    batch["advantage"] = rewards - rewards.mean()
+    np.testing.assert_allclose([r["adv"] for r in step1], batch["advantage"], atol=1e-6)
+    loss = functools.partial(losses.reinforce_loss, group_size=4)
+    g_i = per_sample_grads(loss, trainable, frozen, params, config, jax.tree.map(jnp.asarray, batch))
+    cos = per_sample_cosines(v_hack, g_i)
+    np.testing.assert_allclose([r["cos_S_contrib"] for r in step1], cos["cos_S_contrib"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([r["grad_norm_contrib"] for r in step1], cos["grad_norm_contrib"], rtol=1e-4)
+    # vanilla = measure: nothing removed
+    assert all(r["mean_cos_out"] == r["mean_cos_in"] and r["frac_fired"] == 0.0 for r in stored)
+
+
+def test_phase2_projected_arm_removes_hackward_part(tiny_setup):
+    root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
+    records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, _settings("projected"),
+                         root / "projected", progress=False)
+    for r in records:
+        assert r["mean_cos_out"] <= 1e-6 and r["mean_cos_out"] <= r["mean_cos_in"] + 1e-9
+        assert 0.0 <= r["frac_fired"] <= 1.0
+    fired_steps = [r for r in records if r["mean_cos_in"] > 0]
+    assert all(r["frac_fired"] > 0 for r in fired_steps)
+
+
+def test_phase1_split_statistics():
+    recs = []
+    for i, (hacked, gt, cos) in enumerate([(True, False, 0.5), (True, False, 0.7), (True, False, 0.6),
+                                           (False, True, 0.1), (False, True, 0.3), (False, False, 9.9)]):
+        recs.append({"step": i // 3, "hacked": hacked, "gt_pass": gt, "cos_S_contrib": cos,
+                     "mean_cos_in": 0.4, "mean_cos_out": 0.1 if i < 3 else 0.4, "frac_fired": 0.5})
+    split = split_pure_vs_correct(recs)
+    assert split["pure_hack"]["n"] == 3 and split["hack_correct"]["n"] == 2  # the clean failure is neither
+    assert split["pure_hack"]["mean"] == pytest.approx(0.6) and split["hack_correct"]["mean"] == pytest.approx(0.2)
+    se = np.sqrt(np.var([0.5, 0.7, 0.6], ddof=1) / 3 + np.var([0.1, 0.3], ddof=1) / 2)
+    assert split["welch_t"] == pytest.approx(0.4 / se)
+    assert split["steps_cos_out_below_in"] == 1 and split["n_steps"] == 2
+
+
+def test_demo_end_to_end_small(tmp_path):
+    result = run_demo(DemoSettings(out=str(tmp_path / "demo"), steps=2, per_pool=2, pool_steps=1,
+                                   pool_per_step=8, pair_variants=1, max_prompt_tokens=32,
+                                   max_completion_tokens=32), progress=False)
+    out = tmp_path / "demo"
+    report = (out / "report.md").read_text()
+    assert result["summary"]["verdict"] in ("run", "run-expect-small-effect", "skip", "bug", "inconclusive")
+    assert result["summary"]["verdict"] in report
+    for arm in ("vanilla", "projected", "lora_projected"):
+        records, info = read_run(out / "phase2" / arm)
+        assert info["arm"] == arm and len(records) == 2 * 4
+    assert json.loads((out / "phase1" / "phase1_split.json").read_text())["n_steps"] == 2
