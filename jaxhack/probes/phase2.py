@@ -49,8 +49,9 @@ class ReplaySettings:
     max_completion_tokens: int = 1024
     max_prompt_tokens: int | None = None  # keep the prompt's last N tokens (None: all)
     pad_multiple: int = 128
-    remat: str = "none"
+    remat: str = "none"  # "full" fits Qwen3-4B, G=8 x 1.5k tokens in 29 GB (docs/benchmarks.md)
     chunk: int = 256
+    attention: str = "causal"  # fused causal attention: exact here, batches are right-padded
 
     def check(self):
         if self.arm not in ARMS:
@@ -127,13 +128,15 @@ def tokenize_group(group: Sequence[dict], tokenizer, max_completion_tokens: int,
     """Padded batch (jaxhack.rl.batch layout, rows of `length`) of prompt + completion tokens."""
     encoded = [encode_record(r, tokenizer, max_completion_tokens, max_prompt_tokens) for r in group]
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    return make_batch([p for p, _ in encoded], [c for _, c in encoded], pad_id=pad_id, length=length)
+    return make_batch([p for p, _ in encoded], [c for _, c in encoded], pad_id=pad_id, length=length,
+                      padding="right")  # right padding: what attention="causal" requires
 
 
-def make_loss(loss_mode: str, group_size: int, remat: str, chunk: int) -> Callable:
+def make_loss(loss_mode: str, group_size: int, remat: str, chunk: int, attention: str) -> Callable:
     if loss_mode == "grpo":
-        return functools.partial(losses.reinforce_loss, group_size=group_size, remat=remat, chunk=chunk)
-    return functools.partial(losses.nll_loss, remat=remat, chunk=chunk)
+        return functools.partial(losses.reinforce_loss, group_size=group_size, remat=remat, chunk=chunk,
+                                 attention=attention)
+    return functools.partial(losses.nll_loss, remat=remat, chunk=chunk, attention=attention)
 
 
 def make_probe_step(loss_i: Callable, optimizer: optax.GradientTransformation, v_hack: dict,
@@ -176,7 +179,7 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     group_size = settings.per_pool * len(pools)
-    loss_i = make_loss(settings.loss_mode, group_size, settings.remat, settings.chunk)
+    loss_i = make_loss(settings.loss_mode, group_size, settings.remat, settings.chunk, settings.attention)
     optimizer = make_optimizer(settings, v_hack)
     opt_state = optimizer.init(trainable)
     step_fn = make_probe_step(loss_i, optimizer, v_hack, config)
