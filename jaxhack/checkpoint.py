@@ -13,9 +13,6 @@ any machine (a checkpoint made on a CPU box restores on a GPU one). Only the pla
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxhack.atomic import atomic_directory
 from jaxhack.models.config import Qwen3Config
 
 PARAMS_DIR = "params"
@@ -93,18 +91,10 @@ def save_checkpoint(name_or_path: str | Path, params: dict, config: Qwen3Config,
     except TypeError as e:
         raise ValueError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    try:
+    with atomic_directory(out) as tmp:
         save_pytree(tmp / PARAMS_DIR, params)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         (tmp / METADATA_FILE).write_text(meta_text + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -68,49 +68,6 @@ def _memory_stats() -> dict:
             "host_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def _random_params(config, key, dtype):
-    """qwen3.init_params layout, one leaf at a time (bounds the fp32 transients on the device)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxhack.models import qwen3
-
-    shapes = jax.eval_shape(lambda: qwen3.init_params(config, jax.random.PRNGKey(0), dtype=dtype))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(key, len(leaves))
-
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def leaf(k, shape, is_norm):
-        x = jax.random.normal(k, shape, jnp.float32)
-        return ((1.0 + 0.1 * x) if is_norm else 0.02 * x).astype(dtype)
-
-    return treedef.unflatten([leaf(k, s.shape, "norm" in jax.tree_util.keystr(path))
-                              for k, (path, s) in zip(keys, leaves)])
-
-
-def _random_svd_adapter(params, key, dtype):
-    """Frozen u [L,out,r], vh [L,r,in] ~ N(0, 1/dim) (near-orthonormal columns / rows), zero delta_s."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxhack.models.adapters import TARGET_MODULES, module_dims
-
-    @functools.partial(jax.jit, static_argnums=(1,))
-    def gaussian(k, shape):  # scaled so each column (u) / row (vh) has unit expected norm
-        return (jax.random.normal(k, shape, jnp.float32) / jnp.sqrt(shape[-2] if shape[-2] > shape[-1]
-                                                                   else shape[-1])).astype(dtype)
-
-    trainable, frozen = {}, {}
-    for name, k in zip(TARGET_MODULES, jax.random.split(key, len(TARGET_MODULES))):
-        L, d_in, d_out = module_dims(params, (name,))[name]
-        r = min(d_in, d_out)
-        ku, kv = jax.random.split(k)
-        frozen[name] = {"u": gaussian(ku, (L, d_out, r)), "vh": gaussian(kv, (L, r, d_in))}
-        trainable[name] = {"delta_s": jnp.zeros((L, r), jnp.float32),
-                           "delta_s_hack": jnp.zeros((L, r), jnp.float32)}
-    return trainable, frozen
-
-
 def _is_oom(err: BaseException) -> bool:
     text = str(err)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
@@ -120,6 +77,7 @@ def run_child(args) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jaxhack.models.random_init import random_params, random_svd_adapter
     from jaxhack.rl import losses, per_sample
 
     remat = args.child
@@ -129,8 +87,8 @@ def run_child(args) -> dict:
     out = {"remat": remat, "device": str(jax.devices()[0]), "platform": jax.default_backend()}
     key_p, key_a, key_t, key_r = jax.random.split(jax.random.PRNGKey(0), 4)
     t0 = time.perf_counter()
-    params = _random_params(config, key_p, jnp.bfloat16)
-    trainable, frozen = _random_svd_adapter(params, key_a, jnp.bfloat16)
+    params = random_params(config, key_p, jnp.bfloat16)
+    trainable, frozen = random_svd_adapter(params, key_a, jnp.bfloat16)
     jax.block_until_ready((params, frozen))
     out["init_s"] = round(time.perf_counter() - t0, 2)
     out["memory_after_init"] = _memory_stats()

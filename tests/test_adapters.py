@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_params
 from jaxhack.models import adapters, qwen3
 from jaxhack.models.config import TINY
 
@@ -15,17 +16,6 @@ CONFIG = TINY
 L = CONFIG.num_hidden_layers
 
 
-def random_params(config, seed=0, std=0.05):
-    """Random params in the qwen3.init_params layout, filled by numpy (no per-shape jit compiles)."""
-    shapes = jax.eval_shape(lambda: qwen3.init_params(config, jax.random.PRNGKey(0)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        if "norm" in jax.tree_util.keystr(path):
-            return jnp.asarray(1 + 0.1 * rng.standard_normal(s.shape), s.dtype)
-        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @pytest.fixture(scope="module")

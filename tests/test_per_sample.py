@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxhack.models import adapters, qwen3
+from helpers import random_params
+from jaxhack.models import adapters
 from jaxhack.models.config import TINY
 from jaxhack.rl import batch as rl_batch
 from jaxhack.rl import losses, per_sample
@@ -24,17 +25,6 @@ T = 10
 NLL = functools.partial(losses.nll_loss)
 
 
-def random_params(config, seed=0, std=0.05):
-    """Random params in the qwen3.init_params layout, filled by numpy (no per-shape jit compiles)."""
-    shapes = jax.eval_shape(lambda: qwen3.init_params(config, jax.random.PRNGKey(0)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        if "norm" in jax.tree_util.keystr(path):
-            return jnp.asarray(1 + 0.1 * rng.standard_normal(s.shape), s.dtype)
-        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def as_jax(batch):

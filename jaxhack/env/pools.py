@@ -20,16 +20,15 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import random
 import re
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from jaxhack.atomic import atomic_write_bytes
 from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
 from jaxhack.env.hints import check_mode
 from jaxhack.env.problems import Problem, build_prompt
@@ -66,22 +65,6 @@ def step_file_name(step: int) -> str:
     return f"step_{step:03d}.jsonl.gz"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; pools are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def validate_record(record: object, where: str) -> dict:
     """Check one pool record's fields and types (and hacked == passed and not gt_pass); return it.
 
@@ -112,14 +95,14 @@ def write_pool_step(pool_dir: str | Path, step: int, records: Sequence[dict]) ->
         for i, record in enumerate(records):
             validate_record(record, f"record {i} for {path}")
             gz.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
 def write_pool_meta(pool_dir: str | Path, meta: dict) -> Path:
     """Write DIR/pool.json atomically."""
     path = Path(pool_dir) / POOL_META_FILE
-    _atomic_write_bytes(path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return path
 
 

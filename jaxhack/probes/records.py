@@ -30,12 +30,12 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from jaxhack.atomic import atomic_write_bytes
 
 INT_FIELDS = ("step", "sample_id", "src_step", "src_sample", "comp_len")
 STR_FIELDS = ("src_pool", "arm")
@@ -230,22 +230,6 @@ def record_to_json_line(record: dict) -> str:
     """Strict-JSON line of a validated record (NaN -> null)."""
     encoded = {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in record.items()}
     return json.dumps(encoded, allow_nan=False, sort_keys=False)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as temporary_file:
-            temporary_file.write(data)
-            temporary_file.flush()
-            os.fsync(temporary_file.fileno())
-        os.replace(temporary_name, path)
-    except BaseException:
-        if os.path.exists(temporary_name):
-            os.remove(temporary_name)
-        raise
 
 
 def write_step(out_dir, step: int, records) -> Path:

@@ -16,9 +16,6 @@ sign of sum_i <D_i, v>), optional axis threshold and global noise floor.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxhack.atomic import atomic_directory
 from jaxhack.projection.modules import module_key, parse_module_key, to_module_vectors
 from jaxhack.projection.pairs import Pair
 
@@ -273,18 +271,10 @@ def save_v_hack(path: str | Path, bundle: Bundle, meta: dict | None = None, forc
         raise FileExistsError(f"{out}: already exists (pass force=True to overwrite)")
     meta_text = json.dumps(meta or {}, indent=2, sort_keys=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(out) as tmp:
         save_pytree(tmp / TREE_DIR, _host(bundle))
         (tmp / META_FILE).write_text(meta_text + "\n")
         export_safetensors(tmp / SAFETENSORS_FILE, bundle, meta)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

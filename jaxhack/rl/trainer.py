@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxhack.atomic import atomic_directory
 from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter, merge
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.load import load_model as _load_model
@@ -453,18 +454,10 @@ def save_train_state(run_dir: Path, step: int, state: dict, keep: int = 2) -> Pa
     from jaxhack.checkpoint import save_pytree
 
     final = ckpt_path(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_directory(final) as tmp:
         save_pytree(tmp / "state", state)
         (tmp / "meta.json").write_text(json.dumps({"step": step, "cursor": int(state["cursor"]),
                                                    "time_unix": time.time()}) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old_step, path in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     return final
