@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
+from jaxhack.jsonl import iter_jsonl
 from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch  # noqa: E402
 from jaxhack.env.hints import MODES  # noqa: E402
 from jaxhack.env.pools import summarize_records  # noqa: E402
@@ -33,14 +34,7 @@ def read_completions(path: Path, problems_by_id: dict) -> list[tuple[dict, Grade
     """(input object, GradeRequest) per line; InputError names file, line and field."""
     rows = []
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: not valid json: {err.msg}") from None
+        for where, obj in iter_jsonl(f, path, InputError):
             if not isinstance(obj, dict):
                 raise InputError(f"{where}: expected a json object, got {type(obj).__name__}")
             problem_id = obj.get("problem_id")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from jaxhack.jsonl import iter_jsonl
 from jaxhack.atomic import atomic_write_bytes
 from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
 from jaxhack.env.hints import check_mode
@@ -112,14 +113,7 @@ def read_pool_step(path: str | Path) -> list[dict]:
     records = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {line_no}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PoolFormatError(f"{where}: not valid json: {err.msg}") from None
+            for where, record in iter_jsonl(f, path, PoolFormatError):
                 records.append(validate_record(record, where))
     except (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError) as err:
         raise PoolFormatError(f"{path}: not a readable gzip'd jsonl file: {err}") from None

@@ -17,10 +17,10 @@ One json object per line. Fields read (others are ignored):
 from __future__ import annotations
 
 import ast
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from jaxhack.jsonl import iter_jsonl
 from jaxhack.env.hints import apply_hint, check_mode
 
 BUNDLED_PROBLEMS_PATH = Path(__file__).resolve().parent / "data" / "synthetic_problems.jsonl"
@@ -144,14 +144,7 @@ def load_problems(source: str | Path) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[str] = set()
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ProblemFormatError(f"{where}: not valid json: {err.msg}") from None
+        for where, record in iter_jsonl(f, path, ProblemFormatError):
             problem = parse_problem(record, where)
             if problem.id in seen:
                 raise ProblemFormatError(f"{where}: field 'id': duplicate problem id {problem.id!r}")
