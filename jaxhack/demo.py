@@ -86,7 +86,7 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> 
             f"gt_pass_rate={s['gt_pass_rate']:.3f} mean_reward={s['mean_reward']:.3f}")
 
     pairs = template_pairs(problems, settings.mode, settings.pair_variants, settings.seed)
-    adapters = {"svd": init_svd_adapter(params, config, cache_dir=out / "svd_cache"),
+    adapters = {"svd": init_svd_adapter(params, config, cache_dir=out / "svd_cache", progress=progress),
                 "lora": init_lora_adapter(params, config, jax.random.PRNGKey(settings.seed + 1),
                                           rank=settings.lora_rank)}
     v_hacks = {}

@@ -162,7 +162,7 @@ def svd_factors(w: Any, cache_dir: str | Path | None = None, label: str = "W",
 
 
 def init_svd_adapter(params: Tree, config, targets=TARGET_MODULES, cache_dir: str | Path | None = None,
-                     dtype=None, return_sources: bool = False):
+                     dtype=None, return_sources: bool = False, progress: bool = True):
     """SVD-delta adapter for every target Linear.
 
     frozen:    {name: {"u": [L,out,r], "vh": [L,r,in]}} in `dtype` (default: the weight's dtype).
@@ -177,10 +177,10 @@ def init_svd_adapter(params: Tree, config, targets=TARGET_MODULES, cache_dir: st
     _check_against_config(dims, config)
     trainable, frozen, sources = {}, {}, {}
     total = sum(L for L, _, _ in dims.values())
-    with tqdm(total=total, desc="svd", unit="layer", leave=False) as progress:
+    with tqdm(total=total, desc="svd", unit="layer", leave=False, disable=not progress) as bar:
         for name, (L, d_in, d_out) in dims.items():
             w = params["layers"][name]  # [L, d_in, d_out]
-            factors, sources[name] = svd_factors(w, cache_dir, label=name, progress=progress)
+            factors, sources[name] = svd_factors(w, cache_dir, label=name, progress=bar)
             out_dtype = w.dtype if dtype is None else dtype
             frozen[name] = {"u": jnp.asarray(factors["u"], out_dtype),  # [L, out, r]
                             "vh": jnp.asarray(factors["vh"], out_dtype)}  # [L, r, in]
