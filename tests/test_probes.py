@@ -133,3 +133,47 @@ def test_demo_end_to_end_small(tmp_path):
         records, info = read_run(out / "phase2" / arm)
         assert info["arm"] == arm and len(records) == 2 * 4
     assert json.loads((out / "phase1" / "phase1_split.json").read_text())["n_steps"] == 2
+
+
+def test_phase_scripts_end_to_end(tmp_path, capsys):
+    """The per-phase scripts chained as the README shows, on the embedded default."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+
+    def script(name):
+        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
+
+    small = ["--max-prompt-tokens", "32", "--max-completion-tokens", "32", "--remat", "none"]
+    for kind in ("teacher", "base"):
+        assert script("build_pool")(["--problems", "bundled", "--mode", "run_tests", "--kind", kind,
+                                     "--steps", "1", "--per-step", "4", "--out", str(tmp_path / f"{kind}_pool"),
+                                     "--no-progress"]) == 0
+    v_dir = tmp_path / "v_hack_svd"
+    assert script("extract_vhack")(["--ckpt", "tiny", "--adapter", "svd", "--pairs-from", "pools",
+                                    "--teacher", str(tmp_path / "teacher_pool"), "--base", str(tmp_path / "base_pool"),
+                                    "--max-prompt-tokens", "32", "--max-len", "64", "--out", str(v_dir)]) == 0
+    assert (v_dir / "v_hack.safetensors").is_file()
+    p2 = tmp_path / "p2" / "projected"
+    assert script("phase2_replay")(["--replay-dirs", f"{tmp_path / 'teacher_pool'},{tmp_path / 'base_pool'}",
+                                    "--arm", "projected", "--steps", "2", "--per-pool", "2", "--v-hack", str(v_dir),
+                                    "--out", str(p2), *small]) == 0
+    records, info = read_run(p2)
+    assert len(records) == 8 and info["v_hack"] == str(v_dir)
+    assert "cos_out < cos_in on" in capsys.readouterr().out
+    p1 = tmp_path / "p1"
+    assert script("phase1_distill")(["--pool", str(tmp_path / "teacher_pool"), "--per-step", "4", "--steps", "1",
+                                     "--v-hack", str(v_dir), "--out", str(p1), *small]) == 0
+    assert json.loads((p1 / "phase1_split.json").read_text())["n_steps"] == 1
+    # a LoRA arm refuses an SVD-basis v_hack with a clear message
+    with pytest.raises(SystemExit, match="svd-basis v_hack; this arm needs lora"):
+        script("phase2_replay")(["--replay-dirs", str(tmp_path / "teacher_pool"), "--arm", "lora_projected",
+                                 "--v-hack", str(v_dir), "--out", str(tmp_path / "bad"), *small])
+    assert script("analyze")([str(p2)]) == 0
+    assert (p2 / "report.md").is_file()
