@@ -25,14 +25,13 @@ from pathlib import Path
 import jax
 
 from jaxhack.env.pools import build_template_pool
-from jaxhack.env.problems import build_prompt, load_problems
-from jaxhack.env.templates import clean_completion, hack_completion
+from jaxhack.env.problems import load_problems
 from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter
 from jaxhack.models.load import load_model
 from jaxhack.probes.analyze import analyze_runs, format_summary
 from jaxhack.probes.phase1 import format_split, split_pure_vs_correct
 from jaxhack.probes.phase2 import ARMS, ReplaySettings, load_replay_pool, run_replay
-from jaxhack.projection.pairs import Pair
+from jaxhack.projection.pairs import pairs_from_env_templates
 from jaxhack.projection.v_hack import extract_v_hack, save_v_hack
 
 
@@ -52,15 +51,9 @@ class DemoSettings:
     seed: int = 0
 
 
-def template_pairs(problems, mode: str, variants: int, seed: int) -> list[Pair]:
-    """`variants` (prompt with hint, hack, clean) pairs per problem; wording variants from `seed`."""
-    pairs = []
-    for v in range(variants):
-        variant = 1000 * (seed + 1) + v
-        for p in problems:
-            pairs.append(Pair(build_prompt(p, mode), hack_completion(p, mode, variant),
-                              clean_completion(p, variant), p.id))
-    return pairs
+def pair_variants(n: int, seed: int) -> list[int]:
+    """Template wording variants for v_hack pairs, disjoint from the pools' draws for small seeds."""
+    return [1000 * (seed + 1) + v for v in range(n)]
 
 
 def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
@@ -85,7 +78,7 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> 
         say(f"[2/6] {kind} pool: n={s['n']} hack_rate={s['hack_rate']:.3f} "
             f"gt_pass_rate={s['gt_pass_rate']:.3f} mean_reward={s['mean_reward']:.3f}")
 
-    pairs = template_pairs(problems, settings.mode, settings.pair_variants, settings.seed)
+    pairs = pairs_from_env_templates(problems, settings.mode, pair_variants(settings.pair_variants, settings.seed))
     adapters = {"svd": init_svd_adapter(params, config, cache_dir=out / "svd_cache", progress=progress),
                 "lora": init_lora_adapter(params, config, jax.random.PRNGKey(settings.seed + 1),
                                           rank=settings.lora_rank)}

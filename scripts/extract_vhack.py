@@ -25,13 +25,13 @@ from jaxhack.projection.v_hack import extract_v_hack, random_v_hack, save_v_hack
 
 def build_pairs(args) -> list:
     if args.pairs_from == "templates":
-        from jaxhack.demo import template_pairs
+        from jaxhack.demo import pair_variants
         from jaxhack.env.problems import load_problems
 
         problems = load_problems(args.problems)
         if args.n_problems:
             problems = problems[: args.n_problems]
-        return template_pairs(problems, args.mode, args.variants, args.seed)
+        return pairs_lib.pairs_from_env_templates(problems, args.mode, pair_variants(args.variants, args.seed))
     if args.pairs_from == "pools":
         if not (args.teacher and args.base):
             raise SystemExit("error: --pairs-from pools needs --teacher DIR and --base DIR")

@@ -9,16 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxhack.demo import DemoSettings, run_demo, template_pairs
+from jaxhack.demo import DemoSettings, pair_variants, run_demo
 from jaxhack.env.pools import build_template_pool
 from jaxhack.env.problems import load_problems
 from jaxhack.models.adapters import init_svd_adapter
 from jaxhack.models.load import load_model
 from jaxhack.probes.phase1 import split_pure_vs_correct
-from jaxhack.probes.phase2 import (ReplayPool, ReplaySettings, draw_group, load_replay_pool, run_replay,
-                                   tokenize_group)
+from jaxhack.probes.phase2 import (ReplayPool, ReplaySettings, draw_group, encode_record, load_replay_pool,
+                                   run_replay, tokenize_group)
 from jaxhack.probes.records import read_run
 from jaxhack.projection.cosines import per_sample_cosines
+from jaxhack.projection.pairs import pairs_from_env_templates
 from jaxhack.projection.v_hack import extract_v_hack
 from jaxhack.rl import losses
 from jaxhack.rl.per_sample import per_sample_grads
@@ -57,7 +58,7 @@ def tiny_setup(tmp_path_factory):
                             per_step=4, progress=False, pool_name=f"{kind}_pool")
     pools = [load_replay_pool(root / "teacher_pool"), load_replay_pool(root / "base_pool")]
     trainable, frozen = init_svd_adapter(params, config)
-    pairs = template_pairs(problems, "run_tests", 1, seed=3)
+    pairs = pairs_from_env_templates(problems, "run_tests", pair_variants(1, seed=3))
     v_hack, _ = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=1,
                                max_prompt_tokens=PROMPT_TOKENS, max_len=PROMPT_TOKENS + COMPLETION_TOKENS,
                                batch_size=4, progress=False)
@@ -83,7 +84,8 @@ def test_phase2_records_match_an_independent_computation(tiny_setup):
     group = draw_group(pools, 1, 2, 0)
     assert [(r["src_pool"], r["src_step"], r["src_sample"]) for r in step1] == \
         [(g["_src_pool"], g["step"], g["sample"]) for g in group]
-    batch = tokenize_group(group, tokenizer, COMPLETION_TOKENS, PROMPT_TOKENS, info["row_length"])
+    batch = tokenize_group(group, lambda r: encode_record(r, tokenizer, COMPLETION_TOKENS, PROMPT_TOKENS),
+                           tokenizer.pad_token_id, info["row_length"])
     rewards = np.array([g["reward"] for g in group], np.float32)
     batch["advantage"] = rewards - rewards.mean()
     np.testing.assert_allclose([r["adv"] for r in step1], batch["advantage"], atol=1e-6)

@@ -115,19 +115,30 @@ def encode_record(record: dict, tokenizer, max_completion_tokens: int,
     return prompt, completion
 
 
-def replay_length(pools: Sequence[ReplayPool], tokenizer, max_completion_tokens: int,
-                  max_prompt_tokens: int | None, pad_multiple: int) -> int:
+def record_encoder(tokenizer, max_completion_tokens: int, max_prompt_tokens: int | None
+                   ) -> Callable[[dict], tuple[list[int], list[int]]]:
+    """`encode_record` with this run's limits, each distinct (prompt, completion) tokenized once
+    however often it is drawn."""
+    cache: dict[tuple, tuple[list[int], list[int]]] = {}
+
+    def encode(record: dict) -> tuple[list[int], list[int]]:
+        key = (record["prompt"], record["completion"])
+        if key not in cache:
+            cache[key] = encode_record(record, tokenizer, max_completion_tokens, max_prompt_tokens)
+        return cache[key]
+
+    return encode
+
+
+def replay_length(pools: Sequence[ReplayPool], encode: Callable, pad_multiple: int) -> int:
     """One row length T for every step (the longest record, rounded up), so the step compiles once."""
-    longest = max(sum(map(len, encode_record(r, tokenizer, max_completion_tokens, max_prompt_tokens)))
-                  for pool in pools for records in pool.steps for r in records)
+    longest = max(sum(map(len, encode(r))) for pool in pools for records in pool.steps for r in records)
     return -(-longest // pad_multiple) * pad_multiple
 
 
-def tokenize_group(group: Sequence[dict], tokenizer, max_completion_tokens: int,
-                   max_prompt_tokens: int | None, length: int) -> dict[str, np.ndarray]:
+def tokenize_group(group: Sequence[dict], encode: Callable, pad_id: int, length: int) -> dict[str, np.ndarray]:
     """Padded batch (jaxhack.rl.batch layout, rows of `length`) of prompt + completion tokens."""
-    encoded = [encode_record(r, tokenizer, max_completion_tokens, max_prompt_tokens) for r in group]
-    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    encoded = [encode(r) for r in group]
     return make_batch([p for p, _ in encoded], [c for _, c in encoded], pad_id=pad_id, length=length,
                       padding="right")  # right padding: what attention="causal" requires
 
@@ -187,8 +198,9 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
             "pools": [p.name for p in pools], "settings": dataclasses.asdict(settings),
             **(run_info or {})}
 
-    length = replay_length(pools, tokenizer, settings.max_completion_tokens, settings.max_prompt_tokens,
-                           settings.pad_multiple)
+    encode = record_encoder(tokenizer, settings.max_completion_tokens, settings.max_prompt_tokens)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    length = replay_length(pools, encode, settings.pad_multiple)
     info["row_length"] = length
     write_run_info(out_dir, {**info, "status": "running"})
     steps = range(settings.steps)
@@ -198,8 +210,7 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
     all_records, t0 = [], time.time()
     for step in steps:
         group = draw_group(pools, step, settings.per_pool, settings.seed)
-        batch = tokenize_group(group, tokenizer, settings.max_completion_tokens,
-                               settings.max_prompt_tokens, length)
+        batch = tokenize_group(group, encode, pad_id, length)
         rewards = np.asarray([float(r["reward"]) for r in group], np.float32)
         adv = np.asarray(losses.centered_advantages(rewards, group_size=group_size))  # [G]
         batch["advantage"] = adv

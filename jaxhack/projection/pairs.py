@@ -52,6 +52,25 @@ def pairs_from_templates(problems: Iterable[Any], make_pair: Callable[[Any], tup
     return out
 
 
+def pairs_from_env_templates(problems: Sequence[Any], mode: str, variants: Sequence[int] = (0,),
+                             with_hint: bool = True) -> list[Pair]:
+    """(prompt, hack template, clean template) pairs from jaxhack.env.templates: for each wording
+    variant in `variants` (outer loop), one pair per problem; prompts carry the mode's hint when
+    `with_hint`. Variant 0 gives every problem the same wording (the problem is what varies)."""
+    from jaxhack.env.problems import build_prompt
+    from jaxhack.env.templates import clean_completion, hack_completion
+
+    if mode == "none":
+        raise ValueError("v_hack extraction from templates needs a loophole mode, not 'none'")
+    pairs = []
+    for variant in variants:
+        pairs += pairs_from_templates(
+            problems, lambda p, v=variant: (build_prompt(p, mode, with_hint), hack_completion(p, mode, v),
+                                            clean_completion(p, v)),
+            problem_id=lambda p: p.id)
+    return pairs
+
+
 def _default_problem_id(problem: Any, index: int):
     for key in ("problem_id", "id"):
         if isinstance(problem, dict) and key in problem:

@@ -175,27 +175,12 @@ def pick_teacher(records: Sequence[dict], k: int, seed: int, step: int, group: i
 
 # ================================================================ v_hack
 
-def template_pairs(problems: Sequence, mode: str, hint: bool = True):
-    """One (prompt, hack template, clean template) pair per problem (jaxhack.env.templates)."""
-    from jaxhack.env.problems import build_prompt
-    from jaxhack.env.templates import clean_completion, hack_completion
-    from jaxhack.projection.pairs import pairs_from_templates
-
-    if mode == "none":
-        raise ValueError("v_hack extraction from templates needs a loophole mode, not 'none'")
-
-    def make_pair(p):  # variant 0: the same wording for every problem (the problem is what varies)
-        return build_prompt(p, mode, hint), hack_completion(p, mode, 0), clean_completion(p, 0)
-
-    return pairs_from_templates(problems, make_pair, problem_id=lambda p: p.id)
-
-
 def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokenizer, trainable, frozen,
                 params, config) -> tuple[dict, dict]:
     """(bundle, meta) for the arm: `--v-hack PATH` | "random" | a random_v control | extracted from
     template pairs over the training problems (label-shuffled for the "shuffled" control)."""
     from jaxhack.projection.modules import module_dims
-    from jaxhack.projection.pairs import shuffle_labels
+    from jaxhack.projection.pairs import pairs_from_env_templates, shuffle_labels
     from jaxhack.projection.v_hack import extract_v_hack, load_v_hack, random_v_hack
 
     if cfg.v_hack and cfg.v_hack != "random":
@@ -208,7 +193,7 @@ def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokeni
         label = "random (benchmark --v-hack random)" if cfg.v_hack == "random" else "random_v control"
         return bundle, {"source": label, "control": "random", "k": cfg.k, "seed": cfg.control_seed}
     problems = list(train_problems)[:cfg.vhack_pairs] if cfg.vhack_pairs else list(train_problems)
-    pairs = template_pairs(problems, cfg.mode, cfg.hint)
+    pairs = pairs_from_env_templates(problems, cfg.mode, with_hint=cfg.hint)
     if control == "shuffled":
         pairs = shuffle_labels(pairs, seed=cfg.control_seed)
     bundle, info = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=cfg.k,
