@@ -29,8 +29,9 @@ def add_replay_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--overshoot", type=float, default=1.0)
     ap.add_argument("--max-completion-tokens", type=int, default=1024)
     ap.add_argument("--max-prompt-tokens", type=int, default=None, help="keep the prompt's last N tokens")
-    ap.add_argument("--remat", default="full", choices=("none", "full", "dots"),
-                    help="full: fits an 80 GB GPU at Qwen3-4B, G=8 x 1.5k; dots: faster, ~92 GB; none: CPU/tiny")
+    ap.add_argument("--remat", default="linear", choices=("none", "full", "dots", "linear"),
+                    help="linear: no matmul recomputed, 61 GB at Qwen3-4B, G=8 x 1.5k (fits 80 GB); "
+                         "full: least memory (24 GB), 25%% slower; dots: 84 GB; none: CPU/tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
 

@@ -20,6 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SVD_CACHE_VERSION = "jaxhack-svd-v1"  # part of the hash: bump it if the cached content changes meaning
@@ -32,6 +33,7 @@ def adapter_delta(x: jax.Array, adapter: dict) -> jax.Array:
     if "delta_s" in adapter:
         s = (adapter["delta_s"] + adapter["delta_s_hack"]).astype(x.dtype)  # [r]
         h = jnp.einsum("...i,ri->...r", x, adapter["vh"].astype(x.dtype))  # [..., r]
+        h = checkpoint_name(h, "adapter_h")  # saved by the "linear" remat policy
         return jnp.einsum("...r,or->...o", h * s, adapter["u"].astype(x.dtype))
     if "a" in adapter:
         h = jnp.einsum("...i,ri->...r", x, adapter["a"].astype(x.dtype))  # [..., rank]

@@ -1,18 +1,22 @@
 """Qwen3 decoder as pure functions over a param pytree (layout: docs/architecture.md).
 
-Layers are stacked on a leading axis and run with `lax.scan`; each layer body can be rematerialised.
+Layers are stacked on a leading axis and run with `lax.scan` (unrolled when decoding with a KV cache);
+each layer body can be rematerialised.
 Adapters (SVD delta_S or LoRA, see `adapters.py`) are applied inside every target Linear.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxhack.models.adapters import adapter_delta
 from jaxhack.models.config import Qwen3Config
+from jaxhack.models.decode_attention import decode_attention
 
 Params = dict[str, Any]
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -22,6 +26,10 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # each Linear's output (base + adapter, summed) and the SVD adapter's projection x Vh^T: no matmul
+    # is recomputed in the backward pass, at about half the memory of "dots" (which keeps the base and
+    # adapter outputs apart)
+    "linear": jax.checkpoint_policies.save_only_these_names("linear_out", "adapter_h"),
 }
 
 
@@ -75,11 +83,12 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def linear(x: jax.Array, w: jax.Array, adapter: dict | None) -> jax.Array:
-    """y = x @ w (+ adapter delta). x: [..., d_in], w: [d_in, d_out]."""
+    """y = x @ w (+ adapter delta). x: [..., d_in], w: [d_in, d_out]. The output is named
+    "linear_out" for the "linear" remat policy."""
     y = x @ w
-    if adapter is None:
-        return y
-    return y + adapter_delta(x, adapter).astype(y.dtype)
+    if adapter is not None:
+        y = y + adapter_delta(x, adapter).astype(y.dtype)
+    return checkpoint_name(y, "linear_out")
 
 
 def attention(q, k, v, query_slots, key_mask, config: Qwen3Config):
@@ -98,42 +107,89 @@ def attention(q, k, v, query_slots, key_mask, config: Qwen3Config):
     return out.reshape(B, T, Hq * hd)
 
 
-def _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slots, key_mask,
-           cache_index, config: Qwen3Config, attention_kind: str = "masked"):
-    """One decoder layer. h: [B,T,D]. cache_kv: None or the whole cache (k, v), each
-    [L,B,Hkv,S,hd]; this layer's new keys/values are written in place at [layer_index, :, :, cache_index].
-    The head-major cache layout lets both attention matmuls read the cache as it lies (a [B,S,Hkv,hd]
-    layout made XLA re-lay out the whole cache on every decode step)."""
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal GQA attention without materialising the [T,T] scores on a GPU.
+
+    q: [B,T,Hq,hd]; k, v: [B,T,Hkv,hd] -> [B,T,Hq,hd]. On a GPU with bf16/fp16 inputs this is cuDNN's
+    flash attention (jax.nn.dot_product_attention(implementation="cudnn")); elsewhere XLA's reference
+    implementation (which jax picks by default even on a GPU, and which materialises the scores).
+    """
+    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if fused else "xla")
+
+
+def _projections(x, layer, ad, names: tuple[str, ...], fused_name: str, sizes: tuple[int, ...]):
+    """The Linears `names` (output widths `sizes`) that all read x: one matmul against the fused
+    weight when the layer has `fused_name` (decode_layers), then each module's adapter delta; else
+    one linear() each. Returns a list of [..., size] arrays."""
+    if fused_name not in layer:
+        return [linear(x, layer[name], ad(name)) for name in names]
+    fused = x @ layer[fused_name]  # [..., sum(sizes)]
+    outs = jnp.split(fused, list(itertools.accumulate(sizes))[:-1], axis=-1)
+    return [y if ad(name) is None else y + adapter_delta(x, ad(name)).astype(y.dtype)
+            for name, y in zip(names, outs)]
+
+
+def decode_layers(params: Params, adapters: dict | None = None):
+    """Per-layer copies of the weights for decoding: (layers, layer_adapters), tuples of L dicts.
+
+    Built once per sampler call, outside its decode loop: static slices of the stacked [L, ...]
+    weights inside an XLA while loop were copied on every step (docs/benchmarks.md). q/k/v and
+    gate/up are concatenated along d_out ("qkv_proj", "gate_up_proj"), so a decode step runs 4
+    matmuls per layer instead of 7. Adapter deltas stay per module (exact, as in training)."""
+    stacked = params["layers"]
+    L = stacked["q_proj"].shape[0]
+    layers = []
+    for index in range(L):
+        layer = {name: w[index] for name, w in stacked.items()}
+        for fused_name, names in (("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                  ("gate_up_proj", ("gate_proj", "up_proj"))):
+            layer[fused_name] = jnp.concatenate([layer.pop(name) for name in names], axis=-1)
+        layers.append(layer)
+    layer_adapters = None if adapters is None else tuple(
+        jax.tree.map(lambda x, i=index: x[i], adapters) for index in range(L))
+    return tuple(layers), layer_adapters
+
+
+def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask, cache_index,
+           config: Qwen3Config, attention_kind: str = "masked", decode_range=None):
+    """One decoder layer. h: [B,T,D]. cache_kv: None or this layer's cache (k, v), each [B,Hkv,S,hd];
+    the new keys/values are written in place at [:, :, cache_index]. The head-major layout lets both
+    attention matmuls read the cache as it lies (a [B,S,Hkv,hd] layout made XLA re-lay out the whole
+    cache on every decode step). decode_range: ([B] first, [B] one-past-last) cache slot each row
+    attends to, for attention_kind "decode"."""
     B, T, _ = h.shape
     hd, Hq, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     ad = (lambda name: None) if layer_adapters is None else (lambda name: layer_adapters.get(name))
 
     x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
-    q = linear(x, layer["q_proj"], ad("q_proj")).reshape(B, T, Hq, hd)
-    k = linear(x, layer["k_proj"], ad("k_proj")).reshape(B, T, Hkv, hd)
-    v = linear(x, layer["v_proj"], ad("v_proj")).reshape(B, T, Hkv, hd)
+    q, k, v = _projections(x, layer, ad, ("q_proj", "k_proj", "v_proj"), "qkv_proj",
+                           (config.q_dim, config.kv_dim, config.kv_dim))
+    q, k, v = q.reshape(B, T, Hq, hd), k.reshape(B, T, Hkv, hd), v.reshape(B, T, Hkv, hd)
     q = rope(rms_norm(q, layer["q_norm"], config.rms_norm_eps), positions, config.rope_theta)
     k = rope(rms_norm(k, layer["k_norm"], config.rms_norm_eps), positions, config.rope_theta)
     if attention_kind == "causal":  # fused kernel (cuDNN flash attention on GPU); right padding only
-        attn = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(B, T, Hq * hd)
+        attn = causal_attention(q, k, v).reshape(B, T, Hq * hd)
         new_kv = None
     else:
         k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,Hkv,T,hd]
-        if cache_kv is not None:
-            start = (layer_index, 0, 0, cache_index, 0)
-            k_cache = jax.lax.dynamic_update_slice(cache_kv[0], k_heads[None].astype(cache_kv[0].dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(cache_kv[1], v_heads[None].astype(cache_kv[1].dtype), start)
-            k_heads = jax.lax.dynamic_index_in_dim(k_cache, layer_index, 0, keepdims=False).astype(q.dtype)
-            v_heads = jax.lax.dynamic_index_in_dim(v_cache, layer_index, 0, keepdims=False).astype(q.dtype)
+        if cache_kv is not None:  # this layer's own buffers [B,Hkv,S,hd]: written in place, read as they lie
+            start = (0, 0, cache_index, 0)
+            k_cache = jax.lax.dynamic_update_slice(cache_kv[0], k_heads.astype(cache_kv[0].dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(cache_kv[1], v_heads.astype(cache_kv[1].dtype), start)
+            k_heads, v_heads = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
             new_kv = (k_cache, v_cache)
         else:
             new_kv = None
-        attn = attention(q, k_heads, v_heads, query_slots, key_mask, config)
+        if attention_kind == "decode":  # one query per row over its live cache slots only
+            attn = decode_attention(q[:, 0], k_heads, v_heads, *decode_range).reshape(B, T, Hq * hd)
+        else:
+            attn = attention(q, k_heads, v_heads, query_slots, key_mask, config)
     h = h + linear(attn, layer["o_proj"], ad("o_proj"))
 
     x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
-    gate = linear(x, layer["gate_proj"], ad("gate_proj"))
-    up = linear(x, layer["up_proj"], ad("up_proj"))
+    gate, up = _projections(x, layer, ad, ("gate_proj", "up_proj"), "gate_up_proj",
+                            (config.intermediate_size, config.intermediate_size))
     h = h + linear(jax.nn.silu(gate) * up, layer["down_proj"], ad("down_proj"))
     return h, new_kv
 
@@ -144,29 +200,44 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    """KV cache {"k", "v": tuple of L arrays [B,Hkv,S,hd]}: one buffer per layer, so a decode step
+    updates and reads each layer's keys in place (slices of one stacked [L,...] buffer were copied on
+    every step: docs/benchmarks.md)."""
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+    layers = range(config.num_hidden_layers)
+    return {"k": tuple(jnp.zeros(shape, dtype) for _ in layers), "v": tuple(jnp.zeros(shape, dtype) for _ in layers)}
 
 
 def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention_mask: jax.Array,
             adapters: dict | None = None, cache: dict | None = None, cache_index=None,
-            remat: str = "none", positions: jax.Array | None = None, attention: str = "masked"):
+            remat: str = "none", positions: jax.Array | None = None, attention: str = "masked",
+            scan_layers: bool = True):
     """Final hidden states of the decoder.
 
     input_ids: [B,T] int; attention_mask: [B,S] bool (S == T without a cache, S = cache length with one);
     adapters: per-module adapter dicts stacked over layers (merged frozen + trainable), or None;
-    cache: {"k","v": [L,B,Hkv,S,hd]} (init_cache) or None; cache_index: slot of input_ids[:, 0] in the cache.
-    attention: "masked" (causal AND attention_mask, any padding, scores materialised) or "causal"
-    (jax.nn.dot_product_attention with is_causal: cuDNN flash attention on a GPU; exact for real
-    tokens only when every row is right-padded, i.e. no pad before a real token, and no cache; the
-    outputs at pad positions are then meaningless and must be masked by the caller, as losses do).
+    params["layers"] (and adapters) may instead be the per-layer tuples of `decode_layers` (then the
+    layers run unrolled with fused q/k/v and gate/up matmuls);
+    cache: {"k","v": L-tuples of [B,Hkv,S,hd]} (init_cache) or None; cache_index: slot of input_ids[:, 0].
+    attention: "masked" (causal AND attention_mask, any padding, scores materialised), "causal"
+    (`causal_attention`: cuDNN flash attention on a GPU; exact for real tokens only when every row
+    is right-padded, i.e. no pad before a real token, and no cache; the outputs at pad positions are
+    then meaningless and must be masked by the caller, as losses do) or "decode" (T == 1 with a
+    cache: each row attends to the slots from its first masked-in slot to cache_index, which must
+    all be masked in, as in the sampler; `decode_attention` reads only those slots).
+    scan_layers: run the layers with `lax.scan` (one compiled layer body) or unrolled in Python (one
+    copy of the body per layer; no per-layer weight slice is copied, see docs/benchmarks.md). With a
+    cache the layers are always unrolled (each layer has its own cache buffers).
     Returns (hidden [B,T,D], new_cache or None).
     """
-    if attention not in ("masked", "causal"):
-        raise ValueError(f"attention={attention!r}; expected 'masked' or 'causal'")
+    if attention not in ("masked", "causal", "decode"):
+        raise ValueError(f"attention={attention!r}; expected 'masked', 'causal' or 'decode'")
     if attention == "causal" and cache is not None:
         raise ValueError("attention='causal' is for full sequences; decoding with a cache needs 'masked'")
     B, T = input_ids.shape
+    if attention == "decode" and (cache is None or T != 1):
+        raise ValueError(f"attention='decode' is for one new token per row with a cache (got T={T}, "
+                         f"cache={'none' if cache is None else 'given'})")
     S = attention_mask.shape[1]
     chex.assert_rank([input_ids, attention_mask], 2)
     if cache is None:
@@ -178,24 +249,39 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
         positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, T, axis=1)
 
     h = params["embed"][input_ids]  # [B,T,D]
+    decode_range = None
+    if attention == "decode":  # first masked-in slot .. the slot being written, inclusive
+        first = jnp.argmax(attention_mask, axis=1).astype(jnp.int32)
+        decode_range = (first, jnp.full((B,), cache_index + 1, jnp.int32))
 
-    # The cache rides in the scan carry and each layer updates its slice in place (no per-step copy
-    # of the whole cache, which would dominate decoding time and double its memory).
-    def body(carry, xs):
-        h, cache_kv = carry
-        layer, layer_adapters, layer_index = xs
-        h, cache_kv = _layer(h, layer, layer_adapters, cache_kv, layer_index, positions, query_slots,
-                             attention_mask, cache_index, config, attention)
-        return (h, cache_kv), None
+    def body(h, layer, layer_adapters, layer_cache):
+        return _layer(h, layer, layer_adapters, layer_cache, positions, query_slots, attention_mask,
+                      cache_index, config, attention, decode_range)
 
-    policy = REMAT_POLICIES[remat]
     if remat != "none":
-        body = jax.checkpoint(body, policy=policy)
-    cache_kv = None if cache is None else (cache["k"], cache["v"])
-    layer_indices = jnp.arange(config.num_hidden_layers)
-    (h, cache_kv), _ = jax.lax.scan(body, (h, cache_kv), (params["layers"], adapters, layer_indices))
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    per_layer = isinstance(params["layers"], (tuple, list))  # decode_layers() output
+    if cache is None and scan_layers and not per_layer:
+        def scan_body(h, xs):
+            return body(h, *xs, None)[0], None
+        h, _ = jax.lax.scan(scan_body, h, (params["layers"], adapters))
+        new_cache = None
+    else:  # unrolled: static per-layer slices of the weights, each layer's own cache buffers
+        L = config.num_hidden_layers
+        if cache is not None:
+            chex.assert_equal((len(cache["k"]), len(cache["v"])), (L, L))
+        new_k, new_v = [], []
+        for index in range(L):
+            if per_layer:
+                layer, layer_adapters = params["layers"][index], None if adapters is None else adapters[index]
+            else:
+                layer, layer_adapters = jax.tree.map(lambda x: x[index], (params["layers"], adapters))
+            layer_cache = None if cache is None else (cache["k"][index], cache["v"][index])
+            h, layer_cache = body(h, layer, layer_adapters, layer_cache)
+            if cache is not None:
+                new_k.append(layer_cache[0]), new_v.append(layer_cache[1])
+        new_cache = None if cache is None else {"k": tuple(new_k), "v": tuple(new_v)}
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
-    new_cache = None if cache is None else {"k": cache_kv[0], "v": cache_kv[1]}
     return h, new_cache
 
 
@@ -207,6 +293,32 @@ def lm_head_weight(params: Params, config: Qwen3Config) -> jax.Array:
 def lm_logits(params: Params, config: Qwen3Config, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] -> logits [..., V] in fp32."""
     return jnp.dot(hidden, lm_head_weight(params, config), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _head_logits(hidden: jax.Array, w: jax.Array) -> jax.Array:
+    """fp32 logits hidden @ w ([..., D] x [D, V]) whose backward runs in the operands' dtype.
+
+    The forward accumulates and returns fp32 (log-probs need it). In the backward the fp32 cotangent
+    is cast to the hidden dtype before the two matmuls, as PyTorch's autocast does; otherwise a bf16
+    model would pay an fp32 (tf32) matmul against the whole vocabulary. For fp32 models it is exact.
+    """
+    return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(hidden, w):
+    return _head_logits(hidden, w), (hidden, w)
+
+
+def _head_logits_bwd(residuals, g):
+    hidden, w = residuals
+    g = g.astype(hidden.dtype)  # [..., V]
+    d_hidden = jnp.dot(g, w.T.astype(hidden.dtype), preferred_element_type=jnp.float32).astype(hidden.dtype)
+    d_w = jnp.einsum("...d,...v->dv", hidden, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return d_hidden, d_w
+
+
+_head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
 def token_logprobs(params: Params, config: Qwen3Config, hidden: jax.Array, targets: jax.Array,
@@ -228,7 +340,7 @@ def token_logprobs(params: Params, config: Qwen3Config, hidden: jax.Array, targe
 
     @jax.checkpoint
     def chunk_logp(h, t):  # h [B,chunk,D], t [B,chunk]
-        logits = jnp.dot(h, w, preferred_element_type=jnp.float32)
+        logits = _head_logits(h, w)
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return picked - logz

@@ -49,7 +49,7 @@ class ReplaySettings:
     max_completion_tokens: int = 1024
     max_prompt_tokens: int | None = None  # keep the prompt's last N tokens (None: all)
     pad_multiple: int = 128
-    remat: str = "none"  # "full" fits Qwen3-4B, G=8 x 1.5k tokens in 29 GB (docs/benchmarks.md)
+    remat: str = "none"  # "linear" (61 GB) or "full" (24 GB) at Qwen3-4B, G=8 x 1.5k (docs/benchmarks.md)
     chunk: int = 256
     attention: str = "causal"  # fused causal attention: exact here, batches are right-padded
 

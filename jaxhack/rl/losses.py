@@ -28,18 +28,19 @@ from jaxhack.models.config import Qwen3Config
 # ----------------------------------------------------------------------------------------------
 # log-probs
 
-@functools.partial(jax.jit, static_argnames=("config", "remat", "chunk", "attention"))
+@functools.partial(jax.jit, static_argnames=("config", "remat", "chunk", "attention", "scan_layers"))
 def sequence_logprobs(params, config: Qwen3Config, adapters, tokens: jax.Array, attention_mask: jax.Array,
-                      remat: str = "none", chunk: int = 256, attention: str = "masked") -> jax.Array:
+                      remat: str = "none", chunk: int = 256, attention: str = "masked",
+                      scan_layers: bool = True) -> jax.Array:
     """[N,T] fp32: entry t is log p(tokens[t] | tokens[<t]); entry 0 is 0.
 
     adapters: merged adapter dict (`adapters.merge`) or None for the base model.
     attention: "masked" (any padding) or "causal" (fused kernel; right-padded rows only), see
-    qwen3.forward.
+    qwen3.forward. scan_layers: lax.scan over layers (fast compile) or unrolled (see qwen3.forward).
     """
     chex.assert_rank([tokens, attention_mask], 2)
     hidden, _ = qwen3.forward(params, config, tokens, attention_mask, adapters=adapters, remat=remat,
-                              attention=attention)
+                              attention=attention, scan_layers=scan_layers)
     logp_next = qwen3.token_logprobs(params, config, hidden[:, :-1], tokens[:, 1:], chunk=chunk)  # [N,T-1]
     return jnp.pad(logp_next, ((0, 0), (1, 0)))
 
@@ -52,12 +53,13 @@ def reference_logprobs(params, config: Qwen3Config, tokens: jax.Array, attention
 
 
 def sample_logprobs(trainable, frozen, params, config: Qwen3Config, sample: dict,
-                    remat: str = "none", chunk: int = 256, attention: str = "masked") -> jax.Array:
+                    remat: str = "none", chunk: int = 256, attention: str = "masked",
+                    scan_layers: bool = True) -> jax.Array:
     """[T] log-probs of one sample (row of a batch) under the merged adapter."""
     chex.assert_rank([sample["tokens"], sample["attention_mask"]], 1)
     logp = sequence_logprobs(params, config, merge(trainable, frozen), sample["tokens"][None],
                              sample["attention_mask"][None], remat=remat, chunk=chunk,
-                             attention=attention)
+                             attention=attention, scan_layers=scan_layers)
     return logp[0]
 
 
@@ -114,26 +116,27 @@ def grpo_from_logprobs(logp, completion_mask, advantage, old_logp, ref_logp, *, 
 # per-sample losses: loss_i(trainable, frozen, params, config, sample) -> scalar
 
 def nll_loss(trainable, frozen, params, config: Qwen3Config, sample: dict, *, remat: str = "none",
-             chunk: int = 256, attention: str = "masked") -> jax.Array:
+             chunk: int = 256, attention: str = "masked", scan_layers: bool = True) -> jax.Array:
     """NLL: mean over completion tokens of -log p. sample: tokens, attention_mask, completion_mask [T]."""
-    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention)
+    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention, scan_layers)
     return nll_from_logprobs(logp, sample["completion_mask"])
 
 
 def reinforce_loss(trainable, frozen, params, config: Qwen3Config, sample: dict, *, group_size: int,
-                   remat: str = "none", chunk: int = 256, attention: str = "masked") -> jax.Array:
+                   remat: str = "none", chunk: int = 256, attention: str = "masked",
+                   scan_layers: bool = True) -> jax.Array:
     """Phase 2: -A_i sum_t(logp m) / sum_t m / G; sample["advantage"]: [] (centered, see below)."""
-    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention)
+    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention, scan_layers)
     return reinforce_from_logprobs(logp, sample["completion_mask"], sample["advantage"], group_size)
 
 
 def grpo_loss(trainable, frozen, params, config: Qwen3Config, sample: dict, *, group_size: int,
               max_new: int, prompts_per_step: int, clip_eps: float = 0.2,
               clip_eps_high: float | None = None, beta: float = 1e-3, remat: str = "none",
-              chunk: int = 256, attention: str = "masked") -> jax.Array:
+              chunk: int = 256, attention: str = "masked", scan_layers: bool = True) -> jax.Array:
     """Phase 3 Dr.GRPO with PPO clip and K3 KL to the base model.
     sample: + advantage [], old_logp [T] (sampling policy), ref_logp [T] (`reference_logprobs`)."""
-    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention)
+    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention, scan_layers)
     return grpo_from_logprobs(logp, sample["completion_mask"], sample["advantage"], sample["old_logp"],
                               sample["ref_logp"], group_size=group_size, max_new=max_new,
                               prompts_per_step=prompts_per_step, clip_eps=clip_eps,

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
+from jaxhack.models.decode_attention import SPLIT
 
 # Incremented each time the generation program is traced (tests use it to detect recompilation).
 TRACE_COUNT = 0
@@ -108,13 +109,16 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, eos
     global TRACE_COUNT
     TRACE_COUNT += 1
     B, P = prompt_tokens.shape
-    S = P + max_new
+    S = -(-(P + max_new) // SPLIT) * SPLIT  # slots past P + max_new stay masked out
     chex.assert_shape(prompt_mask, (B, P))
     chex.assert_shape(row_active, (B,))
     chex.assert_shape(eos, (MAX_EOS_IDS,))
 
-    cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": [L,B,Hkv,S,hd]}
-    mask = jnp.concatenate([prompt_mask, jnp.zeros((B, max_new), bool)], axis=1)  # [B,S]
+    # per-layer (fused) weight copies, made once here rather than sliced on every decode step
+    layers, layer_adapters = qwen3.decode_layers(params, adapters)
+    params, adapters = {**params, "layers": layers}, layer_adapters
+    cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": L-tuples of [B,Hkv,S,hd]}
+    mask = jnp.concatenate([prompt_mask, jnp.zeros((B, S - P), bool)], axis=1)  # [B,S]
     hidden, cache = qwen3.forward(params, config, prompt_tokens, mask, adapters=adapters, cache=cache,
                                   cache_index=0)  # hidden [B,P,D]
     logits = qwen3.lm_logits(params, config, hidden[:, -1])  # [B,V] (left padding: last slot is real)
@@ -137,14 +141,14 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, eos
         slot = P + t
         mask = jax.lax.dynamic_update_slice(mask, live[:, None], (0, slot))
         hidden, cache = qwen3.forward(params, config, token[:, None], mask, adapters=adapters, cache=cache,
-                                      cache_index=slot)  # hidden [B,1,D]
+                                      cache_index=slot, attention="decode")  # hidden [B,1,D]
         logits = qwen3.lm_logits(params, config, hidden[:, 0])  # [B,V]
         return t + 1, done, logits, cache, mask, out_tokens, out_logp, key
 
     init = (jnp.int32(0), ~row_active, logits, cache, mask,
             jnp.full((B, max_new), pad_id, jnp.int32), jnp.zeros((B, max_new), jnp.float32), key)
     _, done, _, _, mask, out_tokens, out_logp, _ = jax.lax.while_loop(cond, body, init)
-    lengths = jnp.sum(mask[:, P:], axis=-1).astype(jnp.int32)  # [B]
+    lengths = jnp.sum(mask[:, P:P + max_new], axis=-1).astype(jnp.int32)  # [B]
     return out_tokens, out_logp, lengths, done & row_active
 
 

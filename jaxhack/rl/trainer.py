@@ -251,8 +251,10 @@ def batch_terms(trainable, frozen, params, config: Qwen3Config, batch: dict, hyp
     use_current [M] bool (old_logp := stop_gradient(logp) on that row)."""
     from jaxhack.rl.losses import grpo_token_terms, sequence_logprobs
 
+    # rows are right-padded (make_batch(padding="right")), so fused causal attention is exact
     logp = sequence_logprobs(params, config, merge(trainable, frozen), batch["tokens"],
-                             batch["attention_mask"], remat=hyper.remat, chunk=hyper.chunk)  # [M,T]
+                             batch["attention_mask"], remat=hyper.remat, chunk=hyper.chunk,
+                             attention="causal")  # [M,T]
     old = jnp.where(batch["use_current"][:, None], jax.lax.stop_gradient(logp), batch["old_logp"])
     terms = jax.vmap(grpo_token_terms, in_axes=(0, 0, 0, 0, 0, None, None))
     pg, kl = terms(logp, batch["completion_mask"], batch["advantage"], old, batch["ref_logp"],
@@ -354,7 +356,8 @@ def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, confi
 @functools.partial(jax.jit, static_argnames=("config", "remat", "chunk"))
 def _ref_logp_chunk(params, config, tokens, attention_mask, remat="none", chunk=256):
     from jaxhack.rl.losses import sequence_logprobs
-    return sequence_logprobs(params, config, None, tokens, attention_mask, remat=remat, chunk=chunk)
+    return sequence_logprobs(params, config, None, tokens, attention_mask, remat=remat, chunk=chunk,
+                             attention="causal")  # right-padded rows (see batch_terms)
 
 
 def reference_logp(params, config: Qwen3Config, tokens: np.ndarray, attention_mask: np.ndarray,

@@ -1,0 +1,75 @@
+"""Attention of one new token per row over its live slice of the KV cache (the decode step).
+
+Row b attends to the cache slots [start[b], end[b]): in the sampler that is the left-padded prompt's
+first real slot up to and including the token just written, so the keys a row attends to are
+contiguous. Reading only those slots is what makes decoding fast: at step t the slots past P + t are
+never read, where a masked einsum over the whole static cache reads all of them.
+
+- GPU, bf16/fp16: JAX's Pallas flash-decoding kernel (`jax.experimental.pallas.ops.gpu.decode_attention
+  .gqa`): the key axis is split into blocks of 128 slots, one program per (row, KV head, block); blocks
+  past `end` exit at once.
+- elsewhere: the same function as a masked softmax over all S slots (`decode_attention_reference`).
+"""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+SPLIT = 128  # cache slots per Pallas program; the cache length must be a multiple (sampler pads to it)
+BLOCK_K = 64  # slots per inner iteration of a program
+
+
+def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
+                               end: jax.Array) -> jax.Array:
+    """q: [B,Hq,hd]; k, v: [B,Hkv,S,hd] (the cache layout); start, end: [B] int -> [B,Hq,hd].
+
+    Softmax of the scores in fp32 over slots start <= s < end (a row with start >= end gets a uniform
+    average instead of NaN; the sampler never reads such a row)."""
+    B, Hq, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hkv, Hq // Hkv, hd)
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
+    slots = jnp.arange(S)
+    live = (slots[None, :] >= start[:, None]) & (slots[None, :] < end[:, None])  # [B,S]
+    scores = jnp.where(live[:, None, None, :], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(B, Hq, hd)
+
+
+def default_implementation(dtype, cache_len: int) -> str:
+    """'pallas' on a GPU for half-precision caches whose length is a multiple of SPLIT, else 'xla'."""
+    on_gpu = jax.default_backend() == "gpu"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "pallas" if on_gpu and half and cache_len % SPLIT == 0 else "xla"
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, end: jax.Array,
+                     implementation: str | None = None) -> jax.Array:
+    """q: [B,Hq,hd]; k, v: [B,Hkv,S,hd]; start, end: [B] int32 -> [B,Hq,hd] in q's dtype.
+
+    implementation: None (default_implementation), 'pallas' (GPU kernel), 'interpret' (the same
+    Pallas kernel run by the interpreter: any backend, slow; for tests) or 'xla' (the reference).
+    """
+    B, Hq, hd = q.shape
+    chex.assert_rank([k, v], 4)
+    chex.assert_equal_shape([k, v])
+    chex.assert_shape([start, end], (B,))
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} key/value heads")
+    if implementation is None:
+        implementation = default_implementation(k.dtype, S)
+    if implementation == "xla":
+        return decode_attention_reference(q, k, v, start, end)
+    if implementation not in ("pallas", "interpret"):
+        raise ValueError(f"implementation={implementation!r}; expected None, 'pallas', 'interpret' or 'xla'")
+    if S % SPLIT:
+        raise ValueError(f"cache length {S} is not a multiple of {SPLIT} (the Pallas decode kernel's split)")
+    from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
+
+    # gqa takes [B,S,Hkv,hd] and swaps to [B,Hkv,S,hd] inside: the two transposes cancel in XLA
+    out = pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start.astype(jnp.int32),
+                            end.astype(jnp.int32), block_k=BLOCK_K, k_splits=S // SPLIT,
+                            interpret=implementation == "interpret")
+    return out.astype(q.dtype)
