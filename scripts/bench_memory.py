@@ -35,7 +35,7 @@ SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny config, G=2 x (16 + 32) tokens (CPU smoke test)")
-    p.add_argument("--remat", default="full,dots", help="comma-separated remat policies (none, full, dots)")
+    p.add_argument("--remat", default="full,dots", help="comma-separated remat policies (none, full, dots, linear)")
     p.add_argument("--group-size", type=int, default=None, help="G sequences (default 8; 2 with --small)")
     p.add_argument("--prompt-len", type=int, default=None, help="default 512 (16 with --small)")
     p.add_argument("--completion-len", type=int, default=None, help="default 1024 (32 with --small)")

@@ -101,9 +101,10 @@ def run_jax(args) -> list[dict]:
              "advantage": losses.centered_advantages(jax.random.uniform(kr, (G,)) * 4, group_size=G)}
     out = []
     for variant in args.variants.split(","):
-        remat, attention = variant.split(":")
+        remat, attention, *layers = variant.split(":")
+        unroll = layers == ["unroll"]
         loss = functools.partial(losses.reinforce_loss, group_size=G, remat=remat, chunk=args.chunk,
-                                 attention=attention)
+                                 attention=attention, scan_layers=not unroll)
 
         @jax.jit
         def step(tr, fr, p, b):
@@ -111,7 +112,8 @@ def run_jax(args) -> list[dict]:
             cos = per_sample_cosines(v_hack, g_i)
             return cos, jax.tree.map(lambda x: x.sum(0), g_i)
 
-        rec = {"impl": "jaxhack", "remat": remat, "attention": attention, "G": G, "T": T,
+        rec = {"impl": "jaxhack", "remat": remat, "attention": attention, "layers": "unrolled" if unroll else "scan",
+               "G": G, "T": T,
                "device": str(jax.devices()[0])}
         try:
             t0 = time.perf_counter()
@@ -219,8 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--completion-len", type=int, default=1024)
-    ap.add_argument("--variants", default="dots:masked,full:causal,dots:causal,none:causal",
-                    help="comma-separated REMAT:ATTENTION (remat none|dots|full; attention masked|causal)")
+    ap.add_argument("--variants", default="linear:causal,dots:causal,full:causal",
+                    help="comma-separated REMAT:ATTENTION[:unroll] (remat none|full|dots|linear; attention "
+                         "masked|causal; unroll: layers unrolled instead of lax.scan)")
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--torch-runs", type=int, default=3)
@@ -252,18 +255,20 @@ def main(argv=None) -> int:
     floor_s = floor["total"] / (args.peak_tflops * 1e12)
     torch_s = next((r["step_s"] for r in results if r.get("impl") == "pytorch" and "step_s" in r), None)
     print(f"FLOP floor: {floor['total'] / 1e12:.1f} TFLOP -> {floor_s * 1e3:.1f} ms at {args.peak_tflops} TFLOP/s")
-    print(f"{'impl':<10} {'variant':<13} {'step s':>8} {'peak GiB':>9} {'vs torch':>9} {'MFU(floor)':>10}")
+    print(f"{'impl':<10} {'variant':<20} {'step s':>8} {'compile s':>9} {'peak GiB':>9} {'vs torch':>9} {'MFU(floor)':>10}")
     for r in results:
         if "step_s" not in r:
-            print(f"{r.get('impl'):<10} {r.get('remat', '')}:{r.get('attention', '')} error: {r.get('error', '')[:100]}")
+            print(f"{r.get('impl'):<10} {r.get('remat', '')}:{r.get('attention', '')}:{r.get('layers', '')} "
+                  f"error: {r.get('error', '')[:100]}")
             continue
         r["floor_tflop"] = floor["total"] / 1e12
         r["mfu_floor"] = floor_s / r["step_s"]
         r["speedup_vs_torch"] = (torch_s / r["step_s"]) if torch_s else None
         peak = (r.get("peak_bytes") or 0) / 2**30
         ratio = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "n/a"
-        variant = f"{r['remat']}:{r['attention']}" if "remat" in r else "loop"
-        print(f"{r['impl']:<10} {variant:<13} {r['step_s']:>8.3f} {peak:>9.1f} {ratio:>9} "
+        variant = (f"{r['remat']}:{r['attention']}" + (":unroll" if r.get("layers") == "unrolled" else "")
+                   if "remat" in r else "loop")
+        print(f"{r['impl']:<10} {variant:<20} {r['step_s']:>8.3f} {r.get('first_call_s', 0):>9.1f} {peak:>9.1f} {ratio:>9} "
               f"{r['mfu_floor'] * 100:>9.1f}%")
     if args.out:
         with open(args.out, "w") as f:

@@ -1,0 +1,222 @@
+"""Where GPU time goes: profile a probe step or a decode step at Qwen3-4B shape, per kernel.
+
+Runs the step a few times under `jax.profiler.trace`, reads the trace back with
+`jax.profiler.ProfileData` and sums the device time of every kernel (by kernel name, and by a coarse
+category: gemm, attention, copy/transpose, reduction/elementwise fusion). Prints the top kernels, each
+with the HLO instruction that launched it when the trace records one, and writes the full table as JSON.
+
+    PYTHONPATH=. python scripts/profile_kernels.py probe --variant dots:causal --out prof_probe.json
+    PYTHONPATH=. python scripts/profile_kernels.py decode --batch 64 --cache-len 1152
+    PYTHONPATH=. python scripts/profile_kernels.py probe --small     # CPU smoke test (no GPU planes)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def category(kernel: str, hlo: str) -> str:
+    """Coarse class of a kernel from its name and the HLO that launched it."""
+    text = f"{kernel} {hlo}".lower()
+    if any(s in text for s in ("flash", "cudnn", "fmha", "custom-call.attention", "__cudnn$fmha")):
+        return "attention (cuDNN)"
+    if any(s in text for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "dot", "wgmma", "matmul")):
+        return "gemm"
+    if any(s in text for s in ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice",
+                               "dynamic_update_slice", "dynamic-slice", "dynamic_slice")):
+        return "copy / transpose / slice"
+    if any(s in text for s in ("reduce", "reduction")):
+        return "reduction fusion"
+    return "other fusion"
+
+
+def _event_stats(event) -> dict:
+    out = {}
+    try:
+        for name, value in event.stats:
+            out[name] = value
+    except Exception:  # stats are best effort: names vary between jax versions
+        pass
+    return out
+
+
+def summarize_trace(trace_dir: Path, steps: int) -> dict:
+    """Sum device kernel time per kernel name over every GPU plane of the xplane trace."""
+    from jax.profiler import ProfileData
+
+    files = sorted(trace_dir.rglob("*.xplane.pb"))
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    data = ProfileData.from_file(str(files[-1]))
+    per_kernel = collections.defaultdict(lambda: {"ns": 0, "count": 0, "hlo": ""})
+    planes, line_ms = [], collections.defaultdict(float)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        planes.append(plane.name)
+        for line in plane.lines:
+            line_ms[f"{plane.name} | {line.name}"] += sum(e.duration_ns for e in line.events) / 1e6 / steps
+            # kernel launches sit on the stream lines; skip XLA's op/module summary lines
+            lname = line.name.lower()
+            if "xla op" in lname or "xla module" in lname or "step" in lname or "source" in lname:
+                continue
+            for event in line.events:
+                entry = per_kernel[event.name]
+                entry["ns"] += event.duration_ns
+                entry["count"] += 1
+                if not entry["hlo"]:
+                    stats = _event_stats(event)
+                    entry["hlo"] = str(stats.get("long_name") or stats.get("hlo_op") or stats.get("tf_op") or "")[:400]
+    rows = [{"kernel": k, "ms_per_step": v["ns"] / 1e6 / steps, "calls_per_step": v["count"] / steps,
+             "hlo": v["hlo"], "category": category(k, v["hlo"])} for k, v in per_kernel.items()]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    by_category = collections.defaultdict(float)
+    for r in rows:
+        by_category[r["category"]] += r["ms_per_step"]
+    return {"planes": planes, "line_ms_per_step": dict(line_ms), "total_ms_per_step": sum(r["ms_per_step"] for r in rows),
+            "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])), "kernels": rows}
+
+
+def build_probe(args):
+    """(fn, inputs) of one probe step: per-sample delta_s grads + cosines (as bench_probe)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench_probe import config_for
+    from jaxhack.models.random_init import random_params, random_svd_adapter
+    from jaxhack.projection.cosines import per_sample_cosines
+    from jaxhack.projection.v_hack import random_v_hack
+    from jaxhack.rl import losses
+    from jaxhack.rl.per_sample import per_sample_grads
+
+    config = config_for(args.small)
+    G, P, C = (2, 16, 32) if args.small else (args.group_size, args.prompt_len, args.completion_len)
+    T = P + C
+    kp, ka, kt, kr = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = random_params(config, kp, jnp.bfloat16)
+    trainable, frozen = random_svd_adapter(params, ka, jnp.bfloat16)
+    v_hack = random_v_hack({n: tuple(m["delta_s"].shape) for n, m in trainable.items()}, seed=0, k=1)
+    batch = {"tokens": jax.random.randint(kt, (G, T), 0, config.vocab_size, jnp.int32),
+             "attention_mask": jnp.ones((G, T), bool),
+             "completion_mask": jnp.broadcast_to(jnp.arange(T) >= P, (G, T)),
+             "advantage": losses.centered_advantages(jax.random.uniform(kr, (G,)) * 4, group_size=G)}
+    remat, attention = args.variant.split(":")
+    loss = functools.partial(losses.reinforce_loss, group_size=G, remat=remat, chunk=512, attention=attention)
+
+    @jax.jit
+    def step(tr, fr, p, b):
+        g_i = per_sample_grads(loss, tr, fr, p, config, b)
+        return per_sample_cosines(v_hack, g_i), jax.tree.map(lambda x: x.sum(0), g_i)
+
+    return (lambda: step(trainable, frozen, params, batch)), {"variant": args.variant, "G": G, "T": T}
+
+
+def build_decode(args):
+    """(fn, inputs) of one decode step with the KV cache donated (as bench_decode_step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench_probe import config_for
+    from jaxhack.models import qwen3
+    from jaxhack.models.random_init import random_params
+
+    config = config_for(args.small)
+    B, S = (4, 64) if args.small else (args.batch, args.cache_len)
+    params = random_params(config, jax.random.PRNGKey(0), jnp.bfloat16)
+    state = {"cache": jax.tree.map(lambda c: c + jnp.bfloat16(0.01), qwen3.init_cache(config, B, S, jnp.bfloat16)),
+             "i": 0}
+    mask = jnp.ones((B, S), bool)
+    token = jnp.zeros((B, 1), jnp.int32)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def step(p, c, idx):
+        h, c = qwen3.forward(p, config, token, mask, cache=c, cache_index=idx, attention=args.attention)
+        return qwen3.lm_logits(p, config, h[:, 0]), c
+
+    def run():
+        logits, state["cache"] = step(params, state["cache"], S // 2 + state["i"] % 8)
+        state["i"] += 1
+        return logits, state["cache"]
+
+    return run, {"batch": B, "cache_len": S, "attention": args.attention}
+
+
+def build_generate(args):
+    """(fn, inputs) of one greedy sampler.generate call (EOS disabled: every row runs to the end)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench_probe import config_for
+    from jaxhack.models.random_init import random_params
+    from jaxhack.rl import sampler
+
+    config = config_for(args.small)
+    B, P, N = (4, 16, 8) if args.small else (args.batch, args.prompt_len, args.new_tokens)
+    params = random_params(config, jax.random.PRNGKey(0), jnp.bfloat16)
+    prompts = np.random.default_rng(0).integers(3, config.vocab_size, (B, P)).tolist()
+
+    def run():
+        return sampler.generate(params, config, prompts, max_new_tokens=N, temperature=0.0,
+                                key=jax.random.PRNGKey(0), eos_token_ids=[]).tokens
+
+    return run, {"batch": B, "prompt_len": P, "new_tokens": N}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("probe", "decode", "generate"))
+    ap.add_argument("--variant", default="dots:causal", help="probe REMAT:ATTENTION")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--completion-len", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--cache-len", type=int, default=1152)
+    ap.add_argument("--new-tokens", type=int, default=256, help="generate: tokens per call")
+    ap.add_argument("--attention", default="decode", help="decode: masked | decode")
+    ap.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--out", default=None, help="write the full table as JSON here")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    run, meta = {"probe": build_probe, "decode": build_decode, "generate": build_generate}[args.what](args)
+    jax.block_until_ready(run())  # compile + warm up
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        jax.block_until_ready(run())
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(args.steps):
+                jax.block_until_ready(run())
+        summary = summarize_trace(Path(tmp), args.steps)
+    summary.update(what=args.what, wall_ms_per_step_unprofiled=wall_ms, device=str(jax.devices()[0]), **meta)
+    print(f"{args.what} {meta}: {wall_ms:.1f} ms/step unprofiled; kernels sum to "
+          f"{summary['total_ms_per_step']:.1f} ms/step on {summary['planes']}")
+    for line, ms in summary["line_ms_per_step"].items():
+        print(f"  line {line[:70]:<70} {ms:9.2f} ms")
+    for cat, ms in summary["by_category_ms"].items():
+        print(f"  {cat:<28} {ms:9.2f} ms")
+    for r in summary["kernels"][:args.top]:
+        print(f"{r['ms_per_step']:9.3f} ms {r['calls_per_step']:7.1f}x  [{r['category']}] {r['kernel'][:90]}")
+        if r["hlo"]:
+            print(f"{'':22}{r['hlo'][:220]}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
