@@ -75,20 +75,17 @@ def _peak_bytes_jax():
     return stats.get("peak_bytes_in_use")
 
 
-def run_jax(args) -> list[dict]:
-    import functools
-
+def probe_inputs(config, G: int, P: int, C: int):
+    """Random probe inputs (seed 0): bf16 params, random-basis SVD adapter, random v_hack (k=1) and a
+    batch of G sequences of P prompt + C completion tokens with centered advantages.
+    Returns (params, trainable, frozen, v_hack, batch)."""
     import jax
     import jax.numpy as jnp
 
     from jaxhack.models.random_init import random_params, random_svd_adapter
-    from jaxhack.projection.cosines import per_sample_cosines
     from jaxhack.projection.v_hack import random_v_hack
     from jaxhack.rl import losses
-    from jaxhack.rl.per_sample import per_sample_grads
 
-    config = config_for(args.small)
-    G, P, C = args.group_size, args.prompt_len, args.completion_len
     T = P + C
     kp, ka, kt, kr = jax.random.split(jax.random.PRNGKey(0), 4)
     params = random_params(config, kp, jnp.bfloat16)
@@ -99,18 +96,42 @@ def run_jax(args) -> list[dict]:
              "attention_mask": jnp.ones((G, T), bool),
              "completion_mask": jnp.broadcast_to(jnp.arange(T) >= P, (G, T)),
              "advantage": losses.centered_advantages(jax.random.uniform(kr, (G,)) * 4, group_size=G)}
+    return params, trainable, frozen, v_hack, batch
+
+
+def probe_step(config, v_hack, loss):
+    """jit(step)(trainable, frozen, params, batch) -> (per-sample cosines, batch gradient)."""
+    import jax
+
+    from jaxhack.projection.cosines import per_sample_cosines
+    from jaxhack.rl.per_sample import per_sample_grads
+
+    @jax.jit
+    def step(tr, fr, p, b):
+        g_i = per_sample_grads(loss, tr, fr, p, config, b)
+        return per_sample_cosines(v_hack, g_i), jax.tree.map(lambda x: x.sum(0), g_i)
+
+    return step
+
+
+def run_jax(args) -> list[dict]:
+    import functools
+
+    import jax
+
+    from jaxhack.rl import losses
+
+    config = config_for(args.small)
+    G, P, C = args.group_size, args.prompt_len, args.completion_len
+    T = P + C
+    params, trainable, frozen, v_hack, batch = probe_inputs(config, G, P, C)
     out = []
     for variant in args.variants.split(","):
         remat, attention, *layers = variant.split(":")
         unroll = layers == ["unroll"]
         loss = functools.partial(losses.reinforce_loss, group_size=G, remat=remat, chunk=args.chunk,
                                  attention=attention, scan_layers=not unroll)
-
-        @jax.jit
-        def step(tr, fr, p, b):
-            g_i = per_sample_grads(loss, tr, fr, p, config, b)
-            cos = per_sample_cosines(v_hack, g_i)
-            return cos, jax.tree.map(lambda x: x.sum(0), g_i)
+        step = probe_step(config, v_hack, loss)
 
         rec = {"impl": "jaxhack", "remat": remat, "attention": attention, "layers": "unrolled" if unroll else "scan",
                "G": G, "T": T,

@@ -88,36 +88,16 @@ def summarize_trace(trace_dir: Path, steps: int) -> dict:
 
 def build_probe(args):
     """(fn, inputs) of one probe step: per-sample delta_s grads + cosines (as bench_probe)."""
-    import jax
-    import jax.numpy as jnp
-
-    from bench_probe import config_for
-    from jaxhack.models.random_init import random_params, random_svd_adapter
-    from jaxhack.projection.cosines import per_sample_cosines
-    from jaxhack.projection.v_hack import random_v_hack
+    from bench_probe import config_for, probe_inputs, probe_step
     from jaxhack.rl import losses
-    from jaxhack.rl.per_sample import per_sample_grads
 
     config = config_for(args.small)
     G, P, C = (2, 16, 32) if args.small else (args.group_size, args.prompt_len, args.completion_len)
-    T = P + C
-    kp, ka, kt, kr = jax.random.split(jax.random.PRNGKey(0), 4)
-    params = random_params(config, kp, jnp.bfloat16)
-    trainable, frozen = random_svd_adapter(params, ka, jnp.bfloat16)
-    v_hack = random_v_hack({n: tuple(m["delta_s"].shape) for n, m in trainable.items()}, seed=0, k=1)
-    batch = {"tokens": jax.random.randint(kt, (G, T), 0, config.vocab_size, jnp.int32),
-             "attention_mask": jnp.ones((G, T), bool),
-             "completion_mask": jnp.broadcast_to(jnp.arange(T) >= P, (G, T)),
-             "advantage": losses.centered_advantages(jax.random.uniform(kr, (G,)) * 4, group_size=G)}
+    params, trainable, frozen, v_hack, batch = probe_inputs(config, G, P, C)
     remat, attention = args.variant.split(":")
     loss = functools.partial(losses.reinforce_loss, group_size=G, remat=remat, chunk=512, attention=attention)
-
-    @jax.jit
-    def step(tr, fr, p, b):
-        g_i = per_sample_grads(loss, tr, fr, p, config, b)
-        return per_sample_cosines(v_hack, g_i), jax.tree.map(lambda x: x.sum(0), g_i)
-
-    return (lambda: step(trainable, frozen, params, batch)), {"variant": args.variant, "G": G, "T": T}
+    step = probe_step(config, v_hack, loss)
+    return (lambda: step(trainable, frozen, params, batch)), {"variant": args.variant, "G": G, "T": P + C}
 
 
 def build_decode(args):
