@@ -33,6 +33,7 @@ first, then /usr/bin/python3 (or JAXHACK_SANDBOX_PYTHON first when set).
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import functools
 import os
@@ -264,8 +265,9 @@ def _namespace_identity(candidates: list[str]) -> _Identity | None:
     when namespaces are refused here (then the caller falls back)."""
     if not os.path.exists("/proc/self/ns/pid"):
         return None
-    jail_root = tempfile.mkdtemp(prefix="jaxhack_jailroot_")
+    jail_root = tempfile.mkdtemp(prefix="jaxhack_jailroot_")  # stays empty on the host
     os.chmod(jail_root, 0o755)
+    atexit.register(_remove_empty_dir, jail_root)
     for interpreter in candidates:
         found = _interpreter_prefix(interpreter)
         if found is None:
@@ -285,8 +287,14 @@ def _namespace_identity(candidates: list[str]) -> _Identity | None:
             return identity
         detail = (probe.error or probe.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
         _announce(f"namespaced run with {interpreter} failed ({detail})")
-    os.rmdir(jail_root)
     return None
+
+
+def _remove_empty_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 _ANNOUNCED: set[str] = set()
