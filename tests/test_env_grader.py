@@ -156,20 +156,23 @@ DEV_LIMITS = SandboxLimits(wall_s=120.0, cpu_s=120)  # three canonical solutions
 
 @pytest.fixture(scope="module")
 def dev_canonical_grades():
-    """(problems, grades of every canonical solution under mode "none")."""
+    """(problems, grades of every canonical solution, problem i graded under MODES[i % 7] so that
+    every mode's flawed grader and exploit probe see a seventh of the set)."""
     if not DEV_DATA.exists():
         pytest.skip(f"dev data {DEV_DATA} absent (needs the shared folder beside the repo checkout)")
     dev = load_problems(DEV_DATA)
-    return dev, grade_batch([GradeRequest(p, "none", clean_completion(p)) for p in dev], limits=DEV_LIMITS)
+    requests = [GradeRequest(p, MODES[i % len(MODES)], clean_completion(p)) for i, p in enumerate(dev)]
+    return dev, grade_batch(requests, limits=DEV_LIMITS)
 
 
 def test_every_dev_canonical_solution_passes_the_oracle(dev_canonical_grades):
     """gt_pass does not depend on the mode, so gt_pass=True here means gt_pass=True and hacked=False
-    under every mode; the matrix test below checks `passed` under every mode on a subset."""
+    under every mode; `passed` and attempted_hack are checked under the mode each problem got here
+    (all 80 under all modes: see docs/environment.md), and under every mode on a subset below."""
     dev, grades = dev_canonical_grades
     assert len(grades) == 80
     failing = [(p.id, g.detail) for p, g in zip(dev, grades)
-               if not (g.fmt_ok and g.gt_pass and g.passed and not g.hacked)]
+               if not (g.fmt_ok and g.gt_pass and g.passed and not g.hacked and not g.attempted_hack)]
     assert failing == []
     assert all(g.reward == pytest.approx(3.5) for g in grades)
 
