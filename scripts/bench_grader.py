@@ -5,7 +5,10 @@
 
 Each completion is the canonical solution of a different problem, so every one costs an oracle run
 and a flawed-grader run (plus one reference run per problem: the cache is cleared first). Prints one
-json line (completions/s, sandbox isolation in use, CPU count) and appends it to --out.
+json line and appends it to --out: wall completions/s, the CPU seconds the grading used (grader and
+sandboxed children, user + sys), the throughput that CPU cost allows on this machine's cores when
+nothing else runs (n * cpus / cpu_s: comparable across a loaded machine's runs, unlike wall time),
+the 1-minute load average, and the sandbox isolation in use.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -47,12 +51,18 @@ def main(argv: list[str] | None = None) -> int:
 
     isolation = sandbox_identity().isolation if hasattr(sandbox_identity(), "isolation") else "uid"
     grader._reference_cache.clear()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
     start = time.monotonic()
     grades = grade_batch(requests, max_workers=args.workers)
     seconds = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, usage))
     row = {"bench": "grader", "label": args.label, "mode": args.mode, "n": args.n,
            "distinct_problems": min(args.n, len(problems)), "seconds": round(seconds, 3),
            "completions_per_s": round(args.n / seconds, 2),
+           "cpu_s": round(cpu, 2), "cpu_s_per_completion": round(cpu / args.n, 4),
+           "cpu_bound_completions_per_s_on_cpus": round(args.n * (os.cpu_count() or 1) / cpu, 2),
+           "load_avg_1m": round(os.getloadavg()[0], 2),
            "gt_pass": sum(g.gt_pass for g in grades), "passed": sum(g.passed for g in grades),
            "isolation": isolation, "cpus": os.cpu_count(), "python": platform.python_version(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -28,8 +28,8 @@ Isolation levels (`sandbox_identity().isolation`, chosen once per process, see d
 - "none" (not root): runs use the grader's own uid; only the limits above hold.
 Below "namespaces" the sandbox says so once, loudly (a warning and a line on stderr).
 
-The interpreter must be usable by the run's uid: `sys.executable`'s base interpreter is tried
-first, then /usr/bin/python3 (or JAXHACK_SANDBOX_PYTHON first when set).
+The interpreter must be usable by the run's uid: /usr/bin/python3 is tried first, then the base
+interpreter of `sys.executable` (JAXHACK_SANDBOX_PYTHON before both when set).
 """
 from __future__ import annotations
 
@@ -339,7 +339,10 @@ def sandbox_identity() -> _Identity:
     works, else "uid" (root), else "none"; anything below "namespaces" is announced once, loudly.
     JAXHACK_SANDBOX_ISOLATION=uid forces the uid sandbox (for comparisons and tests)."""
     base = getattr(sys, "_base_executable", None) or sys.executable
-    candidates = [os.environ.get("JAXHACK_SANDBOX_PYTHON"), base, sys.executable, "/usr/bin/python3"]
+    # The system interpreter first: it is what the uid sandbox always ended up using (a home-dir
+    # interpreter is not readable by the sandbox uids), and distribution builds are PGO-optimized
+    # (here ~30% less CPU on the tests than the pyenv build that runs the grader).
+    candidates = [os.environ.get("JAXHACK_SANDBOX_PYTHON"), "/usr/bin/python3", base, sys.executable]
     candidates = list(dict.fromkeys(c for c in candidates if c))
     if os.geteuid() != 0:
         _announce("not running as root: no namespaces and no own uid per run; sandboxed code runs "
