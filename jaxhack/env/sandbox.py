@@ -15,7 +15,7 @@ Isolation levels (`sandbox_identity().isolation`, chosen once per process, see d
 - "namespaces" (root with a working unshare(2), the default here and in CI): a trusted prologue
   gives each run its own mount, PID, network, IPC and UTS namespaces, then builds a fresh root:
   read-only bind mounts of the system dirs (/usr, /lib*, /bin, /sbin) and of the interpreter's
-  prefix (its site-packages hidden), a private empty /tmp and /dev/shm (tmpfs), a minimal /dev
+  prefix (site-packages and dist-packages dirs hidden), a private empty /tmp and /dev/shm (tmpfs), a minimal /dev
   (null, zero, full, random, urandom), a /proc of the run's own PID namespace, and the run dir as
   the only writable host directory; pivot_root into it, drop to the run's own uid, set the limits,
   then run the program. The program sees none of the host's other files or processes and has no
@@ -36,6 +36,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import functools
+import glob
 import os
 import selectors
 import shutil
@@ -291,6 +292,8 @@ def _namespace_identity(candidates: list[str]) -> _Identity | None:
             os.path.join(base, "lib", name, "site-packages") for base in dict.fromkeys(extra)
             for name in (os.listdir(os.path.join(base, "lib")) if os.path.isdir(os.path.join(base, "lib")) else ())
             if name.startswith("python") and os.path.isdir(os.path.join(base, "lib", name, "site-packages")))
+        hidden += tuple(sorted(d for d in glob.glob("/usr/lib/python3*/dist-packages")
+                               + glob.glob("/usr/local/lib/python3*/*-packages") if os.path.isdir(d)))
         identity = _Identity(real, True, "namespaces", bind_dirs, hidden, jail_root)
         probe = run_program(SandboxJob("import json, hashlib, os\nprint(os.getpid(), os.getuid())\n"),
                             SandboxLimits(wall_s=30.0), identity=identity)
