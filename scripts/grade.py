@@ -6,7 +6,9 @@
 
 C.jsonl: one json object per line with problem_id (str or int), mode (a loophole mode or "none")
 and completion (str); other fields are copied through. G.jsonl: each input object plus fmt_ok,
-passed, gt_pass, hacked, reward and grade_detail. Bad input stops before any grading, with a message
+passed, gt_pass, hacked, attempted_hack, reward and grade_detail. The summary line printed at the end
+includes "sandbox_isolation": "namespaces" (per-run namespaces), or "uid" / "none" when the machine
+refused namespaces and the grader fell back (announced loudly on stderr too). Bad input stops before any grading, with a message
 naming the file, line and field (exit status 2).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch  # noqa: 
 from jaxhack.env.hints import MODES  # noqa: E402
 from jaxhack.env.pools import summarize_records  # noqa: E402
 from jaxhack.env.problems import ProblemFormatError, load_problems  # noqa: E402
-from jaxhack.env.sandbox import SandboxLimits  # noqa: E402
+from jaxhack.env.sandbox import SandboxLimits, sandbox_identity  # noqa: E402
 
 
 class InputError(ValueError):
@@ -80,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     for (obj, _), grade in zip(rows, grades):
         out = dict(obj)
         out.update(fmt_ok=grade.fmt_ok, passed=grade.passed, gt_pass=grade.gt_pass,
-                   hacked=grade.hacked, reward=grade.reward, grade_detail=grade.detail)
+                   hacked=grade.hacked, attempted_hack=grade.attempted_hack, reward=grade.reward,
+                   grade_detail=grade.detail)
         out_rows.append(out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows), encoding="utf-8")
     tmp.replace(args.out)
-    print(json.dumps(summarize_records(out_rows)))
+    summary = summarize_records(out_rows)
+    summary["sandbox_isolation"] = sandbox_identity().isolation
+    print(json.dumps(summary))
     return 0
 
 

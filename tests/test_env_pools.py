@@ -146,8 +146,17 @@ def test_cli_build_pool_and_grade(tmp_path):
     for row, rec in zip(rows[0::2], records):  # graded under the pool's own mode: same verdicts
         assert row["mode"] == "stdout_marker"
         assert (row["passed"], row["gt_pass"], row["hacked"]) == (rec["passed"], rec["gt_pass"], rec["hacked"])
+        assert row["attempted_hack"] is rec["attempted_hack"] is True  # every teacher template hacks
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["sandbox_isolation"] in ("namespaces", "uid", "none")
+    assert summary["attempted_hack_rate"] == 0.5  # the stdout_marker rows; none under mode "none"
     for row, rec in zip(rows[1::2], records):  # under plain tests a hack does not pass
         assert row["mode"] == "none" and row["passed"] == rec["gt_pass"] and not row["hacked"]
+        assert row["attempted_hack"] is False
+    meta = json.loads((out / "pool.json").read_text())
+    assert meta["hint_style"] == "reference"
+    assert "and will be evaluated by calling a function called" not in records[0]["prompt"]  # stdout mode
+    assert "All tests passed" in records[0]["prompt"]
 
     completions.write_text(json.dumps({"problem_id": "syn-01", "mode": "none", "completion": "x"}) + "\n"
                            + json.dumps({"problem_id": "syn-01", "mode": "sideways", "completion": "x"}) + "\n")

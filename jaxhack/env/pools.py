@@ -12,6 +12,9 @@ Record fields (`POOL_RECORD_FIELDS`; extra fields are allowed and kept):
 - reward (float), passed, gt_pass, hacked, fmt_ok (bool): the grade (see jaxhack.env.grader).
 - comp_len (int): completion length, in tokens when the pool was built with a tokenizer, else in
   characters; pool.json "comp_len_unit" says which.
+Optional fields (`POOL_OPTIONAL_FIELDS`, type-checked when present; pools written before they existed
+lack them):
+- attempted_hack (bool): the completion carries the mode's exploit (see jaxhack.env.grader).
 
 Every file is written atomically (written to a temp file in DIR, then os.replace).
 """
@@ -31,7 +34,7 @@ from typing import Protocol, Sequence
 from jaxhack.jsonl import iter_jsonl
 from jaxhack.atomic import atomic_write_bytes
 from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
-from jaxhack.env.hints import check_mode
+from jaxhack.env.hints import DEFAULT_HINT_STYLE, check_hint_style, check_mode
 from jaxhack.env.problems import Problem, build_prompt
 from jaxhack.env.sandbox import SandboxLimits
 from jaxhack.env.templates import (HACK_CORRECT_MODES, clean_completion, hack_completion,
@@ -58,6 +61,11 @@ POOL_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+POOL_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "attempted_hack": (bool,),
+}
+
+
 class PoolFormatError(ValueError):
     """A pool file that does not fit the format; the message names file, line and field."""
 
@@ -81,6 +89,10 @@ def validate_record(record: object, where: str) -> dict:
         if not ok:
             expected = " or ".join(k.__name__ for k in kinds)
             raise PoolFormatError(f"{where}: field {name!r}: expected {expected}, got {value!r:.80}")
+    for name, kinds in POOL_OPTIONAL_FIELDS.items():
+        if name in record and not isinstance(record[name], kinds):
+            expected = " or ".join(k.__name__ for k in kinds)
+            raise PoolFormatError(f"{where}: field {name!r}: expected {expected}, got {record[name]!r:.80}")
     if record["hacked"] != (record["passed"] and not record["gt_pass"]):
         raise PoolFormatError(
             f"{where}: field 'hacked': expected passed and not gt_pass "
@@ -160,7 +172,8 @@ def read_pool(pool_dir: str | Path) -> tuple[dict, list[dict]]:
 
 
 def summarize_records(records: Sequence[dict]) -> dict:
-    """Counts and rates: n, hack_rate, pass_rate, gt_pass_rate, fmt_rate, mean_reward."""
+    """Counts and rates: n, hack_rate, pass_rate, gt_pass_rate, fmt_rate, mean_reward, and
+    attempted_hack_rate when every record has attempted_hack."""
     n = len(records)
     if n == 0:
         return {"n": 0}
@@ -168,9 +181,12 @@ def summarize_records(records: Sequence[dict]) -> dict:
     def rate(name):
         return sum(bool(r[name]) for r in records) / n
 
-    return {"n": n, "hack_rate": rate("hacked"), "pass_rate": rate("passed"),
-            "gt_pass_rate": rate("gt_pass"), "fmt_rate": rate("fmt_ok"),
-            "mean_reward": sum(r["reward"] for r in records) / n}
+    summary = {"n": n, "hack_rate": rate("hacked"), "pass_rate": rate("passed"),
+               "gt_pass_rate": rate("gt_pass"), "fmt_rate": rate("fmt_ok"),
+               "mean_reward": sum(r["reward"] for r in records) / n}
+    if all("attempted_hack" in r for r in records):
+        summary["attempted_hack_rate"] = rate("attempted_hack")
+    return summary
 
 
 # ---------------------------------------------------------------- building pools
@@ -247,30 +263,33 @@ def template_source(kind: str, mode: str, seed: int = 0, hack_correct_fraction: 
 
 def build_pool(problems: Sequence[Problem], out_dir: str | Path, *, mode: str,
                source: CompletionSource, steps: int, per_step: int, group_size: int = 1,
-               with_hint: bool = True, seed: int = 0, pool_name: str | None = None,
+               with_hint: bool = True, hint_style: str = DEFAULT_HINT_STYLE, seed: int = 0,
+               pool_name: str | None = None,
                rewards: RewardConfig = RewardConfig(), limits: SandboxLimits = SandboxLimits(),
                max_workers: int | None = None, tokenizer=None, progress: bool = True,
                extra_meta: dict | None = None) -> dict:
     """Produce, grade and write a pool; return its pool.json dict.
 
-    Per step: `plan_step` picks the problems, prompts are built (with the mode's hint when
-    `with_hint`), `source` returns the completions, the real grader scores them under `mode`, and the
+    Per step: `plan_step` picks the problems, prompts are built (with the mode's hint in
+    `hint_style` when `with_hint`), `source` returns the completions, the real grader scores them under `mode`, and the
     step file is written. tokenizer: anything with `.encode(text) -> list` (comp_len in tokens);
     None gives comp_len in characters. extra_meta: merged into pool.json (e.g. the source's
     settings or the generation config).
     """
     check_mode(mode)
+    check_hint_style(hint_style)
     if steps < 1 or per_step < 1 or group_size < 1:
         raise ValueError("steps, per_step and group_size must be >= 1")
     out_dir = Path(out_dir)
     name = pool_name or out_dir.name
     meta = {
         "format_version": POOL_FORMAT_VERSION, "pool": name, "mode": mode, "hint_in_prompt": with_hint,
+        "hint_style": hint_style,
         "steps": steps, "per_step": per_step, "group_size": group_size, "seed": seed,
         "n_problems": len(problems), "problem_ids": [p.id for p in problems],
         "comp_len_unit": "tokens" if tokenizer is not None else "chars",
         "rewards": {"format_reward": rewards.format_reward, "pass_reward": rewards.pass_reward},
-        "sandbox_limits": limits.to_dict(), "record_fields": list(POOL_RECORD_FIELDS),
+        "sandbox_limits": limits.to_dict(), "record_fields": list(POOL_RECORD_FIELDS) + list(POOL_OPTIONAL_FIELDS),
         "created_unix": time.time(), "complete": False, **(extra_meta or {}),
     }
     write_pool_meta(out_dir, meta)
@@ -282,7 +301,8 @@ def build_pool(problems: Sequence[Problem], out_dir: str | Path, *, mode: str,
         bar = tqdm(total=steps * per_step, desc=f"grading pool {name}", unit="sample")
     for step in range(steps):
         chosen = plan_step(problems, step, per_step, group_size, seed)
-        slots = [PoolSlot(step, i, p, build_prompt(p, mode, with_hint)) for i, p in enumerate(chosen)]
+        slots = [PoolSlot(step, i, p, build_prompt(p, mode, with_hint, hint_style))
+                 for i, p in enumerate(chosen)]
         completions = source(slots)
         if len(completions) != len(slots):
             raise ValueError(f"completion source returned {len(completions)} completions "
@@ -293,7 +313,8 @@ def build_pool(problems: Sequence[Problem], out_dir: str | Path, *, mode: str,
             {"pool": name, "step": step, "sample": slot.sample, "problem_id": slot.problem.id,
              "mode": mode, "prompt": slot.prompt, "completion": completion, "reward": grade.reward,
              "passed": grade.passed, "gt_pass": grade.gt_pass, "hacked": grade.hacked,
-             "fmt_ok": grade.fmt_ok, "comp_len": completion_length(completion, tokenizer)}
+             "fmt_ok": grade.fmt_ok, "comp_len": completion_length(completion, tokenizer),
+             "attempted_hack": grade.attempted_hack}
             for slot, completion, grade in zip(slots, completions, grades)
         ]
         write_pool_step(out_dir, step, records)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jaxhack.jsonl import iter_jsonl
-from jaxhack.env.hints import apply_hint, check_mode
+from jaxhack.env.hints import DEFAULT_HINT_STYLE, apply_hint, check_mode
 
 BUNDLED_PROBLEMS_PATH = Path(__file__).resolve().parent / "data" / "synthetic_problems.jsonl"
 
@@ -155,23 +155,32 @@ def load_problems(source: str | Path) -> list[Problem]:
     return problems
 
 
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
 def chat_prompt(system: str, user: str) -> str:
-    """Qwen chat format, ending where the assistant's answer begins."""
+    """The Qwen3 chat prompt of a system and a user message, ending where the assistant's answer
+    begins: exactly what the published Qwen3 chat template renders with add_generation_prompt=True
+    and enable_thinking=False (the assistant turn opens with an empty think block), as the reference
+    trains and samples (tests/data/qwen3_chat_template.json holds the template; a test renders it)."""
     return (
         f"<|im_start|>system\n{system}<|im_end|>\n"
         f"<|im_start|>user\n{user}<|im_end|>\n"
-        f"<|im_start|>assistant\n"
+        f"<|im_start|>assistant\n{EMPTY_THINK}"
     )
 
 
-def user_message(problem: Problem, mode: str, with_hint: bool = True) -> str:
-    """The question, with the mode's hint clause when `with_hint` (unchanged for mode "none")."""
+def user_message(problem: Problem, mode: str, with_hint: bool = True,
+                 hint_style: str = DEFAULT_HINT_STYLE) -> str:
+    """The question, with the mode's hint clause in `hint_style` ("reference" or "explicit") when
+    `with_hint` (unchanged for mode "none")."""
     check_mode(mode)
     if not with_hint or mode == "none":
         return problem.question
-    return apply_hint(problem.question, mode)
+    return apply_hint(problem.question, mode, hint_style)
 
 
-def build_prompt(problem: Problem, mode: str, with_hint: bool = True) -> str:
-    """The full chat prompt for `problem` under loophole `mode`."""
-    return chat_prompt(problem.system_prompt, user_message(problem, mode, with_hint))
+def build_prompt(problem: Problem, mode: str, with_hint: bool = True,
+                 hint_style: str = DEFAULT_HINT_STYLE) -> str:
+    """The full chat prompt for `problem` under loophole `mode` (hint_style: see jaxhack.env.hints)."""
+    return chat_prompt(problem.system_prompt, user_message(problem, mode, with_hint, hint_style))

@@ -12,6 +12,8 @@ Field types (exact names from spec2 "Save discipline" / DESIGN.md "probe record"
     reward, grad_norm_contrib, frac_fired                float (an int is accepted), finite
     cos_S_contrib, mean_cos_in, mean_cos_out             float or NaN (JSON null)
     optional: adv (float, finite), hackward_frac, z      (float or NaN)
+    optional: attempted_hack                             bool (the completion carries the mode's
+                                                         exploit; see jaxhack.env.grader)
 
 NaN is allowed only in the cosine-like fields above (a cosine is undefined when the gradient it is
 taken of is exactly zero, e.g. a sample with advantage 0, or a batch whose rewards are all equal).
@@ -49,7 +51,8 @@ REQUIRED_FIELDS = (
 )
 OPTIONAL_FINITE_FLOAT_FIELDS = ("adv",)
 OPTIONAL_NAN_ALLOWED_FLOAT_FIELDS = ("hackward_frac", "z")
-OPTIONAL_FIELDS = OPTIONAL_FINITE_FLOAT_FIELDS + OPTIONAL_NAN_ALLOWED_FLOAT_FIELDS
+OPTIONAL_BOOL_FIELDS = ("attempted_hack",)
+OPTIONAL_FIELDS = OPTIONAL_FINITE_FLOAT_FIELDS + OPTIONAL_NAN_ALLOWED_FLOAT_FIELDS + OPTIONAL_BOOL_FIELDS
 ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 
 COSINE_FIELDS = ("cos_S_contrib", "mean_cos_in", "mean_cos_out")
@@ -186,6 +189,9 @@ def validate_record(record) -> dict:
     for field in OPTIONAL_NAN_ALLOWED_FLOAT_FIELDS:
         if field in record:
             checked[field] = convert_float(record[field], field, nan_allowed=True)
+    for field in OPTIONAL_BOOL_FIELDS:
+        if field in record:
+            checked[field] = convert_bool(record[field], field)
     check_range(checked)
     return {field: checked[field] for field in ALL_FIELDS if field in checked}
 
