@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from jaxhack.jsonl import iter_jsonl
+from jaxhack.io import iter_jsonl
 from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch  # noqa: E402
 from jaxhack.env.hints import MODES  # noqa: E402
 from jaxhack.env.pools import summarize_records  # noqa: E402
