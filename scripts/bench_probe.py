@@ -5,7 +5,7 @@ sequences (prompt + completion), per-sample cosines with v_hack for every module
 gradient. Random bf16 weights with Qwen3-4B shapes, random orthonormal-scale SVD bases (no SVD is
 run: the cost of a step does not depend on the values), random v_hack (k=1).
 
-- jaxhack: jax.jit(vmap(grad)) (jaxhack.rl.per_sample) + jaxhack.projection.cosines, per remat policy.
+- jaxhack: jax.jit(vmap(grad)) (jaxhack.grads.per_sample) + jaxhack.projection.cosines, per remat policy.
 - PyTorch: transformers Qwen3ForCausalLM (bf16, sdpa attention) with forward hooks adding
   ((x Vh^T) * delta_s) U^T on the same 7 target Linears, a per-sample loop of forward + backward
   (one sequence at a time), delta_s.grad copied out after each, the same cosines.
@@ -84,7 +84,7 @@ def probe_inputs(config, G: int, P: int, C: int):
 
     from jaxhack.models.random_init import random_params, random_svd_adapter
     from jaxhack.projection.v_hack import random_v_hack
-    from jaxhack.rl import losses
+    from jaxhack.grads import losses
 
     T = P + C
     kp, ka, kt, kr = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -104,7 +104,7 @@ def probe_step(config, v_hack, loss):
     import jax
 
     from jaxhack.projection.cosines import per_sample_cosines
-    from jaxhack.rl.per_sample import per_sample_grads
+    from jaxhack.grads.per_sample import per_sample_grads
 
     @jax.jit
     def step(tr, fr, p, b):
@@ -119,7 +119,7 @@ def run_jax(args) -> list[dict]:
 
     import jax
 
-    from jaxhack.rl import losses
+    from jaxhack.grads import losses
 
     config = config_for(args.small)
     G, P, C = args.group_size, args.prompt_len, args.completion_len

@@ -89,7 +89,7 @@ def summarize_trace(trace_dir: Path, steps: int) -> dict:
 def build_probe(args):
     """(fn, inputs) of one probe step: per-sample delta_s grads + cosines (as bench_probe)."""
     from bench_probe import config_for, probe_inputs, probe_step
-    from jaxhack.rl import losses
+    from jaxhack.grads import losses
 
     config = config_for(args.small)
     G, P, C = (2, 16, 32) if args.small else (args.group_size, args.prompt_len, args.completion_len)

@@ -12,8 +12,8 @@ import pytest
 from helpers import random_params
 from jaxhack.models import adapters, qwen3
 from jaxhack.models.config import TINY
-from jaxhack.rl import batch as rl_batch
-from jaxhack.rl import losses
+from jaxhack.grads import batch as rl_batch
+from jaxhack.grads import losses
 
 CONFIG = dataclasses.replace(TINY, vocab_size=128)
 

@@ -21,8 +21,8 @@ from jaxhack.probes.records import read_run
 from jaxhack.projection.cosines import per_sample_cosines
 from jaxhack.projection.pairs import pairs_from_env_templates
 from jaxhack.projection.v_hack import extract_v_hack
-from jaxhack.rl import losses
-from jaxhack.rl.per_sample import per_sample_grads
+from jaxhack.grads import losses
+from jaxhack.grads.per_sample import per_sample_grads
 
 SLIM_FIELDS = {"step", "sample_id", "src_pool", "src_step", "src_sample", "reward", "hacked", "gt_pass",
                "fmt_ok", "comp_len", "cos_S_contrib", "grad_norm_contrib", "mean_cos_in", "mean_cos_out",
