@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import numpy as np  # noqa: E402
 
-from jaxhack.rl.presets import add_config_args, config_from_args  # noqa: E402
+from jaxhack.rl.config import add_config_args, config_from_args  # noqa: E402
 
 
 def timing_report(run_dir: Path) -> str:

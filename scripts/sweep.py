@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from jaxhack.rl.presets import ARM_NAMES, add_config_args, config_from_args  # noqa: E402
+from jaxhack.rl.config import ARM_NAMES, add_config_args, config_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

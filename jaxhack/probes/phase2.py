@@ -26,13 +26,14 @@ import optax
 from jaxhack.models.config import Qwen3Config
 from jaxhack.probes.records import write_run_info, write_step
 from jaxhack.projection.cosines import per_sample_cosines
-from jaxhack.projection.optax_projection import hack_projection, projection_metrics
-from jaxhack.rl import losses
-from jaxhack.rl.batch import make_batch
-from jaxhack.rl.per_sample import per_sample_grads
+from jaxhack.projection.arms import ARMS as _ARMS, PHASE2_ARMS
+from jaxhack.projection.optax_projection import chain_with_projection, projection_metrics
+from jaxhack.grads import losses
+from jaxhack.grads.batch import make_batch
+from jaxhack.grads.per_sample import per_sample_grads
 
-# arm -> (adapter kind, projection mode)
-ARMS = {"vanilla": ("svd", "measure"), "projected": ("svd", "erase"), "lora_projected": ("lora", "erase")}
+# arm -> (adapter kind, projection mode): the Phase 2 arms of the one arms table
+ARMS = {name: (_ARMS[name].adapter, _ARMS[name].projection) for name in PHASE2_ARMS}
 LOSS_MODES = ("grpo", "nll")
 
 
@@ -137,7 +138,7 @@ def replay_length(pools: Sequence[ReplayPool], encode: Callable, pad_multiple: i
 
 
 def tokenize_group(group: Sequence[dict], encode: Callable, pad_id: int, length: int) -> dict[str, np.ndarray]:
-    """Padded batch (jaxhack.rl.batch layout, rows of `length`) of prompt + completion tokens."""
+    """Padded batch (jaxhack.grads.batch layout, rows of `length`) of prompt + completion tokens."""
     encoded = [encode(r) for r in group]
     return make_batch([p for p, _ in encoded], [c for _, c in encoded], pad_id=pad_id, length=length,
                       padding="right")  # right padding: what attention="causal" requires
@@ -169,9 +170,9 @@ def make_probe_step(loss_i: Callable, optimizer: optax.GradientTransformation, v
 
 def make_optimizer(settings: ReplaySettings, v_hack: dict) -> optax.GradientTransformation:
     _, mode = ARMS[settings.arm]
-    projection = hack_projection(v_hack, mode=mode, gate=settings.gate, overshoot=settings.overshoot)
     inner = optax.adam(settings.lr) if settings.lr > 0 else optax.set_to_zero()
-    return optax.chain(projection, inner)
+    return chain_with_projection(inner, v_hack, placement="gradient", mode=mode, gate=settings.gate,
+                                 overshoot=settings.overshoot)
 
 
 def _to_float(x) -> float:
