@@ -24,10 +24,12 @@ import numpy as np
 import optax
 
 from jaxhack.models.config import Qwen3Config
+from jaxhack.models.load import load_model, make_adapter
 from jaxhack.probes.records import write_run_info, write_step
 from jaxhack.projection.cosines import per_sample_cosines
 from jaxhack.projection.arms import ARMS as _ARMS, PHASE2_ARMS
 from jaxhack.projection.optax_projection import chain_with_projection, projection_metrics
+from jaxhack.projection.v_hack import load_v_hack
 from jaxhack.grads import losses
 from jaxhack.grads.batch import make_batch
 from jaxhack.grads.per_sample import per_sample_grads
@@ -63,6 +65,22 @@ class ReplaySettings:
             raise ValueError(f"steps ({self.steps}) and per_pool ({self.per_pool}) must be >= 1")
         if self.lr < 0:
             raise ValueError(f"--lr must be >= 0, got {self.lr}")
+
+
+
+def load_probe_setup(ckpt: str, v_hack_path, adapter: str, seed: int = 0):
+    """(params, config, tokenizer, desc, trainable, frozen, v_hack) for a Phase 1 / 2 probe, with the
+    adapter basis the v_hack was extracted in (its meta gives the LoRA rank / alpha / seed).
+    ValueError if the v_hack is in another adapter basis than `adapter`."""
+    v_hack, meta = load_v_hack(v_hack_path)
+    if meta.get("adapter", adapter) != adapter:
+        raise ValueError(f"{v_hack_path} is a {meta['adapter']}-basis v_hack; this arm needs {adapter}")
+    params, config, tokenizer, desc = load_model(ckpt, seed=seed)
+    trainable, frozen = make_adapter(adapter, params, config, ckpt=ckpt,
+                                     lora_rank=int(meta.get("lora_rank", 8)),
+                                     lora_alpha=float(meta.get("lora_alpha", 16.0)),
+                                     lora_seed=int(meta.get("lora_seed", 0)))
+    return params, config, tokenizer, desc, trainable, frozen, v_hack
 
 
 @dataclasses.dataclass
