@@ -144,7 +144,7 @@ def check_params(params: dict, config: Qwen3Config) -> None:
     if set(params) != set(expected) or set(params["layers"]) != set(expected["layers"]):
         raise ValueError(f"params keys {sorted(params)} / layers {sorted(params.get('layers', {}))} do not "
                          f"match the layout for this config: {sorted(expected)} / {sorted(expected['layers'])}")
-    for path, shape in _flatten(expected):
+    for path, shape in leaf_paths(expected):
         leaf = params
         for k in path:
             leaf = leaf[k]
@@ -152,11 +152,12 @@ def check_params(params: dict, config: Qwen3Config) -> None:
             raise ValueError(f"params[{'/'.join(path)}]: expected shape {tuple(shape)}, got {tuple(leaf.shape)}")
 
 
-def _flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple[str, ...], Any]]:
+def leaf_paths(tree: dict, prefix: tuple = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """[(key path, leaf)] of a nested dict, depth first."""
     out = []
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.extend(_flatten(v, prefix + (k,)))
+            out.extend(leaf_paths(v, prefix + (k,)))
         else:
             out.append((prefix + (k,), v))
     return out

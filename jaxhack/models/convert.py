@@ -27,8 +27,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from jaxhack.models.config import (TARGET_MODULES, Qwen3Config, check_params, module_shapes,  # noqa: F401
-                                    param_shapes)
+from jaxhack.models.config import (TARGET_MODULES, Qwen3Config, check_params, leaf_paths,  # noqa: F401
+                                    module_shapes, param_shapes)
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
@@ -334,4 +334,4 @@ def load_hf_params(hf_dir: str | Path, dtype: str = "float32", lora_dir: str | P
 
 
 def count_params(params: dict) -> int:
-    return int(sum(np.prod(x.shape) for _, x in _flatten(params)))
+    return int(sum(np.prod(x.shape) for _, x in leaf_paths(params)))

@@ -16,7 +16,6 @@ import numpy as np
 
 from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
 from jaxhack.env.sandbox import SandboxLimits
-from jaxhack.models.adapters import merge
 from jaxhack.models.config import Qwen3Config
 from jaxhack.rl.config import TrainConfig
 from jaxhack.rl.data import pick_teacher

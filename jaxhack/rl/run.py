@@ -4,7 +4,6 @@ built once by `setup_run`; the run directory's file names; resume checks; the fi
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
