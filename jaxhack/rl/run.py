@@ -81,17 +81,20 @@ def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokeni
     return bundle, info
 
 
-def check_v_hack_basis(meta: dict, adapter: str, cfg: TrainConfig) -> None:
-    """A v_hack file extracted in another basis than this run's adapter cannot be used: its adapter
-    kind must match and, for LoRA, its lora_seed / rank must be this run's (the one LoRA seed rule:
-    A from PRNGKey(seed))."""
+def lora_seed_for(cfg: TrainConfig, adapter: str) -> int:
+    """The LoRA basis seed of a run (A from PRNGKey(seed), the one rule of `models.load.make_adapter`):
+    a `--v-hack` file's recorded lora_seed (its directions live in that basis), else cfg.seed.
+    ValueError if the file is in another adapter basis or has another LoRA rank."""
+    if not cfg.v_hack or cfg.v_hack == "random":
+        return cfg.seed
+    _, meta = load_v_hack(cfg.v_hack)
     if "adapter" in meta and meta["adapter"] != adapter:
         raise ValueError(f"{cfg.v_hack}: a {meta['adapter']}-basis v_hack; arm {cfg.arm} uses {adapter}")
-    if adapter == "lora":
-        for field, want in (("lora_seed", cfg.seed), ("lora_rank", cfg.lora_rank)):
-            if field in meta and int(meta[field]) != want:
-                raise ValueError(f"{cfg.v_hack}: v_hack {field}={meta[field]} but this run's is {want} "
-                                 f"(the LoRA basis would differ)")
+    if adapter != "lora":
+        return cfg.seed
+    if "lora_rank" in meta and int(meta["lora_rank"]) != cfg.lora_rank:
+        raise ValueError(f"{cfg.v_hack}: v_hack lora_rank={meta['lora_rank']} but --lora-rank is {cfg.lora_rank}")
+    return int(meta.get("lora_seed", cfg.seed))
 
 
 def _jsonable(x):
@@ -133,9 +136,10 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
     teacher = load_teacher_pool(cfg.mix_teacher) if cfg.mix_teacher and cfg.mix_per_group > 0 else None
 
     base_key = jax.random.PRNGKey(cfg.seed)
+    lora_seed = lora_seed_for(cfg, arm.adapter)
     bases_key = jax.random.fold_in(base_key, BASES_TAG) if cfg.svd_random_bases else None
     trainable0, frozen = make_adapter(arm.adapter, params, config, ckpt=cfg.ckpt, lora_rank=cfg.lora_rank,
-                                      lora_alpha=cfg.lora_alpha, lora_seed=cfg.seed,
+                                      lora_alpha=cfg.lora_alpha, lora_seed=lora_seed,
                                       random_bases_key=bases_key)
     vdir = run_dir / VHACK_DIR
     if vdir.is_dir():
@@ -144,7 +148,6 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
         v_hack, v_meta = make_v_hack(cfg, arm.control, train_problems, tokenizer, trainable0, frozen,
                                      params, config)
         v_meta = _jsonable(v_meta)
-        check_v_hack_basis(v_meta, arm.adapter, cfg)
         save_v_hack(vdir, v_hack, v_meta, force=True)
     optimizer, update_fn = cached_update_fn(cfg, v_hack, arm.projection, config)
     info = {
@@ -156,7 +159,7 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
                   "random_weights": cfg.ckpt in ("tiny", "random-4b")},
         "svd_bases": ("RANDOM ORTHONORMAL (benchmark only, --svd-random-bases)" if cfg.svd_random_bases
                       and arm.adapter == "svd" else ("svd of W" if arm.adapter == "svd" else "n/a (lora)")),
-        "lora_seed": cfg.seed if arm.adapter == "lora" else None,
+        "lora_seed": lora_seed if arm.adapter == "lora" else None,
         "v_hack": v_meta, "n_train_problems": len(train_problems), "n_eval_problems": len(eval_problems),
         "train_problem_ids": [p.id for p in train_problems], "eval_problem_ids": [p.id for p in eval_problems],
         "seq_len": seq_len, "batch_rows": n_rows, "max_prompt_tokens": max_prompt,
