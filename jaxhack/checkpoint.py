@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxhack.atomic import atomic_directory
-from jaxhack.models.config import Qwen3Config
+from jaxhack.io import atomic_directory
+from jaxhack.models.config import Qwen3Config, check_params
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -113,8 +113,6 @@ def load_config(name_or_path: str | Path, root: str | Path = "checkpoints") -> Q
 def load_checkpoint(name_or_path: str | Path, root: str | Path = "checkpoints",
                     as_jax: bool = True) -> tuple[dict, Qwen3Config, dict]:
     """Restore (params, config, metadata) saved by `save_checkpoint`; dtypes exactly as saved."""
-    from jaxhack.models.convert import check_params
-
     ckpt = checkpoint_dir(name_or_path, root)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: checkpoint directory not found")

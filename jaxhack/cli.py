@@ -1,41 +1,34 @@
-"""`jaxhack` command: the embedded-default demo, and pointers to the per-phase scripts."""
+"""`jaxhack` command: one subcommand per phase (convert, pool, grade, extract, phase1, phase2,
+analyze, train, sweep, demo). Each is the same code as its script under scripts/ (same flags):
+`jaxhack.commands.<module>.add_arguments` + `run`."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-PHASE_SCRIPTS = """per-phase scripts (run from the repository root):
-  scripts/convert.py         HF directory -> orbax checkpoint
-  scripts/build_pool.py      template or sampled rollout pools, graded in the sandbox
-  scripts/grade.py           grade a completions file
-  scripts/extract_vhack.py   v_hack from (hack, clean) pairs
-  scripts/phase1_distill.py  Phase 1 NLL distillation probe
-  scripts/phase2_replay.py   Phase 2 mixed-replay GRPO probe
-  scripts/analyze.py         report.md, plots and the Phase 3 verdict
-  scripts/phase3_train.py    Phase 3 GRPO training;  scripts/sweep.py  seeds x arms
-"""
+from jaxhack.commands import COMMANDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jaxhack", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, script) in COMMANDS.items():
+        module = importlib.import_module(f"jaxhack.commands.{module_name}")
+        summary = module.__doc__.strip().splitlines()[0]
+        if script != "-":
+            summary += f" [scripts/{script}]"
+        p = sub.add_parser(name, help=summary, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="jaxhack", description=__doc__, epilog=PHASE_SCRIPTS,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the whole pipeline on the embedded default (tiny Qwen3, "
-                                       "bundled problems, template pools); no downloads")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--mode", default="run_tests", help="loophole mode of the pools")
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--per-pool", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-
-    if args.command == "demo":
-        from jaxhack.demo import DemoSettings, run_demo
-
-        run_demo(DemoSettings(out=args.out, mode=args.mode, steps=args.steps, per_pool=args.per_pool,
-                              seed=args.seed), progress=not args.quiet)
-    return 0
+    args = build_parser().parse_args(argv)
+    return args._run(args)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,13 @@ import json
 import time
 from pathlib import Path
 
-import jax
-
 from jaxhack.env.pools import build_template_pool
 from jaxhack.env.problems import load_problems
-from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter
-from jaxhack.models.load import load_model
+from jaxhack.models.load import load_model, make_adapter
 from jaxhack.probes.analyze import analyze_runs, format_summary
 from jaxhack.probes.phase1 import format_split, split_pure_vs_correct
 from jaxhack.probes.phase2 import ARMS, ReplaySettings, load_replay_pool, run_replay
-from jaxhack.projection.pairs import pairs_from_env_templates
+from jaxhack.projection.pairs import pair_variants, pairs_from_env_templates
 from jaxhack.projection.v_hack import extract_v_hack, save_v_hack
 
 
@@ -49,11 +46,6 @@ class DemoSettings:
     max_prompt_tokens: int = 320  # byte tokens: the prompt's end (hint + assistant turn)
     max_completion_tokens: int = 192
     seed: int = 0
-
-
-def pair_variants(n: int, seed: int) -> list[int]:
-    """Template wording variants for v_hack pairs, disjoint from the pools' draws for small seeds."""
-    return [1000 * (seed + 1) + v for v in range(n)]
 
 
 def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
@@ -79,9 +71,8 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> 
             f"gt_pass_rate={s['gt_pass_rate']:.3f} mean_reward={s['mean_reward']:.3f}")
 
     pairs = pairs_from_env_templates(problems, settings.mode, pair_variants(settings.pair_variants, settings.seed))
-    adapters = {"svd": init_svd_adapter(params, config, cache_dir=out / "svd_cache", progress=progress),
-                "lora": init_lora_adapter(params, config, jax.random.PRNGKey(settings.seed + 1),
-                                          rank=settings.lora_rank)}
+    adapters = {kind: make_adapter(kind, params, config, ckpt="tiny", lora_rank=settings.lora_rank,
+                                   lora_seed=settings.seed, progress=progress) for kind in ("svd", "lora")}
     v_hacks = {}
     for kind, (trainable, frozen) in adapters.items():
         bundle, info = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=settings.k,

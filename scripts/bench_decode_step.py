@@ -33,8 +33,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_probe import config_for
+    from jaxhack.bench import config_for
 
     from jaxhack.models import qwen3
     from jaxhack.models.random_init import random_params

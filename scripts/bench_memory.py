@@ -78,7 +78,7 @@ def run_child(args) -> dict:
     import jax.numpy as jnp
 
     from jaxhack.models.random_init import random_params, random_svd_adapter
-    from jaxhack.rl import losses, per_sample
+    from jaxhack.grads import losses, per_sample
 
     remat = args.child
     config = _config(args.small)

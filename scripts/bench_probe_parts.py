@@ -36,13 +36,12 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_probe import config_for
+    from jaxhack.bench import config_for
 
     from jaxhack.models.adapters import merge
     from jaxhack.models.random_init import random_params, random_svd_adapter
-    from jaxhack.rl import losses
-    from jaxhack.rl.per_sample import batch_grad, per_sample_grads
+    from jaxhack.grads import losses
+    from jaxhack.grads.per_sample import batch_grad, per_sample_grads
 
     if args.small:
         args.group_size, args.prompt_len, args.completion_len = 2, 16, 32

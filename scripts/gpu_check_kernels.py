@@ -29,8 +29,8 @@ from jaxhack.models import qwen3  # noqa: E402
 from jaxhack.models.config import QWEN3_4B  # noqa: E402
 from jaxhack.models.decode_attention import SPLIT, decode_attention, decode_attention_reference  # noqa: E402
 from jaxhack.models.random_init import random_params, random_svd_adapter  # noqa: E402
-from jaxhack.rl import losses  # noqa: E402
-from jaxhack.rl.per_sample import per_sample_grads  # noqa: E402
+from jaxhack.grads import losses  # noqa: E402
+from jaxhack.grads.per_sample import per_sample_grads  # noqa: E402
 
 # Qwen3-4B attention shapes (32 query heads, 8 KV heads, head_dim 128), fewer and narrower layers
 MEDIUM = dataclasses.replace(QWEN3_4B, num_hidden_layers=4, hidden_size=1024, intermediate_size=2048,

@@ -1,80 +1,10 @@
-"""Phase 2 mixed-replay GRPO probe (../shared/seed/spec2.md).
-
-    python scripts/phase2_replay.py --ckpt tiny --replay-dirs runs/teacher_pool,runs/base_pool \
-        --v-hack runs/v_hack_svd --loss-mode grpo --arm vanilla --steps 20 --per-pool 4 --out runs/p2/vanilla
-
-Arms: vanilla (SVD basis, measure only), projected (SVD basis, one-sided erase), lora_projected (LoRA
-basis, erase; --v-hack must then be a LoRA-basis v_hack, whose meta gives rank/alpha/seed). Writes
-OUT/step_NNN.cos.jsonl.gz (slim schema) and OUT/run.json; then run scripts/analyze.py.
-"""
-from __future__ import annotations
-
-import argparse
+"""`jaxhack phase2` as a script (same flags): see jaxhack/commands/phase2.py or `--help`."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from jaxhack.models.load import load_model, make_adapter  # noqa: E402
-from jaxhack.probes.phase2 import ARMS, ReplaySettings, load_replay_pool, run_replay  # noqa: E402
-from jaxhack.projection.v_hack import load_v_hack  # noqa: E402
-
-
-def add_replay_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--ckpt", default="tiny", help="tiny | random-4b | checkpoint name or path")
-    ap.add_argument("--v-hack", required=True, help="directory written by scripts/extract_vhack.py")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=0.0, help="Adam step per probe step (0: measure at init)")
-    ap.add_argument("--gate", default="one_sided", choices=("one_sided", "no_gate", "reverse"))
-    ap.add_argument("--overshoot", type=float, default=1.0)
-    ap.add_argument("--max-completion-tokens", type=int, default=1024)
-    ap.add_argument("--max-prompt-tokens", type=int, default=None, help="keep the prompt's last N tokens")
-    ap.add_argument("--remat", default="linear", choices=("none", "full", "dots", "linear"),
-                    help="linear: no matmul recomputed, 61 GB at Qwen3-4B, G=8 x 1.5k (fits 80 GB); "
-                         "full: least memory (24 GB), 25%% slower; dots: 84 GB; none: CPU/tiny")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
-
-
-def setup(args, kind: str):
-    """(params, config, tokenizer, desc, trainable, frozen, v_hack) with the adapter basis the
-    v_hack was extracted in."""
-    v_hack, meta = load_v_hack(args.v_hack)
-    if meta.get("adapter", kind) != kind:
-        raise SystemExit(f"error: {args.v_hack} is a {meta['adapter']}-basis v_hack; this arm needs {kind}")
-    params, config, tokenizer, desc = load_model(args.ckpt, seed=args.seed)
-    trainable, frozen = make_adapter(kind, params, config, ckpt=args.ckpt,
-                                     lora_rank=int(meta.get("lora_rank", 8)),
-                                     lora_alpha=float(meta.get("lora_alpha", 16.0)),
-                                     lora_seed=int(meta.get("lora_seed", 0)))
-    return params, config, tokenizer, desc, trainable, frozen, v_hack
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--replay-dirs", required=True, help="comma-separated pool dirs, e.g. TEACHER,BASE")
-    ap.add_argument("--loss-mode", default="grpo", choices=("grpo", "nll"))
-    ap.add_argument("--arm", default="vanilla", choices=sorted(ARMS))
-    ap.add_argument("--per-pool", type=int, default=4)
-    add_replay_args(ap)
-    args = ap.parse_args(argv)
-
-    kind, _ = ARMS[args.arm]
-    params, config, tokenizer, desc, trainable, frozen, v_hack = setup(args, kind)
-    pools = [load_replay_pool(d) for d in args.replay_dirs.split(",") if d]
-    settings = ReplaySettings(arm=args.arm, loss_mode=args.loss_mode, steps=args.steps,
-                              per_pool=args.per_pool, lr=args.lr, seed=args.seed, gate=args.gate,
-                              overshoot=args.overshoot, max_completion_tokens=args.max_completion_tokens,
-                              max_prompt_tokens=args.max_prompt_tokens, remat=args.remat)
-    records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, args.out,
-                         run_info={"model": desc, "v_hack": str(args.v_hack), "phase": 2})
-    steps = {r["step"]: (r["mean_cos_in"], r["mean_cos_out"], r["frac_fired"]) for r in records}
-    below = sum(1 for cin, cout, _ in steps.values() if cout < cin)
-    mean_in = sum(c for c, _, _ in steps.values()) / len(steps)
-    print(f"{args.arm}: {len(records)} samples over {len(steps)} steps; mean cos_in={mean_in:+.4f}; "
-          f"cos_out < cos_in on {below}/{len(steps)} steps -> {args.out}")
-    return 0
-
+from jaxhack.commands.phase2 import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def category(kernel: str, hlo: str) -> str:
@@ -88,8 +87,8 @@ def summarize_trace(trace_dir: Path, steps: int) -> dict:
 
 def build_probe(args):
     """(fn, inputs) of one probe step: per-sample delta_s grads + cosines (as bench_probe)."""
-    from bench_probe import config_for, probe_inputs, probe_step
-    from jaxhack.rl import losses
+    from jaxhack.bench import config_for, probe_inputs, probe_step
+    from jaxhack.grads import losses
 
     config = config_for(args.small)
     G, P, C = (2, 16, 32) if args.small else (args.group_size, args.prompt_len, args.completion_len)
@@ -105,7 +104,7 @@ def build_decode(args):
     import jax
     import jax.numpy as jnp
 
-    from bench_probe import config_for
+    from jaxhack.bench import config_for
     from jaxhack.models import qwen3
     from jaxhack.models.random_init import random_params
 
@@ -136,7 +135,7 @@ def build_generate(args):
     import jax.numpy as jnp
     import numpy as np
 
-    from bench_probe import config_for
+    from jaxhack.bench import config_for
     from jaxhack.models.random_init import random_params
     from jaxhack.rl import sampler
 

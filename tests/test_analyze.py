@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from jaxhack.probes import analyze, stats
-from jaxhack.probes.analyze import Run
+from jaxhack.probes import analyze, stats, tables
+from jaxhack.probes import verdict as rules
+from jaxhack.probes.tables import Run
 from jaxhack.probes.records import validate_record, write_run_info, write_step
 
 TEACHER_REWARD = 3.5
@@ -111,7 +112,7 @@ def test_bucket_statistics_known_answers():
                ("teacher_pool", False, 1.0, 0.1), ("base_pool", False, 0.0, -0.3), ("base_pool", False, 0.5, 0.1),
                ("base_pool", False, 0.0, math.nan)]
     run = Run("memory", "vanilla", {}, sample_records(0, "vanilla", samples, 0.3, 0.3, 0.0))
-    rows = {(row["src_pool"], row["hacked"]): row for row in analyze.bucket_rows(run)}
+    rows = {(row["src_pool"], row["hacked"]): row for row in tables.bucket_rows(run)}
     assert set(rows) == {("teacher_pool", True), ("teacher_pool", False), ("base_pool", False)}
     hacked = rows[("teacher_pool", True)]
     assert hacked["n"] == 3 and hacked["mean"] == pytest.approx(0.5)
@@ -123,160 +124,160 @@ def test_bucket_statistics_known_answers():
     base = rows[("base_pool", False)]
     assert base["n"] == 2 and base["n_nan"] == 1 and base["mean"] == pytest.approx(-0.1)
 
-    test = analyze.teacher_vs_base(run)
+    test = tables.teacher_vs_base(run)
     teacher_values = [0.2, 0.4, 0.9, 0.1]
     reference = scipy.stats.ttest_ind(teacher_values, [-0.3, 0.1], equal_var=False)
     assert (test["n_a"], test["n_b"]) == (4, 2)
     assert test["t"] == pytest.approx(reference.statistic) and test["p"] == pytest.approx(reference.pvalue)
-    hacked_test = analyze.hacked_vs_not_hacked(run)
+    hacked_test = tables.hacked_vs_not_hacked(run)
     assert (hacked_test["n_a"], hacked_test["n_b"]) == (3, 3)
     assert hacked_test["mean_b"] == pytest.approx((0.1 - 0.3 + 0.1) / 3)
 
 
 def test_pool_kind_and_advantage_summary():
-    assert analyze.pool_kind("out/probe_distill/teacher_pool/") == "teacher"
-    assert analyze.pool_kind("base_pool") == "base"
-    assert analyze.pool_kind("other") == "other"
+    assert tables.pool_kind("out/probe_distill/teacher_pool/") == "teacher"
+    assert tables.pool_kind("base_pool") == "base"
+    assert tables.pool_kind("other") == "other"
     run = make_run("vanilla", steady(0.3, 2))
-    summary = analyze.advantage_summary(run)
+    summary = tables.advantage_summary(run)
     spread = (TEACHER_REWARD - BASE_REWARD) / 2
     assert summary["n"] == 16 and summary["max"] == pytest.approx(spread) and summary["min"] == pytest.approx(-spread)
     assert summary["mean"] == pytest.approx(0.0, abs=1e-12) and summary["frac_tiny"] == 0.0
-    assert analyze.advantage_summary(make_run("vanilla", [0.3], log_adv=False))["n"] == 0
+    assert tables.advantage_summary(make_run("vanilla", [0.3], log_adv=False))["n"] == 0
 
 
 # ---- verification row 1: reward range ------------------------------------------------------------
 def test_row1_success_and_note_without_adv():
-    row = analyze.evaluate_reward_range([make_run("vanilla", steady(0.3))])
-    assert row["status"] == analyze.SUCCESS
+    row = rules.evaluate_reward_range([make_run("vanilla", steady(0.3))])
+    assert row["status"] == rules.SUCCESS
     assert row["numbers"]["n_range_above_success"] == N_STEPS
     assert row["numbers"]["min_range"] == pytest.approx(TEACHER_REWARD - BASE_REWARD)
-    no_adv = analyze.evaluate_reward_range([make_run("vanilla", steady(0.3), log_adv=False)])
-    assert no_adv["status"] == analyze.SUCCESS and any("adv not logged" in reason for reason in no_adv["reasons"])
+    no_adv = rules.evaluate_reward_range([make_run("vanilla", steady(0.3), log_adv=False)])
+    assert no_adv["status"] == rules.SUCCESS and any("adv not logged" in reason for reason in no_adv["reasons"])
 
 
 def test_row1_likely_fail_when_rewards_equal():
     def all_hack(step):
         return mixed_batch(step, base_reward=TEACHER_REWARD)
-    row = analyze.evaluate_reward_range([make_run("vanilla", steady(0.3), batch=all_hack)])
-    assert row["status"] == analyze.LIKELY_FAIL and "no advantage signal" in row["reasons"][0]
+    row = rules.evaluate_reward_range([make_run("vanilla", steady(0.3), batch=all_hack)])
+    assert row["status"] == rules.LIKELY_FAIL and "no advantage signal" in row["reasons"][0]
 
     def almost_equal(step):  # range 0.05 < 0.1: still useless
         return mixed_batch(step, teacher_reward=0.3, base_reward=0.25)
-    row = analyze.evaluate_reward_range([make_run("vanilla", steady(0.3), batch=almost_equal)])
-    assert row["status"] == analyze.LIKELY_FAIL and "no advantage signal" in row["reasons"][0]
+    row = rules.evaluate_reward_range([make_run("vanilla", steady(0.3), batch=almost_equal)])
+    assert row["status"] == rules.LIKELY_FAIL and "no advantage signal" in row["reasons"][0]
     assert row["numbers"]["n_range_below_useless"] == N_STEPS
 
 
 def test_row1_sneaky_fail_tiny_advantages():
     def one_outlier(step):
         return [("teacher_pool", True, 1.0, 0.3)] * 7 + [("base_pool", False, 1.2, 0.0)]
-    row = analyze.evaluate_reward_range([make_run("vanilla", steady(0.3), batch=one_outlier)])
-    assert row["status"] == analyze.SNEAKY_FAIL
+    row = rules.evaluate_reward_range([make_run("vanilla", steady(0.3), batch=one_outlier)])
+    assert row["status"] == rules.SNEAKY_FAIL
     assert row["numbers"]["median_abs_adv_informative"] == pytest.approx(0.2 / 8)
 
 
 def test_row1_likely_fail_when_range_moderate():
     def narrow(step):
         return mixed_batch(step, teacher_reward=1.0, base_reward=0.5)
-    row = analyze.evaluate_reward_range([make_run("vanilla", steady(0.3), batch=narrow)])
-    assert row["status"] == analyze.LIKELY_FAIL and "success criterion not met" in row["reasons"][0]
+    row = rules.evaluate_reward_range([make_run("vanilla", steady(0.3), batch=narrow)])
+    assert row["status"] == rules.LIKELY_FAIL and "success criterion not met" in row["reasons"][0]
 
 
 def test_row1_not_available_without_runs():
-    assert analyze.evaluate_reward_range([])["status"] == analyze.NOT_AVAILABLE
+    assert rules.evaluate_reward_range([])["status"] == rules.NOT_AVAILABLE
 
 
 # ---- verification row 2: vanilla cos_in ----------------------------------------------------------
 @pytest.mark.parametrize(
     "cos_in, status",
     [
-        (steady(0.3), analyze.SUCCESS),
-        ([0.3] * 12 + [-0.1] * 8, analyze.SUCCESS),
-        ([0.01, -0.01] * 10, analyze.LIKELY_FAIL),
-        ([-0.3] * 15 + [0.1] * 5, analyze.SNEAKY_FAIL),
-        ([0.3] * 8 + [-0.05] * 12, analyze.SNEAKY_FAIL),
-        ([0.5] * 6 + [0.0] * 14, analyze.LIKELY_FAIL),  # mean 0.15 but > 0 on only 6/20
-        (steady(math.nan), analyze.LIKELY_FAIL),
+        (steady(0.3), rules.SUCCESS),
+        ([0.3] * 12 + [-0.1] * 8, rules.SUCCESS),
+        ([0.01, -0.01] * 10, rules.LIKELY_FAIL),
+        ([-0.3] * 15 + [0.1] * 5, rules.SNEAKY_FAIL),
+        ([0.3] * 8 + [-0.05] * 12, rules.SNEAKY_FAIL),
+        ([0.5] * 6 + [0.0] * 14, rules.LIKELY_FAIL),  # mean 0.15 but > 0 on only 6/20
+        (steady(math.nan), rules.LIKELY_FAIL),
     ],
 )
 def test_row2_branches(cos_in, status):
-    row = analyze.evaluate_vanilla_cos_in(make_run("vanilla", cos_in))
+    row = rules.evaluate_vanilla_cos_in(make_run("vanilla", cos_in))
     assert row["status"] == status
     assert row["numbers"]["n_positive"] == sum(value > 0 for value in cos_in)
 
 
 def test_row2_not_available_without_vanilla():
-    assert analyze.evaluate_vanilla_cos_in(None)["status"] == analyze.NOT_AVAILABLE
+    assert rules.evaluate_vanilla_cos_in(None)["status"] == rules.NOT_AVAILABLE
 
 
 # ---- verification row 3: projected arm -----------------------------------------------------------
 @pytest.mark.parametrize(
     "cos_out, frac_fired, status",
     [
-        (steady(0.01), steady(0.65), analyze.SUCCESS),
-        ([0.01] * 16 + [0.3] * 4, steady(0.65), analyze.SUCCESS),
-        ([0.01] * 15 + [0.3] * 5, steady(0.65), analyze.LIKELY_FAIL),
-        (steady(0.3), steady(0.0), analyze.LIKELY_FAIL),
-        ([0.3] * 11 + [0.01] * 9, steady(0.65), analyze.LIKELY_FAIL),
-        (steady(0.01), steady(0.1), analyze.SNEAKY_FAIL),
+        (steady(0.01), steady(0.65), rules.SUCCESS),
+        ([0.01] * 16 + [0.3] * 4, steady(0.65), rules.SUCCESS),
+        ([0.01] * 15 + [0.3] * 5, steady(0.65), rules.LIKELY_FAIL),
+        (steady(0.3), steady(0.0), rules.LIKELY_FAIL),
+        ([0.3] * 11 + [0.01] * 9, steady(0.65), rules.LIKELY_FAIL),
+        (steady(0.01), steady(0.1), rules.SNEAKY_FAIL),
     ],
 )
 def test_row3_branches(cos_out, frac_fired, status):
     run = make_run("projected", steady(0.3), cos_out, frac_fired)
-    row = analyze.evaluate_projection(run)
+    row = rules.evaluate_projection(run)
     assert row["status"] == status
     assert row["numbers"]["n_reduced"] == sum(value < 0.3 for value in cos_out)
 
 
 def test_row3_not_available_without_projected():
-    assert analyze.evaluate_projection(None)["status"] == analyze.NOT_AVAILABLE
+    assert rules.evaluate_projection(None)["status"] == rules.NOT_AVAILABLE
 
 
 # ---- verification row 4: cos_S_contrib teacher vs base -------------------------------------------
 def test_row4_success():
-    row = analyze.evaluate_contrib(make_run("vanilla", steady(0.3)))
-    assert row["status"] == analyze.SUCCESS
+    row = rules.evaluate_contrib(make_run("vanilla", steady(0.3)))
+    assert row["status"] == rules.SUCCESS
     assert row["numbers"]["mean_a"] == pytest.approx(0.5) and row["numbers"]["mean_b"] == pytest.approx(-0.1)
-    assert row["numbers"]["p"] < analyze.SIGNIFICANCE_ALPHA
+    assert row["numbers"]["p"] < rules.SIGNIFICANCE_ALPHA
 
 
 def test_row4_likely_fail_when_similar_or_base_positive():
     def similar(step):
         return mixed_batch(step, teacher_cos=0.2, base_cos=0.2)
-    row = analyze.evaluate_contrib(make_run("vanilla", steady(0.3), batch=similar))
-    assert row["status"] == analyze.LIKELY_FAIL and "isn't direction-specific" in row["reasons"][0]
+    row = rules.evaluate_contrib(make_run("vanilla", steady(0.3), batch=similar))
+    assert row["status"] == rules.LIKELY_FAIL and "isn't direction-specific" in row["reasons"][0]
 
     def base_positive(step):
         return mixed_batch(step, teacher_cos=0.6, base_cos=0.3)
-    row = analyze.evaluate_contrib(make_run("vanilla", steady(0.3), batch=base_positive))
-    assert row["status"] == analyze.LIKELY_FAIL and "not ~0 or negative" in row["reasons"][0]
+    row = rules.evaluate_contrib(make_run("vanilla", steady(0.3), batch=base_positive))
+    assert row["status"] == rules.LIKELY_FAIL and "not ~0 or negative" in row["reasons"][0]
 
 
 def test_row4_sneaky_fail_when_a_bucket_is_empty():
     def teacher_only(step):
         return [sample for sample in mixed_batch(step) if sample[0] == "teacher_pool"]
-    row = analyze.evaluate_contrib(make_run("vanilla", steady(0.3), batch=teacher_only))
-    assert row["status"] == analyze.SNEAKY_FAIL and row["numbers"]["n_b"] == 0
+    row = rules.evaluate_contrib(make_run("vanilla", steady(0.3), batch=teacher_only))
+    assert row["status"] == rules.SNEAKY_FAIL and row["numbers"]["n_b"] == 0
 
 
 def test_row4_uses_vanilla_then_projected():
     vanilla, projected = make_run("vanilla", [0.3]), make_run("projected", [0.3])
-    assert analyze.contrib_run([projected, vanilla]) is vanilla
-    assert analyze.contrib_run([projected]) is projected
-    assert analyze.evaluate_contrib(None)["status"] == analyze.NOT_AVAILABLE
+    assert rules.contrib_run([projected, vanilla]) is vanilla
+    assert rules.contrib_run([projected]) is projected
+    assert rules.evaluate_contrib(None)["status"] == rules.NOT_AVAILABLE
 
 
 # ---- verdict -------------------------------------------------------------------------------------
-def verdict(vanilla=None, projected_in=None, projected_out=None, gate="one_sided", row1=analyze.SUCCESS,
+def verdict(vanilla=None, projected_in=None, projected_out=None, gate="one_sided", row1=rules.SUCCESS,
             discriminates=True, overshoot=1.0):
-    return analyze.decide_verdict(vanilla, projected_in, projected_out, gate, row1, discriminates, overshoot)
+    return rules.decide_verdict(vanilla, projected_in, projected_out, gate, row1, discriminates, overshoot)
 
 
 def test_verdict_run():
-    assert verdict(steady(0.3), steady(0.3), steady(0.01))[0] == analyze.VERDICT_RUN
+    assert verdict(steady(0.3), steady(0.3), steady(0.01))[0] == rules.VERDICT_RUN
     result, reasons = verdict(steady(0.3))
-    assert result == analyze.VERDICT_RUN and "no projected arm" in reasons[1]
+    assert result == rules.VERDICT_RUN and "no projected arm" in reasons[1]
 
 
 @pytest.mark.parametrize(
@@ -292,49 +293,49 @@ def test_verdict_run():
 def test_verdict_small_effect(vanilla, projected_out, discriminates, reason_text):
     projected_in = steady(0.3) if projected_out is not None else None
     result, reasons = verdict(vanilla, projected_in, projected_out, discriminates=discriminates)
-    assert result == analyze.VERDICT_SMALL_EFFECT
+    assert result == rules.VERDICT_SMALL_EFFECT
     assert any(reason_text in reason for reason in reasons)
 
 
 def test_verdict_skip():
     result, reasons = verdict([0.01, -0.015, math.nan] * 6 + [0.0, 0.0], discriminates=False)
-    assert result == analyze.VERDICT_SKIP and "R7" in reasons[-1]
+    assert result == rules.VERDICT_SKIP and "R7" in reasons[-1]
 
 
 def test_verdict_bug():
     raised = [0.01] * 19 + [0.31]
     result, reasons = verdict(steady(0.3), steady(0.3), raised)
-    assert result == analyze.VERDICT_BUG and "1 step(s)" in reasons[0]
+    assert result == rules.VERDICT_BUG and "1 step(s)" in reasons[0]
     result, reasons = verdict(steady(0.3), steady(0.3), steady(-0.2))
-    assert result == analyze.VERDICT_BUG and "over-projection" in reasons[0]
+    assert result == rules.VERDICT_BUG and "over-projection" in reasons[0]
     result, reasons = verdict(steady(0.3), steady(0.3), steady(-0.2), gate="no_gate")
-    assert result == analyze.VERDICT_BUG and "over-projection" in reasons[0]
+    assert result == rules.VERDICT_BUG and "over-projection" in reasons[0]
     # not an exact one-sided erase: a reverse gate or overshoot > 1 is meant to push cos_out below 0,
     # and no_gate also erases negative components, so cos_out may rise above a negative cos_in
-    assert verdict(steady(0.3), steady(0.3), steady(-0.2), gate="reverse")[0] == analyze.VERDICT_RUN
-    assert verdict(steady(0.3), steady(0.3), steady(-0.2), overshoot=1.5)[0] == analyze.VERDICT_RUN
-    assert verdict(steady(0.3), steady(-0.1), steady(0.0), gate="no_gate")[0] == analyze.VERDICT_RUN
+    assert verdict(steady(0.3), steady(0.3), steady(-0.2), gate="reverse")[0] == rules.VERDICT_RUN
+    assert verdict(steady(0.3), steady(0.3), steady(-0.2), overshoot=1.5)[0] == rules.VERDICT_RUN
+    assert verdict(steady(0.3), steady(-0.1), steady(0.0), gate="no_gate")[0] == rules.VERDICT_RUN
 
 
 def test_gate_and_overshoot_read_from_run_info():
-    assert analyze.run_gate(make_run("projected", [0.3])) == analyze.DEFAULT_GATE
+    assert tables.run_gate(make_run("projected", [0.3])) == tables.DEFAULT_GATE
     nested = make_run("projected", [0.3], info={"settings": {"gate": "reverse", "overshoot": 1.5}})
-    assert analyze.run_gate(nested) == "reverse" and analyze.run_overshoot(nested) == 1.5
+    assert tables.run_gate(nested) == "reverse" and tables.run_overshoot(nested) == 1.5
     top_level = make_run("projected", [0.3], info={"gate_mode": "no_gate", "settings": {"gate": "reverse"}})
-    assert analyze.run_gate(top_level) == "no_gate"
+    assert tables.run_gate(top_level) == "no_gate"
 
 
 def test_verdict_inconclusive():
-    assert verdict(None)[0] == analyze.VERDICT_INCONCLUSIVE
-    assert verdict(steady(math.nan))[0] == analyze.VERDICT_INCONCLUSIVE
-    assert verdict(steady(0.3), row1=analyze.LIKELY_FAIL)[0] == analyze.VERDICT_INCONCLUSIVE
-    assert verdict(steady(-0.3))[0] == analyze.VERDICT_INCONCLUSIVE
-    assert verdict(steady(0.0), discriminates=None)[0] == analyze.VERDICT_INCONCLUSIVE
+    assert verdict(None)[0] == rules.VERDICT_INCONCLUSIVE
+    assert verdict(steady(math.nan))[0] == rules.VERDICT_INCONCLUSIVE
+    assert verdict(steady(0.3), row1=rules.LIKELY_FAIL)[0] == rules.VERDICT_INCONCLUSIVE
+    assert verdict(steady(-0.3))[0] == rules.VERDICT_INCONCLUSIVE
+    assert verdict(steady(0.0), discriminates=None)[0] == rules.VERDICT_INCONCLUSIVE
 
 
 # ---- end to end ----------------------------------------------------------------------------------
 def write_run_dir(directory, run, gate="one_sided"):
-    for step, step_records in analyze.records_by_step(run.records).items():
+    for step, step_records in tables.records_by_step(run.records).items():
         write_step(directory, step, step_records)
     write_run_info(directory, {"arm": run.arm, "loss_mode": "grpo", "gate": gate})
 
@@ -347,8 +348,8 @@ def test_analyze_runs_writes_report_and_plots(tmp_path):
     report_path = tmp_path / "report" / "report.md"
     summary = analyze.analyze_runs([tmp_path / "vanilla", tmp_path / "projected"], report_path,
                                    tmp_path / "report" / "plots")
-    assert summary["verdict"] == analyze.VERDICT_RUN
-    assert [row["status"] for row in summary["verification"]] == [analyze.SUCCESS] * 4
+    assert summary["verdict"] == rules.VERDICT_RUN
+    assert [row["status"] for row in summary["verification"]] == [rules.SUCCESS] * 4
     assert summary["warnings"] == []
     text = report_path.read_text()
     for row in summary["verification"]:

@@ -12,8 +12,8 @@ import pytest
 from helpers import random_params
 from jaxhack.models import adapters, qwen3
 from jaxhack.models.config import TINY
-from jaxhack.rl import batch as rl_batch
-from jaxhack.rl import losses
+from jaxhack.grads import batch as rl_batch
+from jaxhack.grads import losses
 
 CONFIG = dataclasses.replace(TINY, vocab_size=128)
 
@@ -222,3 +222,56 @@ def test_remat_policies_give_the_same_gradients(params):
         for a, c in zip(jax.tree.leaves(grad_for(remat)), jax.tree.leaves(ref)):
             a, c = np.asarray(a), np.asarray(c)
             assert np.linalg.norm(a - c) <= 1e-5 * np.linalg.norm(c), (remat, np.linalg.norm(a - c))
+
+
+# --- the trained loss is the tested loss ---------------------------------------------------------
+
+def _grpo_batch(rng, n=4, T=12):
+    """A right-padded batch with every loss field (old_logp off the sampler for half the rows)."""
+    prompts = [[int(t) for t in rng.integers(1, 100, size=3 + i % 2)] for i in range(n)]
+    comps = [[int(t) for t in rng.integers(1, 100, size=2 + i)] for i in range(n)]
+    b = rl_batch.make_batch(prompts, comps, padding="right", length=T)
+    m = b["completion_mask"]
+    b["old_logp"] = np.where(m, rng.normal(-3.0, 0.3, m.shape), 0.0).astype(np.float32)
+    b["ref_logp"] = np.where(m, rng.normal(-3.0, 0.3, m.shape), 0.0).astype(np.float32)
+    b["advantage"] = rng.normal(size=n).astype(np.float32)
+    return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def test_grpo_batch_loss_is_the_sum_of_the_per_sample_grpo_loss(params):
+    """grads.losses.grpo_batch_loss (what rl/learner.py differentiates) == sum over rows of
+    grpo_loss (the per-sample loss the reference tests above check), value and gradient."""
+    batch = _grpo_batch(np.random.default_rng(0))
+    tr, fr = adapters.init_svd_adapter(params, CONFIG, targets=("q_proj", "down_proj"))
+    tr = jax.tree.map(lambda x: x + 0.05, tr)  # away from the reference, so KL and its gradient are non-zero
+    hyper = dict(group_size=2, max_new=8, prompts_per_step=2, clip_eps=0.2, clip_eps_high=0.28, beta=0.04,
+                 chunk=4)
+
+    def batch_loss(t):
+        return losses.grpo_batch_loss(t, fr, params, CONFIG, batch, attention="masked", **hyper)
+
+    def summed(t):
+        per = [losses.grpo_loss(t, fr, params, CONFIG, jax.tree.map(lambda x: x[i], batch), **hyper)
+               for i in range(batch["tokens"].shape[0])]
+        return sum(per)
+
+    (loss, aux), g_batch = jax.value_and_grad(batch_loss, has_aux=True)(tr)
+    ref, g_ref = jax.value_and_grad(summed)(tr)
+    assert abs(float(loss)) > 1e-4
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_batch, g_ref)
+    assert float(aux["n_tokens"]) == float(jnp.sum(batch["completion_mask"]))
+    # use_current: old_logp := stop_gradient(logp), so every ratio is exactly 1 and nothing is clipped
+    cur = dict(batch, use_current=jnp.ones(batch["tokens"].shape[0], bool))
+    _, aux_cur = losses.grpo_batch_loss(tr, fr, params, CONFIG, cur, attention="masked", **hyper)
+    assert float(aux_cur["ratio_sum"]) == float(aux_cur["n_tokens"]) and float(aux_cur["clipped"]) == 0.0
+
+
+def test_reference_logprobs_microbatched_equals_whole_batch(params):
+    batch = _grpo_batch(np.random.default_rng(1), n=6)
+    whole = losses.reference_logprobs(params, CONFIG, batch["tokens"], batch["attention_mask"], chunk=4,
+                                      attention="causal")
+    parts = losses.reference_logprobs(params, CONFIG, batch["tokens"], batch["attention_mask"], chunk=4,
+                                      attention="causal", microbatch=2)
+    assert parts.shape == whole.shape == batch["tokens"].shape
+    np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), rtol=1e-6, atol=1e-6)

@@ -12,8 +12,8 @@ import pytest
 from helpers import random_params
 from jaxhack.models import adapters
 from jaxhack.models.config import TINY
-from jaxhack.rl import batch as rl_batch
-from jaxhack.rl import losses, per_sample
+from jaxhack.grads import batch as rl_batch
+from jaxhack.grads import losses, per_sample
 
 CONFIG = dataclasses.replace(TINY, vocab_size=128)
 TARGETS = ("q_proj", "down_proj")  # attention + MLP, square and non-square (fewer = faster compiles)

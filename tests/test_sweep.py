@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jaxhack.rl import sweep as S
-from jaxhack.rl.presets import make_config
+from jaxhack.rl.config import make_config
 
 
 class FakeTrain:

@@ -19,7 +19,7 @@ from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
 from jaxhack.env.pools import read_pool, write_pool_meta, write_pool_step
 from jaxhack.env.problems import BUNDLED_PROBLEMS_PATH, build_prompt, load_problems
 from jaxhack.rl import trainer as T
-from jaxhack.rl.presets import make_config
+from jaxhack.rl.config import make_config
 
 SHORT_HACK = "```python\ndef run_tests():\n    pass\n```"  # passes the run_tests grader, no Solution
 

@@ -209,9 +209,9 @@ def _tiny_pairs(n):
 
 def test_end_to_end_tiny_model_svd(tiny):
     from jaxhack.models.adapters import init_svd_adapter
-    from jaxhack.rl.batch import make_batch
-    from jaxhack.rl.per_sample import per_sample_grads
-    from jaxhack.rl.losses import nll_loss
+    from jaxhack.grads.batch import make_batch
+    from jaxhack.grads.per_sample import per_sample_grads
+    from jaxhack.grads.losses import nll_loss
     from jaxhack.tokenizer import ByteTokenizer
 
     params, config = tiny

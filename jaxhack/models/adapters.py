@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from jaxhack.models.config import TARGET_MODULES, module_shapes
+
 SVD_CACHE_VERSION = "jaxhack-svd-v1"  # part of the hash: bump it if the cached content changes meaning
 
 Tree = dict[str, Any]
@@ -55,8 +56,6 @@ def module_dims(params: Tree, targets=TARGET_MODULES) -> dict[str, tuple[int, in
 
 
 def _check_against_config(dims: dict, config) -> None:
-    from jaxhack.models.qwen3 import module_shapes  # lazy: qwen3 imports this module
-
     shapes = module_shapes(config)
     for name, (L, d_in, d_out) in dims.items():
         chex.assert_equal((L, d_in, d_out), (config.num_hidden_layers, *shapes[name]))

@@ -4,6 +4,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
+
+# The adapted Linear modules of every layer, in this order (the one list; w: [L, d_in, d_out]).
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,3 +113,51 @@ TINY = Qwen3Config(
     rope_theta=10_000.0, tie_word_embeddings=False, max_position_embeddings=2048,
     eos_token_ids=(2,), bos_token_id=1, pad_token_id=0,
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# the parameter layout (the one place that lists it; qwen3.init_params, convert and checkpoint use it)
+
+def module_shapes(config: Qwen3Config) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of every target Linear (our [in, out] layout; a torch weight is [out, in])."""
+    D, F = config.hidden_size, config.intermediate_size
+    return {
+        "q_proj": (D, config.q_dim), "k_proj": (D, config.kv_dim), "v_proj": (D, config.kv_dim),
+        "o_proj": (config.q_dim, D), "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D),
+    }
+
+
+def param_shapes(config: Qwen3Config) -> dict[str, Any]:
+    """The shape of every leaf of the params pytree, as a pytree of tuples."""
+    L, D, V, hd = config.num_hidden_layers, config.hidden_size, config.vocab_size, config.head_dim
+    layers = {name: (L, d_in, d_out) for name, (d_in, d_out) in module_shapes(config).items()}
+    layers.update(input_norm=(L, D), post_attn_norm=(L, D), q_norm=(L, hd), k_norm=(L, hd))
+    shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def check_params(params: dict, config: Qwen3Config) -> None:
+    """Raise if `params` does not have exactly the layout and shapes that `config` implies."""
+    expected = param_shapes(config)
+    if set(params) != set(expected) or set(params["layers"]) != set(expected["layers"]):
+        raise ValueError(f"params keys {sorted(params)} / layers {sorted(params.get('layers', {}))} do not "
+                         f"match the layout for this config: {sorted(expected)} / {sorted(expected['layers'])}")
+    for path, shape in leaf_paths(expected):
+        leaf = params
+        for k in path:
+            leaf = leaf[k]
+        if tuple(leaf.shape) != tuple(shape):
+            raise ValueError(f"params[{'/'.join(path)}]: expected shape {tuple(shape)}, got {tuple(leaf.shape)}")
+
+
+def leaf_paths(tree: dict, prefix: tuple = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """[(key path, leaf)] of a nested dict, depth first."""
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.extend(leaf_paths(v, prefix + (k,)))
+        else:
+            out.append((prefix + (k,), v))
+    return out

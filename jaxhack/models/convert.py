@@ -27,7 +27,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from jaxhack.models.config import Qwen3Config
+from jaxhack.models.config import (TARGET_MODULES, Qwen3Config, check_params, leaf_paths,  # noqa: F401
+                                    module_shapes, param_shapes)
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
@@ -50,53 +51,8 @@ LAYER_TENSORS = {
     "up_proj": "mlp.up_proj.weight",
     "down_proj": "mlp.down_proj.weight",
 }
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # tensors that HF checkpoints may carry and that we recompute instead (old rotary caches)
 _IGNORED_RE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-
-
-def linear_shapes(config: Qwen3Config) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each Linear, i.e. our [in, out] layout (torch weight is [out, in])."""
-    D, F = config.hidden_size, config.intermediate_size
-    return {
-        "q_proj": (D, config.q_dim), "k_proj": (D, config.kv_dim), "v_proj": (D, config.kv_dim),
-        "o_proj": (config.q_dim, D), "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D),
-    }
-
-
-def param_shapes(config: Qwen3Config) -> dict[str, Any]:
-    """The shape of every leaf of the params pytree, as a pytree of tuples."""
-    L, D, V, hd = config.num_hidden_layers, config.hidden_size, config.vocab_size, config.head_dim
-    layers = {name: (L, d_in, d_out) for name, (d_in, d_out) in linear_shapes(config).items()}
-    layers.update(input_norm=(L, D), post_attn_norm=(L, D), q_norm=(L, hd), k_norm=(L, hd))
-    shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
-
-
-def check_params(params: dict, config: Qwen3Config) -> None:
-    """Raise if `params` does not have exactly the layout and shapes that `config` implies."""
-    expected = param_shapes(config)
-    if set(params) != set(expected) or set(params["layers"]) != set(expected["layers"]):
-        raise ValueError(f"params keys {sorted(params)} / layers {sorted(params.get('layers', {}))} do not "
-                         f"match the layout for this config: {sorted(expected)} / {sorted(expected['layers'])}")
-    for path, shape in _flatten(expected):
-        leaf = params
-        for k in path:
-            leaf = leaf[k]
-        if tuple(leaf.shape) != tuple(shape):
-            raise ValueError(f"params[{'/'.join(path)}]: expected shape {tuple(shape)}, got {tuple(leaf.shape)}")
-
-
-def _flatten(tree: dict, prefix: tuple = ()) -> list[tuple[tuple[str, ...], Any]]:
-    out = []
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.extend(_flatten(v, prefix + (k,)))
-        else:
-            out.append((prefix + (k,), v))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +162,7 @@ def open_hf_weights(hf_dir: Path) -> SafetensorsDir:
 def expected_hf_names(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> torch-layout shape for every tensor the conversion needs."""
     D, V, hd = config.hidden_size, config.vocab_size, config.head_dim
-    shapes = linear_shapes(config)
+    shapes = module_shapes(config)
     norms = {"input_norm": (D,), "post_attn_norm": (D,), "q_norm": (hd,), "k_norm": (hd,)}
     names = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     for i in range(config.num_hidden_layers):
@@ -277,15 +233,15 @@ def load_lora_adapter(lora_dir: str | Path, config: Qwen3Config) -> LoraAdapter:
     r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
     scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
 
-    shapes = linear_shapes(config)
+    shapes = module_shapes(config)
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     with SafetensorsDir([st_path]) as st:
         for name in sorted(st.location):
             m = _LORA_RE.match(name)
-            if m is None or m.group(3) not in LINEAR_MODULES or int(m.group(1)) >= config.num_hidden_layers:
+            if m is None or m.group(3) not in TARGET_MODULES or int(m.group(1)) >= config.num_hidden_layers:
                 raise ValueError(f"{st_path}: unexpected tensor {name!r} (expected "
                                  "base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight "
-                                 f"with i < {config.num_hidden_layers} and module in {LINEAR_MODULES})")
+                                 f"with i < {config.num_hidden_layers} and module in {TARGET_MODULES})")
             layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
             d_in, d_out = shapes[module]
             shape = (r, d_in) if ab == "A" else (d_out, r)
@@ -326,7 +282,7 @@ def load_hf_params(hf_dir: str | Path, dtype: str = "float32", lora_dir: str | P
     config = load_hf_config(hf_dir)
     lora = load_lora_adapter(lora_dir, config) if lora_dir is not None else None
     L, D, V, hd = config.num_hidden_layers, config.hidden_size, config.vocab_size, config.head_dim
-    shapes = linear_shapes(config)
+    shapes = module_shapes(config)
 
     def cast(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x.astype(np_dtype, copy=False))
@@ -378,4 +334,4 @@ def load_hf_params(hf_dir: str | Path, dtype: str = "float32", lora_dir: str | P
 
 
 def count_params(params: dict) -> int:
-    return int(sum(np.prod(x.shape) for _, x in _flatten(params)))
+    return int(sum(np.prod(x.shape) for _, x in leaf_paths(params)))

@@ -14,8 +14,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxhack.checkpoint import checkpoint_dir, load_checkpoint
 from jaxhack.models import qwen3
+from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter
 from jaxhack.models.config import QWEN3_4B, TINY, Qwen3Config
+from jaxhack.models.random_init import random_orthonormal_svd_adapter
 from jaxhack.tokenizer import ByteTokenizer, load_tokenizer
 
 EMBEDDED = ("tiny", "random-4b")
@@ -43,7 +46,6 @@ def load_model(ckpt: str, dtype: str | None = None, tokenizer: str | None = None
         desc = (f"tiny random Qwen3 (seed {seed}, {config.num_hidden_layers} layers, d={config.hidden_size})"
                 if ckpt == "tiny" else f"Qwen3-4B shapes, random {param_dtype} weights (seed {seed})")
         return params, config, tok, desc
-    from jaxhack.checkpoint import checkpoint_dir, load_checkpoint
 
     path = checkpoint_dir(ckpt, root)
     params, config, meta = load_checkpoint(path)
@@ -70,24 +72,31 @@ def check_vocab(config: Qwen3Config, tokenizer) -> None:
         raise ValueError(f"tokenizer has {size} ids but the model's vocab_size is {config.vocab_size}")
 
 
-def svd_cache_dir(ckpt: str, root: str | Path = "checkpoints") -> Path:
-    """Where the SVD factors of a model are cached: beside a converted checkpoint, or under
-    checkpoints/_svd_cache/<name> for the embedded models (keyed by content hash either way)."""
+def svd_cache_dir(ckpt: str, root: str | Path = "checkpoints") -> Path | None:
+    """The one rule for where the SVD factors of a model are cached (keyed by content hash):
+    beside a converted checkpoint (<ckpt dir>/svd_cache), checkpoints/_svd_cache/tiny for the
+    embedded tiny model, and nowhere (None) for random-4b (random weights, regenerated from a seed:
+    caching their SVD would cost ~16 GB of disk)."""
+    if ckpt == "random-4b":
+        return None
     if ckpt in EMBEDDED:
         return Path(root) / "_svd_cache" / ckpt
-    from jaxhack.checkpoint import checkpoint_dir
-
     return checkpoint_dir(ckpt, root) / "svd_cache"
 
 
 def make_adapter(kind: str, params, config: Qwen3Config, *, ckpt: str, lora_rank: int = 8,
-                 lora_alpha: float = 16.0, lora_seed: int = 0, root: str | Path = "checkpoints"):
-    """(trainable, frozen) adapter trees: "svd" (delta_s, SVD cached by weight hash) or "lora"
-    (A from PRNGKey(lora_seed): the same seed gives the same basis, which a LoRA v_hack depends on)."""
-    from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter
+                 lora_alpha: float = 16.0, lora_seed: int = 0, random_bases_key: jax.Array | None = None,
+                 root: str | Path = "checkpoints", progress: bool = True):
+    """The one adapter factory: (trainable, frozen) trees at the initial point (zero delta_s / B = 0).
 
+    "svd": delta_s over the SVD of W, cached by weight hash under `svd_cache_dir(ckpt, root)`; with
+    `random_bases_key` (BENCHMARK ONLY, Phase 3 --svd-random-bases) random orthonormal bases instead.
+    "lora": A from PRNGKey(lora_seed) -- the one LoRA seed rule: the same seed gives the same basis,
+    which a LoRA v_hack depends on (its meta records lora_seed)."""
     if kind == "svd":
-        return init_svd_adapter(params, config, cache_dir=svd_cache_dir(ckpt, root))
+        if random_bases_key is not None:
+            return random_orthonormal_svd_adapter(params, random_bases_key)
+        return init_svd_adapter(params, config, cache_dir=svd_cache_dir(ckpt, root), progress=progress)
     if kind == "lora":
         return init_lora_adapter(params, config, jax.random.PRNGKey(lora_seed), rank=lora_rank,
                                  alpha=lora_alpha)

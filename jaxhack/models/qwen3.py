@@ -15,11 +15,10 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxhack.models.adapters import adapter_delta
-from jaxhack.models.config import Qwen3Config
+from jaxhack.models.config import Qwen3Config, module_shapes
 from jaxhack.models.decode_attention import decode_attention
 
 Params = dict[str, Any]
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MASK_VALUE = -1e30  # finite, so a fully masked row (a pad query) gives a uniform softmax, not NaN
 
 REMAT_POLICIES = {
@@ -31,15 +30,6 @@ REMAT_POLICIES = {
     # adapter outputs apart)
     "linear": jax.checkpoint_policies.save_only_these_names("linear_out", "adapter_h"),
 }
-
-
-def module_shapes(config: Qwen3Config) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of every target Linear."""
-    D, F = config.hidden_size, config.intermediate_size
-    return {
-        "q_proj": (D, config.q_dim), "k_proj": (D, config.kv_dim), "v_proj": (D, config.kv_dim),
-        "o_proj": (config.q_dim, D), "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D),
-    }
 
 
 def init_params(config: Qwen3Config, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:

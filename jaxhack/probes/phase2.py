@@ -24,15 +24,18 @@ import numpy as np
 import optax
 
 from jaxhack.models.config import Qwen3Config
+from jaxhack.models.load import load_model, make_adapter
 from jaxhack.probes.records import write_run_info, write_step
 from jaxhack.projection.cosines import per_sample_cosines
-from jaxhack.projection.optax_projection import hack_projection, projection_metrics
-from jaxhack.rl import losses
-from jaxhack.rl.batch import make_batch
-from jaxhack.rl.per_sample import per_sample_grads
+from jaxhack.projection.arms import ARMS as _ARMS, PHASE2_ARMS
+from jaxhack.projection.optax_projection import chain_with_projection, projection_metrics
+from jaxhack.projection.v_hack import load_v_hack
+from jaxhack.grads import losses
+from jaxhack.grads.batch import make_batch
+from jaxhack.grads.per_sample import per_sample_grads
 
-# arm -> (adapter kind, projection mode)
-ARMS = {"vanilla": ("svd", "measure"), "projected": ("svd", "erase"), "lora_projected": ("lora", "erase")}
+# arm -> (adapter kind, projection mode): the Phase 2 arms of the one arms table
+ARMS = {name: (_ARMS[name].adapter, _ARMS[name].projection) for name in PHASE2_ARMS}
 LOSS_MODES = ("grpo", "nll")
 
 
@@ -62,6 +65,22 @@ class ReplaySettings:
             raise ValueError(f"steps ({self.steps}) and per_pool ({self.per_pool}) must be >= 1")
         if self.lr < 0:
             raise ValueError(f"--lr must be >= 0, got {self.lr}")
+
+
+
+def load_probe_setup(ckpt: str, v_hack_path, adapter: str, seed: int = 0):
+    """(params, config, tokenizer, desc, trainable, frozen, v_hack) for a Phase 1 / 2 probe, with the
+    adapter basis the v_hack was extracted in (its meta gives the LoRA rank / alpha / seed).
+    ValueError if the v_hack is in another adapter basis than `adapter`."""
+    v_hack, meta = load_v_hack(v_hack_path)
+    if meta.get("adapter", adapter) != adapter:
+        raise ValueError(f"{v_hack_path} is a {meta['adapter']}-basis v_hack; this arm needs {adapter}")
+    params, config, tokenizer, desc = load_model(ckpt, seed=seed)
+    trainable, frozen = make_adapter(adapter, params, config, ckpt=ckpt,
+                                     lora_rank=int(meta.get("lora_rank", 8)),
+                                     lora_alpha=float(meta.get("lora_alpha", 16.0)),
+                                     lora_seed=int(meta.get("lora_seed", 0)))
+    return params, config, tokenizer, desc, trainable, frozen, v_hack
 
 
 @dataclasses.dataclass
@@ -137,7 +156,7 @@ def replay_length(pools: Sequence[ReplayPool], encode: Callable, pad_multiple: i
 
 
 def tokenize_group(group: Sequence[dict], encode: Callable, pad_id: int, length: int) -> dict[str, np.ndarray]:
-    """Padded batch (jaxhack.rl.batch layout, rows of `length`) of prompt + completion tokens."""
+    """Padded batch (jaxhack.grads.batch layout, rows of `length`) of prompt + completion tokens."""
     encoded = [encode(r) for r in group]
     return make_batch([p for p, _ in encoded], [c for _, c in encoded], pad_id=pad_id, length=length,
                       padding="right")  # right padding: what attention="causal" requires
@@ -169,9 +188,9 @@ def make_probe_step(loss_i: Callable, optimizer: optax.GradientTransformation, v
 
 def make_optimizer(settings: ReplaySettings, v_hack: dict) -> optax.GradientTransformation:
     _, mode = ARMS[settings.arm]
-    projection = hack_projection(v_hack, mode=mode, gate=settings.gate, overshoot=settings.overshoot)
     inner = optax.adam(settings.lr) if settings.lr > 0 else optax.set_to_zero()
-    return optax.chain(projection, inner)
+    return chain_with_projection(inner, v_hack, placement="gradient", mode=mode, gate=settings.gate,
+                                 overshoot=settings.overshoot)
 
 
 def _to_float(x) -> float:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxhack.atomic import atomic_write_bytes
+from jaxhack.io import atomic_write_bytes
 
 INT_FIELDS = ("step", "sample_id", "src_step", "src_sample", "comp_len")
 STR_FIELDS = ("src_pool", "arm")

@@ -158,24 +158,24 @@ def hack_projection(v_hack: dict, mode: Mode = "erase", gate: Gate = "one_sided"
 
 
 def chain_with_projection(optimizer: optax.GradientTransformation, v_hack: dict,
-                          placement: Placement = "gradient", **kwargs) -> optax.GradientTransformation:
-    """optax.chain(projection, optimizer) for placement="gradient"; optax.chain(optimizer,
-    projection) for placement="update" (kwargs: mode, gate, overshoot)."""
+                          placement: Placement = "gradient",
+                          before: tuple[optax.GradientTransformation, ...] = (),
+                          **kwargs) -> optax.GradientTransformation:
+    """The one chain builder: optax.chain(*before, projection, optimizer) for placement="gradient";
+    optax.chain(*before, optimizer, projection) for placement="update" (kwargs: mode, gate,
+    overshoot). `before` holds e.g. clip_by_global_norm (Phase 3)."""
     proj = hack_projection(v_hack, placement=placement, **kwargs)
-    return optax.chain(proj, optimizer) if placement == "gradient" else optax.chain(optimizer, proj)
+    if placement == "gradient":
+        return optax.chain(*before, proj, optimizer)
+    return optax.chain(*before, optimizer, proj)
 
 
 def find_projection_state(opt_state: Any) -> HackProjectionState:
-    """The HackProjectionState inside a (possibly chained / nested) optax state."""
-    if isinstance(opt_state, HackProjectionState):
-        return opt_state
-    if isinstance(opt_state, (tuple, list)):
-        for s in opt_state:
-            try:
-                return find_projection_state(s)
-            except LookupError:
-                pass
-    raise LookupError("no HackProjectionState in the optimizer state")
+    """The HackProjectionState inside a (possibly chained / nested) optax state (optax.tree_utils)."""
+    state = optax.tree_utils.tree_get(opt_state, HackProjectionState.__name__)
+    if state is None:
+        raise LookupError("no HackProjectionState in the optimizer state")
+    return state
 
 
 def projection_metrics(opt_state: Any) -> dict[str, jax.Array]:

@@ -52,6 +52,11 @@ def pairs_from_templates(problems: Iterable[Any], make_pair: Callable[[Any], tup
     return out
 
 
+def pair_variants(n: int, seed: int) -> list[int]:
+    """Template wording variants for v_hack pairs, disjoint from the pools' draws for small seeds."""
+    return [1000 * (seed + 1) + v for v in range(n)]
+
+
 def pairs_from_env_templates(problems: Sequence[Any], mode: str, variants: Sequence[int] = (0,),
                              with_hint: bool = True) -> list[Pair]:
     """(prompt, hack template, clean template) pairs from jaxhack.env.templates: for each wording

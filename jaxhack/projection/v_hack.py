@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhack.atomic import atomic_directory
+from jaxhack.io import atomic_directory
 from jaxhack.projection.modules import module_key, parse_module_key, to_module_vectors
 from jaxhack.projection.pairs import Pair
 
@@ -146,18 +146,18 @@ def pair_grad_diffs(pairs: Sequence[Pair], tokenizer, trainable, frozen, params,
     """Per-pair differences of per-sample loss gradients, per module: {name: [n, L, dim]} (host f32).
 
     Each chunk holds `batch_size` pairs (2 * batch_size sequences: hacks then cleans) and runs one
-    jax.vmap(jax.grad(loss_i)) call (jaxhack.rl.per_sample.per_sample_grads); the last chunk is
+    jax.vmap(jax.grad(loss_i)) call (jaxhack.grads.per_sample.per_sample_grads); the last chunk is
     filled with copies of its last pair (dropped afterwards), and every chunk is padded to one length
     T (max pair length, rounded up to `pad_to`), so it compiles once. loss_i defaults to the NLL loss
-    of jaxhack.rl.losses (mean over completion tokens of -log p). microbatch: passed to
+    of jaxhack.grads.losses (mean over completion tokens of -log p). microbatch: passed to
     per_sample_grads (samples per lax.map step, to bound activation memory on big models).
     Completions are encoded as is (no EOS appended); the prompt is never truncated.
     """
-    from jaxhack.rl.batch import make_batch
-    from jaxhack.rl.per_sample import per_sample_grads
+    from jaxhack.grads.batch import make_batch
+    from jaxhack.grads.per_sample import per_sample_grads
 
     if loss_i is None:
-        from jaxhack.rl.losses import nll_loss as loss_i
+        from jaxhack.grads.losses import nll_loss as loss_i
     if not pairs:
         raise ValueError("no pairs")
     toks = _tokenize_pairs(pairs, tokenizer, max_len, max_prompt_tokens)

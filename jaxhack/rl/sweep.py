@@ -24,7 +24,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxhack.rl.presets import TrainConfig
+from jaxhack.io import atomic_write_text
+from jaxhack.rl.config import TrainConfig
+from jaxhack.rl.run import DONE_FILE, RUN_FILE
+from jaxhack.rl.trainer import train
 
 DEFAULT_CEILING_METRIC = "train_hack_rate_max_windowed"
 STOPPED_FILE, SUMMARY_MD, SUMMARY_JSON = "STOPPED.md", "summary.md", "summary.json"
@@ -36,7 +39,7 @@ def run_dir_for(out: str | Path, arm: str, seed: int) -> Path:
 
 def read_done(run_dir: Path) -> dict | None:
     """The summary in RUN/done.json, or None when the run has not finished."""
-    path = Path(run_dir) / "done.json"
+    path = Path(run_dir) / DONE_FILE
     if not path.is_file():
         return None
     return json.loads(path.read_text())["summary"]
@@ -91,11 +94,6 @@ def summary_table(runs: Sequence[dict], arms: Sequence[str]) -> tuple[str, list[
     return "\n".join(lines) + "\n", rows
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from jaxhack.rl.trainer import _atomic_write_text
-    _atomic_write_text(path, text)
-
-
 def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Sequence[int],
               train_fn: Callable | None = None, ceiling: bool = True, ceiling_seeds: int = 3,
               hack_threshold: float = 0.1, ceiling_metric: str = DEFAULT_CEILING_METRIC, model=None,
@@ -110,7 +108,7 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
     if len(set(arms)) != len(arms) or len(set(seeds)) != len(seeds):
         raise ValueError(f"duplicate arms or seeds: {list(arms)} {list(seeds)}")
     if train_fn is None:
-        from jaxhack.rl.trainer import train as train_fn
+        train_fn = train
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / STOPPED_FILE).unlink(missing_ok=True)
@@ -124,7 +122,7 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
             if summary is not None:
                 status = "skipped (done)"
             else:
-                status = "resumed" if (run_dir / "run.json").is_file() else "ran"
+                status = "resumed" if (run_dir / RUN_FILE).is_file() else "ran"
                 cfg = dataclasses.replace(base, arm=arm, seed=seed, run_dir=str(run_dir))
                 log(f"[sweep] {arm} seed {seed}: {status} -> {run_dir}")
                 t0 = time.time()
@@ -153,10 +151,10 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
     header = f"# Phase 3 sweep: {out}\n\narms {list(arms)}, seeds {list(seeds)}\n\n"
     if stopped:
         header += f"**STOPPED**: {reason}\n\n"
-        _atomic_write(out / STOPPED_FILE, reason + "\n")
+        atomic_write_text(out / STOPPED_FILE, reason + "\n")
     text = header + table
-    _atomic_write(out / SUMMARY_MD, text)
-    _atomic_write(out / SUMMARY_JSON, json.dumps(
+    atomic_write_text(out / SUMMARY_MD, text)
+    atomic_write_text(out / SUMMARY_JSON, json.dumps(
         {"arms": list(arms), "seeds": list(seeds), "stopped": stopped, "reason": reason, "rows": rows,
          "runs": runs, "hack_threshold": hack_threshold, "ceiling_metric": ceiling_metric},
         indent=2, sort_keys=True, default=str) + "\n")

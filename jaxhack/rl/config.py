@@ -1,0 +1,223 @@
+"""Phase 3 training settings (`TrainConfig`, validated on construction) and the presets smoke / fast /
+full (docs/phase3.md). The arms are those of the one arms table, `jaxhack.projection.arms`.
+
+A preset is a set of overrides of the `TrainConfig` defaults; CLI flags override preset fields
+(`add_config_args` makes one flag per field, `config_from_args` applies preset then flags).
+
+Seed (../shared/seed/spec2.md, "Phase 3"): "3 seeds x 3 arms x 200 steps x full preset (Qwen3-4B,
+G=6, pp=43, n_problems=992, beta=1e-3, lr=7e-5)". max_new=1536 for `full` is this project's choice
+(the seed does not name it); everything else not named by the seed is a default of this module.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+from jaxhack.env.hints import MODES
+from jaxhack.projection.arms import ARM_NAMES, ARMS  # noqa: F401  (re-exported)
+
+OLD_LOGP_SOURCES = ("current", "sampler")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # ---- model / data
+    preset: str = "smoke"
+    ckpt: str = "tiny"                 # "tiny" | "random-4b" | checkpoint NAME or DIR
+    tokenizer: str | None = None       # override: "byte" or a local HF tokenizer dir
+    dtype: str | None = None           # cast params (e.g. "bfloat16"); None keeps the stored dtype
+    problems: str = "bundled"          # problems jsonl or "bundled"
+    n_problems: int | None = None      # cap on training problems (after the held-out split)
+    eval_problems: str | None = None   # separate eval problems jsonl; None: hold out n_eval problems
+    n_eval: int = 3                    # held-out problems (when eval_problems is None)
+    split_seed: int = 1234             # fixed across seeds/arms: the same train/eval split everywhere
+    mode: str = "run_tests"            # loophole mode of the grader
+    hint: bool = True                  # put the mode's hint in the prompt
+    # ---- arm / v_hack
+    arm: str = "vanilla"
+    v_hack: str | None = None          # precomputed v_hack dir/.safetensors, or "random" (benchmark)
+    k: int = 1                         # v_hack rows per module
+    gate: str = "one_sided"
+    overshoot: float = 1.0
+    placement: str = "gradient"        # "gradient": clip -> projection -> adamw; "update": clip -> adamw -> projection
+    vhack_pairs: int | None = 64       # max template pairs for extraction at start
+    vhack_batch: int = 4               # pairs per per-sample-gradient chunk
+    vhack_max_len: int | None = None   # cut pair sequences to this many tokens
+    control_seed: int = 0              # seed of the random_v / shuffled controls
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    svd_random_bases: bool = False     # BENCHMARK ONLY: random orthonormal u/vh instead of the SVD
+    # ---- RL
+    seed: int = 0
+    steps: int = 4
+    group_size: int = 4                # G rollouts per prompt
+    prompts_per_step: int = 2          # pp
+    max_new: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 1e-3                 # K3 KL weight
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    old_logp: str = "current"          # "current": stop_gradient(logp) (ratio == 1); "sampler"
+    mix_teacher: str | None = None     # teacher pool dir
+    mix_per_group: int = 0             # K of the G rollouts replaced by teacher completions
+    format_reward: float = 0.5
+    pass_reward: float = 3.0
+    # ---- optimizer
+    lr: float = 1e-3
+    warmup_steps: int = 1
+    min_lr_ratio: float = 0.0          # cosine decays to lr * min_lr_ratio at `steps`
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    # ---- compute
+    microbatch: int | None = None      # rows per gradient / reference micro-batch (None: whole batch)
+    remat: str = "none"
+    logp_chunk: int = 256
+    prompt_multiple: int = 64
+    sandbox_wall_s: float = 10.0
+    grade_workers: int | None = None
+    # ---- eval / checkpoints / output
+    eval_every: int = 2                # 0: never
+    eval_samples: int = 1              # completions per held-out problem
+    eval_temperature: float = 0.0      # 0: greedy
+    eval_max_new: int | None = None    # None: max_new
+    ckpt_every: int = 2
+    keep_ckpts: int = 2
+    save_rollouts: bool = True
+    run_dir: str = "out/phase3/run"
+
+    def __post_init__(self):
+        """Validation: an invalid TrainConfig cannot exist (ValueError naming every bad field)."""
+        errors = []
+        if self.arm not in ARM_NAMES:
+            errors.append(f"arm {self.arm!r}: expected one of {ARM_NAMES}")
+        if self.mode not in MODES:
+            errors.append(f"mode {self.mode!r}: expected one of {MODES}")
+        if self.old_logp not in OLD_LOGP_SOURCES:
+            errors.append(f"old_logp {self.old_logp!r}: expected one of {OLD_LOGP_SOURCES}")
+        if self.placement not in ("gradient", "update"):
+            errors.append(f"placement {self.placement!r}: expected gradient or update")
+        for name in ("steps", "group_size", "prompts_per_step", "max_new", "k", "keep_ckpts",
+                     "eval_samples", "vhack_batch", "lora_rank"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.mix_per_group < self.group_size:
+            errors.append(f"mix_per_group must be in [0, group_size), got {self.mix_per_group} "
+                          f"(group_size {self.group_size}): at least one rollout must be sampled")
+        if self.mix_per_group > 0 and not self.mix_teacher:
+            errors.append("mix_per_group > 0 needs mix_teacher (a teacher pool dir)")
+        if self.lr < 0 or self.beta < 0 or self.warmup_steps < 0:
+            errors.append("lr, beta and warmup_steps must be >= 0")
+        if self.ckpt_every < 0 or self.eval_every < 0:
+            errors.append("ckpt_every and eval_every must be >= 0")
+        if self.microbatch is not None and self.microbatch < 1:
+            errors.append(f"microbatch must be >= 1, got {self.microbatch}")
+        if errors:
+            raise ValueError("invalid training config:\n  " + "\n  ".join(errors))
+
+    def check(self) -> "TrainConfig":
+        """Kept for callers of the old API: validation runs in __post_init__."""
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields that may differ between a run and its resumption (they do not change the trajectory).
+RESUME_FREE_FIELDS = ("run_dir", "grade_workers", "eval_every", "save_rollouts", "keep_ckpts",
+                      "ckpt_every", "sandbox_wall_s")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU, seconds: config.TINY random model, bundled problems.
+    "smoke": dict(ckpt="tiny", problems="bundled", group_size=4, prompts_per_step=2, steps=4,
+                  max_new=64, lr=1e-3, warmup_steps=0, eval_every=2, ckpt_every=2, n_eval=3,
+                  vhack_pairs=8),
+    # One GPU, minutes: Qwen3-4B, 20 steps.
+    "fast": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=8, steps=20, max_new=512,
+                 lr=7e-5, beta=1e-3, warmup_steps=2, eval_every=10, ckpt_every=10, n_eval=4,
+                 microbatch=8, remat="full", vhack_pairs=64, sandbox_wall_s=10.0),
+    # The seed's Phase 3 run (spec2.md): ~7 h per run on one 96 GB GPU.
+    "full": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=43, n_problems=992, beta=1e-3,
+                 lr=7e-5, steps=200, max_new=1536, warmup_steps=10, eval_every=20, ckpt_every=10,
+                 n_eval=64, microbatch=8, remat="full", vhack_pairs=128, sandbox_wall_s=10.0),
+}
+
+
+def make_config(preset: str = "smoke", **overrides) -> TrainConfig:
+    """TrainConfig defaults <- PRESETS[preset] <- overrides (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown training config field(s) {unknown}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(preset=preset, **values)
+
+
+# ---------------------------------------------------------------- CLI
+
+def _base_type(tp) -> type:
+    """int / float / str / bool from a (possibly Optional) resolved annotation."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+class _ExplicitNone:
+    """`--flag none` on the CLI: set the field to None (a plain None means "not given")."""
+
+    def __repr__(self):
+        return "none"
+
+
+EXPLICIT_NONE = _ExplicitNone()
+
+
+def _optional(kind):
+    def parse(text: str):
+        return EXPLICIT_NONE if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """--preset plus one flag per TrainConfig field (--group-size, --lr, ...); all default to None
+    (= the preset's value). Booleans: bare flag = true, or an explicit true/false. Optional fields
+    take "none" to clear the preset's value (e.g. --microbatch none)."""
+    parser.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    hints = typing.get_type_hints(TrainConfig)  # resolves the string annotations
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset" or f.name in skip:
+            continue
+        kind = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f"(default: preset value, else {default!r})"
+        if kind is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL",
+                                help=help_text + "; the bare flag means true")
+        else:
+            parser.add_argument(flag, type=_optional(kind), default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
+    overrides = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    overrides.update(extra)
+    cleared = [n for n, v in overrides.items() if v is EXPLICIT_NONE]
+    cfg = make_config(args.preset, **{n: v for n, v in overrides.items() if v is not EXPLICIT_NONE})
+    return dataclasses.replace(cfg, **{n: None for n in cleared}) if cleared else cfg

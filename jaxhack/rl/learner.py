@@ -1,0 +1,195 @@
+"""Phase 3 learner: the optimizer chain, the training batch built from a `Rollout`, reference
+log-probs, and the jitted update that differentiates the library GRPO loss
+(`grads.losses.grpo_batch_loss`, the loss the tests check) (docs/phase3.md, step 4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxhack.grads.batch import make_batch, place_completion_values
+from jaxhack.grads.losses import GRPO_AUX_KEYS, centered_advantages, grpo_batch_loss, reference_logprobs
+from jaxhack.models.config import Qwen3Config
+from jaxhack.projection.cosines import directions, safe_norm
+from jaxhack.projection.modules import to_module_vectors
+from jaxhack.projection.optax_projection import chain_with_projection, projection_metrics
+from jaxhack.rl.config import TrainConfig
+from jaxhack.rl.rollout import Rollout
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup 0 -> lr over warmup_steps, then cosine to lr * min_lr_ratio at `steps`."""
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup > 0 else cfg.lr, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig, v_hack: dict, projection_mode: str) -> optax.GradientTransformation:
+    """placement "gradient": chain(clip_by_global_norm, hack_projection, adamw): the projection sees
+    the clipped loss gradient (clip first, so the projected gradient's norm stays <= the clip, and
+    cos_in is measured on what the optimizer would otherwise get). placement "update":
+    chain(clip, adamw, hack_projection(placement="update")): the applied update itself has no
+    hack-ward component (closes the leak through Adam's per-coordinate rescaling)."""
+    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
+                        weight_decay=cfg.weight_decay)
+    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity()
+    return chain_with_projection(adamw, v_hack, placement=cfg.placement, before=(clip,),
+                                 mode=projection_mode, gate=cfg.gate, overshoot=cfg.overshoot)
+
+
+def chain_names(cfg: TrainConfig) -> list[str]:
+    """The chain's transforms in order (for run.json)."""
+    if cfg.placement == "gradient":
+        return ["clip_by_global_norm", "hack_projection", "adamw"]
+    return ["clip_by_global_norm", "adamw", "hack_projection(update)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the training batch
+
+def train_batch(rollout: Rollout, cfg: TrainConfig, pad_id: int, n_rows: int, seq_len: int
+                ) -> tuple[dict, np.ndarray]:
+    """Right-padded batch [n_rows, seq_len]: tokens / attention_mask / completion_mask, old_logp
+    [n_rows, seq_len], advantage [n_rows], use_current [n_rows] (old_logp := stop_gradient(logp)).
+    Rows past the rollout's N are padding with an empty completion mask (zero loss and gradient).
+    Returns (batch, advantages [N])."""
+    n_real = len(rollout)
+    pad_rows = n_rows - n_real
+    prompts = list(rollout.prompt_ids) + [rollout.prompt_ids[0]] * pad_rows
+    comps = list(rollout.completion_ids) + [[]] * pad_rows
+    batch = make_batch(prompts, comps, pad_id=pad_id, padding="right", length=seq_len)
+    adv = np.asarray(centered_advantages(rollout.rewards, group_size=cfg.group_size))  # [N]
+    use_current = np.ones((n_rows,), bool)
+    sampler_vals = []
+    for i, (ids, logp) in enumerate(zip(rollout.completion_ids, rollout.sampler_logp)):
+        if cfg.old_logp == "sampler" and logp is not None:
+            use_current[i] = False
+            sampler_vals.append(logp)
+        else:
+            sampler_vals.append(np.zeros(len(ids), np.float32))
+    sampler_vals += [np.zeros(0, np.float32)] * pad_rows
+    batch["old_logp"] = place_completion_values(batch, sampler_vals)
+    batch["advantage"] = np.concatenate([adv, np.zeros(pad_rows, np.float32)]).astype(np.float32)
+    batch["use_current"] = use_current
+    chex.assert_shape(batch["tokens"], (n_rows, seq_len))
+    return batch, adv
+
+
+def reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig) -> np.ndarray:
+    """[N,T] log-probs of the zero-adapter reference (the base model), cfg.microbatch rows at a time
+    (`grads.losses.reference_logprobs`; right-padded rows, so causal attention is exact)."""
+    return np.asarray(reference_logprobs(params, config, batch["tokens"], batch["attention_mask"],
+                                         chunk=cfg.logp_chunk, attention="causal",
+                                         microbatch=cfg.microbatch))
+
+
+# ----------------------------------------------------------------------------------------------
+# the jitted update
+
+@dataclasses.dataclass(frozen=True)
+class LossHyper:
+    """The static keyword arguments of `grpo_batch_loss` (a jit cache key)."""
+    group_size: int
+    max_new: int
+    prompts_per_step: int
+    clip_eps: float
+    clip_eps_high: float | None
+    beta: float
+    remat: str
+    chunk: int
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "LossHyper":
+        return cls(cfg.group_size, cfg.max_new, cfg.prompts_per_step, cfg.clip_eps, cfg.clip_eps_high,
+                   cfg.beta, cfg.remat, cfg.logp_chunk)
+
+
+def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config, hyper: LossHyper,
+                   microbatch: int | None):
+    """jit(update)(trainable, opt_state, frozen, params, batch) -> (trainable, opt_state, metrics).
+
+    The loss is `grpo_batch_loss` (causal attention: the rows are right-padded). With `microbatch`
+    M the N rows (N % M == 0) run as a lax.scan over N/M micro-batches, each with its own forward +
+    backward, gradients summed (memory of one micro-batch; the sum is the full-batch loss)."""
+    loss_fn = functools.partial(grpo_batch_loss, attention="causal", **dataclasses.asdict(hyper))
+
+    def global_norm(tree):
+        vecs = to_module_vectors(tree)  # SVD: delta_s only (delta_s_hack's gradient is a copy)
+        return jnp.sqrt(sum(jnp.sum(jnp.square(safe_norm(v))) for v in vecs.values()))
+
+    def grads_of(trainable, frozen, params, batch):
+        fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if microbatch is None:
+            (loss, aux), grads = fn(trainable, frozen, params, config, batch)
+            return loss, aux, grads
+        n = jax.tree.leaves(batch)[0].shape[0]
+        chex.assert_equal(n % microbatch, 0)
+        micro = jax.tree.map(lambda x: x.reshape(n // microbatch, microbatch, *x.shape[1:]), batch)
+
+        def body(carry, mb):
+            loss_acc, aux_acc, g_acc = carry
+            (loss, aux), g = fn(trainable, frozen, params, config, mb)
+            return (loss_acc + loss, jax.tree.map(jnp.add, aux_acc, aux), jax.tree.map(jnp.add, g_acc, g)), None
+
+        zero_aux = {k: jnp.zeros((), jnp.float32) for k in GRPO_AUX_KEYS}
+        init = (jnp.zeros((), jnp.float32), zero_aux, jax.tree.map(jnp.zeros_like, trainable))
+        (loss, aux, grads), _ = jax.lax.scan(body, init, micro)
+        return loss, aux, grads
+
+    @jax.jit
+    def update(trainable, opt_state, frozen, params, batch):
+        loss, aux, grads = grads_of(trainable, frozen, params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        n_tok = jnp.maximum(aux["n_tokens"], 1.0)
+        metrics = {"loss": loss, "kl_mean": aux["kl_sum"] / n_tok, "pg_token_mean": aux["pg_sum"] / n_tok,
+                   "ratio_mean": aux["ratio_sum"] / n_tok, "clip_frac": aux["clipped"] / n_tok,
+                   "n_tokens": aux["n_tokens"], "grad_norm": global_norm(grads),
+                   "update_norm": global_norm(updates), **projection_metrics(opt_state)}
+        return new_trainable, opt_state, metrics
+
+    return update
+
+
+def v_hack_digest(v_hack: dict) -> str:
+    """sha256 of the v_hack directions (names, shapes and fp32 bytes)."""
+    h = hashlib.sha256()
+    for name, v in sorted(directions(v_hack).items()):
+        a = np.ascontiguousarray(np.asarray(v, np.float32))
+        h.update(f"{name}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+_UPDATE_CACHE: dict = {}
+# TrainConfig fields the optimizer chain and the update's structure depend on (with LossHyper)
+OPTIMIZER_FIELDS = ("lr", "warmup_steps", "steps", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps",
+                    "max_grad_norm", "gate", "overshoot", "placement", "microbatch")
+
+
+def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, config: Qwen3Config
+                     ) -> tuple[optax.GradientTransformation, Callable]:
+    """(optimizer, jitted update) for this run; runs of one process with the same optimizer settings,
+    loss hyper-parameters, model config and v_hack share them, so jit compiles once (a sweep or a
+    resumed run in the same process). Keeps the 4 most recent entries."""
+    hyper = LossHyper.from_config(cfg)
+    key = (tuple(getattr(cfg, f) for f in OPTIMIZER_FIELDS), projection_mode, hyper, config,
+           v_hack_digest(v_hack))
+    if key not in _UPDATE_CACHE:
+        optimizer = make_optimizer(cfg, v_hack, projection_mode)
+        _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch))
+        while len(_UPDATE_CACHE) > 4:
+            _UPDATE_CACHE.pop(next(iter(_UPDATE_CACHE)))
+    return _UPDATE_CACHE[key]

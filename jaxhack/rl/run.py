@@ -1,0 +1,202 @@
+"""A Phase 3 run's fixed context: model, problems, teacher pool, adapter, v_hack and optimizer,
+built once by `setup_run`; the run directory's file names; resume checks; the final summary
+(docs/phase3.md, "Files" and "Resume")."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from jaxhack.env.problems import build_prompt, load_problems
+from jaxhack.io import read_jsonl
+from jaxhack.models.config import Qwen3Config
+from jaxhack.models.load import load_model, make_adapter
+from jaxhack.projection.arms import ARMS
+from jaxhack.projection.modules import module_dims
+from jaxhack.projection.pairs import pairs_from_env_templates, shuffle_labels
+from jaxhack.projection.v_hack import extract_v_hack, load_v_hack, random_v_hack, save_v_hack
+from jaxhack.rl.config import RESUME_FREE_FIELDS, TrainConfig
+from jaxhack.rl.data import load_teacher_pool, split_problems
+from jaxhack.rl.learner import cached_update_fn, chain_names
+
+METRICS_FILE, EVAL_FILE, RUN_FILE, DONE_FILE = "metrics.jsonl", "eval.jsonl", "run.json", "done.json"
+VHACK_DIR, ROLLOUT_DIR = "v_hack", "rollouts"
+MODEL_SEED = 0  # the embedded models ("tiny", "random-4b"): qwen3.init_params(PRNGKey(MODEL_SEED))
+# fold_in tags of the run's base key PRNGKey(seed): distinct large primes, so the eval and
+# random-bases streams never coincide with a step's sampling key fold_in(base_key, step)
+EVAL_TAG, BASES_TAG = 1_000_003, 1_000_037
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything fixed for a run (built once by `setup_run`)."""
+    cfg: TrainConfig
+    run_dir: Path
+    params: dict
+    config: Qwen3Config
+    tokenizer: Any
+    train_problems: list
+    eval_problems: list
+    prompt_ids: dict          # problem id -> prompt token ids
+    prompt_texts: dict        # problem id -> prompt text
+    teacher: dict | None      # problem id -> teacher records
+    frozen: dict
+    trainable0: dict
+    v_hack: dict
+    optimizer: optax.GradientTransformation
+    update_fn: Callable
+    seq_len: int              # T of every training batch
+    n_rows: int               # N of every training batch (pp * G padded to the microbatch)
+    prompt_multiple: int
+    base_key: jax.Array
+    info: dict
+
+
+def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokenizer, trainable, frozen,
+                params, config) -> tuple[dict, dict]:
+    """(bundle, meta) for the arm: `--v-hack PATH` | "random" | a random_v control | extracted from
+    template pairs over the training problems (label-shuffled for the "shuffled" control)."""
+    if cfg.v_hack and cfg.v_hack != "random":
+        bundle, meta = load_v_hack(cfg.v_hack)
+        return bundle, {**meta, "source": f"file:{cfg.v_hack}"}
+    if cfg.v_hack == "random" or control == "random":
+        n_layers = {n: int(jax.tree.leaves(m)[0].shape[0]) for n, m in trainable.items()}
+        dims = {n: (n_layers[n], d) for n, d in module_dims(trainable).items()}  # {name: (L, dim)}
+        bundle = random_v_hack(dims, seed=cfg.control_seed, k=cfg.k)
+        label = "random (benchmark --v-hack random)" if cfg.v_hack == "random" else "random_v control"
+        return bundle, {"source": label, "control": "random", "k": cfg.k, "seed": cfg.control_seed}
+    problems = list(train_problems)[:cfg.vhack_pairs] if cfg.vhack_pairs else list(train_problems)
+    pairs = pairs_from_env_templates(problems, cfg.mode, with_hint=cfg.hint)
+    if control == "shuffled":
+        pairs = shuffle_labels(pairs, seed=cfg.control_seed)
+    bundle, info = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=cfg.k,
+                                  batch_size=cfg.vhack_batch, max_len=cfg.vhack_max_len)
+    info.update(source="extracted from template pairs over the training problems", control=control,
+                n_problems=len(problems), control_seed=cfg.control_seed)
+    return bundle, info
+
+
+def lora_seed_for(cfg: TrainConfig, adapter: str) -> int:
+    """The LoRA basis seed of a run (A from PRNGKey(seed), the one rule of `models.load.make_adapter`):
+    a `--v-hack` file's recorded lora_seed (its directions live in that basis), else cfg.seed.
+    ValueError if the file is in another adapter basis or has another LoRA rank."""
+    if not cfg.v_hack or cfg.v_hack == "random":
+        return cfg.seed
+    _, meta = load_v_hack(cfg.v_hack)
+    if "adapter" in meta and meta["adapter"] != adapter:
+        raise ValueError(f"{cfg.v_hack}: a {meta['adapter']}-basis v_hack; arm {cfg.arm} uses {adapter}")
+    if adapter != "lora":
+        return cfg.seed
+    if "lora_rank" in meta and int(meta["lora_rank"]) != cfg.lora_rank:
+        raise ValueError(f"{cfg.v_hack}: v_hack lora_rank={meta['lora_rank']} but --lora-rank is {cfg.lora_rank}")
+    return int(meta.get("lora_seed", cfg.seed))
+
+
+def _jsonable(x):
+    """A JSON-safe copy (numpy scalars, paths -> str), for run.json."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def setup_run(cfg: TrainConfig, model=None) -> RunContext:
+    """Load the model / problems / pool, build the adapter (the one factory, `models.load.make_adapter`:
+    SVD cache dir and LoRA seed rules), the v_hack (extracted or loaded from RUN/v_hack) and the
+    optimizer. model: a preloaded (params, config, tokenizer)."""
+    run_dir = Path(cfg.run_dir)
+    arm = ARMS[cfg.arm]
+    t0 = time.time()
+    if model is not None:
+        params, config, tokenizer = model
+    else:
+        params, config, tokenizer, _ = load_model(cfg.ckpt, cfg.dtype, cfg.tokenizer, seed=MODEL_SEED)
+    problems = load_problems(cfg.problems)
+    held_src = load_problems(cfg.eval_problems) if cfg.eval_problems else None
+    train_problems, eval_problems = split_problems(problems, cfg, held_src)
+    if cfg.n_problems is not None and len(train_problems) < cfg.n_problems:
+        print(f"warning: n_problems={cfg.n_problems} but only {len(train_problems)} training problems "
+              f"available in {cfg.problems!r}")
+    prompt_texts = {p.id: build_prompt(p, cfg.mode, cfg.hint) for p in train_problems + eval_problems}
+    prompt_ids = {pid: list(tokenizer.encode(t)) for pid, t in prompt_texts.items()}
+    max_prompt = max(len(v) for v in prompt_ids.values())
+    prompt_multiple = -(-max_prompt // cfg.prompt_multiple) * cfg.prompt_multiple  # one prompt bucket
+    seq_len = -(-(max_prompt + cfg.max_new) // 64) * 64
+    n_rows = cfg.group_size * cfg.prompts_per_step
+    if cfg.microbatch is not None:
+        n_rows = -(-n_rows // cfg.microbatch) * cfg.microbatch
+    teacher = load_teacher_pool(cfg.mix_teacher) if cfg.mix_teacher and cfg.mix_per_group > 0 else None
+
+    base_key = jax.random.PRNGKey(cfg.seed)
+    lora_seed = lora_seed_for(cfg, arm.adapter)
+    bases_key = jax.random.fold_in(base_key, BASES_TAG) if cfg.svd_random_bases else None
+    trainable0, frozen = make_adapter(arm.adapter, params, config, ckpt=cfg.ckpt, lora_rank=cfg.lora_rank,
+                                      lora_alpha=cfg.lora_alpha, lora_seed=lora_seed,
+                                      random_bases_key=bases_key)
+    vdir = run_dir / VHACK_DIR
+    if vdir.is_dir():
+        v_hack, v_meta = load_v_hack(vdir)
+    else:
+        v_hack, v_meta = make_v_hack(cfg, arm.control, train_problems, tokenizer, trainable0, frozen,
+                                     params, config)
+        v_meta = _jsonable(v_meta)
+        save_v_hack(vdir, v_hack, v_meta, force=True)
+    optimizer, update_fn = cached_update_fn(cfg, v_hack, arm.projection, config)
+    info = {
+        "config": cfg.to_dict(), "arm": {"name": cfg.arm, "adapter": arm.adapter, "projection": arm.projection,
+                                         "control": arm.control},
+        "chain": chain_names(cfg),
+        "model": {"ckpt": cfg.ckpt, "config": config.to_dict(), "tokenizer": getattr(tokenizer, "name", "?"),
+                  "param_dtype": str(jax.tree.leaves(params)[0].dtype),
+                  "random_weights": cfg.ckpt in ("tiny", "random-4b")},
+        "svd_bases": ("RANDOM ORTHONORMAL (benchmark only, --svd-random-bases)" if cfg.svd_random_bases
+                      and arm.adapter == "svd" else ("svd of W" if arm.adapter == "svd" else "n/a (lora)")),
+        "lora_seed": lora_seed if arm.adapter == "lora" else None,
+        "v_hack": v_meta, "n_train_problems": len(train_problems), "n_eval_problems": len(eval_problems),
+        "train_problem_ids": [p.id for p in train_problems], "eval_problem_ids": [p.id for p in eval_problems],
+        "seq_len": seq_len, "batch_rows": n_rows, "max_prompt_tokens": max_prompt,
+        "devices": [str(d) for d in jax.devices()], "setup_s": round(time.time() - t0, 3),
+    }
+    return RunContext(cfg, run_dir, params, config, tokenizer, train_problems, eval_problems, prompt_ids,
+                      prompt_texts, teacher, frozen, trainable0, v_hack, optimizer, update_fn, seq_len,
+                      n_rows, prompt_multiple, base_key, info)
+
+
+def check_resume_config(old: dict, new: dict, path: Path) -> None:
+    """Raise unless the two config dicts agree outside RESUME_FREE_FIELDS."""
+    diff = {k: (old.get(k), v) for k, v in new.items()
+            if k not in RESUME_FREE_FIELDS and old.get(k) != v}
+    if diff:
+        raise ValueError(f"{path}: cannot resume, config differs from the run's: "
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
+
+
+def final_summary(run_dir: Path, window: int = 5) -> dict:
+    """Final numbers of a run: last eval record (if any) and the mean of the last `window` training
+    steps' policy hack / gt-pass rates, plus the max over the run of the windowed hack rate."""
+    metrics = read_jsonl(Path(run_dir) / METRICS_FILE)
+    evals = read_jsonl(Path(run_dir) / EVAL_FILE)
+    out: dict[str, Any] = {"steps_done": len(metrics)}
+    if metrics:
+        hack = np.asarray([m["hack_rate_policy"] for m in metrics], float)
+        gt = np.asarray([m["gt_pass_rate_policy"] for m in metrics], float)
+        w = min(window, len(hack))
+        out["train_hack_rate_final"] = float(np.nanmean(hack[-w:]))
+        out["train_gt_pass_rate_final"] = float(np.nanmean(gt[-w:]))
+        windowed = np.convolve(np.nan_to_num(hack), np.ones(w) / w, mode="valid")
+        out["train_hack_rate_max_windowed"] = float(windowed.max())
+        out["train_hack_rate_max"] = float(np.nanmax(hack))
+    if evals:
+        out["eval_step"] = evals[-1]["step"]
+        out["eval_hack_rate_final"] = evals[-1]["hack_rate"]
+        out["eval_gt_pass_rate_final"] = evals[-1]["gt_pass_rate"]
+        out["eval_hack_rate_max"] = float(max(e["hack_rate"] for e in evals))
+    return out

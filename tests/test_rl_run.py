@@ -1,0 +1,53 @@
+"""Phase 3 run set-up rules that need no model: config validation on construction, the LoRA seed
+rule with a v_hack file, and the typed Rollout's row checks (jaxhack/rl/config.py, run.py, rollout.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jaxhack.projection.v_hack import random_v_hack, save_v_hack
+from jaxhack.rl.config import TrainConfig, make_config
+from jaxhack.rl.rollout import Rollout
+from jaxhack.rl.run import lora_seed_for
+
+
+def test_invalid_train_config_cannot_exist():
+    with pytest.raises(ValueError, match="arm 'nope'"):
+        TrainConfig(arm="nope")
+    cfg = make_config("smoke", arm="projected")
+    with pytest.raises(ValueError, match="mix_per_group"):
+        dataclasses.replace(cfg, mix_per_group=cfg.group_size)  # replace re-validates
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        make_config("smoke", steps=0)
+
+
+def _save(tmp_path, bundle, meta):
+    save_v_hack(tmp_path / "vh", bundle, meta=meta, force=True)
+    return str(tmp_path / "vh")
+
+
+def test_lora_seed_rule(tmp_path):
+    path = _save(tmp_path, random_v_hack({"q_proj": (2, 8)}, seed=0, k=1),
+                 {"adapter": "lora", "lora_seed": 5, "lora_rank": 8})
+    cfg = make_config("smoke", arm="lora_projected", seed=2, v_hack=path)
+    assert lora_seed_for(cfg, "lora") == 5  # the file's basis, whatever the run's seed
+    assert lora_seed_for(dataclasses.replace(cfg, v_hack=None), "lora") == 2  # extracted: the run's seed
+    with pytest.raises(ValueError, match="lora_rank=8 but --lora-rank is 4"):
+        lora_seed_for(dataclasses.replace(cfg, lora_rank=4), "lora")
+    with pytest.raises(ValueError, match="lora-basis v_hack; arm projected uses svd"):
+        lora_seed_for(dataclasses.replace(cfg, arm="projected"), "svd")
+
+
+def test_rollout_rows_must_align():
+    row = dict(problems=("p", "q"), prompt_ids=([1], [2]), completion_ids=([3], [4]), completions=("a", "b"),
+               sources=("policy", "teacher"), sampler_logp=(np.zeros(1), None), finished=(True, True),
+               grades=("g", "h"))
+    assert len(Rollout(**row)) == 2 and Rollout(**row).policy_rows == [0]
+    with pytest.raises(ValueError, match="completions has 1 rows, expected 2"):
+        Rollout(**{**row, "completions": ("a",)})
+    with pytest.raises(ValueError, match="unknown"):
+        Rollout(**{**row, "sources": ("policy", "human")})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Rollout(**row).grades = ()
