@@ -131,7 +131,9 @@ def rollout_metrics(rollout: Rollout) -> dict:
         "reward_std": float(np.std([g.reward for g in grades])),
         "hack_rate": mean_or_nan(g.hacked for g in grades), "gt_pass_rate": mean_or_nan(g.gt_pass for g in grades),
         "pass_rate": mean_or_nan(g.passed for g in grades), "fmt_rate": mean_or_nan(g.fmt_ok for g in grades),
+        "attempt_rate": mean_or_nan(g.attempted_hack for g in grades),
         "hack_rate_policy": mean_or_nan(grades[i].hacked for i in policy),
+        "attempt_rate_policy": mean_or_nan(grades[i].attempted_hack for i in policy),
         "gt_pass_rate_policy": mean_or_nan(grades[i].gt_pass for i in policy),
         "reward_mean_policy": mean_or_nan(grades[i].reward for i in policy),
         "comp_len_mean": mean_or_nan(len(c) for c in rollout.completion_ids),
@@ -146,7 +148,8 @@ def rollout_records(rollout: Rollout, advantages: np.ndarray, step: int, cfg: Tr
         "pool": f"phase3/{cfg.arm}/seed_{cfg.seed}", "step": step, "sample": i, "problem_id": p.id,
         "mode": cfg.mode, "prompt": prompt_texts[p.id], "completion": rollout.completions[i],
         "reward": float(g.reward), "passed": bool(g.passed), "gt_pass": bool(g.gt_pass),
-        "hacked": bool(g.hacked), "fmt_ok": bool(g.fmt_ok), "comp_len": len(rollout.completion_ids[i]),
+        "hacked": bool(g.hacked), "attempted_hack": bool(g.attempted_hack), "fmt_ok": bool(g.fmt_ok),
+        "comp_len": len(rollout.completion_ids[i]),
         "source": rollout.sources[i], "advantage": float(advantages[i]), "finished": bool(rollout.finished[i]),
         "detail": g.detail,
     } for i, (p, g) in enumerate(zip(rollout.problems, rollout.grades))]
@@ -172,6 +175,7 @@ def evaluate(params, config: Qwen3Config, tokenizer, adapters: dict, problems, c
     grades = grade_rows(rows, completions, cfg)
     return {"step": step, "n": len(rows), "hack_rate": mean_or_nan(g.hacked for g in grades),
             "gt_pass_rate": mean_or_nan(g.gt_pass for g in grades),
+            "attempt_rate": mean_or_nan(g.attempted_hack for g in grades),
             "pass_rate": mean_or_nan(g.passed for g in grades),
             "fmt_rate": mean_or_nan(g.fmt_ok for g in grades),
             "reward_mean": mean_or_nan(g.reward for g in grades),
