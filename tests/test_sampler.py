@@ -290,6 +290,14 @@ def test_row_groups_and_prefill_chunks_do_not_change_tokens(params, temperature)
     np.testing.assert_allclose(parts.logprobs, whole.logprobs, atol=1e-4)
     assert sampler.row_groups(5, 2) == ([(0, 2), (2, 4), (4, 5)], 2)
     assert sampler.row_groups(258, 136) == ([(0, 129), (129, 258)], 136)
+    assert sampler.row_groups(258, 96) == ([(0, 86), (86, 172), (172, 258)], 88)
+    # max_lengths caps rows like an EOS (without `finished`), leaving the other tokens as they were
+    caps = [3, 12, 1, 12, 7]
+    capped = sampler.generate(params, CONFIG, prompts, max_rows=2, prefill_chunk=32, max_lengths=caps, **kwargs)
+    np.testing.assert_array_equal(capped.lengths, np.minimum(caps, whole.lengths))
+    for i, n in enumerate(capped.lengths):
+        np.testing.assert_array_equal(capped.tokens[i, :n], whole.tokens[i, :n])
+        assert (capped.tokens[i, n:] == 0).all()
 
 
 def test_finished_rows_read_no_cache(params):

@@ -102,12 +102,13 @@ def sample_from_logits(logits: jax.Array, keys: jax.Array, mode: jax.Array, temp
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["step", "done", "logits", "cache", "mask", "tokens", "logprobs"], meta_fields=[])
+                   data_fields=["step", "done", "eos", "logits", "cache", "mask", "tokens", "logprobs"], meta_fields=[])
 @dataclasses.dataclass
 class DecodeState:
     """The decode loop's carry (B rows of one group, S cache slots, prompt bucket P)."""
     step: jax.Array  # [] int32: t, the next token's index (cache slot P + t)
-    done: jax.Array  # [B] bool: the row emitted an EOS (or is batch padding)
+    done: jax.Array  # [B] bool: the row has stopped (EOS, its max_lengths cap, or batch padding)
+    eos: jax.Array  # [B] bool: the row emitted an EOS
     logits: jax.Array  # [B,V] fp32: next-token logits
     cache: dict  # {"k","v": L-tuples of [B,Hkv,S,hd]}
     mask: jax.Array  # [B,S] bool: slots holding a real token
@@ -127,16 +128,17 @@ def _prefill(params, adapters, prompt_tokens, mask, cache, config: Qwen3Config, 
     return hidden[:, -1], cache
 
 
-def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row_ids, eos, pad_id, key, mode,
+def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row_ids, row_max_new, eos, pad_id,
+                   key, mode,
                    temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int):
     """prompt_tokens, prompt_mask: [B,P]; row_active: [B] bool (False for batch-padding rows); row_ids:
     [B] int32, each row's index in the caller's prompt list (its sampling key is fold_in(step key, id));
-    eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
+    row_max_new: [B] int32, a row stops after this many tokens (as after an EOS, but not `finished`); eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
     Returns tokens [B,max_new] int32, logprobs [B,max_new] f32, lengths [B] int32, finished [B] bool."""
     B, P = prompt_tokens.shape
     S = -(-(P + max_new) // SPLIT) * SPLIT  # slots past P + max_new stay masked out
     chex.assert_shape(prompt_mask, (B, P))
-    chex.assert_shape([row_active, row_ids], (B,))
+    chex.assert_shape([row_active, row_ids, row_max_new], (B,))
     chex.assert_shape(eos, (MAX_EOS_IDS,))
 
     # per-layer (fused) weight copies, made once here rather than sliced on every decode step
@@ -159,21 +161,22 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
         live = ~state.done  # [B] this step's token is real
         token = jnp.where(live, token, pad_id)
         logp = jnp.where(live, logp, 0.0)
-        done = state.done | (live & jnp.any(token[:, None] == eos[None, :], axis=-1))
+        hit_eos = live & jnp.any(token[:, None] == eos[None, :], axis=-1)
+        done = state.done | hit_eos | (t + 1 >= row_max_new)
         slot = P + t
         mask = jax.lax.dynamic_update_slice(state.mask, live[:, None], (0, slot))
         hidden, cache = qwen3.forward(params, config, token[:, None], mask, adapters=adapters, cache=state.cache,
                                       cache_index=slot, attention="decode")  # hidden [B,1,D]
-        return DecodeState(step=t + 1, done=done, logits=qwen3.lm_logits(params, config, hidden[:, 0]),
+        return DecodeState(step=t + 1, done=done, eos=state.eos | hit_eos, logits=qwen3.lm_logits(params, config, hidden[:, 0]),
                            cache=cache, mask=mask, tokens=state.tokens.at[:, t].set(token),
                            logprobs=state.logprobs.at[:, t].set(logp))
 
-    init = DecodeState(step=jnp.int32(0), done=~row_active, logits=logits, cache=cache, mask=mask,
+    init = DecodeState(step=jnp.int32(0), done=~row_active, eos=jnp.zeros((B,), bool), logits=logits, cache=cache, mask=mask,
                        tokens=jnp.full((B, max_new), pad_id, jnp.int32),
                        logprobs=jnp.zeros((B, max_new), jnp.float32))
     final = jax.lax.while_loop(cond, body, init)
     lengths = jnp.sum(final.mask[:, P:P + max_new], axis=-1).astype(jnp.int32)  # [B]
-    return final.tokens, final.logprobs, lengths, final.done & row_active
+    return final.tokens, final.logprobs, lengths, final.eos & row_active
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=(
@@ -182,23 +185,25 @@ _generate_jit = jax.jit(_generate_impl, static_argnames=(
 
 def row_groups(n: int, max_rows: int | None) -> tuple[list[tuple[int, int]], int]:
     """Split n prompts into consecutive groups of near-equal size, each <= max_rows (None: one group).
-    Returns ([(start, stop)], B) where B is the padded batch of every group: batch_bucket(group size),
-    capped at max_rows, so the KV cache is never larger than max_rows rows and all groups share one
+    Returns ([(start, stop)], B) where B is the padded batch of every group: batch_bucket(n) for one
+    group (max_rows None), else the group size rounded up to a multiple of 8, capped at max_rows, so the KV cache is never larger than max_rows rows and all groups share one
     compiled program."""
     if max_rows is None:
         return [(0, n)], batch_bucket(n)
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if n <= max_rows:
+        return [(0, n)], min(batch_bucket(n), max_rows)
     n_groups = -(-n // max_rows)
     size = -(-n // n_groups)
-    return [(a, min(a + size, n)) for a in range(0, n, size)], min(batch_bucket(size), max_rows)
+    return [(a, min(a + size, n)) for a in range(0, n, size)], min(-(-size // 8) * 8, max_rows)
 
 
 def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, key: jax.Array, adapters: dict | None = None,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_ids: Sequence[int] | None = None,
              pad_id: int = 0, cache_dtype=None, prompt_multiple: int = 64, max_rows: int | None = None,
-             prefill_chunk: int | None = 256) -> SampleResult:
+             prefill_chunk: int | None = 256, max_lengths: Sequence[int] | None = None) -> SampleResult:
     """Sample `max_new_tokens` continuations of every prompt (lists of token ids, any lengths >= 1).
 
     adapters: merged per-module adapter dict as `qwen3.forward` takes, or None for the base model.
@@ -209,6 +214,9 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     prefill_chunk: prompt tokens per prefill forward (None: the whole prompt bucket at once); rounded
     down to a divisor of the prompt bucket. Neither changes the tokens: row i's randomness is
     fold_in(fold_in(key, step), i), whatever the grouping.
+    max_lengths: optional per-prompt cap on new tokens (<= max_new_tokens): row i stops after
+    max_lengths[i] tokens as if it had emitted an EOS there (but `finished` stays False). Traced, so
+    it never recompiles (benchmarks force completion lengths with it).
     """
     n = len(prompts)
     if n == 0:
@@ -232,6 +240,9 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     P = prompt_bucket(int(prompt_lengths.max()), prompt_multiple)
     chunk = P if prefill_chunk is None else max(c for c in range(1, min(prefill_chunk, P) + 1) if P % c == 0)
     groups, B = row_groups(n, max_rows)
+    caps = np.full((n,), max_new_tokens, np.int32) if max_lengths is None else np.asarray(max_lengths, np.int32)
+    if caps.shape != (n,) or caps.min() < 1:
+        raise ValueError(f"generate: max_lengths must be {n} ints >= 1")
     if cache_dtype is None:
         cache_dtype = params["embed"].dtype
     # token ids are traced: drop them from the static config so changing them never recompiles
@@ -242,9 +253,11 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
         tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
         row_active = np.arange(B) < stop - start
         row_ids = np.arange(start, start + B, dtype=np.int32)
+        row_max_new = np.full((B,), max_new_tokens, np.int32)
+        row_max_new[:stop - start] = np.minimum(caps[start:stop], max_new_tokens)
         out = _generate_jit(
             params, adapters, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_active),
-            jnp.asarray(row_ids), jnp.asarray(eos), jnp.int32(pad_id), key, jnp.int32(mode),
+            jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos), jnp.int32(pad_id), key, jnp.int32(mode),
             jnp.float32(1.0 if mode == GREEDY else temperature), jnp.float32(top_p), config=model_config,
             max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=chunk)
         outs.append([np.asarray(x)[:stop - start] for x in out])  # blocks: one group's cache at a time
