@@ -444,7 +444,7 @@ def main(argv=None) -> int:
                     help=f"comma-separated subset of {TORCH_VARIANTS} (also 'batched': no checkpointing)")
     ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
                     help="also run torch.compile of the fastest PyTorch variant (under --compile-timeout)")
-    ap.add_argument("--compile-timeout", type=float, default=240.0, help="seconds for the torch.compile child")
+    ap.add_argument("--compile-timeout", type=float, default=180.0, help="seconds for the torch.compile child")
     ap.add_argument("--torch-timeout", type=float, default=300.0, help="seconds for each other PyTorch child")
     ap.add_argument("--vmap-chunk", type=int, default=2, help="rows per torch.func.vmap chunk")
     ap.add_argument("--chunk", type=int, default=512)
