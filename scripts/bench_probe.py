@@ -28,9 +28,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxhack.bench import config_for, flop_floor, probe_inputs, probe_step  # noqa: E402,F401
+from jaxhack.bench import (_grads_to_numpy, config_for, flop_floor, hash_uniform_torch,  # noqa: E402,F401
+                           leaf_offset, probe_inputs, probe_step, relative_error, shared_inputs,
+                           NORM_STD, WEIGHT_STD)
+
 
 def _peak_bytes_jax():
     import jax
@@ -45,22 +50,24 @@ def run_jax(args) -> list[dict]:
     import jax
 
     from jaxhack.grads import losses
+    from jaxhack.grads.per_sample import per_sample_grads
 
     config = config_for(args.small)
     G, P, C = args.group_size, args.prompt_len, args.completion_len
     T = P + C
     params, trainable, frozen, v_hack, batch = probe_inputs(config, G, P, C)
-    out = []
+    out, saved = [], None
     for variant in args.variants.split(","):
-        remat, attention, *layers = variant.split(":")
-        unroll = layers == ["unroll"]
+        remat, attention, *flags = variant.split(":")
+        unroll, zero = "unroll" in flags, "zero" in flags
         loss = functools.partial(losses.reinforce_loss, group_size=G, remat=remat, chunk=args.chunk,
-                                 attention=attention, scan_layers=not unroll)
+                                 attention=attention, scan_layers=not unroll, delta_zero=zero)
         step = probe_step(config, v_hack, loss)
 
-        rec = {"impl": "jaxhack", "remat": remat, "attention": attention, "layers": "unrolled" if unroll else "scan",
-               "G": G, "T": T,
-               "device": str(jax.devices()[0])}
+        rec = {"impl": "jaxhack", "variant": variant, "remat": remat, "attention": attention,
+               "layers": "unrolled" if unroll else "scan", "delta_zero": zero, "G": G, "T": T,
+               "device": jax.devices()[0].device_kind}
+        print(f"[bench_probe] jaxhack {variant} ...", file=sys.stderr, flush=True)
         try:
             t0 = time.perf_counter()
             jax.block_until_ready(step(trainable, frozen, params, batch))
@@ -72,6 +79,14 @@ def run_jax(args) -> list[dict]:
                 times.append(time.perf_counter() - t0)
             rec.update(step_s=statistics.median(times), times=[round(t, 4) for t in times],
                        peak_bytes=_peak_bytes_jax())
+            grads = _grads_to_numpy(jax.jit(lambda tr, fr, p, b: per_sample_grads(loss, tr, fr, p, config, b))(
+                trainable, frozen, params, batch))
+            if saved is None:
+                saved = grads
+                if args.exchange:
+                    np.savez(args.exchange, **grads)
+            else:
+                rec["max_rel_err_vs_first"] = relative_error(saved, grads)
         except Exception as e:  # OOM on one policy must not hide the others
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         out.append(rec)
@@ -79,7 +94,13 @@ def run_jax(args) -> list[dict]:
     return out
 
 
-def run_torch(args) -> list[dict]:
+# ------------------------------------------------------------------------------------------ PyTorch
+TORCH_VARIANTS = ("loop", "batched_ckpt", "vmap")
+
+
+def torch_setup(args):
+    """transformers Qwen3ForCausalLM with the jaxhack inputs (hash_uniform_torch), and per Linear an SVD
+    adapter hook. Returns (model, modules [(layer, name, Linear)], tokens, adv, device)."""
     import torch
     import transformers
 
@@ -92,71 +113,165 @@ def run_torch(args) -> list[dict]:
         num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
         head_dim=config.head_dim, rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=config.tie_word_embeddings, attn_implementation="sdpa")
-    torch.manual_seed(0)
     with torch.device(device):
-        model = transformers.Qwen3ForCausalLM(hf_config).to(dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+        model = transformers.Qwen3ForCausalLM(hf_config).to(dtype)
+    L = config.num_hidden_layers
+
+    def fill(param, values):
+        with torch.no_grad():
+            param.copy_(values)
+        param.requires_grad_(False)
+
+    def stacked(name, shape, std):
+        return hash_uniform_torch(shape, leaf_offset(name), std, dtype, device)
+
+    def norm(name, shape):
+        return 1 + hash_uniform_torch(shape, leaf_offset(name), NORM_STD, torch.float32, device).to(dtype)
+
+    fill(model.model.embed_tokens.weight, stacked("['embed']", (config.vocab_size, config.hidden_size), WEIGHT_STD))
+    fill(model.model.norm.weight, norm("['final_norm']", (config.hidden_size,)))
+    if not config.tie_word_embeddings:
+        fill(model.lm_head.weight, stacked("['lm_head']", (config.hidden_size, config.vocab_size), WEIGHT_STD).T)
+    norms = {"input_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+             "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+    for key, path in norms.items():
+        dim = config.head_dim if key in ("q_norm", "k_norm") else config.hidden_size
+        values = norm(f"['layers']['{key}']", (L, dim))
+        for l, layer in enumerate(model.model.layers):
+            fill(layer.get_submodule(path).weight, values[l])
+    from jaxhack.models.config import module_shapes
+
+    modules = []
+    for name, (d_in, d_out) in module_shapes(config).items():
+        w = stacked(f"['layers']['{name}']", (L, d_in, d_out), WEIGHT_STD)
+        r = min(d_in, d_out)
+        u = hash_uniform_torch((L, d_out, r), leaf_offset(name + ".u"), d_out ** -0.5, dtype, device)
+        vh = hash_uniform_torch((L, r, d_in), leaf_offset(name + ".vh"), d_in ** -0.5, dtype, device)
+        for l, layer in enumerate(model.model.layers):
+            lin = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+            fill(lin.weight, w[l].T)
+            lin.register_buffer("svd_u", u[l].contiguous(), persistent=False)
+            lin.register_buffer("svd_vh", vh[l].contiguous(), persistent=False)
+            modules.append((l, name, lin))
+        del w
+    tokens, adv = shared_inputs(config, args.group_size, args.prompt_len, args.completion_len)
+    return model, modules, torch.as_tensor(tokens, device=device).long(), torch.as_tensor(adv, device=device), device
+
+
+def torch_variant(args, variant: str):
+    """A function step() -> per-sample delta_s gradients {module: [G, L, r]} for one PyTorch variant."""
+    import torch
+
+    model, modules, tokens, adv, device = torch_setup(args)
     G, P, C = args.group_size, args.prompt_len, args.completion_len
     T = P + C
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    deltas, hooks, v_hack = {}, [], {}
-    gen = torch.Generator(device=device).manual_seed(0)
-    for l, layer in enumerate(model.model.layers):
-        for name in names:
-            lin = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
-            d_out, d_in = lin.weight.shape
-            r = min(d_in, d_out)
-            u = (torch.randn(d_out, r, generator=gen, device=device) / max(d_out, r) ** 0.5).to(dtype)
-            vh = (torch.randn(r, d_in, generator=gen, device=device) / max(d_in, r) ** 0.5).to(dtype)
-            ds = torch.zeros(r, device=device, dtype=torch.float32, requires_grad=True)
-            v = torch.randn(r, generator=gen, device=device)
-            v_hack[(l, name)] = v / v.norm()
-            deltas[(l, name)] = ds
+    L = len(model.model.layers)
 
-            def hook(mod, inputs, output, u=u, vh=vh, ds=ds):
-                x = inputs[0]
-                return output + ((x @ vh.T) * ds.to(x.dtype)) @ u.T
+    def logp_loss(hidden, i0, i1):
+        """Per-row losses -A_i mean_t log p / G of rows i0:i1 from their hidden states [n, T, D]."""
+        logits = model.lm_head(hidden[:, P - 1:T - 1]).float()  # [n, C, V]
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[i0:i1, P:T, None])[..., 0]
+        return -adv[i0:i1] * logp.mean(-1) / G  # [n]
 
-            hooks.append(lin.register_forward_hook(hook))
-    tokens = torch.randint(0, config.vocab_size, (G, T), device=device)
-    adv = torch.rand(G, device=device) * 4
-    adv = adv - adv.mean()
-    keys = list(deltas)
+    def stack(per_module):  # {(l, name): [G, r]} -> {name: [G, L, r]}
+        names = dict.fromkeys(name for _, name, _ in modules)
+        return {n: torch.stack([per_module[(l, n)] for l in range(L)], 1) for n in names}
 
-    def step():
-        per_sample = []
-        for i in range(G):
-            logits = model(tokens[i:i + 1]).logits[0, P - 1:T - 1].float()  # [C, V]
-            logp = torch.log_softmax(logits, -1).gather(-1, tokens[i, P:T, None])[:, 0]
-            loss = -adv[i] * logp.mean() / G
-            grads = torch.autograd.grad(loss, [deltas[k] for k in keys])
-            per_sample.append(grads)
-        cos = torch.zeros(G, device=device)
-        for i, grads in enumerate(per_sample):
-            for k, g in zip(keys, grads):
-                cos[i] += (g @ v_hack[k]) / g.norm().clamp_min(1e-30)
-        cos /= len(keys)
-        batch_grad = [sum(per_sample[i][j] for i in range(G)) for j in range(len(keys))]
-        return cos, batch_grad
+    if variant == "loop":  # one sequence at a time, forward + backward each
+        for l, name, lin in modules:
+            lin.ds = torch.zeros(lin.svd_u.shape[1], device=device, requires_grad=True)
+            lin.register_forward_hook(lambda m, i, o: o + ((i[0] @ m.svd_vh.T) * m.ds.to(o.dtype)) @ m.svd_u.T)
+        model.eval()
+        params = [lin.ds for _, _, lin in modules]
 
-    rec = {"impl": "pytorch", "G": G, "T": T, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           "torch": torch.__version__, "transformers": transformers.__version__}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        def step():
+            rows = []
+            for i in range(G):
+                hidden = model.model(tokens[i:i + 1]).last_hidden_state
+                rows.append(torch.autograd.grad(logp_loss(hidden, i, i + 1).sum(), params))
+            return stack({(l, n): torch.stack([r[j] for r in rows]) for j, (l, n, _) in enumerate(modules)})
+        return step
+
+    if variant in ("batched_ckpt", "batched"):  # one batched backward, row b's own copy ds[b] (all equal)
+        for l, name, lin in modules:
+            lin.ds = torch.zeros(G, lin.svd_u.shape[1], device=device, requires_grad=True)
+            lin.register_forward_hook(
+                lambda m, i, o: o + ((i[0] @ m.svd_vh.T) * m.ds[:, None, :].to(o.dtype)) @ m.svd_u.T)
+        if variant == "batched_ckpt":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()  # HF checkpoints only in training mode (Qwen3 has no dropout)
+        else:
+            model.eval()
+        params = [lin.ds for _, _, lin in modules]
+
+        def step():
+            hidden = model.model(tokens).last_hidden_state
+            grads = torch.autograd.grad(logp_loss(hidden, 0, G).sum(), params)
+            return stack({(l, n): g for (l, n, _), g in zip(modules, grads)})
+        return step
+
+    if variant == "vmap":  # torch.func: vmap(grad) over functional_call, chunk_size rows at a time
+        from torch.func import functional_call, grad, vmap
+
+        for l, name, lin in modules:
+            lin.register_buffer("ds", torch.zeros(lin.svd_u.shape[1], device=device), persistent=False)
+            lin.register_forward_hook(lambda m, i, o: o + ((i[0] @ m.svd_vh.T) * m.ds.to(o.dtype)) @ m.svd_u.T)
+        model.eval()
+        keys = {f"model.layers.{l}.{'self_attn' if n.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
+                f".{n}.ds": (l, n) for l, n, _ in modules}
+        ds0 = {k: torch.zeros(dict(((l, n), lin) for l, n, lin in modules)[v].svd_u.shape[1], device=device)
+               for k, v in keys.items()}
+
+        def loss_one(ds, tok, a):
+            hidden = functional_call(model.model, {k[len("model."):]: v for k, v in ds.items()},
+                                     (tok[None],)).last_hidden_state
+            logits = model.lm_head(hidden[:, P - 1:T - 1]).float()
+            logp = torch.log_softmax(logits, -1).gather(-1, tok[None, P:T, None])[..., 0]
+            return (-a * logp.mean() / G)
+
+        per_row = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=args.vmap_chunk)
+
+        def step():
+            g = per_row(ds0, tokens, adv)
+            return stack({keys[k]: v for k, v in g.items()})
+        return step
+    raise ValueError(f"unknown torch variant {variant!r}")
+
+
+def run_torch(args) -> list[dict]:
+    import torch
+    import transformers
+
+    variant, compiled = args.torch_variant, False
+    if variant.startswith("compile:"):
+        variant, compiled = variant.split(":", 1)[1], True
+    G, T = args.group_size, args.prompt_len + args.completion_len
+    cuda = torch.cuda.is_available()
+    rec = {"impl": "pytorch", "variant": ("compile:" if compiled else "") + variant, "G": G, "T": T,
+           "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    print(f"[bench_probe] pytorch {rec['variant']} ...", file=sys.stderr, flush=True)
+    step = torch_variant(args, variant)
+    if compiled:
+        step = torch.compile(step)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
-    step()
+    grads = step()
     sync()
     rec["first_call_s"] = round(time.perf_counter() - t0, 2)
-    if device == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.torch_runs):
         t0 = time.perf_counter()
-        step()
+        grads = step()
         sync()
         times.append(time.perf_counter() - t0)
     rec.update(step_s=statistics.median(times), times=[round(t, 4) for t in times],
-               peak_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
+               peak_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+    if args.exchange and os.path.exists(args.exchange):
+        ours = dict(np.load(args.exchange))
+        rec["max_rel_err"] = relative_error(ours, {k: v.float().cpu().numpy() for k, v in grads.items()})
     print(json.dumps(rec), flush=True)
     return [rec]
 
@@ -167,16 +282,27 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--completion-len", type=int, default=1024)
-    ap.add_argument("--variants", default="linear:causal,dots:causal,full:causal",
-                    help="comma-separated REMAT:ATTENTION[:unroll] (remat none|full|dots|linear; attention "
-                         "masked|causal; unroll: layers unrolled instead of lax.scan)")
+    ap.add_argument("--variants", default="linear:causal:zero,linear:causal",
+                    help="comma-separated REMAT:ATTENTION[:unroll][:zero] (remat none|full|dots|linear; attention "
+                         "masked|causal; unroll: layers unrolled instead of lax.scan; zero: the exact delta_s = 0 "
+                         "path). The first variant's gradients are the reference the others are checked against")
+    ap.add_argument("--torch-variants", default="loop,batched_ckpt,vmap",
+                    help=f"comma-separated subset of {TORCH_VARIANTS} (also 'batched': no checkpointing)")
+    ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run torch.compile of the fastest PyTorch variant (under --compile-timeout)")
+    ap.add_argument("--compile-timeout", type=float, default=180.0, help="seconds for the torch.compile child")
+    ap.add_argument("--torch-timeout", type=float, default=300.0, help="seconds for each other PyTorch child")
+    ap.add_argument("--vmap-chunk", type=int, default=2, help="rows per torch.func.vmap chunk")
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--torch-runs", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100 SXM: 989)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--child", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--torch-variant", default="loop", help=argparse.SUPPRESS)
+    ap.add_argument("--exchange", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="write the JSON lines here (default docs/results/bench_probe.jsonl; "
+                                                "--small: not written unless given)")
     args = ap.parse_args(argv)
     if args.small:
         args.prompt_len, args.completion_len, args.group_size = 16, 32, 2
@@ -184,42 +310,68 @@ def main(argv=None) -> int:
         (run_jax if args.child == "jax" else run_torch)(args)
         return 0
 
+    import tempfile
+
+    out = args.out or (None if args.small else str(Path(__file__).resolve().parents[1] / "docs/results/bench_probe.jsonl"))
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "--out" in argv:
+        k = argv.index("--out")
+        del argv[k:k + 2]
+    exchange = os.path.join(tempfile.mkdtemp(prefix="bench_probe_"), "jax_grads.npz")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92"))
     results = []
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--out" and not a.endswith(".jsonl")]
-    for child in (("jax",) if args.skip_torch else ("jax", "torch")):
-        env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92"))
-        proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", child], env=env,
-                              capture_output=True, text=True)
+
+    def child(kind, extra, timeout):
+        cmd = [sys.executable, __file__, *argv, "--child", kind, "--exchange", exchange, *extra]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            got = [json.loads(ln) for ln in (e.stdout or b"").decode(errors="replace").splitlines() if ln.startswith("{")]
+            return got or [{"impl": "jaxhack" if kind == "jax" else "pytorch", "variant": extra[-1] if extra else "", "error": f"timeout after {timeout:.0f} s"}]
         sys.stderr.write(proc.stderr[-3000:])
-        for line in proc.stdout.splitlines():
-            if line.startswith("{"):
-                results.append(json.loads(line))
+        got = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0:
-            results.append({"impl": child, "error": f"exit {proc.returncode}: {proc.stderr[-500:]}"})
+            got.append({"impl": "jaxhack" if kind == "jax" else "pytorch", "variant": extra[-1] if extra else "",
+                        "error": f"exit {proc.returncode}: {proc.stderr[-500:]}"})
+        return got
+
+    results += child("jax", [], None)
+    if not args.skip_torch:
+        for variant in args.torch_variants.split(","):
+            results += child("torch", ["--torch-variant", variant], args.torch_timeout)
+        done = [r for r in results if r.get("impl") == "pytorch" and "step_s" in r]
+        if args.torch_compile and done:
+            best = min(done, key=lambda r: r["step_s"])["variant"]
+            results += child("torch", ["--torch-variant", f"compile:{best}"], args.compile_timeout)
     config = config_for(args.small)
-    floor = flop_floor(config, args.group_size, args.prompt_len, args.completion_len)
-    floor_s = floor["total"] / (args.peak_tflops * 1e12)
-    torch_s = next((r["step_s"] for r in results if r.get("impl") == "pytorch" and "step_s" in r), None)
-    print(f"FLOP floor: {floor['total'] / 1e12:.1f} TFLOP -> {floor_s * 1e3:.1f} ms at {args.peak_tflops} TFLOP/s")
-    print(f"{'impl':<10} {'variant':<20} {'step s':>8} {'compile s':>9} {'peak GiB':>9} {'vs torch':>9} {'MFU(floor)':>10}")
+    floors = {zero: flop_floor(config, args.group_size, args.prompt_len, args.completion_len, zero)
+              for zero in (False, True)}
+    floor_s = {zero: f["total"] / (args.peak_tflops * 1e12) for zero, f in floors.items()}
+    torch_best = min((r["step_s"] for r in results if r.get("impl") == "pytorch" and "step_s" in r), default=None)
+    print(f"FLOP floor: general {floors[False]['total'] / 1e12:.1f} TFLOP -> {floor_s[False] * 1e3:.1f} ms; "
+          f"delta_s = 0 {floors[True]['total'] / 1e12:.1f} TFLOP -> {floor_s[True] * 1e3:.1f} ms at "
+          f"{args.peak_tflops} TFLOP/s")
+    print(f"{'impl':<10} {'variant':<26} {'step s':>8} {'first s':>8} {'peak GiB':>9} {'vs best torch':>13} "
+          f"{'MFU gen':>8} {'MFU d0':>8} {'rel err':>8}")
     for r in results:
         if "step_s" not in r:
-            print(f"{r.get('impl'):<10} {r.get('remat', '')}:{r.get('attention', '')}:{r.get('layers', '')} "
-                  f"error: {r.get('error', '')[:100]}")
+            print(f"{r.get('impl'):<10} {r.get('variant', ''):<26} error: {r.get('error', '')[:100]}")
             continue
-        r["floor_tflop"] = floor["total"] / 1e12
-        r["mfu_floor"] = floor_s / r["step_s"]
-        r["speedup_vs_torch"] = (torch_s / r["step_s"]) if torch_s else None
+        r["floor_tflop"] = floors[False]["total"] / 1e12
+        r["floor_tflop_delta_zero"] = floors[True]["total"] / 1e12
+        r["mfu_floor"] = floor_s[False] / r["step_s"]
+        r["mfu_floor_delta_zero"] = floor_s[True] / r["step_s"]
+        r["speedup_vs_best_torch"] = (torch_best / r["step_s"]) if torch_best else None
         peak = (r.get("peak_bytes") or 0) / 2**30
-        ratio = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "n/a"
-        variant = (f"{r['remat']}:{r['attention']}" + (":unroll" if r.get("layers") == "unrolled" else "")
-                   if "remat" in r else "loop")
-        print(f"{r['impl']:<10} {variant:<20} {r['step_s']:>8.3f} {r.get('first_call_s', 0):>9.1f} {peak:>9.1f} {ratio:>9} "
-              f"{r['mfu_floor'] * 100:>9.1f}%")
-    if args.out:
-        with open(args.out, "w") as f:
+        ratio = f"{r['speedup_vs_best_torch']:.2f}x" if r["speedup_vs_best_torch"] else "n/a"
+        err = r.get("max_rel_err", r.get("max_rel_err_vs_first"))
+        print(f"{r['impl']:<10} {r.get('variant', ''):<26} {r['step_s']:>8.3f} {r.get('first_call_s', 0):>8.1f} "
+              f"{peak:>9.1f} {ratio:>13} {r['mfu_floor'] * 100:>7.1f}% {r['mfu_floor_delta_zero'] * 100:>7.1f}% "
+              f"{'' if err is None else f'{err:.4f}':>8}")
+    if out:
+        with open(out, "a") as f:
             for r in results:
-                f.write(json.dumps({**r, "floor": floor}) + "\n")
+                f.write(json.dumps({**r, "floor": floors[False], "floor_delta_zero": floors[True]}) + "\n")
     return 0
 
 

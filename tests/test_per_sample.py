@@ -232,3 +232,30 @@ def test_lora_gradients(params, right):
     fd = (at(+1) - at(-1)) / (2 * h)
     analytic = np.array([tree_dot(jax.tree.map(lambda x: x[i], g), v) for i in range(len(PROMPTS))])
     np.testing.assert_allclose(fd, analytic, rtol=2e-3, atol=2e-3 * np.abs(analytic).max())
+
+
+def test_delta_zero_path_equals_general_path(params, svd, right):
+    """At delta_s + delta_s_hack == 0 the delta_zero fast path (no adapter forward term, no adapter
+    activation-gradient term) gives the general path's per-sample gradients (fp32, under the
+    "linear" remat policy the probes use)."""
+    trainable = adapters.zeros_like_trainable(svd[0])
+    frozen = svd[1]
+    batch = {**right, "advantage": jnp.asarray([1.0, -0.5, 2.0, -2.5])}
+    loss = functools.partial(losses.reinforce_loss, group_size=4, remat="linear")
+    fast = functools.partial(losses.reinforce_loss, group_size=4, remat="linear", delta_zero=True)
+    g_general = per_sample.per_sample_grads(loss, trainable, frozen, params, CONFIG, batch)
+    g_fast = per_sample.per_sample_grads(fast, trainable, frozen, params, CONFIG, batch)
+    assert_trees_close(g_fast, g_general, rtol=1e-5, rel_atol=1e-6)
+    assert float(np.abs(np.asarray(g_general["q_proj"]["delta_s"])).max()) > 0  # not trivially zero
+    assert float(np.abs(np.asarray(g_general["down_proj"]["delta_s_hack"])).max()) > 0
+    # the fast path really drops the adapter's terms: away from delta_s = 0 it differs (same compile)
+    g_fast = per_sample.per_sample_grads(fast, svd[0], frozen, params, CONFIG, batch)
+    g_general = per_sample.per_sample_grads(loss, svd[0], frozen, params, CONFIG, batch)
+    assert not np.allclose(g_fast["q_proj"]["delta_s"], g_general["q_proj"]["delta_s"], rtol=1e-3)
+
+
+def test_delta_zero_path_rejects_lora(params):
+    trainable, frozen = adapters.init_lora_adapter(params, CONFIG, jax.random.PRNGKey(0), targets=TARGETS)
+    batch = as_jax(rl_batch.make_batch(PROMPTS[:1], COMPLETIONS[:1]))
+    with pytest.raises(ValueError, match="SVD"):
+        losses.sample_logprobs(trainable, frozen, params, CONFIG, row(batch, 0), delta_zero=True)

@@ -30,19 +30,22 @@ from jaxhack.models.config import Qwen3Config
 # ----------------------------------------------------------------------------------------------
 # log-probs
 
-@functools.partial(jax.jit, static_argnames=("config", "remat", "chunk", "attention", "scan_layers"))
+@functools.partial(jax.jit, static_argnames=("config", "remat", "chunk", "attention", "scan_layers",
+                                             "delta_zero"))
 def sequence_logprobs(params, config: Qwen3Config, adapters, tokens: jax.Array, attention_mask: jax.Array,
                       remat: str = "none", chunk: int = 256, attention: str = "masked",
-                      scan_layers: bool = True) -> jax.Array:
+                      scan_layers: bool = True, delta_zero: bool = False) -> jax.Array:
     """[N,T] fp32: entry t is log p(tokens[t] | tokens[<t]); entry 0 is 0.
 
     adapters: merged adapter dict (`adapters.merge`) or None for the base model.
     attention: "masked" (any padding) or "causal" (fused kernel; right-padded rows only), see
     qwen3.forward. scan_layers: lax.scan over layers (fast compile) or unrolled (see qwen3.forward).
+    delta_zero: the SVD adapter's delta_s + delta_s_hack is exactly 0 (probes at the base model):
+    the exact fast path of qwen3.forward (same values and delta_s gradients, fewer matmuls).
     """
     chex.assert_rank([tokens, attention_mask], 2)
     hidden, _ = qwen3.forward(params, config, tokens, attention_mask, adapters=adapters, remat=remat,
-                              attention=attention, scan_layers=scan_layers)
+                              attention=attention, scan_layers=scan_layers, delta_zero=delta_zero)
     logp_next = qwen3.token_logprobs(params, config, hidden[:, :-1], tokens[:, 1:], chunk=chunk)  # [N,T-1]
     return jnp.pad(logp_next, ((0, 0), (1, 0)))
 
@@ -62,12 +65,12 @@ def reference_logprobs(params, config: Qwen3Config, tokens: jax.Array, attention
 
 def sample_logprobs(trainable, frozen, params, config: Qwen3Config, sample: dict,
                     remat: str = "none", chunk: int = 256, attention: str = "masked",
-                    scan_layers: bool = True) -> jax.Array:
+                    scan_layers: bool = True, delta_zero: bool = False) -> jax.Array:
     """[T] log-probs of one sample (row of a batch) under the merged adapter."""
     chex.assert_rank([sample["tokens"], sample["attention_mask"]], 1)
     logp = sequence_logprobs(params, config, merge(trainable, frozen), sample["tokens"][None],
                              sample["attention_mask"][None], remat=remat, chunk=chunk,
-                             attention=attention, scan_layers=scan_layers)
+                             attention=attention, scan_layers=scan_layers, delta_zero=delta_zero)
     return logp[0]
 
 
@@ -135,17 +138,23 @@ def grpo_from_logprobs(logp, completion_mask, advantage, old_logp, ref_logp, *, 
 # per-sample losses: loss_i(trainable, frozen, params, config, sample) -> scalar
 
 def nll_loss(trainable, frozen, params, config: Qwen3Config, sample: dict, *, remat: str = "none",
-             chunk: int = 256, attention: str = "masked", scan_layers: bool = True) -> jax.Array:
-    """NLL: mean over completion tokens of -log p. sample: tokens, attention_mask, completion_mask [T]."""
-    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention, scan_layers)
+             chunk: int = 256, attention: str = "masked", scan_layers: bool = True,
+             delta_zero: bool = False) -> jax.Array:
+    """NLL: mean over completion tokens of -log p. sample: tokens, attention_mask, completion_mask [T].
+    delta_zero=True: exact fast path when the SVD adapter's delta_s + delta_s_hack == 0 (v_hack
+    extraction, Phase 1), see sequence_logprobs."""
+    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention, scan_layers,
+                           delta_zero)
     return nll_from_logprobs(logp, sample["completion_mask"])
 
 
 def reinforce_loss(trainable, frozen, params, config: Qwen3Config, sample: dict, *, group_size: int,
                    remat: str = "none", chunk: int = 256, attention: str = "masked",
-                   scan_layers: bool = True) -> jax.Array:
-    """Phase 2: -A_i sum_t(logp m) / sum_t m / G; sample["advantage"]: [] (centered, see below)."""
-    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention, scan_layers)
+                   scan_layers: bool = True, delta_zero: bool = False) -> jax.Array:
+    """Phase 2: -A_i sum_t(logp m) / sum_t m / G; sample["advantage"]: [] (centered, see below).
+    delta_zero=True: exact fast path when delta_s + delta_s_hack == 0 (Phase 2 probes at lr=0)."""
+    logp = sample_logprobs(trainable, frozen, params, config, sample, remat, chunk, attention, scan_layers,
+                           delta_zero)
     return reinforce_from_logprobs(logp, sample["completion_mask"], sample["advantage"], group_size)
 
 

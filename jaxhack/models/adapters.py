@@ -43,6 +43,44 @@ def adapter_delta(x: jax.Array, adapter: dict) -> jax.Array:
     raise ValueError(f"unknown adapter with keys {sorted(adapter)}; expected SVD (delta_s) or LoRA (a, b)")
 
 
+def zero_delta_tap(y: jax.Array, x: jax.Array, adapter: dict) -> jax.Array:
+    """y + adapter_delta(x, adapter) for an SVD adapter whose delta_s + delta_s_hack is exactly 0.
+
+    At s = 0 the adapter adds nothing to the forward and nothing to the input's gradient
+    (((dy U) * s) Vh = 0); the only non-zero derivative is d/ds = sum_t (x Vh^T) * (dy U). So only
+    h = x Vh^T (forward) and dy U (backward) are computed: the same values as the general path when
+    s = 0, without its (h * s) U^T and ((dy U) * s) Vh matmuls. Wrong for s != 0: the caller decides
+    (a static flag, e.g. probes at delta_s = 0), nothing checks the values inside jit.
+    y: [..., d_out]; x: [..., d_in] -> y unchanged, with the delta_s gradient attached.
+    """
+    if "delta_s" not in adapter:
+        raise ValueError("the delta_s = 0 path is for SVD adapters (delta_s), got keys "
+                         f"{sorted(adapter)}")
+    s = (adapter["delta_s"] + adapter["delta_s_hack"]).astype(x.dtype)  # [r]
+    h = jnp.einsum("...i,ri->...r", x, adapter["vh"].astype(x.dtype))  # [..., r]
+    h = checkpoint_name(h, "adapter_h")  # saved by the "linear" remat policy
+    return _zero_tap(y, jax.lax.stop_gradient(h), adapter["u"].astype(x.dtype), s)
+
+
+@jax.custom_vjp
+def _zero_tap(y, h, u, s):
+    return y
+
+
+def _zero_tap_fwd(y, h, u, s):
+    return y, (h, u, s)
+
+
+def _zero_tap_bwd(residuals, dy):
+    h, u, s = residuals
+    g = jnp.einsum("...o,or->...r", dy.astype(h.dtype), u)  # [..., r] = dy U
+    ds = jnp.sum((g * h).reshape(-1, h.shape[-1]), axis=0)  # [r], as the general path's mul transpose
+    return dy, None, None, ds.astype(s.dtype)
+
+
+_zero_tap.defvjp(_zero_tap_fwd, _zero_tap_bwd)
+
+
 # ----------------------------------------------------------------------------------------------
 # shapes and tree helpers
 

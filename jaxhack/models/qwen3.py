@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxhack.models.adapters import adapter_delta
+from jaxhack.models.adapters import adapter_delta, zero_delta_tap
 from jaxhack.models.config import Qwen3Config, module_shapes
 from jaxhack.models.decode_attention import decode_attention
 
@@ -72,12 +72,20 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def linear(x: jax.Array, w: jax.Array, adapter: dict | None) -> jax.Array:
+def _add_adapter(y: jax.Array, x: jax.Array, adapter: dict | None, delta_zero: bool) -> jax.Array:
+    """y + the adapter's delta for input x. delta_zero (SVD only, the caller's promise that
+    delta_s + delta_s_hack == 0): the exact delta_s = 0 path of `adapters.zero_delta_tap`."""
+    if adapter is None:
+        return y
+    if delta_zero:
+        return zero_delta_tap(y, x, adapter)
+    return y + adapter_delta(x, adapter).astype(y.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array, adapter: dict | None, delta_zero: bool = False) -> jax.Array:
     """y = x @ w (+ adapter delta). x: [..., d_in], w: [d_in, d_out]. The output is named
-    "linear_out" for the "linear" remat policy."""
-    y = x @ w
-    if adapter is not None:
-        y = y + adapter_delta(x, adapter).astype(y.dtype)
+    "linear_out" for the "linear" remat policy. delta_zero: see `_add_adapter`."""
+    y = _add_adapter(x @ w, x, adapter, delta_zero)
     return checkpoint_name(y, "linear_out")
 
 
@@ -108,16 +116,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if fused else "xla")
 
 
-def _projections(x, layer, ad, names: tuple[str, ...], fused_name: str, sizes: tuple[int, ...]):
+def _projections(x, layer, ad, names: tuple[str, ...], fused_name: str, sizes: tuple[int, ...],
+                 delta_zero: bool = False):
     """The Linears `names` (output widths `sizes`) that all read x: one matmul against the fused
     weight when the layer has `fused_name` (decode_layers), then each module's adapter delta; else
     one linear() each. Returns a list of [..., size] arrays."""
     if fused_name not in layer:
-        return [linear(x, layer[name], ad(name)) for name in names]
+        return [linear(x, layer[name], ad(name), delta_zero) for name in names]
     fused = x @ layer[fused_name]  # [..., sum(sizes)]
     outs = jnp.split(fused, list(itertools.accumulate(sizes))[:-1], axis=-1)
-    return [y if ad(name) is None else y + adapter_delta(x, ad(name)).astype(y.dtype)
-            for name, y in zip(names, outs)]
+    return [_add_adapter(y, x, ad(name), delta_zero) for name, y in zip(names, outs)]
 
 
 def decode_layers(params: Params, adapters: dict | None = None):
@@ -142,19 +150,21 @@ def decode_layers(params: Params, adapters: dict | None = None):
 
 
 def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask, cache_index,
-           config: Qwen3Config, attention_kind: str = "masked", decode_range=None):
+           config: Qwen3Config, attention_kind: str = "masked", decode_range=None, key_len=None,
+           delta_zero: bool = False):
     """One decoder layer. h: [B,T,D]. cache_kv: None or this layer's cache (k, v), each [B,Hkv,S,hd];
     the new keys/values are written in place at [:, :, cache_index]. The head-major layout lets both
     attention matmuls read the cache as it lies (a [B,S,Hkv,hd] layout made XLA re-lay out the whole
     cache on every decode step). decode_range: ([B] first, [B] one-past-last) cache slot each row
-    attends to, for attention_kind "decode"."""
+    attends to, for attention_kind "decode". key_len (static): masked attention reads only cache slots
+    [0, key_len) (a prefill chunk never attends past its own end). delta_zero: see `_add_adapter`."""
     B, T, _ = h.shape
     hd, Hq, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     ad = (lambda name: None) if layer_adapters is None else (lambda name: layer_adapters.get(name))
 
     x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
     q, k, v = _projections(x, layer, ad, ("q_proj", "k_proj", "v_proj"), "qkv_proj",
-                           (config.q_dim, config.kv_dim, config.kv_dim))
+                           (config.q_dim, config.kv_dim, config.kv_dim), delta_zero)
     q, k, v = q.reshape(B, T, Hq, hd), k.reshape(B, T, Hkv, hd), v.reshape(B, T, Hkv, hd)
     q = rope(rms_norm(q, layer["q_norm"], config.rms_norm_eps), positions, config.rope_theta)
     k = rope(rms_norm(k, layer["k_norm"], config.rms_norm_eps), positions, config.rope_theta)
@@ -173,14 +183,17 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
             new_kv = None
         if attention_kind == "decode":  # one query per row over its live cache slots only
             attn = decode_attention(q[:, 0], k_heads, v_heads, *decode_range).reshape(B, T, Hq * hd)
+        elif key_len is not None:  # static prefix of the slots: scores [B,Hkv,g,T,key_len], not [..,S]
+            attn = attention(q, k_heads[:, :, :key_len], v_heads[:, :, :key_len], query_slots,
+                             key_mask[:, :key_len], config)
         else:
             attn = attention(q, k_heads, v_heads, query_slots, key_mask, config)
-    h = h + linear(attn, layer["o_proj"], ad("o_proj"))
+    h = h + linear(attn, layer["o_proj"], ad("o_proj"), delta_zero)
 
     x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
     gate, up = _projections(x, layer, ad, ("gate_proj", "up_proj"), "gate_up_proj",
-                            (config.intermediate_size, config.intermediate_size))
-    h = h + linear(jax.nn.silu(gate) * up, layer["down_proj"], ad("down_proj"))
+                            (config.intermediate_size, config.intermediate_size), delta_zero)
+    h = h + linear(jax.nn.silu(gate) * up, layer["down_proj"], ad("down_proj"), delta_zero)
     return h, new_kv
 
 
@@ -201,7 +214,7 @@ def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.bfloat16
 def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention_mask: jax.Array,
             adapters: dict | None = None, cache: dict | None = None, cache_index=None,
             remat: str = "none", positions: jax.Array | None = None, attention: str = "masked",
-            scan_layers: bool = True):
+            scan_layers: bool = True, key_len: int | None = None, delta_zero: bool = False):
     """Final hidden states of the decoder.
 
     input_ids: [B,T] int; attention_mask: [B,S] bool (S == T without a cache, S = cache length with one);
@@ -214,7 +227,14 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     is right-padded, i.e. no pad before a real token, and no cache; the outputs at pad positions are
     then meaningless and must be masked by the caller, as losses do) or "decode" (T == 1 with a
     cache: each row attends to the slots from its first masked-in slot to cache_index, which must
-    all be masked in, as in the sampler; `decode_attention` reads only those slots).
+    all be masked in, as in the sampler; `decode_attention` reads only those slots; a row whose
+    slot cache_index is masked out, i.e. a finished or padding row, reads that one slot only and its
+    output is meaningless).
+    key_len: with a cache and "masked" attention, attend only to slots [0, key_len) (static; the
+    sampler's prefill chunks: queries at slots < key_len never attend past it, so this is exact).
+    delta_zero: the SVD adapter's delta_s + delta_s_hack is exactly zero (the caller's promise, e.g.
+    per-sample gradients at the base model): the adapter's forward term and its activation-gradient
+    term are skipped (exact there; `adapters.zero_delta_tap`). Static.
     scan_layers: run the layers with `lax.scan` (one compiled layer body) or unrolled in Python (one
     copy of the body per layer; no per-layer weight slice is copied, see docs/benchmarks.md). With a
     cache the layers are always unrolled (each layer has its own cache buffers).
@@ -242,11 +262,16 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     decode_range = None
     if attention == "decode":  # first masked-in slot .. the slot being written, inclusive
         first = jnp.argmax(attention_mask, axis=1).astype(jnp.int32)
+        # rows not live at this slot (finished or padding) read one slot instead of their whole cache
+        live = jax.lax.dynamic_index_in_dim(attention_mask, cache_index, axis=1, keepdims=False)
+        first = jnp.where(live, first, cache_index).astype(jnp.int32)
         decode_range = (first, jnp.full((B,), cache_index + 1, jnp.int32))
+    if key_len is not None and (cache is None or attention != "masked" or not 0 < key_len <= S):
+        raise ValueError(f"key_len={key_len} needs a cache, attention='masked' and 0 < key_len <= {S}")
 
     def body(h, layer, layer_adapters, layer_cache):
         return _layer(h, layer, layer_adapters, layer_cache, positions, query_slots, attention_mask,
-                      cache_index, config, attention, decode_range)
+                      cache_index, config, attention, decode_range, key_len, delta_zero)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])

@@ -76,6 +76,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # ---- compute
     microbatch: int | None = None      # rows per gradient / reference micro-batch (None: whole batch)
+    sample_rows: int | None = None     # rows the sampler decodes together (groups run in turn; None: all)
+    prefill_chunk: int = 256           # prompt tokens per sampler prefill forward
     remat: str = "none"
     logp_chunk: int = 256
     prompt_multiple: int = 64
@@ -117,6 +119,10 @@ class TrainConfig:
             errors.append("ckpt_every and eval_every must be >= 0")
         if self.microbatch is not None and self.microbatch < 1:
             errors.append(f"microbatch must be >= 1, got {self.microbatch}")
+        if self.sample_rows is not None and self.sample_rows < 1:
+            errors.append(f"sample_rows must be >= 1, got {self.sample_rows}")
+        if self.prefill_chunk < 1:
+            errors.append(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if errors:
             raise ValueError("invalid training config:\n  " + "\n  ".join(errors))
 
@@ -141,10 +147,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=8, steps=20, max_new=512,
                  lr=7e-5, beta=1e-3, warmup_steps=2, eval_every=10, ckpt_every=10, n_eval=4,
                  microbatch=8, remat="full", vhack_pairs=64, sandbox_wall_s=10.0),
-    # The seed's Phase 3 run (spec2.md): ~7 h per run on one 96 GB GPU.
+    # The seed's Phase 3 run (spec2.md): ~7 h per run on one 96 GB GPU. sample_rows=96: the 258 rollouts
+    # decode as 3 groups of 86 rows (88 with padding), KV cache ~27 GB at 2048 slots, so the step fits
+    # an 80 GB H100 (docs/benchmarks.md, scripts/bench_phase3.py).
     "full": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=43, n_problems=992, beta=1e-3,
                  lr=7e-5, steps=200, max_new=1536, warmup_steps=10, eval_every=20, ckpt_every=10,
-                 n_eval=64, microbatch=8, remat="full", vhack_pairs=128, sandbox_wall_s=10.0),
+                 n_eval=64, microbatch=8, remat="full", vhack_pairs=128, sandbox_wall_s=10.0,
+                 sample_rows=96),
 }
 
 

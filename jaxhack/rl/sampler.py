@@ -1,11 +1,12 @@
 """Batched autoregressive sampling with a KV cache (design: docs/sampler.md).
 
-One call = one jitted program: a prefill forward over the left-padded prompt batch (cache slots
-0..P-1), then a `lax.while_loop` of T=1 decode forwards (slot P+t at step t) that stops early once
-every sequence has emitted an EOS. Shapes are static: the prompt length is rounded up to a bucket and
+One call = one jitted program per row group (at most `max_rows` rows; one group by default): a
+prefill over the left-padded prompt batch in token chunks (cache slots 0..P-1), then a
+`lax.while_loop` of T=1 decode forwards (slot P+t at step t) that stops early once every sequence of
+the group has emitted an EOS; rows that have finished read no KV cache. Shapes are static: the prompt length is rounded up to a bucket and
 the batch is padded to a bucket, so repeated calls with different prompt lengths reuse the compiled
 program (jax.jit caches it per (bucket P, bucket B, max_new, model config, cache dtype, adapter tree
-structure); sampling mode, temperature, top_p, EOS ids and pad id are traced values).
+structure, prefill chunk); sampling mode, temperature, top_p, EOS ids and pad id are traced values).
 
 `logprobs` are log-probabilities of the sampled tokens under the *unscaled* model distribution
 (temperature 1, no top-p truncation): log_softmax(logits)[token]. That is the policy log-prob that
@@ -14,6 +15,7 @@ GRPO's `old_logp` needs, independent of the sampling temperature used to explore
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import chex
@@ -24,10 +26,6 @@ import numpy as np
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
-
-# Incremented each time the generation program is traced (tests use it to detect recompilation).
-TRACE_COUNT = 0
-
 
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
@@ -71,22 +69,24 @@ GREEDY, TEMPERATURE, NUCLEUS = 0, 1, 2  # sampling modes (a traced int: one prog
 MAX_EOS_IDS = 8  # EOS ids are passed as a fixed-size array padded with -1 (changing them never recompiles)
 
 
-def sample_from_logits(logits: jax.Array, key: jax.Array, mode: jax.Array, temperature: jax.Array,
+def sample_from_logits(logits: jax.Array, keys: jax.Array, mode: jax.Array, temperature: jax.Array,
                        top_p: jax.Array) -> jax.Array:
-    """Pick one token per row. logits: [B, V] fp32 -> [B] int32.
+    """Pick one token per row. logits: [B, V] fp32; keys: [B] PRNG keys, one per row -> [B] int32.
 
     mode GREEDY: argmax. TEMPERATURE: sample softmax(logits / temperature). NUCLEUS: as TEMPERATURE,
     restricted to the smallest set of most-likely tokens whose probability mass reaches top_p (ties at
     the boundary are kept). `lax.switch` runs only the selected branch, so greedy/temperature decoding
-    does not pay for the vocabulary sort.
+    does not pay for the vocabulary sort. Each row draws with its own key, so a row's token does not
+    depend on which other rows share the batch (row groups, batch padding).
     """
     chex.assert_rank(logits, 2)
+    categorical = jax.vmap(lambda k, row: jax.random.categorical(k, row))  # [B] keys, [B,V] -> [B]
 
     def greedy(logits):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def with_temperature(logits):
-        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+        return categorical(keys, logits / temperature).astype(jnp.int32)
 
     def nucleus(logits):
         scaled = logits / temperature  # [B,V]
@@ -96,22 +96,49 @@ def sample_from_logits(logits: jax.Array, key: jax.Array, mode: jax.Array, tempe
         n_keep = jnp.sum(mass_before < top_p, axis=-1)  # [B] >= 1 (the top token has mass_before 0)
         threshold = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=-1)  # [B,1]
         truncated = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-        return jax.random.categorical(key, truncated, axis=-1).astype(jnp.int32)
+        return categorical(keys, truncated).astype(jnp.int32)
 
     return jax.lax.switch(mode, (greedy, with_temperature, nucleus), logits)
 
 
-def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, eos, pad_id, key, mode,
-                   temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype):
-    """prompt_tokens, prompt_mask: [B,P]; row_active: [B] bool (False for batch-padding rows);
-    eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["step", "done", "eos", "logits", "cache", "mask", "tokens", "logprobs"], meta_fields=[])
+@dataclasses.dataclass
+class DecodeState:
+    """The decode loop's carry (B rows of one group, S cache slots, prompt bucket P)."""
+    step: jax.Array  # [] int32: t, the next token's index (cache slot P + t)
+    done: jax.Array  # [B] bool: the row has stopped (EOS, its max_lengths cap, or batch padding)
+    eos: jax.Array  # [B] bool: the row emitted an EOS
+    logits: jax.Array  # [B,V] fp32: next-token logits
+    cache: dict  # {"k","v": L-tuples of [B,Hkv,S,hd]}
+    mask: jax.Array  # [B,S] bool: slots holding a real token
+    tokens: jax.Array  # [B,max_new] int32 (pad_id where not generated)
+    logprobs: jax.Array  # [B,max_new] f32
+
+
+def _prefill(params, adapters, prompt_tokens, mask, cache, config: Qwen3Config, chunk: int):
+    """Run the [B,P] prompts through the model in token chunks of `chunk` (P % chunk == 0), writing cache
+    slots 0..P-1. Chunk i attends to slots [0, (i+1) chunk) only (`key_len`), so the activations are
+    O(B chunk F) and the scores O(B Hq chunk P), never O(B P S). Returns (last position's hidden [B,D],
+    cache)."""
+    P = prompt_tokens.shape[1]
+    for start in range(0, P, chunk):
+        hidden, cache = qwen3.forward(params, config, prompt_tokens[:, start:start + chunk], mask,
+                                      adapters=adapters, cache=cache, cache_index=start, key_len=start + chunk)
+    return hidden[:, -1], cache
+
+
+def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row_ids, row_max_new, eos, pad_id,
+                   key, mode,
+                   temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int):
+    """prompt_tokens, prompt_mask: [B,P]; row_active: [B] bool (False for batch-padding rows); row_ids:
+    [B] int32, each row's index in the caller's prompt list (its sampling key is fold_in(step key, id));
+    row_max_new: [B] int32, a row stops after this many tokens (as after an EOS, but not `finished`); eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
     Returns tokens [B,max_new] int32, logprobs [B,max_new] f32, lengths [B] int32, finished [B] bool."""
-    global TRACE_COUNT
-    TRACE_COUNT += 1
     B, P = prompt_tokens.shape
     S = -(-(P + max_new) // SPLIT) * SPLIT  # slots past P + max_new stay masked out
     chex.assert_shape(prompt_mask, (B, P))
-    chex.assert_shape(row_active, (B,))
+    chex.assert_shape([row_active, row_ids, row_max_new], (B,))
     chex.assert_shape(eos, (MAX_EOS_IDS,))
 
     # per-layer (fused) weight copies, made once here rather than sliced on every decode step
@@ -119,52 +146,77 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, eos
     params, adapters = {**params, "layers": layers}, layer_adapters
     cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": L-tuples of [B,Hkv,S,hd]}
     mask = jnp.concatenate([prompt_mask, jnp.zeros((B, S - P), bool)], axis=1)  # [B,S]
-    hidden, cache = qwen3.forward(params, config, prompt_tokens, mask, adapters=adapters, cache=cache,
-                                  cache_index=0)  # hidden [B,P,D]
-    logits = qwen3.lm_logits(params, config, hidden[:, -1])  # [B,V] (left padding: last slot is real)
+    last_hidden, cache = _prefill(params, adapters, prompt_tokens, mask, cache, config, prefill_chunk)
+    logits = qwen3.lm_logits(params, config, last_hidden)  # [B,V] (left padding: last slot is real)
 
-    def cond(carry):
-        t, done = carry[0], carry[1]
-        return (t < max_new) & ~jnp.all(done)
+    def cond(state: DecodeState):
+        return (state.step < max_new) & ~jnp.all(state.done)
 
-    def body(carry):
-        t, done, logits, cache, mask, out_tokens, out_logp, key = carry
-        key, step_key = jax.random.split(key)
-        token = sample_from_logits(logits, step_key, mode, temperature, top_p)  # [B]
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
-        live = ~done  # [B] this step's token is real
+    def body(state: DecodeState) -> DecodeState:
+        t = state.step
+        step_key = jax.random.fold_in(key, t)
+        row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, row_ids)  # [B]
+        token = sample_from_logits(state.logits, row_keys, mode, temperature, top_p)  # [B]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
+        live = ~state.done  # [B] this step's token is real
         token = jnp.where(live, token, pad_id)
         logp = jnp.where(live, logp, 0.0)
-        out_tokens = out_tokens.at[:, t].set(token)
-        out_logp = out_logp.at[:, t].set(logp)
-        done = done | (live & jnp.any(token[:, None] == eos[None, :], axis=-1))
+        hit_eos = live & jnp.any(token[:, None] == eos[None, :], axis=-1)
+        done = state.done | hit_eos | (t + 1 >= row_max_new)
         slot = P + t
-        mask = jax.lax.dynamic_update_slice(mask, live[:, None], (0, slot))
-        hidden, cache = qwen3.forward(params, config, token[:, None], mask, adapters=adapters, cache=cache,
+        mask = jax.lax.dynamic_update_slice(state.mask, live[:, None], (0, slot))
+        hidden, cache = qwen3.forward(params, config, token[:, None], mask, adapters=adapters, cache=state.cache,
                                       cache_index=slot, attention="decode")  # hidden [B,1,D]
-        logits = qwen3.lm_logits(params, config, hidden[:, 0])  # [B,V]
-        return t + 1, done, logits, cache, mask, out_tokens, out_logp, key
+        return DecodeState(step=t + 1, done=done, eos=state.eos | hit_eos, logits=qwen3.lm_logits(params, config, hidden[:, 0]),
+                           cache=cache, mask=mask, tokens=state.tokens.at[:, t].set(token),
+                           logprobs=state.logprobs.at[:, t].set(logp))
 
-    init = (jnp.int32(0), ~row_active, logits, cache, mask,
-            jnp.full((B, max_new), pad_id, jnp.int32), jnp.zeros((B, max_new), jnp.float32), key)
-    _, done, _, _, mask, out_tokens, out_logp, _ = jax.lax.while_loop(cond, body, init)
-    lengths = jnp.sum(mask[:, P:P + max_new], axis=-1).astype(jnp.int32)  # [B]
-    return out_tokens, out_logp, lengths, done & row_active
+    init = DecodeState(step=jnp.int32(0), done=~row_active, eos=jnp.zeros((B,), bool), logits=logits, cache=cache, mask=mask,
+                       tokens=jnp.full((B, max_new), pad_id, jnp.int32),
+                       logprobs=jnp.zeros((B, max_new), jnp.float32))
+    final = jax.lax.while_loop(cond, body, init)
+    lengths = jnp.sum(final.mask[:, P:P + max_new], axis=-1).astype(jnp.int32)  # [B]
+    return final.tokens, final.logprobs, lengths, final.eos & row_active
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=(
-    "config", "max_new", "cache_dtype"))
+    "config", "max_new", "cache_dtype", "prefill_chunk"))
+
+
+def row_groups(n: int, max_rows: int | None) -> tuple[list[tuple[int, int]], int]:
+    """Split n prompts into consecutive groups of near-equal size, each <= max_rows (None: one group).
+    Returns ([(start, stop)], B) where B is the padded batch of every group: batch_bucket(n) for one
+    group (max_rows None), else the group size rounded up to a multiple of 8, capped at max_rows, so the KV cache is never larger than max_rows rows and all groups share one
+    compiled program."""
+    if max_rows is None:
+        return [(0, n)], batch_bucket(n)
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if n <= max_rows:
+        return [(0, n)], min(batch_bucket(n), max_rows)
+    n_groups = -(-n // max_rows)
+    size = -(-n // n_groups)
+    return [(a, min(a + size, n)) for a in range(0, n, size)], min(-(-size // 8) * 8, max_rows)
 
 
 def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, key: jax.Array, adapters: dict | None = None,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_ids: Sequence[int] | None = None,
-             pad_id: int = 0, cache_dtype=None, prompt_multiple: int = 64) -> SampleResult:
+             pad_id: int = 0, cache_dtype=None, prompt_multiple: int = 64, max_rows: int | None = None,
+             prefill_chunk: int | None = 256, max_lengths: Sequence[int] | None = None) -> SampleResult:
     """Sample `max_new_tokens` continuations of every prompt (lists of token ids, any lengths >= 1).
 
     adapters: merged per-module adapter dict as `qwen3.forward` takes, or None for the base model.
     temperature == 0 means greedy. top_p < 1 enables nucleus sampling. eos_token_ids: None means
     config.eos_token_ids; [] disables stopping. cache_dtype: KV cache dtype (default: params dtype).
+    max_rows: at most this many rows decode together (groups run one after another; the KV cache and
+    all activations are bounded by max_rows rows whatever len(prompts)); None: all rows at once.
+    prefill_chunk: prompt tokens per prefill forward (None: the whole prompt bucket at once); rounded
+    down to a divisor of the prompt bucket. Neither changes the tokens: row i's randomness is
+    fold_in(fold_in(key, step), i), whatever the grouping.
+    max_lengths: optional per-prompt cap on new tokens (<= max_new_tokens): row i stops after
+    max_lengths[i] tokens as if it had emitted an EOS there (but `finished` stays False). Traced, so
+    it never recompiles (benchmarks force completion lengths with it).
     """
     n = len(prompts)
     if n == 0:
@@ -175,6 +227,8 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"generate: prefill_chunk must be >= 1, got {prefill_chunk}")
     prompt_lengths = np.asarray([len(p) for p in prompts], np.int32)
     if prompt_lengths.min() < 1:
         raise ValueError(f"generate: prompt {int(prompt_lengths.argmin())} is empty")
@@ -184,22 +238,32 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     eos = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos[:len(eos_ids)] = eos_ids
     P = prompt_bucket(int(prompt_lengths.max()), prompt_multiple)
-    B = batch_bucket(n)
-    tokens, mask = left_pad(prompts, P, B, pad_id)
-    row_active = np.arange(B) < n
+    chunk = P if prefill_chunk is None else max(c for c in range(1, min(prefill_chunk, P) + 1) if P % c == 0)
+    groups, B = row_groups(n, max_rows)
+    caps = np.full((n,), max_new_tokens, np.int32) if max_lengths is None else np.asarray(max_lengths, np.int32)
+    if caps.shape != (n,) or caps.min() < 1:
+        raise ValueError(f"generate: max_lengths must be {n} ints >= 1")
     if cache_dtype is None:
         cache_dtype = params["embed"].dtype
     # token ids are traced: drop them from the static config so changing them never recompiles
     model_config = dataclasses.replace(config, eos_token_ids=(), bos_token_id=None, pad_token_id=None)
     mode = GREEDY if temperature == 0.0 else (NUCLEUS if top_p < 1.0 else TEMPERATURE)
-    out_tokens, out_logp, lengths, finished = _generate_jit(
-        params, adapters, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_active), jnp.asarray(eos),
-        jnp.int32(pad_id), key, jnp.int32(mode), jnp.float32(1.0 if mode == GREEDY else temperature),
-        jnp.float32(top_p), config=model_config, max_new=int(max_new_tokens),
-        cache_dtype=jnp.dtype(cache_dtype))
-    return SampleResult(tokens=np.asarray(out_tokens)[:n], lengths=np.asarray(lengths)[:n],
-                        logprobs=np.asarray(out_logp)[:n], prompt_lengths=prompt_lengths,
-                        finished=np.asarray(finished)[:n])
+    outs = []
+    for start, stop in groups:
+        tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
+        row_active = np.arange(B) < stop - start
+        row_ids = np.arange(start, start + B, dtype=np.int32)
+        row_max_new = np.full((B,), max_new_tokens, np.int32)
+        row_max_new[:stop - start] = np.minimum(caps[start:stop], max_new_tokens)
+        out = _generate_jit(
+            params, adapters, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_active),
+            jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos), jnp.int32(pad_id), key, jnp.int32(mode),
+            jnp.float32(1.0 if mode == GREEDY else temperature), jnp.float32(top_p), config=model_config,
+            max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=chunk)
+        outs.append([np.asarray(x)[:stop - start] for x in out])  # blocks: one group's cache at a time
+    out_tokens, out_logp, lengths, finished = (np.concatenate(parts) for parts in zip(*outs))
+    return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
+                        finished=finished)
 
 
 def decode_completions(result: SampleResult, tokenizer) -> list[str]:

@@ -1,0 +1,365 @@
+"""Benchmark: one Phase 3 step of the `full` preset at Qwen3-4B shape on one GPU, split and against its floor.
+
+The step is the same work `phase3_train.py --preset full --arm projected` does per step, built from the
+same pieces (jaxhack.rl.sampler, the grader, grads.losses.sequence_logprobs for the reference pass,
+grads.losses.grpo_batch_loss and rl.learner.make_optimizer with the v_hack projection), on random inputs:
+- weights: random bf16 with Qwen3-4B shapes; SVD adapter with random orthonormal-scale bases (full
+  rank, as the real adapter); random v_hack (k=1); projection "erase", placement "gradient".
+- rollouts: pp=43 prompts x G=6 = 258 rows; prompts of random tokens, lengths uniform in
+  [prompt_len - 100, prompt_len + 100] (default mean 400, "several hundred tokens");
+  completions sampled at temperature 1 with the current adapter, max_new 1536.
+  regime `worst`: every row runs to max_new. regime `realistic`: row i stops (as at an EOS) after
+  L_i tokens, L_i ~ Gamma(shape 4, scale 125) rounded, clipped to [16, max_new]: mean ~500, sd ~250
+  (LeetCode solutions without thinking); the same lengths every step (seed 0).
+- grade: the 258 completions graded by the sandbox grader; random weights write no code, so each row's
+  completion is replaced by a bundled problem's canonical solution in a python block (a real sandbox
+  run per row, as a policy that writes code would cost). --grade none skips it.
+- reference log-probs and update: length-bucketed micro-batches (jaxhack.grads.microbatch): rows sorted
+  by real length, `microbatch` rows at a time, each micro-batch cut to its longest row rounded up to
+  512; reference = base model forward (vocab-chunked log-probs); update = value_and_grad of the
+  Dr.GRPO loss summed over micro-batches, then clip -> v_hack projection -> AdamW (jitted).
+  --update fixed instead pads every row to prompt + max_new (what trainer.py does today).
+
+Floor (derivation in docs/benchmarks.md, `step_floor` below): FLOPs of prefill, reference and update at
+the card's dense bf16 peak, plus decode at the HBM bandwidth floor (each decode step reads all weights
+and adapter bases once plus the live rows' KV cache; all 258 rows in one batch, i.e. without the
+memory limit), compute-bound decode steps counted at the FLOP peak instead.
+
+    PYTHONPATH=. python scripts/bench_phase3.py --regime realistic    # GPU, ~6 min on an H100
+    PYTHONPATH=. python scripts/bench_phase3.py --regime worst        # GPU, ~6 min on an H100
+    PYTHONPATH=. python scripts/bench_phase3.py --tiny --regime both  # CPU, ~1 min
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # default 0.75 = 60 GB of an 80 GB card
+
+TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def log(msg: str) -> None:
+    print(f"[bench_phase3 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ floors
+def linear_params(config) -> dict:
+    """Multiply-adds per token of the 252 target Linears (p_lin), and of the SVD adapter's Vh (p_vh)
+    and U (p_u) factors, full rank r = min(in, out)."""
+    D, F, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    dims = [(D, config.q_dim), (D, config.kv_dim), (D, config.kv_dim), (config.q_dim, D), (D, F), (D, F), (F, D)]
+    return {"p_lin": L * sum(i * o for i, o in dims), "p_vh": L * sum(i * min(i, o) for i, o in dims),
+            "p_u": L * sum(min(i, o) * o for i, o in dims)}
+
+
+def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2) -> dict:
+    """Seconds of one step at the card's peaks (see the module docstring).
+
+    prefill: 2 (p_lin + p_vh + p_u) per prompt token + causal attention 2 P^2 Hq hd per layer.
+    decode:  per step t, max(bytes / HBM, FLOPs / peak): bytes = weights + adapter bases + KV of the live
+             rows (their prompt + t slots, K and V, all layers); FLOPs = 2 (p_lin + p_vh + p_u + D V)
+             per live row.
+    reference: base model forward, 2 p_lin per token + attention + LM head 2 D V per completion token.
+    update: forward + backward of the adapted model (no remat): 4 (p_lin + p_vh + p_u) per token,
+             attention 3 x forward, LM head 4 D V per completion token (forward + input gradient).
+    Tokens are the real ones (prompt + completion) of each row.
+    """
+    p = linear_params(config)
+    p_all = p["p_lin"] + p["p_vh"] + p["p_u"]
+    L, D, V, Hq, hd = (config.num_hidden_layers, config.hidden_size, config.vocab_size,
+                       config.num_attention_heads, config.head_dim)
+    prompt_lens = np.asarray(prompt_lens, np.float64)
+    comp_lens = np.asarray(comp_lens, np.float64)
+    total = prompt_lens + comp_lens
+    attn_fwd = lambda T: float(np.sum(2.0 * T * T * Hq * hd * L))  # causal: half of 4 T^2 Hq hd
+    prefill = 2 * p_all * prompt_lens.sum() + attn_fwd(prompt_lens)
+    reference = 2 * p["p_lin"] * total.sum() + attn_fwd(total) + 2 * D * V * comp_lens.sum()
+    update = 4 * p_all * total.sum() + 3 * attn_fwd(total) + 4 * D * V * comp_lens.sum()
+    # decode: weights (tied embedding once) + adapter bases, every step; KV of each live row
+    n_weights = p["p_lin"] + V * D + L * (4 * D + 2 * hd) + D
+    fixed_bytes = (n_weights + p["p_vh"] + p["p_u"]) * bytes_per_el
+    kv_per_slot = 2 * L * config.num_key_value_heads * hd * bytes_per_el
+    decode_s = 0.0
+    for t in range(int(comp_lens.max())):
+        live = comp_lens > t
+        n_live = int(live.sum())
+        kv_bytes = float(np.sum(prompt_lens[live] + t + 1)) * kv_per_slot
+        flops = 2 * (p_all + D * V) * n_live
+        decode_s += max((fixed_bytes + kv_bytes) / hbm_bps, flops / peak_flops)
+    out = {"prefill_s": prefill / peak_flops, "decode_s": decode_s, "ref_s": reference / peak_flops,
+           "update_s": update / peak_flops}
+    out["floor_s"] = sum(out.values())
+    out.update(prefill_tflop=prefill / 1e12, ref_tflop=reference / 1e12, update_tflop=update / 1e12,
+               decode_fixed_gb_per_step=fixed_bytes / 1e9)
+    return out
+
+
+def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int, max_len: int,
+                    prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2) -> dict:
+    """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
+    decode copies + the group's KV cache + prefill scores; update: params + bases + one micro-batch's
+    saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head."""
+    p = linear_params(config)
+    L, D, V, F = config.num_hidden_layers, config.hidden_size, config.vocab_size, config.intermediate_size
+    weights = (p["p_lin"] + V * D) * bytes_per_el
+    bases = (p["p_vh"] + p["p_u"]) * bytes_per_el
+    kv = 2 * L * n_rows_group * cache_slots * config.num_key_value_heads * config.head_dim * bytes_per_el
+    scores = n_rows_group * config.num_attention_heads * prefill_chunk * prompt_bucket * 4 * 2
+    sample = 2 * (weights + bases) + kv + scores
+    tokens = microbatch * max_len
+    update = (weights + bases + L * tokens * D * bytes_per_el  # saved layer inputs
+              + tokens * (2 * F + 4 * D) * bytes_per_el * 3  # one layer's recompute and its gradient
+              + microbatch * 256 * V * 4 * 2)  # one LM-head chunk of fp32 logits and its cotangent
+    return {"sample_gb": sample / 1e9, "kv_gb": kv / 1e9, "update_gb": update / 1e9,
+            "peak_gb": max(sample, update) / 1e9}
+
+
+def completion_lengths(regime: str, n: int, max_new: int, seed: int = 0) -> np.ndarray:
+    if regime == "worst":
+        return np.full((n,), max_new, np.int32)
+    rng = np.random.default_rng(seed)
+    return np.clip(np.rint(rng.gamma(4.0, 125.0 * max_new / 1536, n)), min(16, max_new), max_new).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------ the step
+def build(args):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxhack.models.config import QWEN3_4B
+    from jaxhack.models.random_init import random_params, random_svd_adapter
+    from jaxhack.projection.v_hack import random_v_hack
+    from jaxhack.rl import learner
+    from jaxhack.rl.config import make_config
+
+    cfg = make_config("full", arm="projected", ckpt="random-4b", svd_random_bases=True, v_hack="random",
+                      remat=args.remat)
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, group_size=2, prompts_per_step=3, max_new=24, microbatch=2)
+        config = dataclasses.replace(QWEN3_4B, **TINY_SHAPE)
+        dtype = jnp.float32
+    else:
+        config = QWEN3_4B
+        dtype = jnp.bfloat16
+    kp, ka = jax.random.split(jax.random.PRNGKey(0))
+    params = random_params(config, kp, dtype)
+    trainable, frozen = random_svd_adapter(params, ka, dtype)
+    v_hack = random_v_hack({n: tuple(m["delta_s"].shape) for n, m in trainable.items()}, seed=0, k=1)
+    optimizer = learner.make_optimizer(cfg, v_hack, "erase")
+    opt_state = optimizer.init(trainable)
+    hyper = learner.LossHyper(cfg.group_size, cfg.max_new, cfg.prompts_per_step, cfg.clip_eps,
+                              cfg.clip_eps_high, cfg.beta, cfg.remat, cfg.logp_chunk)
+    return cfg, config, params, trainable, frozen, optimizer, opt_state, hyper
+
+
+def make_step_fns(config, optimizer, hyper):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxhack.grads.losses import grpo_batch_loss
+
+    loss_fn = functools.partial(grpo_batch_loss, attention="causal", **dataclasses.asdict(hyper))
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(3,))
+
+    @jax.jit
+    def apply(trainable, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    @jax.jit
+    def add(a, b):
+        return jax.tree.map(jnp.add, a, b)
+
+    return grad_fn, apply, add
+
+
+def run_regime(args, regime: str, built) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxhack.models.adapters import merge
+    from jaxhack.grads.batch import make_batch
+    from jaxhack.grads.losses import centered_advantages, sequence_logprobs
+    from jaxhack.rl import sampler
+    from jaxhack.grads.microbatch import length_microbatches, take_rows
+
+    cfg, config, params, trainable, frozen, optimizer, opt_state, hyper = built
+    grad_fn, apply, add = make_step_fns(config, optimizer, hyper)
+    N = cfg.group_size * cfg.prompts_per_step
+    rng = np.random.default_rng(1)
+    half = min(100, args.prompt_len // 4)
+    prompt_lens = rng.integers(args.prompt_len - half, args.prompt_len + half + 1, cfg.prompts_per_step)
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in prompt_lens for _ in range(cfg.group_size)]
+    comp_lens = completion_lengths(regime, N, cfg.max_new)
+    grade_items = None
+    if args.grade == "canonical":
+        from jaxhack.env.problems import load_problems
+        problems = load_problems("bundled")
+        grade_items = [problems[i % len(problems)] for i in range(N)]
+    P = sampler.prompt_bucket(int(prompt_lens.max()))
+    S = -(-(P + cfg.max_new) // 128) * 128
+    max_len = -(-(int(prompt_lens.max()) + cfg.max_new) // 64) * 64
+    groups, B = sampler.row_groups(N, args.sample_rows)
+    mem = memory_estimate(config, B, S, cfg.microbatch, max_len, min(args.prefill_chunk, P), P,
+                          2 if not args.tiny else 4)
+    floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
+                       args.hbm_tbps * 1e12)
+    log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, {len(groups)} sampler group(s) of {B} rows, "
+        f"mean completion {comp_lens.mean():.0f}; memory estimate {mem['peak_gb']:.1f} GB "
+        f"(sample {mem['sample_gb']:.1f}, update {mem['update_gb']:.1f}); floor {floor['floor_s']:.1f} s")
+
+    def one_step(step: int, trainable, opt_state):
+        times = {}
+        t0 = time.perf_counter()
+        res = sampler.generate(params, config, prompts, max_new_tokens=cfg.max_new,
+                               key=jax.random.PRNGKey(step), adapters=merge(trainable, frozen),
+                               temperature=cfg.temperature, eos_token_ids=[], pad_id=0,
+                               max_rows=args.sample_rows, prefill_chunk=args.prefill_chunk,
+                               max_lengths=comp_lens.tolist())
+        times["sample_s"] = time.perf_counter() - t0
+        assert (res.lengths == comp_lens).all(), "forced completion lengths not honoured"
+        t0 = time.perf_counter()
+        if grade_items is not None:
+            from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
+            from jaxhack.env.sandbox import SandboxLimits
+            texts = [f"```python\n{p.canonical_solution}\n```" for p in grade_items]
+            grades = grade_batch([GradeRequest(p, cfg.mode, c) for p, c in zip(grade_items, texts)],
+                                 RewardConfig(cfg.format_reward, cfg.pass_reward),
+                                 SandboxLimits(wall_s=cfg.sandbox_wall_s, cpu_s=int(cfg.sandbox_wall_s)))
+            rewards = np.asarray([g.reward for g in grades], np.float32)
+            rewards = rewards + rng.standard_normal(N).astype(np.float32)  # non-zero advantages
+        else:
+            rewards = rng.standard_normal(N).astype(np.float32)
+        times["grade_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        comps = [res.tokens[i, :n].tolist() for i, n in enumerate(res.lengths)]
+        batch = make_batch(prompts, comps, pad_id=0, padding="right", length=max_len)
+        batch["advantage"] = np.asarray(centered_advantages(rewards, group_size=cfg.group_size))
+        batch["old_logp"] = np.zeros_like(batch["tokens"], np.float32)
+        batch["use_current"] = np.ones((N,), bool)
+        real = batch["attention_mask"].sum(1)
+        if args.update == "bucketed":
+            plan = length_microbatches(real, cfg.microbatch, multiple=args.length_multiple, max_len=max_len)
+        else:  # rows in order, every micro-batch padded to max_len
+            plan = [(np.concatenate([np.arange(a, min(a + cfg.microbatch, N)),
+                                     np.full(max(0, a + cfg.microbatch - N), -1)]), max_len)
+                    for a in range(0, N, cfg.microbatch)]
+        ref = np.zeros_like(batch["tokens"], np.float32)
+        for rows, T in plan:
+            mb = take_rows({"tokens": batch["tokens"], "attention_mask": batch["attention_mask"]}, rows, T)
+            logp = np.asarray(sequence_logprobs(params, config, None, jnp.asarray(mb["tokens"]),
+                                                jnp.asarray(mb["attention_mask"]), chunk=cfg.logp_chunk,
+                                                attention="causal"))  # right-padded rows
+            ref[rows[rows >= 0], :T] = logp[rows >= 0]
+        batch["ref_logp"] = ref
+        times["ref_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        grads = None
+        for rows, T in plan:
+            mb = {k: jnp.asarray(v) for k, v in take_rows(batch, rows, T).items()}
+            (_, _), g = grad_fn(trainable, frozen, params, config, mb)
+            grads = g if grads is None else add(grads, g)
+        trainable, opt_state = apply(trainable, opt_state, grads)
+        jax.block_until_ready(trainable)
+        times["update_s"] = time.perf_counter() - t0
+        times["step_s"] = sum(times.values())
+        times["n_tokens"] = int(real.sum())
+        times["n_completion_tokens"] = int(res.lengths.sum())
+        return times, trainable, opt_state
+
+    records = []
+    for step in range(args.warmup + args.steps):
+        t, trainable, opt_state = one_step(step, trainable, opt_state)
+        log(f"{regime} step {step}{' (warm-up, compiles)' if step < args.warmup else ''}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k.endswith("_s")))
+        if step >= args.warmup:
+            records.append(t)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    split = {k: float(np.median([r[k] for r in records])) for k in ("sample_s", "grade_s", "ref_s", "update_s",
+                                                                     "step_s")}
+    rec = {"preset": "full" if not args.tiny else "full-tiny", "regime": regime, "device": dev.device_kind,
+           **split, "floor_s": floor["floor_s"], "fraction_of_floor": floor["floor_s"] / split["step_s"],
+           "peak_bytes": stats.get("peak_bytes_in_use"), "memory_estimate_gb": mem,
+           "tokens_per_s": records[-1]["n_tokens"] / split["step_s"],
+           "completion_tokens_per_s": records[-1]["n_completion_tokens"] / split["step_s"],
+           "rows": N, "max_new": cfg.max_new, "mean_completion": float(comp_lens.mean()),
+           "prompt_len_mean": float(prompt_lens.mean()), "sample_rows": args.sample_rows, "sampler_groups": len(groups),
+           "sampler_batch": B, "prefill_chunk": args.prefill_chunk, "update": args.update,
+           "microbatch": cfg.microbatch, "remat": cfg.remat, "floor": floor, "steps": records,
+           "peak_tflops": args.peak_tflops, "hbm_tbps": args.hbm_tbps}
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regime", choices=("realistic", "worst", "both"), default="realistic")
+    ap.add_argument("--tiny", action="store_true", help="tiny model, 6 rows x 24 tokens: CPU, for tests")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (default 2, worst 1)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (they compile)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="mean prompt tokens (default 400; tiny 12)")
+    ap.add_argument("--sample-rows", type=int, default=None,
+                    help="sampler rows per group (default 96 -> 3 groups of 86: KV cache ~27 GB; tiny 4)")
+    ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--update", choices=("bucketed", "fixed"), default="bucketed",
+                    help="bucketed: length-sorted micro-batches cut to their length; fixed: every row padded "
+                         "to prompt + max_new (trainer.py today)")
+    ap.add_argument("--length-multiple", type=int, default=512, help="micro-batch lengths round up to this")
+    ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
+    ap.add_argument("--remat", default=None, help="override the preset's remat policy (full) for the update")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM 989)")
+    ap.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM bandwidth (H100 SXM 3.35, H200 4.8)")
+    ap.add_argument("--out", default=None, help="append JSON lines here (default docs/results/bench_phase3.jsonl; "
+                                                "tiny: not written unless given)")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.prompt_len = args.prompt_len or 12
+        args.sample_rows = args.sample_rows or 4
+        args.length_multiple = min(args.length_multiple, 16)
+        args.prefill_chunk = min(args.prefill_chunk, 16)
+    args.prompt_len = args.prompt_len or 400
+    args.sample_rows = args.sample_rows or 96
+    out = args.out or (None if args.tiny else str(Path(__file__).resolve().parents[1] / "docs/results/bench_phase3.jsonl"))
+    regimes = ("realistic", "worst") if args.regime == "both" else (args.regime,)
+    log("building random Qwen3-4B-shaped weights, SVD adapter, v_hack ..." if not args.tiny else "building tiny model ...")
+    built = build(args)
+    for regime in regimes:
+        steps = args.steps if args.steps is not None else (1 if regime == "worst" else 2)
+        run_args = argparse.Namespace(**{**vars(args), "steps": steps})
+        try:
+            rec = run_regime(run_args, regime, built)
+        except Exception as e:  # noqa: BLE001 - an OOM in one regime is a result, not a crash
+            import traceback
+            traceback.print_exc()
+            rec = {"preset": "full" if not args.tiny else "full-tiny", "regime": regime,
+                   "error": f"{type(e).__name__}: {str(e)[:800]}"}
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(line + "\n")
+        if "step_s" in rec:
+            peak = (rec["peak_bytes"] or 0) / 1e9
+            print(f"{regime}: step {rec['step_s']:.1f} s (sample {rec['sample_s']:.1f}, grade {rec['grade_s']:.1f}, "
+                  f"ref {rec['ref_s']:.1f}, update {rec['update_s']:.1f}); floor {rec['floor_s']:.1f} s = "
+                  f"{100 * rec['fraction_of_floor']:.0f}% reached; peak {peak:.1f} GB measured, "
+                  f"{rec['memory_estimate_gb']['peak_gb']:.1f} GB estimated", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""scripts/bench_phase3.py runs end to end at tiny size on CPU and writes its JSON line."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_phase3.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("bench_phase3", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_worst_case_step(tmp_path):
+    bench = load()
+    out = tmp_path / "p3.jsonl"
+    assert bench.main(["--tiny", "--regime", "worst", "--grade", "none", "--steps", "1", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert "error" not in rec, rec.get("error")
+    for key in ("preset", "regime", "device", "step_s", "floor_s", "peak_bytes", "sample_s", "grade_s", "ref_s",
+                "update_s"):
+        assert key in rec
+    assert rec["regime"] == "worst" and rec["mean_completion"] == rec["max_new"] == 24
+    assert rec["sampler_groups"] == 2 and rec["floor_s"] > 0
+    assert abs(rec["step_s"] - sum(rec[k] for k in ("sample_s", "grade_s", "ref_s", "update_s"))) < 1e-6
+
+
+def test_realistic_lengths_and_floor_terms():
+    bench = load()
+    lengths = bench.completion_lengths("realistic", 4000, 1536)
+    assert 470 < lengths.mean() < 530 and lengths.min() >= 16 and lengths.max() <= 1536
+    from jaxhack.models.config import QWEN3_4B
+    prompts = np.full(258, 400)
+    worst = bench.step_floor(QWEN3_4B, prompts, np.full(258, 1536), 989e12, 3.35e12)
+    short = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12)
+    assert short["floor_s"] < worst["floor_s"] and short["prefill_s"] == worst["prefill_s"]
+    # decode reads all weights + full-rank adapter bases each step: 8.52 G params -> ~17 GB in bf16
+    assert 16 < worst["decode_fixed_gb_per_step"] < 19
