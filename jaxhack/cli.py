@@ -13,6 +13,7 @@ PHASE_SCRIPTS = """per-phase scripts (run from the repository root):
   scripts/phase2_replay.py   Phase 2 mixed-replay GRPO probe
   scripts/analyze.py         report.md, plots and the Phase 3 verdict
   scripts/phase3_train.py    Phase 3 GRPO training;  scripts/sweep.py  seeds x arms
+a policy that really hacks: jaxhack organism build|run --out DIR [--size cpu|gpu] (docs/organism.md)
 """
 
 
@@ -28,7 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--per-pool", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
+    # ---- organism (jaxhack/organism, docs/organism.md): self-contained block
+    org = sub.add_parser("organism", help="a small policy trained in-repo that learns to hack under "
+                                          "GRPO, and the experiment around it (docs/organism.md)")
+    org.add_argument("action", choices=("build", "run"))
+    org.add_argument("--out", default="runs/organism")
+    org.add_argument("--size", default="cpu", choices=("cpu", "gpu", "test"))
+    org.add_argument("--seeds", default=None, help="comma-separated seeds (run; default: the size's)")
+    org.add_argument("--arms", default=None, help="comma-separated arms (run; default: the size's)")
+    org.add_argument("--steps", type=int, default=None, help="GRPO steps (run; default: the size's)")
+    org.add_argument("--grade-workers", type=int, default=None)
+    org.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+
+    if args.command == "organism":
+        from jaxhack.organism.experiment import organism_main
+
+        return organism_main(args)
 
     if args.command == "demo":
         from jaxhack.demo import DemoSettings, run_demo
