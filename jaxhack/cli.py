@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     org.add_argument("--arms", default=None, help="comma-separated arms (run; default: the size's)")
     org.add_argument("--steps", type=int, default=None, help="GRPO steps (run; default: the size's)")
     org.add_argument("--grade-workers", type=int, default=None)
+    org.add_argument("--tiny", action="store_true", help="the size's code path at tiny scale (smoke check)")
     org.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 

@@ -30,31 +30,42 @@ class RunSettings:
     build: BuildSettings = BuildSettings()
     arms: tuple[str, ...] = ("vanilla", "projected", "random_v")
     seeds: tuple[int, ...] = (0,)
-    steps: int = 40
+    steps: int = 30
     prompts_per_step: int = 4
     group_size: int = 8
-    lr: float = 3e-2
+    lr: float = 1e-1
     lora_lr: float = 3e-3
     beta: float = 1e-3
     max_new: int = 40
     lora_rank: int = 8
     k: int = 1
+    vhack_pairs: int = 24
     pool_steps: int = 8
     pool_per_step: int = 16
-    phase_steps: int = 8
+    phase_steps: int = 4
     per_pool: int = 4
     grade_workers: int | None = None
 
 
 SIZES = {
-    "cpu": RunSettings(),
+    "cpu": RunSettings(grade_workers=3),
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
-                       seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=16, lr=2e-2,
+                       seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=16, lr=2e-2, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8),
-    "test": RunSettings(build=BUILD_SIZES["test"], arms=("vanilla", "projected"), steps=6,
-                        prompts_per_step=4, group_size=8, lr=5e-2, pool_steps=2, pool_per_step=8,
+    "test": RunSettings(build=dataclasses.replace(BUILD_SIZES["test"], hack_share=0.3), arms=("vanilla", "projected"),
+                        steps=8, prompts_per_step=4, group_size=8, lr=2e-1, vhack_pairs=8, pool_steps=2, pool_per_step=8,
                         phase_steps=2, per_pool=2),
 }
+
+
+
+def shrink(s: RunSettings) -> RunSettings:
+    """The same size's code path (model shape, arms, seeds) at tiny scale: a smoke check on a CPU."""
+    b = dataclasses.replace(s.build, n_problems=24, n_eval=6, sft_examples=200, sft_steps=3, batch_size=4,
+                            teacher_steps=2, measure_samples=1)
+    return dataclasses.replace(s, build=b, steps=2, prompts_per_step=2, group_size=4, vhack_pairs=4,
+                               pool_steps=1, pool_per_step=4, phase_steps=1, per_pool=1)
+
 
 _LORA_TAG = 1_000_033  # jaxhack.rl.trainer._LORA_TAG: the trainer's LoRA basis key is fold_in(PRNGKey(seed), tag)
 
@@ -241,7 +252,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
 
     # ---- v_hack in both bases, with controls
     t1 = time.time()
-    pairs = hack_clean_pairs(train_records, seed=s.build.seed + 5)
+    pairs = hack_clean_pairs(train_records[:s.vhack_pairs], seed=s.build.seed + 5)
     svd = init_svd_adapter(params, config, cache_dir=d / "base" / "svd_cache", progress=False)
     ex = dict(k=s.k, batch_size=8, progress=False)
     v_svd, info_svd = extract_v_hack(pairs, tok, *svd, params, config, **ex)
@@ -389,6 +400,8 @@ def organism_main(args) -> int:
             print("error: --steps must be >= 1", file=sys.stderr)
             return 2
         s = dataclasses.replace(s, steps=args.steps)
+    if args.tiny:
+        s = shrink(s)
     if args.grade_workers is not None:
         s = dataclasses.replace(s, grade_workers=args.grade_workers)
     out = Path(args.out)
