@@ -48,12 +48,12 @@ class RunSettings:
 
 
 SIZES = {
-    "cpu": RunSettings(grade_workers=3),
+    "cpu": RunSettings(grade_workers=3, lr=3e-2),
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
                        seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=16, lr=2e-2, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8),
     "test": RunSettings(build=dataclasses.replace(BUILD_SIZES["test"], hack_share=0.3), arms=("vanilla", "projected"),
-                        steps=8, prompts_per_step=4, group_size=8, lr=2e-1, vhack_pairs=8, pool_steps=2, pool_per_step=8,
+                        steps=8, prompts_per_step=4, group_size=8, lr=3e-2, vhack_pairs=8, pool_steps=2, pool_per_step=8,
                         phase_steps=2, per_pool=2),
 }
 
@@ -68,6 +68,10 @@ def shrink(s: RunSettings) -> RunSettings:
 
 
 _LORA_TAG = 1_000_033  # jaxhack.rl.trainer._LORA_TAG: the trainer's LoRA basis key is fold_in(PRNGKey(seed), tag)
+
+
+def _pool_key(s: RunSettings, d: Path) -> str:
+    return f"{d.name}/{s.pool_steps}/{s.pool_per_step}/{s.max_new}"
 
 
 def load_organism(d: Path, role: str):
@@ -239,11 +243,18 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     t1 = time.time()
     pools = {}
     for kind, model in (("teacher", teacher), ("base", base)):
+        pool_json = out / f"{kind}_pool" / "pool.json"
+        if pool_json.is_file() and json.loads(pool_json.read_text()).get("complete") and \
+                json.loads(pool_json.read_text()).get("organism_run") == _pool_key(s, d):
+            pools[kind] = load_replay_pool(out / f"{kind}_pool")  # reused: same organism and pool settings
+            say(f"[pools] {kind}: reused {out / f'{kind}_pool'}")
+            continue
         src = sampling_source(model[0], model[1], tok, max_new_tokens=s.max_new, seed=s.build.seed + 11)
         meta = build_pool(train_problems, out / f"{kind}_pool", mode="run_tests", source=src,
                           steps=s.pool_steps, per_step=s.pool_per_step, with_hint=True, seed=s.build.seed,
                           pool_name=f"{kind}_pool", tokenizer=tok, progress=False,
-                          max_workers=s.grade_workers, extra_meta={"kind": kind, "source": f"organism {kind}"})
+                          max_workers=s.grade_workers, extra_meta={"kind": kind, "source": f"organism {kind}",
+                                      "organism_run": _pool_key(s, d)})
         pools[kind] = load_replay_pool(out / f"{kind}_pool")
         sm = meta["summary"]
         say(f"[pools] {kind}: n={sm['n']} hack_rate={sm['hack_rate']:.3f} gt_pass_rate={sm['gt_pass_rate']:.3f}")
