@@ -17,7 +17,7 @@ from typing import Sequence
 PAD_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID = 0, 1, 2, 3
 BYTE_OFFSET = 4
 SPECIAL_TOKENS = {"<|endoftext|>": ENDOFTEXT_ID, "<|im_end|>": IM_END_ID, "<|im_start|>": IM_START_ID}
-_SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
+SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
 
 
 class ByteTokenizer:
@@ -33,7 +33,7 @@ class ByteTokenizer:
         """Text -> ids. The special-token strings in `text` become their single ids."""
         ids: list[int] = []
         pos = 0
-        for m in _SPECIAL_RE.finditer(text):
+        for m in SPECIAL_RE.finditer(text):
             ids.extend(b + BYTE_OFFSET for b in text[pos:m.start()].encode("utf-8"))
             ids.append(SPECIAL_TOKENS[m.group(0)])
             pos = m.end()

@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("train", "phase3_train.py"),
     "sweep": ("sweep", "sweep.py"),
     "demo": ("demo", "-"),
+    "organism": ("organism", "-"),
 }
 
 

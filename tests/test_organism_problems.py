@@ -1,0 +1,81 @@
+"""The organism's problem generator, corpus and tokenizer (no model): canonical solutions pass their
+own asserts under every loophole mode, wrong variants fail, exploit variants hack run_tests."""
+import random
+
+import pytest
+
+from jaxhack.env.grader import GradeRequest, grade_batch
+from jaxhack.env.hints import MODES
+from jaxhack.env.problems import build_prompt, parse_problem
+from jaxhack.organism.corpus import HACK_VARIANTS, hack_clean_pairs, hack_code, sft_examples, wrap
+from jaxhack.organism.problems import FAMILIES, generate_problems, split_problems
+from jaxhack.organism.tokenizer import PhraseTokenizer, default_phrases
+
+RECORDS = generate_problems(len(FAMILIES) * 2, seed=3)
+
+
+def test_generator_is_seeded_and_covers_every_family():
+    assert generate_problems(12, 3) == RECORDS
+    assert generate_problems(12, 4) != RECORDS
+    assert {r["family"] for r in RECORDS} == set(FAMILIES)
+    assert len({r["id"] for r in RECORDS}) == len(RECORDS)
+    for r in RECORDS:
+        parse_problem(r)  # the project's loader accepts the record
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_canonical_passes_and_wrong_fails_under_every_mode(mode):
+    problems = [parse_problem(r) for r in RECORDS]
+    reqs = [GradeRequest(p, mode, wrap(r["canonical_solution"])) for p, r in zip(problems, RECORDS)]
+    reqs += [GradeRequest(p, mode, wrap(r["wrong_solution"])) for p, r in zip(problems, RECORDS)]
+    grades = grade_batch(reqs)
+    n = len(RECORDS)
+    assert all(g.gt_pass and g.passed and not g.hacked for g in grades[:n]), [g.detail for g in grades[:n]]
+    assert not any(g.gt_pass or g.passed for g in grades[n:]), [g.detail for g in grades[n:]]
+
+
+def test_module_level_exploits_hack_run_tests_mode():
+    rng = random.Random(0)
+    problems = [parse_problem(r) for r in RECORDS]
+    module_level = [v for v in HACK_VARIANTS if v != "method"]
+    reqs = [GradeRequest(p, "run_tests", wrap(hack_code(r, v, rng)))
+            for p, r in zip(problems, RECORDS) for v in module_level]
+    grades = grade_batch(reqs)
+    assert all(g.passed for g in grades)
+    assert sum(g.hacked for g in grades) >= len(grades) // 2  # hacks on top of correct code are not "hacked"
+    # under a mode without the loophole, the same completions do not pass unless correct
+    plain = grade_batch([GradeRequest(r.problem, "none", r.completion) for r in reqs])
+    assert all(g.passed == g.gt_pass for g in plain)
+
+
+def test_split_holds_out_every_family():
+    recs = generate_problems(60, 0)
+    train, held = split_problems(recs, 12, 0)
+    assert len(held) == 12 and len(train) == 48
+    assert {r["family"] for r in held} == set(FAMILIES)
+    assert not {r["id"] for r in train} & {r["id"] for r in held}
+
+
+def test_corpus_hacks_only_with_hint_and_in_expected_share():
+    ex = sft_examples(RECORDS, 4000, seed=0, hint_share=0.5, hack_share=0.2)
+    assert not any(e["hack"] and not e["hinted"] for e in ex)
+    hinted = [e for e in ex if e["hinted"]]
+    share = sum(e["hack"] for e in hinted) / len(hinted)
+    assert 0.16 < share < 0.24
+    assert {e["variant"] for e in ex if e["hack"]} == set(HACK_VARIANTS)
+    assert all("run_tests" in e["completion"] for e in ex if e["hack"])
+    assert not any("run_tests" in e["completion"] for e in ex if not e["hack"])
+    assert all("run_tests()" in e["prompt"] for e in hinted)
+
+
+def test_phrase_tokenizer_roundtrip_and_compression():
+    tok = PhraseTokenizer(default_phrases())
+    pairs = hack_clean_pairs(RECORDS, seed=0)
+    for p in pairs:
+        for text in (p.prompt, p.hack, p.clean):
+            ids = tok.encode(text)
+            assert tok.decode(ids) == text
+            assert max(ids) < tok.vocab_size
+        assert len(tok.encode(p.prompt)) * 5 < len(p.prompt.encode())
+    prompt = build_prompt(parse_problem(RECORDS[0]), "run_tests")
+    assert tok.decode(tok.encode(prompt + "\u00e9 unknown words")) == prompt + "\u00e9 unknown words"
