@@ -275,3 +275,9 @@ def test_reference_logprobs_microbatched_equals_whole_batch(params):
                                       attention="causal", microbatch=2)
     assert parts.shape == whole.shape == batch["tokens"].shape
     np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    # length-bucketed micro-batches (rows sorted by length, each cut to its longest row rounded up to 4)
+    bucketed = losses.reference_logprobs(params, CONFIG, batch["tokens"], batch["attention_mask"], chunk=4,
+                                         attention="causal", microbatch=2, length_multiple=4)
+    m = np.asarray(batch["attention_mask"])
+    assert len({int(np.ceil(n / 4)) for n in m.sum(1)}) > 1  # rows of really different lengths
+    np.testing.assert_allclose(np.asarray(bucketed)[m], np.asarray(whole)[m], rtol=1e-5, atol=1e-6)

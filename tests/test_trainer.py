@@ -208,3 +208,26 @@ def test_data_order_is_seeded_and_covers_each_epoch():
     assert sorted(first) == list(range(n))
     assert T.problem_indices(3, 4, n, seed=1) == T.problem_indices(0, 7, n, seed=1)[3:]
     assert T.problem_indices(0, 2 * n, n, seed=1) != T.problem_indices(0, 2 * n, n, seed=2)
+
+
+def test_bounded_memory_settings_change_no_rollout(env, straight_run):
+    """sample_rows (sampler row groups), prefill_chunk and length-bucketed micro-batches
+    (microbatch + length_multiple) bound a step's memory; the rollouts they give are the same tokens
+    and the metrics the same up to float summation order."""
+    cfg, _ = straight_run
+    cfg_b = dataclasses.replace(cfg, run_dir=str(env[0] / "bounded"), eval_every=0, sample_rows=3,
+                                prefill_chunk=16, microbatch=3, length_multiple=16)
+    T.train(cfg_b, stop_after=2, progress=False)  # same schedule (steps=4), first 2 steps
+    from jaxhack.env.pools import list_pool_steps, read_pool_step
+
+    steps_a = dict(list_pool_steps(Path(cfg.run_dir) / T.ROLLOUT_DIR))
+    steps_b = dict(list_pool_steps(Path(cfg_b.run_dir) / T.ROLLOUT_DIR))
+    assert sorted(steps_b) == [0, 1]
+    for step in (0, 1):
+        a, b = read_pool_step(steps_a[step]), read_pool_step(steps_b[step])
+        assert [r["completion"] for r in a] == [r["completion"] for r in b]
+    ma, mb = _metrics(cfg.run_dir)[:2], _metrics(cfg_b.run_dir)
+    for x, y in zip(ma, mb):
+        assert x["hack_rate"] == y["hack_rate"] and x["reward_mean"] == y["reward_mean"]
+        for key in ("loss", "grad_norm", "update_norm", "kl_mean"):
+            np.testing.assert_allclose(y[key], x[key], rtol=2e-4, atol=1e-9)

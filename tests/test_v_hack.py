@@ -269,3 +269,22 @@ def test_end_to_end_tiny_model_lora(tiny):
     tx = hack_projection(vh)
     _, state = jax.jit(tx.update)(tree, tx.init(tree))
     assert float(state.mean_cos_out) <= 1e-6 < float(state.mean_cos_in)
+
+
+def test_extraction_takes_the_delta_zero_path_only_at_zero_svd_deltas(tiny):
+    """pair_grad_diffs' default loss uses the exact delta_s = 0 fast path when (and only when) the SVD
+    adapter is at delta_s + delta_s_hack = 0 (test_end_to_end_tiny_model_svd checks it equals the
+    general path's gradients there); a moved or LoRA adapter keeps the general path."""
+    from jaxhack.models.adapters import init_lora_adapter, init_svd_adapter
+    from jaxhack.projection.v_hack import at_zero_svd_delta
+
+    params, config = tiny
+    trainable, _ = init_svd_adapter(params, config, targets=("q_proj",))
+    assert at_zero_svd_delta(trainable)
+    moved = jax.tree.map(lambda x: x.at[0, 0].set(0.1), trainable)
+    assert not at_zero_svd_delta(moved)
+    cancel = {"q_proj": dict(trainable["q_proj"], delta_s=trainable["q_proj"]["delta_s"] + 0.1,
+                             delta_s_hack=trainable["q_proj"]["delta_s_hack"] - 0.1)}
+    assert at_zero_svd_delta(cancel)  # only the sum enters the forward
+    lora, _ = init_lora_adapter(params, config, jax.random.PRNGKey(0), rank=2, targets=("q_proj",))
+    assert not at_zero_svd_delta(lora)

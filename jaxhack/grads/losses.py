@@ -21,7 +21,9 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxhack.grads.microbatch import length_microbatches, take_rows
 from jaxhack.models import qwen3
 from jaxhack.models.adapters import merge
 from jaxhack.models.config import Qwen3Config
@@ -50,17 +52,33 @@ def sequence_logprobs(params, config: Qwen3Config, adapters, tokens: jax.Array, 
     return jnp.pad(logp_next, ((0, 0), (1, 0)))
 
 
-def reference_logprobs(params, config: Qwen3Config, tokens: jax.Array, attention_mask: jax.Array,
+def reference_logprobs(params, config: Qwen3Config, tokens, attention_mask,
                        remat: str = "none", chunk: int = 256, attention: str = "masked", *,
-                       microbatch: int | None = None) -> jax.Array:
+                       microbatch: int | None = None, length_multiple: int | None = None) -> jax.Array:
     """[N,T] log-probs of the zero-adapter reference, i.e. the base model (exact, DESIGN.md).
-    microbatch: rows per forward (None: all N at once); the rows are concatenated back."""
-    n = tokens.shape[0]
+
+    microbatch: rows per forward (None: all N at once); the rows are put back in order.
+    length_multiple (needs right-padded rows and microbatch): length-bucketed micro-batches
+    (`grads.microbatch.length_microbatches`): rows sorted by real length, each micro-batch cut to its
+    longest row rounded up to this multiple; positions past a row's cut are 0 (they are padding)."""
+    n, T = tokens.shape
     step = n if microbatch is None else microbatch
-    parts = [sequence_logprobs(params, config, None, jnp.asarray(tokens[i:i + step]),
-                               jnp.asarray(attention_mask[i:i + step]), remat=remat, chunk=chunk,
-                               attention=attention) for i in range(0, n, step)]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    if length_multiple is None or microbatch is None:
+        parts = [sequence_logprobs(params, config, None, jnp.asarray(tokens[i:i + step]),
+                                   jnp.asarray(attention_mask[i:i + step]), remat=remat, chunk=chunk,
+                                   attention=attention) for i in range(0, n, step)]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    host = {"tokens": np.asarray(tokens), "attention_mask": np.asarray(attention_mask)}
+    out = np.zeros((n, T), np.float32)
+    for rows, t in length_microbatches(host["attention_mask"].sum(1), microbatch, multiple=length_multiple,
+                                       max_len=T):
+        mb = take_rows(host, rows, t)
+        logp = np.asarray(sequence_logprobs(params, config, None, jnp.asarray(mb["tokens"]),
+                                            jnp.asarray(mb["attention_mask"]), remat=remat, chunk=chunk,
+                                            attention=attention))  # [microbatch, t]
+        real = rows >= 0
+        out[rows[real], :t] = logp[real]
+    return jnp.asarray(out)
 
 
 def sample_logprobs(trainable, frozen, params, config: Qwen3Config, sample: dict,

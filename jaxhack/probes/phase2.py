@@ -29,7 +29,7 @@ from jaxhack.probes.records import write_run_info, write_step
 from jaxhack.projection.cosines import per_sample_cosines
 from jaxhack.projection.arms import ARMS as _ARMS, PHASE2_ARMS
 from jaxhack.projection.optax_projection import chain_with_projection, projection_metrics
-from jaxhack.projection.v_hack import load_v_hack
+from jaxhack.projection.v_hack import at_zero_svd_delta, load_v_hack
 from jaxhack.grads import losses
 from jaxhack.grads.batch import make_batch
 from jaxhack.grads.per_sample import per_sample_grads
@@ -162,11 +162,15 @@ def tokenize_group(group: Sequence[dict], encode: Callable, pad_id: int, length:
                       padding="right")  # right padding: what attention="causal" requires
 
 
-def make_loss(loss_mode: str, group_size: int, remat: str, chunk: int, attention: str) -> Callable:
+def make_loss(loss_mode: str, group_size: int, remat: str, chunk: int, attention: str,
+              delta_zero: bool = False) -> Callable:
+    """The per-sample loss of the probe; delta_zero: the exact delta_s = 0 fast path (only when the
+    adapter stays at delta_s = 0 for the whole run, i.e. lr = 0 in the SVD basis)."""
     if loss_mode == "grpo":
         return functools.partial(losses.reinforce_loss, group_size=group_size, remat=remat, chunk=chunk,
-                                 attention=attention)
-    return functools.partial(losses.nll_loss, remat=remat, chunk=chunk, attention=attention)
+                                 attention=attention, delta_zero=delta_zero)
+    return functools.partial(losses.nll_loss, remat=remat, chunk=chunk, attention=attention,
+                             delta_zero=delta_zero)
 
 
 def make_probe_step(loss_i: Callable, optimizer: optax.GradientTransformation, v_hack: dict,
@@ -209,11 +213,15 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     group_size = settings.per_pool * len(pools)
-    loss_i = make_loss(settings.loss_mode, group_size, settings.remat, settings.chunk, settings.attention)
+    # lr = 0 at delta_s = 0 (SVD): the adapter never moves, so every step may take the exact fast path
+    delta_zero = settings.lr == 0 and at_zero_svd_delta(trainable)
+    loss_i = make_loss(settings.loss_mode, group_size, settings.remat, settings.chunk, settings.attention,
+                       delta_zero=delta_zero)
     optimizer = make_optimizer(settings, v_hack)
     opt_state = optimizer.init(trainable)
     step_fn = make_probe_step(loss_i, optimizer, v_hack, config)
     info = {"arm": settings.arm, "loss_mode": settings.loss_mode, "group_size": group_size,
+            "delta_zero_path": bool(delta_zero),
             "pools": [p.name for p in pools], "settings": dataclasses.asdict(settings),
             **(run_info or {})}
 

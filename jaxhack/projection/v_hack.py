@@ -138,6 +138,18 @@ def _tokenize_pairs(pairs: Sequence[Pair], tokenizer, max_len: int | None,
     return out
 
 
+def at_zero_svd_delta(trainable: dict) -> bool:
+    """True when `trainable` is an SVD adapter tree whose delta_s + delta_s_hack is exactly 0 in every
+    module (host check, outside jit): then the exact delta_s = 0 fast path applies."""
+    for module in trainable.values():
+        if "delta_s" not in module:
+            return False
+        total = np.asarray(module["delta_s"]) + np.asarray(module.get("delta_s_hack", 0.0))
+        if np.any(total != 0):
+            return False
+    return True
+
+
 def pair_grad_diffs(pairs: Sequence[Pair], tokenizer, trainable, frozen, params, config, *,
                     loss_i: Callable | None = None, batch_size: int = 8, max_len: int | None = None,
                     max_prompt_tokens: int | None = None,
@@ -157,7 +169,12 @@ def pair_grad_diffs(pairs: Sequence[Pair], tokenizer, trainable, frozen, params,
     from jaxhack.grads.per_sample import per_sample_grads
 
     if loss_i is None:
-        from jaxhack.grads.losses import nll_loss as loss_i
+        import functools
+
+        from jaxhack.grads.losses import nll_loss
+        # the exact delta_s = 0 fast path (models.adapters.zero_delta_tap) when the gradients are taken
+        # at the base model in the SVD basis, as extraction always is; the general path otherwise
+        loss_i = functools.partial(nll_loss, delta_zero=at_zero_svd_delta(trainable))
     if not pairs:
         raise ValueError("no pairs")
     toks = _tokenize_pairs(pairs, tokenizer, max_len, max_prompt_tokens)

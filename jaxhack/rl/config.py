@@ -76,6 +76,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # ---- compute
     microbatch: int | None = None      # rows per gradient / reference micro-batch (None: whole batch)
+    length_multiple: int = 512         # micro-batches: rows sorted by length, each cut to its longest row
+                                       # rounded up to this (grads.microbatch); fewer compiled shapes
     sample_rows: int | None = None     # rows the sampler decodes together (groups run in turn; None: all)
     prefill_chunk: int = 256           # prompt tokens per sampler prefill forward
     remat: str = "none"
@@ -121,6 +123,8 @@ class TrainConfig:
             errors.append(f"microbatch must be >= 1, got {self.microbatch}")
         if self.sample_rows is not None and self.sample_rows < 1:
             errors.append(f"sample_rows must be >= 1, got {self.sample_rows}")
+        if self.length_multiple < 1:
+            errors.append(f"length_multiple must be >= 1, got {self.length_multiple}")
         if self.prefill_chunk < 1:
             errors.append(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if errors:

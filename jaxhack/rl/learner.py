@@ -16,7 +16,8 @@ import numpy as np
 import optax
 
 from jaxhack.grads.batch import make_batch, place_completion_values
-from jaxhack.grads.losses import GRPO_AUX_KEYS, centered_advantages, grpo_batch_loss, reference_logprobs
+from jaxhack.grads.losses import centered_advantages, grpo_batch_loss, reference_logprobs
+from jaxhack.grads.microbatch import length_microbatches, take_rows
 from jaxhack.models.config import Qwen3Config
 from jaxhack.projection.cosines import directions, safe_norm
 from jaxhack.projection.modules import to_module_vectors
@@ -88,11 +89,12 @@ def train_batch(rollout: Rollout, cfg: TrainConfig, pad_id: int, n_rows: int, se
 
 
 def reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig) -> np.ndarray:
-    """[N,T] log-probs of the zero-adapter reference (the base model), cfg.microbatch rows at a time
-    (`grads.losses.reference_logprobs`; right-padded rows, so causal attention is exact)."""
+    """[N,T] log-probs of the zero-adapter reference (the base model) in length-bucketed micro-batches
+    of cfg.microbatch rows (`grads.losses.reference_logprobs`; right-padded rows, so causal attention
+    is exact and cutting trailing padding changes no real token's log-prob)."""
     return np.asarray(reference_logprobs(params, config, batch["tokens"], batch["attention_mask"],
                                          chunk=cfg.logp_chunk, attention="causal",
-                                         microbatch=cfg.microbatch))
+                                         microbatch=cfg.microbatch, length_multiple=cfg.length_multiple))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,40 +119,29 @@ class LossHyper:
 
 
 def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config, hyper: LossHyper,
-                   microbatch: int | None):
-    """jit(update)(trainable, opt_state, frozen, params, batch) -> (trainable, opt_state, metrics).
+                   microbatch: int | None, length_multiple: int = 512):
+    """update(trainable, opt_state, frozen, params, batch) -> (trainable, opt_state, metrics).
 
     The loss is `grpo_batch_loss` (causal attention: the rows are right-padded). With `microbatch`
-    M the N rows (N % M == 0) run as a lax.scan over N/M micro-batches, each with its own forward +
-    backward, gradients summed (memory of one micro-batch; the sum is the full-batch loss)."""
+    M the N rows run as length-bucketed micro-batches (`grads.microbatch.length_microbatches`: rows
+    sorted by real length, M at a time, each cut to its longest row rounded up to `length_multiple`),
+    one jitted forward + backward each, losses and gradients summed (the sum is the full-batch loss;
+    memory is that of one micro-batch of at most M rows, whatever N). Then one jitted step applies the
+    optimizer chain (clip, v_hack projection, AdamW) and computes the metrics. `batch`: numpy or jax
+    arrays [N, T] (host copies are taken for the micro-batch plan)."""
     loss_fn = functools.partial(grpo_batch_loss, attention="causal", **dataclasses.asdict(hyper))
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(3,))
 
     def global_norm(tree):
         vecs = to_module_vectors(tree)  # SVD: delta_s only (delta_s_hack's gradient is a copy)
         return jnp.sqrt(sum(jnp.sum(jnp.square(safe_norm(v))) for v in vecs.values()))
 
-    def grads_of(trainable, frozen, params, batch):
-        fn = jax.value_and_grad(loss_fn, has_aux=True)
-        if microbatch is None:
-            (loss, aux), grads = fn(trainable, frozen, params, config, batch)
-            return loss, aux, grads
-        n = jax.tree.leaves(batch)[0].shape[0]
-        chex.assert_equal(n % microbatch, 0)
-        micro = jax.tree.map(lambda x: x.reshape(n // microbatch, microbatch, *x.shape[1:]), batch)
-
-        def body(carry, mb):
-            loss_acc, aux_acc, g_acc = carry
-            (loss, aux), g = fn(trainable, frozen, params, config, mb)
-            return (loss_acc + loss, jax.tree.map(jnp.add, aux_acc, aux), jax.tree.map(jnp.add, g_acc, g)), None
-
-        zero_aux = {k: jnp.zeros((), jnp.float32) for k in GRPO_AUX_KEYS}
-        init = (jnp.zeros((), jnp.float32), zero_aux, jax.tree.map(jnp.zeros_like, trainable))
-        (loss, aux, grads), _ = jax.lax.scan(body, init, micro)
-        return loss, aux, grads
+    @jax.jit
+    def accumulate(total, part):
+        return jax.tree.map(jnp.add, total, part)
 
     @jax.jit
-    def update(trainable, opt_state, frozen, params, batch):
-        loss, aux, grads = grads_of(trainable, frozen, params, batch)
+    def apply(trainable, opt_state, loss, aux, grads):
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         n_tok = jnp.maximum(aux["n_tokens"], 1.0)
@@ -159,6 +150,21 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
                    "n_tokens": aux["n_tokens"], "grad_norm": global_norm(grads),
                    "update_norm": global_norm(updates), **projection_metrics(opt_state)}
         return new_trainable, opt_state, metrics
+
+    def update(trainable, opt_state, frozen, params, batch):
+        if microbatch is None:
+            parts = [jax.tree.map(jnp.asarray, batch)]
+        else:
+            host = {k: np.asarray(v) for k, v in batch.items()}
+            n, T = host["tokens"].shape
+            plan = length_microbatches(host["attention_mask"].sum(1), microbatch, multiple=length_multiple,
+                                       max_len=T)
+            parts = (jax.tree.map(jnp.asarray, take_rows(host, rows, t)) for rows, t in plan)
+        total = None
+        for part in parts:
+            (loss, aux), grads = grad_fn(trainable, frozen, params, config, part)
+            total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
+        return apply(trainable, opt_state, *total)
 
     return update
 
@@ -176,7 +182,7 @@ def v_hack_digest(v_hack: dict) -> str:
 _UPDATE_CACHE: dict = {}
 # TrainConfig fields the optimizer chain and the update's structure depend on (with LossHyper)
 OPTIMIZER_FIELDS = ("lr", "warmup_steps", "steps", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps",
-                    "max_grad_norm", "gate", "overshoot", "placement", "microbatch")
+                    "max_grad_norm", "gate", "overshoot", "placement", "microbatch", "length_multiple")
 
 
 def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, config: Qwen3Config
@@ -189,7 +195,8 @@ def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, confi
            v_hack_digest(v_hack))
     if key not in _UPDATE_CACHE:
         optimizer = make_optimizer(cfg, v_hack, projection_mode)
-        _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch))
+        _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch,
+                                                                cfg.length_multiple))
         while len(_UPDATE_CACHE) > 4:
             _UPDATE_CACHE.pop(next(iter(_UPDATE_CACHE)))
     return _UPDATE_CACHE[key]

@@ -105,7 +105,7 @@ def sample_rollout(params, config: Qwen3Config, tokenizer, adapters: dict, probl
         res = generate(params, config, [prompt_ids[rows_problem[i].id] for i in to_sample],
                        max_new_tokens=cfg.max_new, key=key, adapters=adapters, temperature=cfg.temperature,
                        top_p=cfg.top_p, eos_token_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id,
-                       prompt_multiple=prompt_multiple)
+                       prompt_multiple=prompt_multiple, max_rows=cfg.sample_rows, prefill_chunk=cfg.prefill_chunk)
         for j, i in enumerate(to_sample):
             length = int(res.lengths[j])
             completion_ids[i] = res.tokens[j, :length].tolist()
@@ -169,7 +169,8 @@ def evaluate(params, config: Qwen3Config, tokenizer, adapters: dict, problems, c
                        key=jax.random.fold_in(key, start), adapters=adapters,
                        temperature=cfg.eval_temperature, top_p=cfg.top_p,
                        eos_token_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id,
-                       prompt_multiple=prompt_multiple)
+                       prompt_multiple=prompt_multiple, max_rows=cfg.sample_rows,
+                       prefill_chunk=cfg.prefill_chunk)
         completions += [decode(tokenizer, res.tokens[i, :res.lengths[i]]) for i in range(len(part))]
         finished += res.finished.tolist()
     grades = grade_rows(rows, completions, cfg)
