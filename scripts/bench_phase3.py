@@ -18,7 +18,8 @@ grads.losses.grpo_batch_loss and rl.learner.make_optimizer with the v_hack proje
   by real length, `microbatch` rows at a time, each micro-batch cut to its longest row rounded up to
   512; reference = base model forward (vocab-chunked log-probs); update = value_and_grad of the
   Dr.GRPO loss summed over micro-batches, then clip -> v_hack projection -> AdamW (jitted).
-  --update fixed instead pads every row to prompt + max_new (what trainer.py does today).
+  These are the trainer's own functions (rl/learner.reference_logp, rl/learner.make_update_fn).
+  --update fixed instead pads every micro-batch to prompt + max_new (the trainer before bucketing).
 
 Floor (derivation in docs/benchmarks.md, `step_floor` below): FLOPs of prefill, reference and update at
 the card's dense bf16 peak, plus decode at the HBM bandwidth floor (each decode step reads all weights
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -163,40 +163,20 @@ def build(args):
     return cfg, config, params, trainable, frozen, optimizer, opt_state, hyper
 
 
-def make_step_fns(config, optimizer, hyper):
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from jaxhack.grads.losses import grpo_batch_loss
-
-    loss_fn = functools.partial(grpo_batch_loss, attention="causal", **dataclasses.asdict(hyper))
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(3,))
-
-    @jax.jit
-    def apply(trainable, opt_state, grads):
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state
-
-    @jax.jit
-    def add(a, b):
-        return jax.tree.map(jnp.add, a, b)
-
-    return grad_fn, apply, add
-
-
 def run_regime(args, regime: str, built) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    from jaxhack.models.adapters import merge
     from jaxhack.grads.batch import make_batch
-    from jaxhack.grads.losses import centered_advantages, sequence_logprobs
-    from jaxhack.rl import sampler
-    from jaxhack.grads.microbatch import length_microbatches, take_rows
+    from jaxhack.grads.losses import centered_advantages
+    from jaxhack.models.adapters import merge
+    from jaxhack.rl import learner, sampler
 
     cfg, config, params, trainable, frozen, optimizer, opt_state, hyper = built
-    grad_fn, apply, add = make_step_fns(config, optimizer, hyper)
+    # the trainer's own reference pass and update (rl/learner.py); "fixed": every micro-batch padded to
+    # prompt + max_new (a length multiple no row reaches), "bucketed": cut to length_multiple
+    multiple = args.length_multiple if args.update == "bucketed" else 1 << 30
+    cfg = dataclasses.replace(cfg, length_multiple=multiple)
+    update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, cfg.length_multiple)
     N = cfg.group_size * cfg.prompts_per_step
     rng = np.random.default_rng(1)
     half = min(100, args.prompt_len // 4)
@@ -251,29 +231,11 @@ def run_regime(args, regime: str, built) -> dict:
         batch["old_logp"] = np.zeros_like(batch["tokens"], np.float32)
         batch["use_current"] = np.ones((N,), bool)
         real = batch["attention_mask"].sum(1)
-        if args.update == "bucketed":
-            plan = length_microbatches(real, cfg.microbatch, multiple=args.length_multiple, max_len=max_len)
-        else:  # rows in order, every micro-batch padded to max_len
-            plan = [(np.concatenate([np.arange(a, min(a + cfg.microbatch, N)),
-                                     np.full(max(0, a + cfg.microbatch - N), -1)]), max_len)
-                    for a in range(0, N, cfg.microbatch)]
-        ref = np.zeros_like(batch["tokens"], np.float32)
-        for rows, T in plan:
-            mb = take_rows({"tokens": batch["tokens"], "attention_mask": batch["attention_mask"]}, rows, T)
-            logp = np.asarray(sequence_logprobs(params, config, None, jnp.asarray(mb["tokens"]),
-                                                jnp.asarray(mb["attention_mask"]), chunk=cfg.logp_chunk,
-                                                attention="causal"))  # right-padded rows
-            ref[rows[rows >= 0], :T] = logp[rows >= 0]
-        batch["ref_logp"] = ref
+        batch["ref_logp"] = learner.reference_logp(params, config, batch, cfg)
         times["ref_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        grads = None
-        for rows, T in plan:
-            mb = {k: jnp.asarray(v) for k, v in take_rows(batch, rows, T).items()}
-            (_, _), g = grad_fn(trainable, frozen, params, config, mb)
-            grads = g if grads is None else add(grads, g)
-        trainable, opt_state = apply(trainable, opt_state, grads)
+        trainable, opt_state, _ = update_fn(trainable, opt_state, frozen, params, batch)
         jax.block_until_ready(trainable)
         times["update_s"] = time.perf_counter() - t0
         times["step_s"] = sum(times.values())
@@ -317,7 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--update", choices=("bucketed", "fixed"), default="bucketed",
                     help="bucketed: length-sorted micro-batches cut to their length; fixed: every row padded "
-                         "to prompt + max_new (trainer.py today)")
+                         "to prompt + max_new (the trainer before length bucketing)")
     ap.add_argument("--length-multiple", type=int, default=512, help="micro-batch lengths round up to this")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (full) for the update")
