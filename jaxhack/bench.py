@@ -165,3 +165,25 @@ def relative_error(ours: dict, theirs: dict) -> float:
         err = np.linalg.norm(b - a, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-30)
         worst = max(worst, float(err.max()))
     return worst
+
+
+def gradient_agreement(ours: dict, theirs: dict) -> dict:
+    """Where two sets of per-sample gradients ({module: [G, L, r]}) differ: per module the largest
+    relative error over samples (as `relative_error`) and the cosine of the worst sample's gradients,
+    and per layer (worst module) the largest relative error over samples."""
+    per_module, cos, worst_name, worst = {}, {}, None, -1.0
+    for name, a in ours.items():
+        b = np.asarray(theirs[name], np.float64).reshape(a.shape)
+        a = np.asarray(a, np.float64)
+        fa, fb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        err = np.linalg.norm(fb - fa, axis=1) / np.maximum(np.linalg.norm(fa, axis=1), 1e-30)
+        i = int(err.argmax())
+        per_module[name] = round(float(err[i]), 5)
+        cos[name] = round(float(fa[i] @ fb[i] / max(np.linalg.norm(fa[i]) * np.linalg.norm(fb[i]), 1e-30)), 5)
+        if err[i] > worst:
+            worst, worst_name = float(err[i]), name
+    a = np.asarray(ours[worst_name], np.float64)
+    b = np.asarray(theirs[worst_name], np.float64).reshape(a.shape)
+    per_layer = (np.linalg.norm(b - a, axis=2) / np.maximum(np.linalg.norm(a, axis=2), 1e-30)).max(0)
+    return {"rel_err_per_module": per_module, "cos_worst_sample_per_module": cos, "worst_module": worst_name,
+            "rel_err_per_layer_worst_module": [round(float(x), 4) for x in per_layer]}

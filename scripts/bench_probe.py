@@ -33,7 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxhack.bench import (_grads_to_numpy, config_for, flop_floor, hash_uniform_torch,  # noqa: E402,F401
-                           leaf_offset, probe_inputs, probe_step, relative_error, shared_inputs,
+                           gradient_agreement, leaf_offset, probe_inputs, probe_step, relative_error,
+                           shared_inputs,
                            NORM_STD, WEIGHT_STD)
 
 
@@ -271,7 +272,9 @@ def run_torch(args) -> list[dict]:
                peak_bytes=torch.cuda.max_memory_allocated() if cuda else None)
     if args.exchange and os.path.exists(args.exchange):
         ours = dict(np.load(args.exchange))
-        rec["max_rel_err"] = relative_error(ours, {k: v.float().cpu().numpy() for k, v in grads.items()})
+        theirs = {k: v.float().cpu().numpy() for k, v in grads.items()}
+        rec["max_rel_err"] = relative_error(ours, theirs)
+        rec["agreement"] = gradient_agreement(ours, theirs)
     print(json.dumps(rec), flush=True)
     return [rec]
 
