@@ -20,7 +20,9 @@ from jaxhack.grads.losses import GRPO_AUX_KEYS, centered_advantages, grpo_batch_
 from jaxhack.models.config import Qwen3Config
 from jaxhack.projection.cosines import directions, safe_norm
 from jaxhack.projection.modules import to_module_vectors
-from jaxhack.projection.optax_projection import chain_with_projection, projection_metrics
+from jaxhack.projection.arms import ARMS
+from jaxhack.projection.optax_projection import chain_names as _chain_names
+from jaxhack.projection.optax_projection import projected_adamw, projection_metrics, update_metrics
 from jaxhack.rl.config import TrainConfig
 from jaxhack.rl.rollout import Rollout
 
@@ -37,23 +39,26 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig, v_hack: dict, projection_mode: str) -> optax.GradientTransformation:
-    """placement "gradient": chain(clip_by_global_norm, hack_projection, adamw): the projection sees
-    the clipped loss gradient (clip first, so the projected gradient's norm stays <= the clip, and
-    cos_in is measured on what the optimizer would otherwise get). placement "update":
-    chain(clip, adamw, hack_projection(placement="update")): the applied update itself has no
-    hack-ward component (closes the leak through Adam's per-coordinate rescaling)."""
-    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
-                        weight_decay=cfg.weight_decay)
-    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity()
-    return chain_with_projection(adamw, v_hack, placement=cfg.placement, before=(clip,),
-                                 mode=projection_mode, gate=cfg.gate, overshoot=cfg.overshoot)
+    """`projection.optax_projection.projected_adamw` (the one chain builder) with this run's settings.
+    placement "gradient": projection -> clip_by_global_norm -> adamw: the clip sees what is actually
+    trained (the projected delta_s; delta_s_hack's duplicate gradient is zeroed outside route) and
+    cos_in is measured on the raw loss gradient. placement "update": zero_hack_duplicate -> clip ->
+    adamw -> projection(placement="update"): the applied update itself has no hack-ward component
+    (closes the leak through Adam's per-coordinate rescaling). LoRA arms freeze A (LoRA-FA)."""
+    return projected_adamw(v_hack, lr_schedule(cfg), mode=projection_mode, gate=cfg.gate,
+                           overshoot=cfg.overshoot, placement=cfg.placement, b1=cfg.b1, b2=cfg.b2,
+                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                           freeze_a=freeze_lora_a_for(cfg))
+
+
+def freeze_lora_a_for(cfg: TrainConfig) -> bool:
+    """LoRA arms train B only (LoRA-FA): v_hack extracted at B = 0 has no A-part (docs/projection.md)."""
+    return ARMS[cfg.arm].adapter == "lora"
 
 
 def chain_names(cfg: TrainConfig) -> list[str]:
     """The chain's transforms in order (for run.json)."""
-    if cfg.placement == "gradient":
-        return ["clip_by_global_norm", "hack_projection", "adamw"]
-    return ["clip_by_global_norm", "adamw", "hack_projection(update)"]
+    return _chain_names(cfg.placement, freeze_lora_a_for(cfg), cfg.max_grad_norm > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +122,7 @@ class LossHyper:
 
 
 def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config, hyper: LossHyper,
-                   microbatch: int | None):
+                   microbatch: int | None, v_hack: dict):
     """jit(update)(trainable, opt_state, frozen, params, batch) -> (trainable, opt_state, metrics).
 
     The loss is `grpo_batch_loss` (causal attention: the rows are right-padded). With `microbatch`
@@ -157,7 +162,8 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
         metrics = {"loss": loss, "kl_mean": aux["kl_sum"] / n_tok, "pg_token_mean": aux["pg_sum"] / n_tok,
                    "ratio_mean": aux["ratio_sum"] / n_tok, "clip_frac": aux["clipped"] / n_tok,
                    "n_tokens": aux["n_tokens"], "grad_norm": global_norm(grads),
-                   "update_norm": global_norm(updates), **projection_metrics(opt_state)}
+                   "update_norm": global_norm(updates), **projection_metrics(opt_state),
+                   **update_metrics(v_hack, updates)}
         return new_trainable, opt_state, metrics
 
     return update
@@ -175,7 +181,7 @@ def v_hack_digest(v_hack: dict) -> str:
 
 _UPDATE_CACHE: dict = {}
 # TrainConfig fields the optimizer chain and the update's structure depend on (with LossHyper)
-OPTIMIZER_FIELDS = ("lr", "warmup_steps", "steps", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps",
+OPTIMIZER_FIELDS = ("arm", "lr", "warmup_steps", "steps", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps",
                     "max_grad_norm", "gate", "overshoot", "placement", "microbatch")
 
 
@@ -189,7 +195,7 @@ def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, confi
            v_hack_digest(v_hack))
     if key not in _UPDATE_CACHE:
         optimizer = make_optimizer(cfg, v_hack, projection_mode)
-        _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch))
+        _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack))
         while len(_UPDATE_CACHE) > 4:
             _UPDATE_CACHE.pop(next(iter(_UPDATE_CACHE)))
     return _UPDATE_CACHE[key]
