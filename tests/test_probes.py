@@ -167,6 +167,20 @@ def test_phase1_split_statistics():
     assert split["steps_cos_out_below_in"] == 1 and split["n_steps"] == 2
 
 
+def test_phase1_split_uses_attempted_hack():
+    """With the grader's attempted_hack label, a correct answer that did not attempt the exploit is
+    honest-correct, not hack+correct (the old split counted it as hack+correct)."""
+    recs = []
+    for i, (hacked, gt, attempted, cos) in enumerate([(True, False, True, 0.5), (True, False, True, 0.7),
+                                                      (False, True, True, 0.3), (False, True, True, 0.2),
+                                                      (False, True, False, -0.4), (False, True, False, -0.2)]):
+        recs.append({"step": 0, "hacked": hacked, "gt_pass": gt, "attempted_hack": attempted, "cos_S_contrib": cos,
+                     "mean_cos_in": 0.4, "mean_cos_out": 0.1, "frac_fired": 0.5})
+    split = split_pure_vs_correct(recs)
+    assert split["hack_correct"]["n"] == 2 and split["hack_correct"]["mean"] == pytest.approx(0.25)
+    assert split["honest_correct"]["n"] == 2 and split["hack_correct_rule"] == "attempted_hack and gt_pass"
+
+
 def test_demo_end_to_end_small(tmp_path):
     result = run_demo(DemoSettings(out=str(tmp_path / "demo"), steps=2, per_pool=2, pool_steps=1,
                                    pool_per_step=8, pair_variants=1, max_prompt_tokens=32,

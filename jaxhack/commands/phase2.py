@@ -11,7 +11,8 @@ OUT/step_NNN.cos.jsonl.gz (slim schema) and OUT/run.json; then run `jaxhack anal
 from __future__ import annotations
 
 from jaxhack.commands import fail, script_main
-from jaxhack.probes.phase2 import ARMS, ReplaySettings, load_probe_setup, load_replay_pool, run_replay
+from jaxhack.probes.phase2 import (ARMS, ReplaySettings, load_probe_setup, load_replay_pool, run_replay,
+                                   v_hack_control)
 
 
 def add_probe_arguments(ap) -> None:
@@ -59,7 +60,8 @@ def run(args) -> int:
     pools = [load_replay_pool(d) for d in args.replay_dirs.split(",") if d]
     settings = probe_settings(args, args.arm, args.loss_mode, args.per_pool)
     records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, args.out,
-                         run_info={"model": desc, "v_hack": str(args.v_hack), "phase": 2})
+                         run_info={"model": desc, "v_hack": str(args.v_hack), "phase": 2,
+                                   "v_hack_control": v_hack_control(args.v_hack)})
     steps = {r["step"]: (r["mean_cos_in"], r["mean_cos_out"], r["frac_fired"]) for r in records}
     below = sum(1 for cin, cout, _ in steps.values() if cout < cin)
     mean_in = sum(c for c, _, _ in steps.values()) / len(steps)

@@ -86,6 +86,14 @@ def load_probe_setup(ckpt: str, v_hack_path, adapter: str, seed: int = 0):
     return params, config, tokenizer, desc, trainable, frozen, v_hack
 
 
+def v_hack_control(v_hack_path) -> str:
+    """The control a v_hack file was extracted as (its meta "control": none | random | shuffled |
+    clean_vs_clean); run.json records it as v_hack_control, so `analyze` can put control runs next
+    to the real one."""
+    _, meta = load_v_hack(v_hack_path)
+    return str(meta.get("control", "none"))
+
+
 @dataclasses.dataclass
 class ReplayPool:
     """One replay pool: its name and its records grouped by step file."""
