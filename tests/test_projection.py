@@ -335,3 +335,19 @@ def test_null_baseline_matches_random_directions():
     np.testing.assert_allclose(np.std(means), null_cos_sd(V), rtol=0.15)
     expect = np.mean([np.sqrt(2 / d) for d in SVD_DIMS.values()])  # equal layers per module
     np.testing.assert_allclose(null_abs_cos(V), expect, rtol=1e-6)
+
+
+def test_overprojection_count_ignores_the_norm_shrink_of_an_honest_erase_with_k_rows():
+    """k = 3: erasing rows 2-3 shrinks |g|, so a negative top-1 cos_out is more negative than cos_in
+    (a naive per-module cosine rule counts it); measured against |g_in| nothing is over-projected."""
+    tree = svd_tree(18)
+    V = v_for(tree, k=3)
+    g = {n: v - 2.0 * V[n][:, 0] * jnp.linalg.norm(v, axis=-1, keepdims=True) / 4
+         + 3.0 * (V[n][:, 1] + V[n][:, 2]) * jnp.linalg.norm(v, axis=-1, keepdims=True)
+         for n, v in modules.to_module_vectors(tree).items()}
+    grads = modules.from_module_vectors(g, tree)
+    tx = hack_projection(V, mode="erase", gate="one_sided")
+    _, state = jax.jit(tx.update)(grads, tx.init(grads))
+    naive = sum(int(np.sum(np.asarray(state.cos_out[n]) < np.minimum(np.asarray(state.cos_in[n]), 0) - 1e-4))
+                for n in V)
+    assert naive > 0 and float(state.n_overprojected) == 0.0

@@ -56,7 +56,8 @@ class HackProjectionState(NamedTuple):
     frac_positive: jax.Array       # [] share of valid modules with any c > 0 before projection
     removed_norm: jax.Array        # [] global norm of what was removed (0 under measure)
     in_norm: jax.Array             # [] global norm of the incoming projected modules' vectors
-    n_overprojected: jax.Array     # [] valid modules with cos_out_m < min(cos_in_m, 0) - OVERPROJECTION_TOL
+    n_overprojected: jax.Array     # [] valid modules where some row j has (c_out_j - min(c_in_j, 0)) / |g_in|
+                                   #    < -OVERPROJECTION_TOL (cos_out below min(cos_in, 0), over |g_in|)
 
 
 def gate_weights(c: jax.Array, gate: Gate) -> jax.Array:
@@ -163,8 +164,13 @@ def hack_projection(v_hack: dict, mode: Mode = "erase", gate: Gate = "one_sided"
                     new = from_module_vector((sign * g_out).astype(x.dtype), new)
                     if mode == "route":
                         new["delta_s_hack"] = (sign * removed).astype(module["delta_s_hack"].dtype)
-                over[name] = (cos_out[name] < jnp.minimum(cos_in[name], 0.0) - OVERPROJECTION_TOL
-                              ).astype(jnp.float32)
+                # over-projection: some row's coefficient pushed below min(c_in, 0), in units of the
+                # incoming norm (cos_out_j < min(cos_in_j, 0) - tol with both cosines over |g_in|, so
+                # the norm shrink of an honest erase with k > 1 is not counted)
+                c_out = coefficients(V[name], g_out)  # [L, k]
+                n_in = safe_norm(g)[..., None]  # [L, 1]
+                below = (c_out - jnp.minimum(c, 0.0)) < -OVERPROJECTION_TOL * jnp.where(n_in > 0, n_in, 0.0)
+                over[name] = jnp.any(below & (n_in > 0), axis=-1).astype(jnp.float32)
             out[name] = new
         n_over = sum(jnp.sum(over[n] * valid[n]) for n in over) if over else jnp.zeros((), jnp.float32)
         state = HackProjectionState(

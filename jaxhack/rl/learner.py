@@ -18,7 +18,7 @@ import optax
 from jaxhack.grads.batch import make_batch, place_completion_values
 from jaxhack.grads.losses import GRPO_AUX_KEYS, centered_advantages, grpo_batch_loss, reference_logprobs
 from jaxhack.models.config import Qwen3Config
-from jaxhack.projection.cosines import directions, safe_norm
+from jaxhack.projection.cosines import directions, gradient_cosines, safe_norm
 from jaxhack.projection.modules import to_module_vectors
 from jaxhack.projection.arms import ARMS
 from jaxhack.projection.optax_projection import chain_names as _chain_names
@@ -88,6 +88,8 @@ def train_batch(rollout: Rollout, cfg: TrainConfig, pad_id: int, n_rows: int, se
     batch["old_logp"] = place_completion_values(batch, sampler_vals)
     batch["advantage"] = np.concatenate([adv, np.zeros(pad_rows, np.float32)]).astype(np.float32)
     batch["use_current"] = use_current
+    if cfg.mix_per_group > 0:  # rows from the teacher pool: the update splits cos_in by source
+        batch["is_teacher"] = np.asarray([s == "teacher" for s in rollout.sources] + [False] * pad_rows)
     chex.assert_shape(batch["tokens"], (n_rows, seq_len))
     return batch, adv
 
@@ -155,7 +157,20 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
 
     @jax.jit
     def update(trainable, opt_state, frozen, params, batch):
+        batch = dict(batch)
+        is_teacher = batch.pop("is_teacher", None)  # [N] bool, only when teacher rows are mixed in
         loss, aux, grads = grads_of(trainable, frozen, params, batch)
+        split = {}
+        if is_teacher is not None:
+            # student / teacher split of cos_in (the reference's cin_s / cin_t): the loss is a sum over
+            # rows, so the teacher rows' gradient is that of the loss with the other rows masked out
+            # (one more forward + backward), and the student part is the rest
+            t_batch = dict(batch, completion_mask=batch["completion_mask"] * is_teacher[:, None].astype(
+                batch["completion_mask"].dtype))
+            _, _, g_teacher = grads_of(trainable, frozen, params, t_batch)
+            g_student = jax.tree.map(jnp.subtract, grads, g_teacher)
+            split = {"cos_in_teacher": gradient_cosines(v_hack, g_teacher)["cos"],
+                     "cos_in_student": gradient_cosines(v_hack, g_student)["cos"]}
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         n_tok = jnp.maximum(aux["n_tokens"], 1.0)
@@ -163,7 +178,7 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
                    "ratio_mean": aux["ratio_sum"] / n_tok, "clip_frac": aux["clipped"] / n_tok,
                    "n_tokens": aux["n_tokens"], "grad_norm": global_norm(grads),
                    "update_norm": global_norm(updates), **projection_metrics(opt_state),
-                   **update_metrics(v_hack, updates)}
+                   **update_metrics(v_hack, updates), **split}
         return new_trainable, opt_state, metrics
 
     return update

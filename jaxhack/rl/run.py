@@ -199,4 +199,7 @@ def final_summary(run_dir: Path, window: int = 5) -> dict:
         out["eval_hack_rate_final"] = evals[-1]["hack_rate"]
         out["eval_gt_pass_rate_final"] = evals[-1]["gt_pass_rate"]
         out["eval_hack_rate_max"] = float(max(e["hack_rate"] for e in evals))
+        if "ablated_hack_rate" in evals[-1]:  # route arm: the deploy scores (delta_s_hack zeroed)
+            out["eval_hack_rate_final_ablated"] = evals[-1]["ablated_hack_rate"]
+            out["eval_gt_pass_rate_final_ablated"] = evals[-1]["ablated_gt_pass_rate"]
     return out

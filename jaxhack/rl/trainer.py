@@ -38,7 +38,7 @@ from jaxhack.env.pools import write_pool_meta, write_pool_step
 from jaxhack.io import append_jsonl, atomic_write_text, read_jsonl, rewrite_jsonl  # noqa: F401
 from jaxhack.models.adapters import merge
 from jaxhack.rl.checkpoints import CKPT_DIR, list_checkpoints, restore_train_state, save_train_state  # noqa: F401
-from jaxhack.rl.config import TrainConfig
+from jaxhack.rl.config import ARMS, TrainConfig
 from jaxhack.rl.data import problem_indices
 from jaxhack.rl.learner import lr_schedule, make_optimizer, reference_logp, train_batch  # noqa: F401
 from jaxhack.rl.rollout import evaluate, rollout_metrics, rollout_records, sample_rollout
@@ -70,6 +70,9 @@ def train_step(ctx: RunContext, trainable, opt_state, step: int, cursor: int):
         "ratio_mean": m["ratio_mean"], "clip_frac": m["clip_frac"], "grad_norm": m["grad_norm"],
         "update_norm": m["update_norm"], "cos_in": m["mean_cos_in"], "cos_out": m["mean_cos_out"],
         "frac_fired": m["frac_fired"], "frac_positive": m["frac_positive"], "removed_norm": m["removed_norm"],
+        "removed_frac": m["removed_frac"], "n_overprojected": m["n_overprojected"], "update_cos": m["update_cos"],
+        "update_frac_positive": m["update_frac_positive"],
+        **{k: m[k] for k in ("cos_in_student", "cos_in_teacher") if k in m},
         "lr": float(lr_schedule(cfg)(step)), "arm": cfg.arm, "seed": cfg.seed,
         "time_generation_s": t_gen, "time_grading_s": t_grade, "time_update_s": t_update,
         "time_ref_s": t_ref, "time_step_s": time.time() - t_step,
@@ -95,6 +98,12 @@ def _resume(ctx: RunContext, trainable, opt_state):
         raise ValueError(f"{path}: holds step {start}, its name says {done_steps}")
     print(f"resuming {ctx.run_dir} from {path.name} (step {start}, cursor {cursor})")
     return state["trainable"], state["opt_state"], start, cursor
+
+
+def ablate_hack(trainable: dict) -> dict:
+    """The route arm's deploy adapter: delta_s_hack zeroed (the routed hack-ward part removed)."""
+    return {name: (dict(m, delta_s_hack=jnp.zeros_like(m["delta_s_hack"])) if "delta_s_hack" in m else m)
+            for name, m in trainable.items()}
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, model=None,
@@ -136,6 +145,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         key = jax.random.fold_in(jax.random.fold_in(ctx.base_key, EVAL_TAG), done)
         rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(trainable, ctx.frozen), ctx.eval_problems,
                        cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple)
+        if ARMS[cfg.arm].projection == "route":  # deploy = delta_s_hack ablated; both are reported
+            ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(ablate_hack(trainable), ctx.frozen),
+                               ctx.eval_problems, cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple)
+            rec.update({f"ablated_{k}": v for k, v in ablated.items() if k not in ("step", "n", "temperature")})
         rec["time_eval_s"] = time.time() - t0
         append_jsonl(run_dir / EVAL_FILE, rec)
         return rec["time_eval_s"]
