@@ -75,7 +75,9 @@ def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokeni
     if control == "shuffled":
         pairs = shuffle_labels(pairs, seed=cfg.control_seed)
     bundle, info = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=cfg.k,
-                                  batch_size=cfg.vhack_batch, max_len=cfg.vhack_max_len)
+                                  batch_size=cfg.vhack_batch, max_len=cfg.vhack_max_len,
+                                  axis_threshold=cfg.vhack_axis_threshold,
+                                  noise_floor_quantile=cfg.vhack_noise_floor_quantile)
     info.update(source="extracted from template pairs over the training problems", control=control,
                 n_problems=len(problems), control_seed=cfg.control_seed)
     return bundle, info
