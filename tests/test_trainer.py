@@ -231,3 +231,21 @@ def test_data_order_is_seeded_and_covers_each_epoch():
     assert sorted(first) == list(range(n))
     assert T.problem_indices(3, 4, n, seed=1) == T.problem_indices(0, 7, n, seed=1)[3:]
     assert T.problem_indices(0, 2 * n, n, seed=1) != T.problem_indices(0, 2 * n, n, seed=2)
+
+
+def test_vhack_refresh_from_own_rollouts_with_overlap_guard(env):
+    """Refresh every 2 steps from the run's rollouts (teacher rows are hacks, the random policy's rows
+    are clean): each attempt is logged with its basis overlap; min_overlap 0 accepts and the
+    refreshed v_hack is saved, min_overlap 1.01 always keeps the old one."""
+    from jaxhack.rl import refresh as RF
+    for guard, accepted in ((0.0, True), (1.01, False)):
+        cfg = base_config(env, env[0] / f"refresh_{guard}", steps=3, eval_every=0, ckpt_every=3,
+                          vhack_refresh_every=2, vhack_refresh_min_overlap=guard)
+        T.train(cfg, progress=False)
+        log = T.read_jsonl(Path(cfg.run_dir) / RF.REFRESH_LOG)
+        assert [e["step"] for e in log] == [2] and log[0]["accepted"] is accepted
+        assert log[0]["n_pairs"] > 0 and 0.0 <= log[0]["overlap"] <= 1.0 + 1e-6
+        assert (RF.latest_refresh(cfg.run_dir, 3) is not None) is accepted
+    v = {"q": np.eye(4, dtype=np.float32)[None, :2]}  # [L=1, k=2, dim=4]
+    assert RF.basis_overlap(v, v) == pytest.approx(1.0)
+    assert RF.basis_overlap(v, {"q": np.eye(4, dtype=np.float32)[None, 2:]}) == pytest.approx(0.0)

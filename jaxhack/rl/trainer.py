@@ -24,6 +24,7 @@ differences between the cached decode and the training forward); teacher rows al
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -41,6 +42,9 @@ from jaxhack.rl.checkpoints import CKPT_DIR, list_checkpoints, restore_train_sta
 from jaxhack.rl.config import ARMS, TrainConfig
 from jaxhack.rl.data import problem_indices
 from jaxhack.rl.learner import lr_schedule, make_optimizer, reference_logp, train_batch  # noqa: F401
+from jaxhack.rl.learner import cached_update_fn
+from jaxhack.rl.refresh import REFRESH_LOG, latest_refresh, refresh_v_hack
+from jaxhack.rl.refresh import due as refresh_due
 from jaxhack.rl.rollout import evaluate, rollout_metrics, rollout_records, sample_rollout
 from jaxhack.rl.run import (DONE_FILE, EVAL_FILE, EVAL_TAG, METRICS_FILE, ROLLOUT_DIR, RUN_FILE,  # noqa: F401
                             VHACK_DIR, RunContext, check_resume_config, final_summary, setup_run)
@@ -153,6 +157,21 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         append_jsonl(run_dir / EVAL_FILE, rec)
         return rec["time_eval_s"]
 
+    def use_v_hack(ctx, bundle):
+        optimizer, update_fn = cached_update_fn(cfg, bundle, ARMS[cfg.arm].projection, ctx.config)
+        return dataclasses.replace(ctx, v_hack=bundle, optimizer=optimizer, update_fn=update_fn)
+
+    refreshing = bool(cfg.vhack_refresh_every) and ARMS[cfg.arm].control == "none"
+    recent: list[dict] = []
+    if refreshing and start > 0:
+        restored = latest_refresh(run_dir, start)
+        if restored is not None:
+            ctx = use_v_hack(ctx, restored)
+        rewrite_jsonl(run_dir / REFRESH_LOG, lambda r: r["step"] <= start)
+        boundary = start - start % cfg.vhack_refresh_every
+        if cfg.save_rollouts and boundary < start:  # the records since the last refresh, as a straight run has
+            from jaxhack.env.pools import read_pool
+            recent = [r for r in read_pool(run_dir / ROLLOUT_DIR)[1] if boundary <= int(r["step"]) < start]
     if start == 0:
         maybe_eval(0)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -165,6 +184,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         if cfg.save_rollouts:
             write_pool_step(run_dir / ROLLOUT_DIR, step, records)
         append_jsonl(run_dir / METRICS_FILE, metrics)
+        if refreshing:
+            recent += records
+            if refresh_due(cfg, done):
+                bundle, entry = refresh_v_hack(ctx, trainable, recent, done)
+                append_jsonl(run_dir / REFRESH_LOG, entry)
+                if bundle is not None:
+                    ctx = use_v_hack(ctx, bundle)
+                recent = []
         t_eval = maybe_eval(done, force=(done == cfg.steps))
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps or done == end:
             save_train_state(run_dir, done, _train_state(trainable, opt_state, ctx, cursor, done),
