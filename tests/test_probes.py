@@ -192,6 +192,9 @@ def test_demo_end_to_end_small(tmp_path):
     for arm in ("vanilla", "projected", "lora_projected"):
         records, info = read_run(out / "phase2" / arm)
         assert info["arm"] == arm and len(records) == 2 * 4
+    # issue 13 rows: null z, over-projection count, update cosine, the control side by side
+    assert "z (cos_in / null sd)" in report and "over-projected modules" in report and "update cos" in report
+    assert "| vanilla[random] | random |" in report and "Phase 2 lr=0.01" in report
     assert json.loads((out / "phase1" / "phase1_split.json").read_text())["n_steps"] == 2
 
 
