@@ -284,7 +284,7 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
                 "z": float(per_sample["z"][i]),
                 "n_overprojected": _to_float(metrics["n_overprojected"]),
                 "removed_frac": _to_float(metrics["removed_frac"]),
-                "update_cos": _to_float(metrics["update_cos"]),
+                "update_cos": _to_float(metrics["update_cos"]) if settings.lr > 0 else math.nan,  # lr 0: no update
                 **({"attempted_hack": bool(r["attempted_hack"])} if "attempted_hack" in r else {}),
             })
             if undefined[i]:  # zero advantage / zero gradient: the cosines are undefined (NaN)
