@@ -29,7 +29,7 @@ from jaxhack.probes.analyze import analyze_runs, format_summary
 from jaxhack.probes.phase1 import format_split, split_pure_vs_correct
 from jaxhack.probes.phase2 import ARMS, ReplaySettings, load_replay_pool, run_replay
 from jaxhack.projection.pairs import pair_variants, pairs_from_env_templates
-from jaxhack.projection.v_hack import extract_v_hack, save_v_hack
+from jaxhack.projection.v_hack import extract_v_hack, random_v_hack, save_v_hack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class DemoSettings:
     lora_rank: int = 4
     max_prompt_tokens: int = 320  # byte tokens: the prompt's end (hint + assistant turn)
     max_completion_tokens: int = 192
+    lr: float = 0.01  # Phase 2 Adam step (> 0: the arms move, so the effectiveness rule is evaluated)
     seed: int = 0
 
 
@@ -97,18 +98,24 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> 
     say("[4/6] " + format_split(split))
 
     run_dirs = []
-    for arm, (kind, _) in ARMS.items():
+    # the arms with the real v_hack, then the vanilla arm with a random_v control (compared, not judged)
+    random_v = random_v_hack(v_hacks["svd"], seed=settings.seed + 1, k=settings.k)
+    runs = [(arm, kind, v_hacks[kind], "none") for arm, (kind, _) in ARMS.items()]
+    runs.append(("vanilla", "svd", random_v, "random"))
+    for arm, kind, v_hack, control in runs:
         trainable, frozen = adapters[kind]
-        run_dir = out / "phase2" / arm
+        run_dir = out / "phase2" / (arm if control == "none" else f"{arm}_{control}")
         run_replay([pools["teacher"], pools["base"]], params, config, tokenizer, trainable, frozen,
-                   v_hacks[kind], ReplaySettings(arm=arm, loss_mode="grpo", steps=settings.steps,
-                                                 per_pool=settings.per_pool,
-                                                 max_completion_tokens=settings.max_completion_tokens,
-                                                 max_prompt_tokens=settings.max_prompt_tokens,
-                                                 pad_multiple=64, seed=settings.seed),
-                   run_dir, run_info={"model": model_desc, "phase": 2}, progress=progress)
+                   v_hack, ReplaySettings(arm=arm, loss_mode="grpo", steps=settings.steps,
+                                          per_pool=settings.per_pool, lr=settings.lr,
+                                          max_completion_tokens=settings.max_completion_tokens,
+                                          max_prompt_tokens=settings.max_prompt_tokens,
+                                          pad_multiple=64, seed=settings.seed),
+                   run_dir, run_info={"model": model_desc, "phase": 2, "v_hack_control": control},
+                   progress=progress)
         run_dirs.append(run_dir)
-    say(f"[5/6] phase 2 replay: arms {', '.join(ARMS)} ({settings.steps} steps each)")
+    say(f"[5/6] phase 2 replay (lr={settings.lr:g}): arms {', '.join(ARMS)} + vanilla with a random_v control "
+        f"({settings.steps} steps each)")
 
     summary = analyze_runs(run_dirs, report_path=out / "report.md", plots_dir=out / "plots")
     say("[6/6] " + format_summary(summary))

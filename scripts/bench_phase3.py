@@ -160,7 +160,7 @@ def build(args):
     opt_state = optimizer.init(trainable)
     hyper = learner.LossHyper(cfg.group_size, cfg.max_new, cfg.prompts_per_step, cfg.clip_eps,
                               cfg.clip_eps_high, cfg.beta, cfg.remat, cfg.logp_chunk)
-    return cfg, config, params, trainable, frozen, optimizer, opt_state, hyper
+    return cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack
 
 
 def run_regime(args, regime: str, built) -> dict:
@@ -171,12 +171,12 @@ def run_regime(args, regime: str, built) -> dict:
     from jaxhack.models.adapters import merge
     from jaxhack.rl import learner, sampler
 
-    cfg, config, params, trainable, frozen, optimizer, opt_state, hyper = built
+    cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = built
     # the trainer's own reference pass and update (rl/learner.py); "fixed": every micro-batch padded to
     # prompt + max_new (a length multiple no row reaches), "bucketed": cut to length_multiple
     multiple = args.length_multiple if args.update == "bucketed" else 1 << 30
     cfg = dataclasses.replace(cfg, length_multiple=multiple)
-    update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, cfg.length_multiple)
+    update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack, cfg.length_multiple)
     N = cfg.group_size * cfg.prompts_per_step
     rng = np.random.default_rng(1)
     half = min(100, args.prompt_len // 4)

@@ -34,9 +34,11 @@ def sample_records(step, arm, samples, cos_in, cos_out, frac_fired, log_adv=True
     return records
 
 
-def mixed_batch(step, teacher_cos=0.5, base_cos=-0.1, spread=0.05, teacher_reward=TEACHER_REWARD,
+def mixed_batch(step, teacher_cos=0.5, base_cos=0.1, spread=0.05, teacher_reward=TEACHER_REWARD,
                 base_reward=BASE_REWARD):
-    """4 teacher (hacked) + 4 base (clean) samples with cos_S_contrib = center +/- spread pattern."""
+    """4 teacher (hacked) + 4 base (clean) samples with cos_S_contrib = center +/- spread pattern.
+    cos_S_contrib is advantage-signed (grpo): base samples (A < 0) with base_cos = +0.1 have an
+    unsigned (own NLL-descent) cosine of -0.1."""
     offsets = spread * np.array([-1.5, -0.5, 0.5, 1.5]) * (1 + 0.1 * step)
     teacher = [("teacher_pool", True, teacher_reward, float(teacher_cos + offset)) for offset in offsets]
     base = [("base_pool", False, base_reward, float(base_cos + offset)) for offset in offsets]
@@ -124,11 +126,16 @@ def test_bucket_statistics_known_answers():
     base = rows[("base_pool", False)]
     assert base["n"] == 2 and base["n_nan"] == 1 and base["mean"] == pytest.approx(-0.1)
 
-    test = tables.teacher_vs_base(run)
+    test = tables.teacher_vs_base(run, signed=True)  # as logged (advantage-signed)
     teacher_values = [0.2, 0.4, 0.9, 0.1]
     reference = scipy.stats.ttest_ind(teacher_values, [-0.3, 0.1], equal_var=False)
     assert (test["n_a"], test["n_b"]) == (4, 2)
     assert test["t"] == pytest.approx(reference.statistic) and test["p"] == pytest.approx(reference.pvalue)
+    # unsigned (the default, row 4): sign(adv) * cos; mean reward 12/7, so only the hacked teachers have A > 0
+    test = tables.teacher_vs_base(run)
+    reference = scipy.stats.ttest_ind([0.2, 0.4, 0.9, -0.1], [0.3, -0.1], equal_var=False)
+    assert not test["signed"] and test["t"] == pytest.approx(reference.statistic)
+    assert base["mean_unsigned"] == pytest.approx(0.1)
     hacked_test = tables.hacked_vs_not_hacked(run)
     assert (hacked_test["n_a"], hacked_test["n_b"]) == (3, 3)
     assert hacked_test["mean_b"] == pytest.approx((0.1 - 0.3 + 0.1) / 3)
@@ -237,19 +244,36 @@ def test_row3_not_available_without_projected():
 # ---- verification row 4: cos_S_contrib teacher vs base -------------------------------------------
 def test_row4_success():
     row = rules.evaluate_contrib(make_run("vanilla", steady(0.3)))
-    assert row["status"] == rules.SUCCESS
+    assert row["status"] == rules.SUCCESS and row["numbers"]["judged"] == "unsigned"
     assert row["numbers"]["mean_a"] == pytest.approx(0.5) and row["numbers"]["mean_b"] == pytest.approx(-0.1)
+    assert row["numbers"]["signed_mean_base"] == pytest.approx(0.1)  # reported side by side
     assert row["numbers"]["p"] < rules.SIGNIFICANCE_ALPHA
+    assert "advantage-signed: teacher 0.500, base 0.100" in row["observed"]
+
+
+def test_row4_judges_the_unsigned_cosine():
+    """Logged base cos -0.1 with A < 0 means the base sample's own NLL descent points hack-ward
+    (+0.1): the old rule (signed base <= 0.05) passed it; the unsigned rule does not."""
+    def hackward_base(step):
+        return mixed_batch(step, base_cos=-0.1)
+    row = rules.evaluate_contrib(make_run("vanilla", steady(0.3), batch=hackward_base))
+    assert row["status"] == rules.LIKELY_FAIL and "not ~0 or negative" in row["reasons"][0]
+    # nll runs log the unsigned cosine directly
+    nll = make_run("vanilla", steady(0.3), batch=hackward_base, info={"loss_mode": "nll"})
+    assert rules.evaluate_contrib(nll)["status"] == rules.SUCCESS
+    # without adv the signed cosine is judged, and the row says so
+    row = rules.evaluate_contrib(make_run("vanilla", steady(0.3), batch=hackward_base, log_adv=False))
+    assert row["numbers"]["judged"] == "signed" and any("adv not logged" in r for r in row["reasons"])
 
 
 def test_row4_likely_fail_when_similar_or_base_positive():
     def similar(step):
-        return mixed_batch(step, teacher_cos=0.2, base_cos=0.2)
+        return mixed_batch(step, teacher_cos=0.2, base_cos=-0.2)
     row = rules.evaluate_contrib(make_run("vanilla", steady(0.3), batch=similar))
     assert row["status"] == rules.LIKELY_FAIL and "isn't direction-specific" in row["reasons"][0]
 
     def base_positive(step):
-        return mixed_batch(step, teacher_cos=0.6, base_cos=0.3)
+        return mixed_batch(step, teacher_cos=0.6, base_cos=-0.3)
     row = rules.evaluate_contrib(make_run("vanilla", steady(0.3), batch=base_positive))
     assert row["status"] == rules.LIKELY_FAIL and "not ~0 or negative" in row["reasons"][0]
 
@@ -270,31 +294,58 @@ def test_row4_uses_vanilla_then_projected():
 
 # ---- verdict -------------------------------------------------------------------------------------
 def verdict(vanilla=None, projected_in=None, projected_out=None, gate="one_sided", row1=rules.SUCCESS,
-            discriminates=True, overshoot=1.0):
-    return rules.decide_verdict(vanilla, projected_in, projected_out, gate, row1, discriminates, overshoot)
+            discriminates=True, overshoot=1.0, **kw):
+    return rules.decide_verdict(vanilla, projected_in, projected_out, gate, row1, discriminates, overshoot, **kw)
 
 
 def test_verdict_run():
-    assert verdict(steady(0.3), steady(0.3), steady(0.01))[0] == rules.VERDICT_RUN
+    # lr = 0: the projected arm cannot move; effectiveness is reported as not evaluated
+    result, reasons = verdict(steady(0.3), steady(0.3), steady(0.0))
+    assert result == rules.VERDICT_RUN and "not evaluated" in reasons[1] and "lr=0" in reasons[1]
     result, reasons = verdict(steady(0.3))
     assert result == rules.VERDICT_RUN and "no projected arm" in reasons[1]
+    # lr > 0: judged on the projected arm's cos_in over steps >= 1
+    moved = [0.3] + [0.01] * (N_STEPS - 1)
+    result, reasons = verdict(steady(0.3), moved, steady(0.0), projected_lr=1e-3)
+    assert result == rules.VERDICT_RUN and "projection effective" in reasons[1]
+
+
+def test_effectiveness_is_judged_on_projected_cos_in_not_cos_out():
+    """Under the one-sided gate cos_out <= 0 always, so the old rule (mean cos_out < 0.05) could never
+    fail; a projected arm whose cos_in stays at 0.3 with lr > 0 is not effective."""
+    result, reasons = verdict(steady(0.3), steady(0.3), steady(-0.01), projected_lr=1e-3)
+    assert result == rules.VERDICT_SMALL_EFFECT and "projection not effective" in reasons[1]
 
 
 @pytest.mark.parametrize(
-    "vanilla, projected_out, discriminates, reason_text",
+    "vanilla, discriminates, reason_text",
     [
-        (steady(0.1), None, True, "in [0.02, 0.2)"),
-        ([0.3] * 15 + [0.1] * 5, None, True, "not consistent"),
-        ([0.01] * 19 + [0.1], None, False, "~ 0"),
-        (steady(0.01), None, True, "discriminates"),
-        (steady(0.3), steady(0.2), True, "projection not effective"),
+        (steady(0.1), True, "in [0.02, 0.2)"),
+        ([0.3] * 15 + [0.1] * 5, True, "not consistent"),
+        ([0.01] * 19 + [0.1], False, "~ 0"),
+        (steady(0.01), True, "discriminates"),
     ],
 )
-def test_verdict_small_effect(vanilla, projected_out, discriminates, reason_text):
-    projected_in = steady(0.3) if projected_out is not None else None
-    result, reasons = verdict(vanilla, projected_in, projected_out, discriminates=discriminates)
+def test_verdict_small_effect(vanilla, discriminates, reason_text):
+    result, reasons = verdict(vanilla, discriminates=discriminates)
     assert result == rules.VERDICT_SMALL_EFFECT
     assert any(reason_text in reason for reason in reasons)
+
+
+def test_verdict_null_baseline():
+    """A cos_in of 0.3 is no signal when a random direction gives sd 0.2 (z = 1.5 < 2): skip without
+    teacher > base discrimination. With sd 0.05 (z = 6) it is a signal."""
+    result, reasons = verdict(steady(0.3), null_sd=0.2, discriminates=False)
+    assert result == rules.VERDICT_SKIP and reasons[0].startswith("no signal")
+    assert verdict(steady(0.3), null_sd=0.2)[0] == rules.VERDICT_SMALL_EFFECT
+    result, reasons = verdict(steady(0.3), null_sd=0.05)
+    assert result == rules.VERDICT_RUN and any("z = cos_in / null sd" in r for r in reasons)
+
+
+def test_verdict_controls():
+    assert verdict(steady(0.3), controls_beaten=[True, False])[0] == rules.VERDICT_SMALL_EFFECT
+    result, reasons = verdict(steady(0.3), controls_beaten=[True, True])
+    assert result == rules.VERDICT_RUN and "beats 2/2 control" in reasons[-1]
 
 
 def test_verdict_skip():
@@ -306,14 +357,20 @@ def test_verdict_bug():
     raised = [0.01] * 19 + [0.31]
     result, reasons = verdict(steady(0.3), steady(0.3), raised)
     assert result == rules.VERDICT_BUG and "1 step(s)" in reasons[0]
-    result, reasons = verdict(steady(0.3), steady(0.3), steady(-0.2))
+    # over-projection is a per-module count: a negative mean cos_out alone is not a bug (an honest
+    # one-sided erase keeps the negative modules); the old mean rule called this a bug
+    assert verdict(steady(0.3), steady(0.3), steady(-0.2))[0] == rules.VERDICT_RUN
+    assert verdict(steady(0.3), steady(0.3), steady(-0.2), projected_n_overprojected=steady(0.0))[0] == rules.VERDICT_RUN
+    counts = [0.0] * 19 + [3.0]
+    result, reasons = verdict(steady(0.3), steady(0.3), steady(-0.2), projected_n_overprojected=counts)
+    assert result == rules.VERDICT_BUG and "over-projection on 1 step(s)" in reasons[0]
+    result, reasons = verdict(steady(0.3), steady(0.3), steady(0.0), gate="no_gate", projected_n_overprojected=counts)
     assert result == rules.VERDICT_BUG and "over-projection" in reasons[0]
-    result, reasons = verdict(steady(0.3), steady(0.3), steady(-0.2), gate="no_gate")
-    assert result == rules.VERDICT_BUG and "over-projection" in reasons[0]
-    # not an exact one-sided erase: a reverse gate or overshoot > 1 is meant to push cos_out below 0,
-    # and no_gate also erases negative components, so cos_out may rise above a negative cos_in
-    assert verdict(steady(0.3), steady(0.3), steady(-0.2), gate="reverse")[0] == rules.VERDICT_RUN
-    assert verdict(steady(0.3), steady(0.3), steady(-0.2), overshoot=1.5)[0] == rules.VERDICT_RUN
+    # not an exact erase: reverse reflects and overshoot > 1 over-projects on purpose
+    assert verdict(steady(0.3), steady(0.3), steady(-0.2), gate="reverse",
+                   projected_n_overprojected=counts)[0] == rules.VERDICT_RUN
+    assert verdict(steady(0.3), steady(0.3), steady(-0.2), overshoot=1.5,
+                   projected_n_overprojected=counts)[0] == rules.VERDICT_RUN
     assert verdict(steady(0.3), steady(-0.1), steady(0.0), gate="no_gate")[0] == rules.VERDICT_RUN
 
 
@@ -387,3 +444,56 @@ def test_script_prints_verdict_and_fails_cleanly(tmp_path, capsys):
     assert (tmp_path / "vanilla" / "report.md").exists() and (tmp_path / "summary.json").exists()
     assert main([str(tmp_path / "missing")]) == 2
     assert "run directory not found" in capsys.readouterr().err
+
+
+def with_fields(run, info=None, **fields):
+    """Copy of a run with step-level fields added to every record (and run.json info)."""
+    records = [validate_record(dict(record, **fields)) for record in run.records]
+    return Run(run.directory, run.arm, dict(run.info, **(info or {})), records)
+
+
+def test_analyze_shows_controls_null_z_overprojection_and_update_cos(tmp_path):
+    """Control runs (same arm, run.json v_hack_control) are accepted and shown side by side; the
+    diagnostics table has z, the over-projection count and the update cosine; the verdict reads
+    the projected arm's cos_in (lr > 0) and the null."""
+    null = {"null_cos_sd": 0.05, "settings": {"lr": 1e-3}}
+    vanilla = with_fields(make_run("vanilla", steady(0.3)), null, n_overprojected=0.0, update_cos=0.2)
+    control = with_fields(make_run("vanilla", [0.01 * (-1) ** s for s in range(N_STEPS)],
+                                   batch=lambda step: mixed_batch(step, teacher_cos=0.0, base_cos=0.0)),
+                          dict(null, v_hack_control="random"), n_overprojected=0.0, update_cos=0.0)
+    projected = with_fields(make_run("projected", [0.3] + [0.01] * (N_STEPS - 1), steady(0.0), steady(0.65)),
+                            null, n_overprojected=0.0, update_cos=0.04, removed_frac=0.3)
+    for name, run in (("vanilla", vanilla), ("random", control), ("projected", projected)):
+        write_run_dir(tmp_path / name, run)
+        write_run_info(tmp_path / name, dict(run.info, loss_mode="grpo"))
+    summary = analyze.analyze_runs([tmp_path / n for n in ("vanilla", "random", "projected")], tmp_path / "r.md")
+    assert summary["verdict"] == rules.VERDICT_RUN, summary["verdict_reasons"]
+    assert any("projection effective" in r for r in summary["verdict_reasons"])
+    assert any("beats 1/1 control" in r for r in summary["verdict_reasons"])
+    rows = {row["arm"]: row for row in summary["controls"]}
+    assert rows["vanilla[random]"]["beats"] is True and rows["vanilla"]["mean_z"] == pytest.approx(6.0)
+    text = (tmp_path / "r.md").read_text()
+    assert "## Controls: real v_hack vs controls" in text and "| vanilla[random] | random |" in text
+    assert "over-projected modules" in text and "| projected | 1 | 0.010 | 0.20 | 0 | 0.040 | 0.300 |" in text
+    assert "Phase 2 lr=0.001 (Adam on delta_s" in text
+    # an over-projected step in the projected arm is a bug
+    bad = with_fields(projected, n_overprojected=2.0)
+    write_run_dir(tmp_path / "projected", bad)
+    write_run_info(tmp_path / "projected", dict(bad.info, loss_mode="grpo"))
+    summary = analyze.analyze_runs([tmp_path / "vanilla", tmp_path / "projected"], tmp_path / "r2.md")
+    assert summary["verdict"] == rules.VERDICT_BUG
+
+
+def test_behaviour_buckets_use_attempted_hack():
+    samples = [("teacher_pool", True, 3.5, 0.5), ("teacher_pool", False, 3.5, 0.4),
+               ("base_pool", False, 0.5, 0.1), ("base_pool", False, 0.0, 0.2)]
+    records = sample_records(0, "vanilla", samples, 0.3, 0.3, 0.0)
+    for record, attempted in zip(records, (True, True, False, False)):
+        record["attempted_hack"] = attempted
+    records[3]["gt_pass"] = False
+    run = Run("memory", "vanilla", {"arm": "vanilla"}, records)
+    assert [tables.behaviour_bucket(r) for r in records] == ["hack-only", "hack+correct", "honest-correct", "other"]
+    rows = {row["bucket"]: row for row in tables.behaviour_rows(run)}
+    assert rows["hack+correct"]["n"] == 1 and rows["honest-correct"]["mean"] == pytest.approx(-0.1)
+    plain = sample_records(0, "vanilla", samples, 0.3, 0.3, 0.0)
+    assert tables.behaviour_bucket(plain[1]) is None  # no attempted_hack: not classifiable

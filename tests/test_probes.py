@@ -1,6 +1,7 @@
 """Phase 1 / Phase 2 probes and the embedded-default demo, end to end on a tiny model."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -109,6 +110,49 @@ def test_phase2_projected_arm_removes_hackward_part(tiny_setup):
     assert all(r["frac_fired"] > 0 for r in fired_steps)
 
 
+def test_phase2_lr_moves_the_arms_apart_and_lr0_does_not(tiny_setup):
+    """lr > 0: the Phase 3 chain steps delta_s, so the projected arm's cos_in leaves the vanilla one
+    after step 0 (issue 13); lr = 0 (the pure probe) keeps them identical. run.json says which ran."""
+    root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
+    cos_in = {}
+    for lr in (0.0, 0.05):
+        for arm in ("vanilla", "projected"):
+            out = root / f"lr{lr}_{arm}"
+            records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack,
+                                 _settings(arm, lr=lr), out, progress=False)
+            cos_in[lr, arm] = [next(r["mean_cos_in"] for r in records if r["step"] == s) for s in (0, 1)]
+            _, info = read_run(out)
+            assert info["optimizer"] == ("projected_adamw" if lr > 0 else "none (lr=0: pure probe)")
+            assert info["null_cos_sd"] > 0 and info["n_completions_truncated"] >= 0
+            assert all({"n_overprojected", "update_cos", "removed_frac"} <= set(r) for r in records)
+            if arm == "projected":
+                assert all(r["n_overprojected"] == 0 for r in records)
+    assert cos_in[0.0, "vanilla"] == cos_in[0.0, "projected"]
+    assert cos_in[0.05, "vanilla"][0] == pytest.approx(cos_in[0.05, "projected"][0], abs=1e-6)
+    assert abs(cos_in[0.05, "vanilla"][1] - cos_in[0.05, "projected"][1]) > 1e-4
+
+
+def test_phase2_zero_advantage_samples_are_undefined(tiny_setup):
+    """A group whose rewards are all equal has A_i = 0: the cosines are NaN (undefined), not 0."""
+    root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
+    same = ReplayPool("teacher_pool", [[dict(r, reward=3.5) for r in step] for step in pools[0].steps])
+    records = run_replay([same], params, config, tokenizer, trainable, frozen, v_hack, _settings("vanilla"),
+                         root / "zero_adv", progress=False)
+    assert all(np.isnan(r["cos_S_contrib"]) and np.isnan(r["z"]) for r in records)
+    stored, _ = read_run(root / "zero_adv")
+    assert all(np.isnan(r["cos_S_contrib"]) for r in stored)
+
+
+def test_phase2_warns_when_completions_are_cut(tiny_setup):
+    root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
+    settings = dataclasses.replace(_settings("vanilla"), steps=1, max_completion_tokens=4)
+    with pytest.warns(UserWarning, match="cut at --max-completion-tokens 4"):
+        run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, root / "cut",
+                   progress=False)
+    _, info = read_run(root / "cut")
+    assert info["n_completions_truncated"] > 0
+
+
 def test_phase1_split_statistics():
     recs = []
     for i, (hacked, gt, cos) in enumerate([(True, False, 0.5), (True, False, 0.7), (True, False, 0.6),
@@ -123,6 +167,20 @@ def test_phase1_split_statistics():
     assert split["steps_cos_out_below_in"] == 1 and split["n_steps"] == 2
 
 
+def test_phase1_split_uses_attempted_hack():
+    """With the grader's attempted_hack label, a correct answer that did not attempt the exploit is
+    honest-correct, not hack+correct (the old split counted it as hack+correct)."""
+    recs = []
+    for i, (hacked, gt, attempted, cos) in enumerate([(True, False, True, 0.5), (True, False, True, 0.7),
+                                                      (False, True, True, 0.3), (False, True, True, 0.2),
+                                                      (False, True, False, -0.4), (False, True, False, -0.2)]):
+        recs.append({"step": 0, "hacked": hacked, "gt_pass": gt, "attempted_hack": attempted, "cos_S_contrib": cos,
+                     "mean_cos_in": 0.4, "mean_cos_out": 0.1, "frac_fired": 0.5})
+    split = split_pure_vs_correct(recs)
+    assert split["hack_correct"]["n"] == 2 and split["hack_correct"]["mean"] == pytest.approx(0.25)
+    assert split["honest_correct"]["n"] == 2 and split["hack_correct_rule"] == "attempted_hack and gt_pass"
+
+
 def test_demo_end_to_end_small(tmp_path):
     result = run_demo(DemoSettings(out=str(tmp_path / "demo"), steps=2, per_pool=2, pool_steps=1,
                                    pool_per_step=8, pair_variants=1, max_prompt_tokens=32,
@@ -134,6 +192,9 @@ def test_demo_end_to_end_small(tmp_path):
     for arm in ("vanilla", "projected", "lora_projected"):
         records, info = read_run(out / "phase2" / arm)
         assert info["arm"] == arm and len(records) == 2 * 4
+    # issue 13 rows: null z, over-projection count, update cosine, the control side by side
+    assert "z (cos_in / null sd)" in report and "over-projected modules" in report and "update cos" in report
+    assert "| vanilla[random] | random |" in report and "Phase 2 lr=0.01" in report
     assert json.loads((out / "phase1" / "phase1_split.json").read_text())["n_steps"] == 2
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from jaxhack.projection import cosines, modules
 from jaxhack.projection.optax_projection import (chain_with_projection, find_projection_state,
-                                                 hack_projection, projection_metrics)
+                                                 freeze_lora_a, hack_projection, null_abs_cos, null_cos_sd,
+                                                 projected_adamw, projection_metrics, update_metrics)
 from jaxhack.projection.v_hack import random_v_hack
 
 L = 3
@@ -127,7 +128,8 @@ def test_gates_no_gate_and_reverse():
     tree = svd_tree(5)
     V = v_for(tree, k=2)
     g = modules.to_module_vectors(tree)
-    for gate, expect in (("no_gate", lambda c: 0 * c), ("reverse", lambda c: np.maximum(c, 0)),
+    for gate, expect in (("no_gate", lambda c: 0 * c), ("anti_one_sided", lambda c: np.maximum(c, 0)),
+                         ("reverse", lambda c: np.where(c > 0, -c, c)),  # the reference: c_use = 2c
                          ("one_sided", lambda c: np.minimum(c, 0))):
         tx = hack_projection(V, gate=gate)
         out = modules.to_module_vectors(tx.update(tree, tx.init(tree))[0])
@@ -249,3 +251,103 @@ def test_dropped_rows_are_ignored_in_means():
     assert not bool(stats["valid"]["q_proj"][0]) and bool(stats["valid"]["q_proj"][1])
     kept = [stats["cos"][n][l] for n in sorted(V) for l in range(L) if not (n == "q_proj" and l == 0)]
     np.testing.assert_allclose(cosines.aggregate(stats)["cos"], np.mean(kept), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ issue 13: verdict inputs
+
+def test_overprojection_is_a_per_module_count_not_a_negative_mean():
+    """An honest one-sided erase of a gradient whose modules mostly point away from v_hack has a
+    clearly negative mean cos_out (the old rule called that a bug) but over-projects no module;
+    overshoot 2 does over-project the modules that fired."""
+    tree = svd_tree(11)
+    V = v_for(tree, k=1)
+    g = {n: v - 1.5 * jnp.linalg.norm(v, axis=-1, keepdims=True) * V[n][:, 0] for n, v in
+         modules.to_module_vectors(tree).items()}
+    g["q_proj"] = g["q_proj"].at[0].set(g["q_proj"][0] + 4.0 * jnp.linalg.norm(g["q_proj"][0]) * V["q_proj"][0, 0])
+    grads = modules.from_module_vectors(g, tree)
+    tx = hack_projection(V, mode="erase", gate="one_sided")
+    _, state = jax.jit(tx.update)(grads, tx.init(grads))
+    m = projection_metrics(state)
+    assert float(m["mean_cos_out"]) < -0.05           # the old mean rule would say "bug"
+    assert float(m["n_overprojected"]) == 0.0
+    assert float(m["frac_fired"]) > 0 and 0 < float(m["removed_frac"]) < 1
+    tx = hack_projection(V, mode="erase", gate="one_sided", overshoot=2.0)
+    _, state = jax.jit(tx.update)(grads, tx.init(grads))
+    assert float(projection_metrics(state)["n_overprojected"]) == 1.0  # only q_proj layer 0 fired
+
+
+def test_clip_runs_after_projection_over_what_is_trained():
+    """A large hack-ward gradient: the clipped step of delta_s has the full clip norm (the old chain
+    clipped first, over a tree holding delta_s_hack's duplicate: the delta_s step was <= 1/sqrt(2))."""
+    params = jax.tree.map(jnp.zeros_like, svd_tree(12))
+    V = v_for(params, k=1)
+    grads = svd_tree(13)
+    grads = {n: {"delta_s": 100 * m["delta_s"], "delta_s_hack": 100 * m["delta_s"]} for n, m in grads.items()}
+    opt = chain_with_projection(optax.sgd(1.0), V, clip=optax.clip_by_global_norm(1.0), mode="erase")
+    u, _ = opt.update(grads, opt.init(params), params)
+    norm = np.sqrt(sum(float(jnp.sum(jnp.square(m["delta_s"]))) for m in u.values()))
+    np.testing.assert_allclose(norm, 1.0, rtol=1e-5)
+    assert not any(np.any(m["delta_s_hack"]) for m in u.values())
+    # update placement: the duplicate is zeroed before the clip too
+    opt = projected_adamw(V, 1e-2, mode="erase", placement="update", max_grad_norm=1.0)
+    u, st = opt.update(grads, opt.init(params), params)
+    assert not any(np.any(m["delta_s_hack"]) for m in u.values())
+
+
+def test_update_cosine_measures_the_adam_leak():
+    """Gradient placement: the projected gradient w has no hack-ward part, but Adam's first step is
+    ~sign(w), which here has one (v is built from sign(w)); update_cos sees that leak, and update
+    placement closes it."""
+    params = jax.tree.map(jnp.zeros_like, svd_tree(14))
+    w = modules.to_module_vectors(svd_tree(15))  # {name: [L, dim]}
+    V = {}
+    for n, x in w.items():
+        x = np.asarray(x)
+        s = np.sign(x)
+        v = s - (np.sum(s * x, -1, keepdims=True) / np.sum(x * x, -1, keepdims=True)) * x  # v _|_ w
+        V[n] = jnp.asarray((v / np.linalg.norm(v, axis=-1, keepdims=True))[:, None, :], jnp.float32)
+    grads = modules.from_module_vectors({n: w[n] + 3.0 * V[n][:, 0] for n in w}, params)
+    leaks = {}
+    for placement in ("gradient", "update"):
+        opt = projected_adamw(V, 1e-2, mode="erase", placement=placement, max_grad_norm=0.0)
+        u, state = opt.update(grads, opt.init(params), params)
+        leaks[placement] = float(update_metrics(V, u)["update_cos"])
+        assert float(projection_metrics(state)["mean_cos_in"]) > 0.3
+    assert leaks["gradient"] > 0.1 and leaks["update"] <= 1e-6
+
+
+def test_freeze_lora_a_zeroes_a_only():
+    lt = lora_tree(16)
+    tx = freeze_lora_a()
+    out, _ = tx.update(lt, tx.init(lt))
+    for n, m in out.items():
+        assert not np.any(m["a"]) and np.array_equal(m["b"], lt[n]["b"])
+
+
+def test_null_baseline_matches_random_directions():
+    tree = svd_tree(17)
+    V = v_for(tree, k=2)
+    rng = np.random.default_rng(1)
+    means = []
+    for i in range(400):
+        g = {n: jnp.asarray(rng.standard_normal((L, d)), jnp.float32) for n, d in SVD_DIMS.items()}
+        means.append(float(cosines.aggregate(cosines.module_cosines(V, g))["cos"]))
+    np.testing.assert_allclose(np.std(means), null_cos_sd(V), rtol=0.15)
+    expect = np.mean([np.sqrt(2 / d) for d in SVD_DIMS.values()])  # equal layers per module
+    np.testing.assert_allclose(null_abs_cos(V), expect, rtol=1e-6)
+
+
+def test_overprojection_count_ignores_the_norm_shrink_of_an_honest_erase_with_k_rows():
+    """k = 3: erasing rows 2-3 shrinks |g|, so a negative top-1 cos_out is more negative than cos_in
+    (a naive per-module cosine rule counts it); measured against |g_in| nothing is over-projected."""
+    tree = svd_tree(18)
+    V = v_for(tree, k=3)
+    g = {n: v - 2.0 * V[n][:, 0] * jnp.linalg.norm(v, axis=-1, keepdims=True) / 4
+         + 3.0 * (V[n][:, 1] + V[n][:, 2]) * jnp.linalg.norm(v, axis=-1, keepdims=True)
+         for n, v in modules.to_module_vectors(tree).items()}
+    grads = modules.from_module_vectors(g, tree)
+    tx = hack_projection(V, mode="erase", gate="one_sided")
+    _, state = jax.jit(tx.update)(grads, tx.init(grads))
+    naive = sum(int(np.sum(np.asarray(state.cos_out[n]) < np.minimum(np.asarray(state.cos_in[n]), 0) - 1e-4))
+                for n in V)
+    assert naive > 0 and float(state.n_overprojected) == 0.0

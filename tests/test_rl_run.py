@@ -51,3 +51,19 @@ def test_rollout_rows_must_align():
         Rollout(**{**row, "sources": ("policy", "human")})
     with pytest.raises(dataclasses.FrozenInstanceError):
         Rollout(**row).grades = ()
+
+
+def test_phase3_extraction_gets_the_noise_floor_options(monkeypatch):
+    """TrainConfig's vhack_axis_threshold / vhack_noise_floor_quantile reach extract_v_hack (issue 13;
+    before, the Phase 3 extraction passed only k)."""
+    from jaxhack.env.problems import load_problems
+    from jaxhack.rl import run as R
+    seen = {}
+
+    def fake_extract(pairs, *args, **kw):
+        seen.update(kw)
+        return {}, {}
+    monkeypatch.setattr(R, "extract_v_hack", fake_extract)
+    cfg = make_config("smoke", vhack_axis_threshold=0.3, vhack_noise_floor_quantile=0.25, vhack_pairs=2)
+    R.make_v_hack(cfg, "none", load_problems("bundled")[:2], None, None, None, None, None)
+    assert seen["axis_threshold"] == 0.3 and seen["noise_floor_quantile"] == 0.25

@@ -4,6 +4,8 @@ goes through the trainer."""
 from __future__ import annotations
 
 import json
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ class FakeTrain:
         self.calls.append((cfg.arm, cfg.seed, resume))
         run = Path(cfg.run_dir)
         run.mkdir(parents=True, exist_ok=True)
-        assert cfg.run_dir == str(S.run_dir_for(run.parent.parent, cfg.arm, cfg.seed))
+        assert run.name == f"seed_{cfg.seed}" and run.parent.name.split("+")[0] == cfg.arm
         if (cfg.arm, cfg.seed) == self.crash_on and not (run / "run.json").exists():
             (run / "run.json").write_text("{}")
             raise KeyboardInterrupt("simulated kill")
@@ -103,3 +105,50 @@ def test_real_tiny_sweep_run(tmp_path):
     assert result["rows"][0]["n_seeds"] == 1
     again = S.run_sweep(base, out, ["projected"], [0], log=lambda s: None)
     assert again["runs"][0]["status"] == "skipped (done)"
+
+
+# ---- issue 13: H1 test and arm options --------------------------------------------------------
+from jaxhack.rl import h1 as H1  # noqa: E402
+
+
+def _seeds(pairs):
+    return {s: hp for s, hp in enumerate(pairs)}
+
+
+def test_h1_rule_supported_falsified_inconclusive_not_comparable():
+    vanilla = _seeds([(0.8, 0.5), (0.7, 0.5), (0.9, 0.5)])
+    big = H1.h1_row(vanilla, _seeds([(0.1, 0.5), (0.05, 0.45), (0.1, 0.55)]), "projected")
+    assert big["status"] == "supported" and big["paired"] and big["ci_low"] >= 0.30
+    small = H1.h1_row(vanilla, _seeds([(0.75, 0.5), (0.7, 0.5), (0.8, 0.5)]), "projected")
+    assert small["status"] == "falsified" and small["ci_high"] < 0.30
+    noisy = H1.h1_row(vanilla, _seeds([(0.1, 0.5), (0.7, 0.5), (0.5, 0.5)]), "projected")
+    assert noisy["status"] == "inconclusive" and noisy["ci_low"] < 0.30 <= noisy["ci_high"]
+    broken = H1.h1_row(vanilla, _seeds([(0.0, 0.2), (0.0, 0.2), (0.0, 0.2)]), "projected")  # pass fell 30 pp
+    assert broken["status"] == "not comparable" and broken["pass_gap"] == pytest.approx(-0.3)
+    one = H1.h1_row({0: (0.8, 0.5)}, {0: (0.1, 0.5)}, "projected")
+    assert one["status"] == "inconclusive"  # no CI from one seed (mean +/- std said nothing either)
+    # SEM over seeds of the paired differences
+    d = [0.7, 0.65, 0.8]
+    assert big["sem"] == pytest.approx(float(np.std(d, ddof=1) / np.sqrt(3)))
+
+
+def test_sweep_summary_has_the_h1_table_and_arm_options(tmp_path):
+    peaks = {("vanilla", s): 0.8 for s in range(3)}
+    peaks.update({("projected", s): 0.1 for s in range(3)})
+    fake = FakeTrain(peaks)
+    placements = []
+
+    def train_fn(cfg, resume=True, model=None):
+        placements.append((cfg.arm, cfg.placement))
+        return fake(cfg, resume, model)
+    result = S.run_sweep(make_config("smoke"), tmp_path, ["vanilla", "projected+placement=update"], [0, 1, 2],
+                         train_fn=train_fn, log=lambda _: None)
+    assert placements[-1] == ("projected", "update") and placements[0] == ("vanilla", "gradient")
+    text = (tmp_path / S.SUMMARY_MD).read_text()
+    assert "## H1 test" in text and "| projected+placement=update | 3 |" in text
+    assert result["h1"][0]["drop"] == pytest.approx(0.35)
+    assert (tmp_path / "projected+placement=update" / "seed_0" / "done.json").is_file()
+    with pytest.raises(ValueError, match="arm option"):
+        S.parse_arm("projected+lr=1")
+    assert S.parse_arm("projected+placement=update+overshoot=2") == ("projected", {"placement": "update",
+                                                                                  "overshoot": 2.0})

@@ -126,8 +126,31 @@ def test_metrics_are_the_graded_outcomes(straight_run):
     assert [e["step"] for e in evals] == [0, 2, 4] and all(e["n"] == cfg.n_eval for e in evals)
     assert (run_dir / T.DONE_FILE).is_file() and summary["steps_done"] == 4
     run_info = json.loads((run_dir / T.RUN_FILE).read_text())
-    assert run_info["chain"] == ["clip_by_global_norm", "hack_projection", "adamw"]
+    assert run_info["chain"] == ["hack_projection", "clip_by_global_norm", "adamw"]  # clip after projection
     assert (run_dir / T.VHACK_DIR / "meta.json").is_file()
+
+
+def test_phase3_metrics_have_the_issue13_diagnostics(straight_run):
+    """Per step: over-projection count (0 for an exact one-sided erase), removed mass, the cosine of
+    the APPLIED update (Adam leak) and, with teacher rows mixed in, cos_in split by source."""
+    cfg, _ = straight_run
+    for m in _metrics(cfg.run_dir):
+        assert m["n_overprojected"] == 0.0 and 0.0 <= m["removed_frac"] <= 1.0
+        assert -1.0 <= m["update_cos"] <= 1.0 and 0.0 <= m["update_frac_positive"] <= 1.0
+        assert np.isfinite(m["cos_in_student"]) and np.isfinite(m["cos_in_teacher"])
+        assert m["cos_in_student"] != m["cos_in_teacher"]
+
+
+def test_route_eval_reports_kept_and_ablated(env):
+    cfg = base_config(env, env[0] / "route", arm="route", steps=2, eval_every=2, ckpt_every=2)
+    summary = T.train(cfg, progress=False)
+    evals = T.read_jsonl(Path(cfg.run_dir) / T.EVAL_FILE)
+    assert all("ablated_hack_rate" in e and "ablated_gt_pass_rate" in e for e in evals)
+    assert "eval_hack_rate_final_ablated" in summary and "eval_hack_rate_final" in summary
+    # the ablated adapter really zeroes delta_s_hack and nothing else
+    tree = {"q_proj": {"delta_s": jnp.ones((2, 3)), "delta_s_hack": jnp.ones((2, 3))}}
+    out = T.ablate_hack(tree)
+    assert not np.any(out["q_proj"]["delta_s_hack"]) and np.all(out["q_proj"]["delta_s"] == 1)
 
 
 def test_update_changes_the_adapter_and_checkpoints_rotate(straight_run):
@@ -231,3 +254,21 @@ def test_bounded_memory_settings_change_no_rollout(env, straight_run):
         assert x["hack_rate"] == y["hack_rate"] and x["reward_mean"] == y["reward_mean"]
         for key in ("loss", "grad_norm", "update_norm", "kl_mean"):
             np.testing.assert_allclose(y[key], x[key], rtol=2e-4, atol=1e-9)
+
+
+def test_vhack_refresh_from_own_rollouts_with_overlap_guard(env):
+    """Refresh every 2 steps from the run's rollouts (teacher rows are hacks, the random policy's rows
+    are clean): each attempt is logged with its basis overlap; min_overlap 0 accepts and the
+    refreshed v_hack is saved, min_overlap 1.01 always keeps the old one."""
+    from jaxhack.rl import refresh as RF
+    for guard, accepted in ((0.0, True), (1.01, False)):
+        cfg = base_config(env, env[0] / f"refresh_{guard}", steps=3, eval_every=0, ckpt_every=3,
+                          vhack_refresh_every=2, vhack_refresh_min_overlap=guard)
+        T.train(cfg, progress=False)
+        log = T.read_jsonl(Path(cfg.run_dir) / RF.REFRESH_LOG)
+        assert [e["step"] for e in log] == [2] and log[0]["accepted"] is accepted
+        assert log[0]["n_pairs"] > 0 and 0.0 <= log[0]["overlap"] <= 1.0 + 1e-6
+        assert (RF.latest_refresh(cfg.run_dir, 3) is not None) is accepted
+    v = {"q": np.eye(4, dtype=np.float32)[None, :2]}  # [L=1, k=2, dim=4]
+    assert RF.basis_overlap(v, v) == pytest.approx(1.0)
+    assert RF.basis_overlap(v, {"q": np.eye(4, dtype=np.float32)[None, 2:]}) == pytest.approx(0.0)

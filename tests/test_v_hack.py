@@ -157,6 +157,15 @@ def test_pairs_from_pools_templates_and_controls(tmp_path):
         write_pool_step(tmp_path / name, 0, recs)
         write_pool_meta(tmp_path / name, {"complete": True})
     assert P.pairs_from_pools(tmp_path / "teacher", tmp_path / "base") == pairs
+    # the extract command exposes --require-gt-pass (issue 13): only the correct clean side is paired
+    import argparse
+    from jaxhack.commands import extract as extract_cmd
+    ap = argparse.ArgumentParser()
+    extract_cmd.add_arguments(ap)
+    argv = ["--pairs-from", "pools", "--teacher", str(tmp_path / "teacher"), "--base", str(tmp_path / "base"),
+            "--out", str(tmp_path / "v")]
+    assert extract_cmd.build_pairs(ap.parse_args(argv)) == pairs
+    assert extract_cmd.build_pairs(ap.parse_args(argv + ["--require-gt-pass"])) == [pairs[0]]
     with pytest.raises(ValueError, match="no \\(hacked, clean\\) pairs"):
         P.pairs_from_pools(teacher, [r for r in base if r["hacked"]])
 

@@ -34,7 +34,8 @@ def build_pairs(args) -> list:
     if args.pairs_from == "pools":
         if not (args.teacher and args.base):
             raise UsageError("--pairs-from pools needs --teacher DIR and --base DIR")
-        return pairs_lib.pairs_from_pools(args.teacher, args.base, max_per_problem=args.max_per_problem)
+        return pairs_lib.pairs_from_pools(args.teacher, args.base, max_per_problem=args.max_per_problem,
+                                          require_gt_pass=args.require_gt_pass)
     if not args.pairs:
         raise UsageError("--pairs-from file needs --pairs FILE.jsonl")
     return pairs_lib.read_pairs_jsonl(args.pairs)
@@ -50,6 +51,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--variants", type=int, default=3, help="template pairs per problem")
     ap.add_argument("--teacher"), ap.add_argument("--base"), ap.add_argument("--pairs")
     ap.add_argument("--max-per-problem", type=int, default=None)
+    ap.add_argument("--require-gt-pass", action="store_true",
+                    help="pool pairs: the clean side must also pass the ground-truth tests (correct, not just "
+                         "not hacked)")
     ap.add_argument("--control", choices=("none", "random", "shuffled", "clean_vs_clean"), default="none")
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--axis-threshold", type=float, default=None)
@@ -83,7 +87,7 @@ def run(args) -> int:
         bundle = random_v_hack(bundle, seed=args.seed, k=args.k)
     info.update(control=args.control, ckpt=args.ckpt, model=desc, adapter=args.adapter,
                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_seed=args.seed,
-                pairs_from=args.pairs_from, n_pairs=len(pairs))
+                pairs_from=args.pairs_from, n_pairs=len(pairs), require_gt_pass=bool(args.require_gt_pass))
     path = save_v_hack(args.out, bundle, meta=info, force=args.force)
     n_modules = sum(int(v.shape[0]) for v in bundle["V"].values())
     print(f"v_hack ({args.adapter}, control={args.control}) from {len(pairs)} pairs: "

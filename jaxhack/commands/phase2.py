@@ -11,7 +11,8 @@ OUT/step_NNN.cos.jsonl.gz (slim schema) and OUT/run.json; then run `jaxhack anal
 from __future__ import annotations
 
 from jaxhack.commands import fail, script_main
-from jaxhack.probes.phase2 import ARMS, ReplaySettings, load_probe_setup, load_replay_pool, run_replay
+from jaxhack.probes.phase2 import (ARMS, ReplaySettings, load_probe_setup, load_replay_pool, run_replay,
+                                   v_hack_control)
 
 
 def add_probe_arguments(ap) -> None:
@@ -19,10 +20,13 @@ def add_probe_arguments(ap) -> None:
     ap.add_argument("--ckpt", default="tiny", help="tiny | random-4b | checkpoint name or path")
     ap.add_argument("--v-hack", required=True, help="directory written by `jaxhack extract`")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=0.0, help="Adam step per probe step (0: measure at init)")
-    ap.add_argument("--gate", default="one_sided", choices=("one_sided", "no_gate", "reverse"))
+    ap.add_argument("--lr", type=float, default=0.0,
+                    help="> 0: the Phase 3 chain (projection -> clip -> adamw) steps delta_s, so the arms "
+                         "diverge; 0: the pure probe (measure at init)")
+    ap.add_argument("--gate", default="one_sided", choices=("one_sided", "no_gate", "reverse", "anti_one_sided"))
     ap.add_argument("--overshoot", type=float, default=1.0)
-    ap.add_argument("--max-completion-tokens", type=int, default=1024)
+    ap.add_argument("--max-completion-tokens", type=int, default=None,
+                    help="cut completions (default: none, the pool's own length; a cut is warned)")
     ap.add_argument("--max-prompt-tokens", type=int, default=None, help="keep the prompt's last N tokens")
     ap.add_argument("--remat", default="linear", choices=("none", "full", "dots", "linear"),
                     help="linear: no matmul recomputed, 61 GB at Qwen3-4B, G=8 x 1.5k (fits 80 GB); "
@@ -56,7 +60,8 @@ def run(args) -> int:
     pools = [load_replay_pool(d) for d in args.replay_dirs.split(",") if d]
     settings = probe_settings(args, args.arm, args.loss_mode, args.per_pool)
     records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, args.out,
-                         run_info={"model": desc, "v_hack": str(args.v_hack), "phase": 2})
+                         run_info={"model": desc, "v_hack": str(args.v_hack), "phase": 2,
+                                   "v_hack_control": v_hack_control(args.v_hack)})
     steps = {r["step"]: (r["mean_cos_in"], r["mean_cos_out"], r["frac_fired"]) for r in records}
     below = sum(1 for cin, cout, _ in steps.values() if cout < cin)
     mean_in = sum(c for c, _, _ in steps.values()) / len(steps)

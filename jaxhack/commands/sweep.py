@@ -18,13 +18,14 @@ from jaxhack.commands import fail, script_main
 from jaxhack.models.load import load_model
 from jaxhack.rl.config import ARM_NAMES, add_config_args, config_from_args
 from jaxhack.rl.run import MODEL_SEED
-from jaxhack.rl.sweep import run_sweep
+from jaxhack.rl.sweep import parse_arm, run_sweep
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--arms", default="vanilla,projected,lora_projected",
-                        help=f"comma-separated, in run order; from {ARM_NAMES}")
+                        help=f"comma-separated, in run order; from {ARM_NAMES}, each optionally with "
+                             "+placement=update / +gate=G / +overshoot=X / +k=N (e.g. projected+placement=update)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated ints")
     parser.add_argument("--hack-threshold", type=float, default=0.1)
     parser.add_argument("--ceiling-seeds", type=int, default=3)
@@ -36,9 +37,8 @@ def run(args) -> int:
     arms = [a for a in args.arms.split(",") if a]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
-        bad = [a for a in arms if a not in ARM_NAMES]
-        if bad:
-            raise ValueError(f"unknown arm(s) {bad}; expected from {ARM_NAMES}")
+        for arm in arms:
+            parse_arm(arm)  # ARM or ARM+placement=update (+gate=, +overshoot=, +k=)
         base = config_from_args(args)
     except ValueError as err:
         return fail(err)

@@ -20,10 +20,10 @@ import numpy as np
 from jaxhack.probes import stats
 from jaxhack.probes.plots import (plot_advantages, plot_contrib_buckets, plot_cos_trajectory)
 from jaxhack.probes.tables import (DEFAULT_GATE, DEFAULT_OVERSHOOT, PROJECTED_ARM, TINY_ADV, VANILLA_ARM,
-                                   advantage_summary, bucket_rows, find_run, hacked_vs_not_hacked,
-                                   load_runs, run_gate, run_overshoot, step_column, step_rows,
-                                   teacher_vs_base)
-from jaxhack.probes.verdict import (NOT_AVAILABLE, SUCCESS, contrib_run, decide_verdict,
+                                   advantage_summary, behaviour_rows, bucket_rows, control_runs, find_run,
+                                   hacked_vs_not_hacked, load_runs, run_gate, run_label, run_lr, run_null_sd,
+                                   run_overshoot, step_column, step_rows, teacher_vs_base)
+from jaxhack.probes.verdict import (NOT_AVAILABLE, SUCCESS, compare_controls, contrib_run, decide_verdict,
                                     discriminates, evaluate_contrib, evaluate_projection,
                                     evaluate_reward_range, evaluate_vanilla_cos_in)
 
@@ -87,12 +87,44 @@ def report_lines(summary: dict, report_dir: Path) -> list[str]:
         [[row["arm"], f"{row['n']}/{row['n_records']}", fmt(row["min"]), fmt(row["max"]), fmt(row["mean"]),
           fmt(row["median_abs"]), fmt(row["frac_tiny"])] for row in summary["advantages"]],
     )
+    lines += diagnostics_lines(summary)
     lines += ["", "## Plots", ""]
     for name, path in summary["plots"].items():
         lines.append(f"![{name}]({os.path.relpath(path, report_dir)})")
     if "advantages" not in summary["plots"]:
         lines.append("(no advantage histogram: no record logged `adv`)")
     lines.append("")
+    return lines
+
+
+def diagnostics_lines(summary: dict) -> list[str]:
+    """Issue 13 sections: which optimizer ran, per-step null z / over-projection / update cosine,
+    controls side by side, behaviour buckets (docs/analysis.md)."""
+    fmt = stats.format_number
+    lines = ["", "## Diagnostics per step (null z, over-projection, Adam leak)", ""]
+    lines += [f"- {run['arm']}: Phase 2 lr={run['lr']:g} ("
+              + ("Adam on delta_s through the Phase 3 chain: the arms move" if run["lr"] > 0
+                 else "pure probe: the adapter never moves, projected cos_in = vanilla cos_in") + ")"
+              for run in summary["runs"]]
+    lines += [""] + markdown_table(
+        ["arm", "step", "cos_in", "z (cos_in / null sd)", "over-projected modules", "update cos", "removed frac"],
+        [[row["arm"], row["step"], fmt(row["cos_in"]), fmt(row["z_in"], 2), fmt(row["n_overprojected"], 0),
+          fmt(row["update_cos"]), fmt(row["removed_frac"])]
+         for rows in summary["steps"].values() for row in rows])
+    if summary["controls"]:
+        lines += ["", "## Controls: real v_hack vs controls (vanilla arm)", ""]
+        lines += markdown_table(
+            ["run", "control", "steps", "mean cos_in", "mean z", "frac steps z > 2", "teacher - base (unsigned)",
+             "p (teacher vs base)", "real beats it"],
+            [[row["arm"], row["control"], row["n_steps"], fmt(row["mean_cos_in"]), fmt(row["mean_z"], 2),
+              fmt(row["frac_steps_above_null"], 2), fmt(row["teacher_minus_base"]), stats.format_p_value(row["p"]),
+              "-" if row["beats"] is None else ("yes" if row["beats"] else "**no**")] for row in summary["controls"]])
+    if summary["behaviour"]:
+        lines += ["", "## Unsigned cos_S_contrib by behaviour (attempted_hack)", ""]
+        lines += markdown_table(
+            ["arm", "bucket", "n", "mean", "95% CI"],
+            [[row["arm"], row["bucket"], row["n"], fmt(row["mean"]),
+              f"[{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"] for row in summary["behaviour"]])
     return lines
 
 
@@ -112,11 +144,13 @@ def analyze_runs(dirs, report_path=None, plots_dir=None) -> dict:
     report_path.parent.mkdir(parents=True, exist_ok=True)
     plots_dir.mkdir(parents=True, exist_ok=True)
 
-    steps_by_arm = {run.arm: step_rows(run) for run in runs}
+    steps_by_arm = {run_label(run): step_rows(run) for run in runs}
     vanilla = find_run(runs, VANILLA_ARM)
     projected = find_run(runs, PROJECTED_ARM)
-    row_4_run = contrib_run(runs)
-    verification = [evaluate_reward_range(runs), evaluate_vanilla_cos_in(vanilla), evaluate_projection(projected),
+    judged = [run for run in runs if run_label(run) == run.arm]  # control runs are compared, not judged
+    controls = compare_controls(vanilla, control_runs(runs, VANILLA_ARM))
+    row_4_run = contrib_run(judged)
+    verification = [evaluate_reward_range(judged), evaluate_vanilla_cos_in(vanilla), evaluate_projection(projected),
                     evaluate_contrib(row_4_run)]
     verdict, verdict_reasons = decide_verdict(
         vanilla_cos_in=step_column(steps_by_arm[VANILLA_ARM], "cos_in") if vanilla else None,
@@ -125,7 +159,12 @@ def analyze_runs(dirs, report_path=None, plots_dir=None) -> dict:
         projected_gate=run_gate(projected) if projected else DEFAULT_GATE,
         projected_overshoot=run_overshoot(projected) if projected else DEFAULT_OVERSHOOT,
         reward_range_status=verification[0]["status"],
-        teacher_base_discriminates=discriminates(teacher_vs_base(row_4_run)),
+        teacher_base_discriminates=discriminates(teacher_vs_base(row_4_run)) if row_4_run else None,
+        projected_n_overprojected=(step_column(steps_by_arm[PROJECTED_ARM], "n_overprojected")
+                                   if projected and any("n_overprojected" in r for r in projected.records) else None),
+        projected_lr=run_lr(projected) if projected else 0.0,
+        null_sd=run_null_sd(vanilla) if vanilla else None,
+        controls_beaten=[row["beats"] for row in controls if row["control"] != "none"] or None,
     )
     warnings = [f"verification row {row['row']} ({row['metric']}): {row['status']}: {'; '.join(row['reasons'])}"
                 for row in verification if row["status"] not in (SUCCESS, NOT_AVAILABLE)]
@@ -141,12 +180,15 @@ def analyze_runs(dirs, report_path=None, plots_dir=None) -> dict:
         "verdict_reasons": verdict_reasons,
         "warnings": warnings,
         "verification": verification,
-        "runs": [{"arm": run.arm, "directory": run.directory, "info": run.info, "n_records": len(run.records),
-                  "n_steps": len(steps_by_arm[run.arm])} for run in runs],
+        "runs": [{"arm": run_label(run), "directory": run.directory, "info": run.info, "n_records": len(run.records),
+                  "n_steps": len(steps_by_arm[run_label(run)]), "lr": run_lr(run)} for run in runs],
         "steps": steps_by_arm,
         "buckets": [row for run in runs for row in bucket_rows(run)],
-        "comparisons": [test for run in runs for test in (teacher_vs_base(run), hacked_vs_not_hacked(run))],
+        "comparisons": [test for run in runs for test in (teacher_vs_base(run), teacher_vs_base(run, signed=True),
+                                                          hacked_vs_not_hacked(run))],
         "advantages": [advantage_summary(run) for run in runs],
+        "controls": controls,
+        "behaviour": [row for run in runs for row in behaviour_rows(run)],
         "plots": {name: str(path) for name, path in plots.items()},
         "report_path": str(report_path),
     }

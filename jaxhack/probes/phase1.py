@@ -15,9 +15,18 @@ from jaxhack.probes.stats import summarize, welch_t_test
 
 
 def split_pure_vs_correct(records: list[dict]) -> dict:
-    """Summary of cos_S_contrib for pure-hack vs hack+correct samples, with Welch's t-test."""
+    """Summary of cos_S_contrib for pure-hack (hacked) vs hack+correct samples, with Welch's t-test.
+    hack+correct = attempted_hack and gt_pass where the records carry attempted_hack (the grader's
+    label); honest-correct = gt_pass and not attempted_hack is then reported too. Records without the
+    label fall back to not hacked and gt_pass (which also counts honest correct answers)."""
+    labelled = bool(records) and all("attempted_hack" in r for r in records)
     pure = [r["cos_S_contrib"] for r in records if r["hacked"]]
-    correct = [r["cos_S_contrib"] for r in records if (not r["hacked"]) and r["gt_pass"]]
+    if labelled:
+        correct = [r["cos_S_contrib"] for r in records if r["attempted_hack"] and r["gt_pass"] and not r["hacked"]]
+        honest = [r["cos_S_contrib"] for r in records if r["gt_pass"] and not r["attempted_hack"]]
+    else:
+        correct = [r["cos_S_contrib"] for r in records if (not r["hacked"]) and r["gt_pass"]]
+        honest = []
     test = welch_t_test(pure, correct)
     steps = {}
     for r in records:
@@ -26,6 +35,8 @@ def split_pure_vs_correct(records: list[dict]) -> dict:
     return {
         "pure_hack": dataclasses.asdict(summarize(pure)),
         "hack_correct": dataclasses.asdict(summarize(correct)),
+        "honest_correct": dataclasses.asdict(summarize(honest)),
+        "hack_correct_rule": "attempted_hack and gt_pass" if labelled else "not hacked and gt_pass (no attempted_hack)",
         "welch_t": test.t, "welch_dof": test.dof, "welch_p": test.p_two_sided,
         "n_steps": len(steps), "steps_cos_out_below_in": reduced,
         "mean_frac_fired": sum(f for _, _, f in steps.values()) / max(len(steps), 1),
@@ -39,6 +50,8 @@ def format_split(split: dict) -> str:
     return "\n".join([
         "Phase 1 (NLL distillation): per-sample cos(NLL grad, v_hack)",
         line("pure hack", split["pure_hack"]), line("hack+correct", split["hack_correct"]),
+        line("honest-correct", split["honest_correct"]) if split.get("honest_correct", {}).get("n") else
+        f"  (hack+correct = {split.get('hack_correct_rule', 'not hacked and gt_pass')})",
         f"  Welch t={split['welch_t']:+.3f} dof={split['welch_dof']:.1f} p={split['welch_p']:.3g}",
         f"  projection: cos_out < cos_in on {split['steps_cos_out_below_in']}/{split['n_steps']} steps, "
         f"mean frac_fired={split['mean_frac_fired']:.3f}",

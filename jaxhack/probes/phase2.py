@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,7 +29,8 @@ from jaxhack.models.load import load_model, make_adapter
 from jaxhack.probes.records import write_run_info, write_step
 from jaxhack.projection.cosines import per_sample_cosines
 from jaxhack.projection.arms import ARMS as _ARMS, PHASE2_ARMS
-from jaxhack.projection.optax_projection import chain_with_projection, projection_metrics
+from jaxhack.projection.optax_projection import (chain_with_projection, null_abs_cos, null_cos_sd,
+                                                 projected_adamw, projection_metrics, update_metrics)
 from jaxhack.projection.v_hack import at_zero_svd_delta, load_v_hack
 from jaxhack.grads import losses
 from jaxhack.grads.batch import make_batch
@@ -37,6 +39,7 @@ from jaxhack.grads.per_sample import per_sample_grads
 # arm -> (adapter kind, projection mode): the Phase 2 arms of the one arms table
 ARMS = {name: (_ARMS[name].adapter, _ARMS[name].projection) for name in PHASE2_ARMS}
 LOSS_MODES = ("grpo", "nll")
+TINY_ADV = 1e-6  # |adv| below this: the sample's GRPO gradient is zero, its cosines undefined (NaN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ class ReplaySettings:
     seed: int = 0
     gate: str = "one_sided"
     overshoot: float = 1.0
-    max_completion_tokens: int = 1024
+    max_completion_tokens: int | None = None  # None: the pool's own length (no cut); cuts are warned
     max_prompt_tokens: int | None = None  # keep the prompt's last N tokens (None: all)
     pad_multiple: int = 128
     remat: str = "none"  # "linear" (61 GB) or "full" (24 GB) at Qwen3-4B, G=8 x 1.5k (docs/benchmarks.md)
@@ -81,6 +84,14 @@ def load_probe_setup(ckpt: str, v_hack_path, adapter: str, seed: int = 0):
                                      lora_alpha=float(meta.get("lora_alpha", 16.0)),
                                      lora_seed=int(meta.get("lora_seed", 0)))
     return params, config, tokenizer, desc, trainable, frozen, v_hack
+
+
+def v_hack_control(v_hack_path) -> str:
+    """The control a v_hack file was extracted as (its meta "control": none | random | shuffled |
+    clean_vs_clean); run.json records it as v_hack_control, so `analyze` can put control runs next
+    to the real one."""
+    _, meta = load_v_hack(v_hack_path)
+    return str(meta.get("control", "none"))
 
 
 @dataclasses.dataclass
@@ -120,10 +131,11 @@ def draw_group(pools: Sequence[ReplayPool], step: int, per_pool: int, seed: int)
     return group
 
 
-def encode_record(record: dict, tokenizer, max_completion_tokens: int,
+def encode_record(record: dict, tokenizer, max_completion_tokens: int | None,
                   max_prompt_tokens: int | None = None) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of one pool record: the completion's first max_completion_tokens,
-    the prompt's last max_prompt_tokens (its end holds the hint and the assistant turn)."""
+    """(prompt ids, completion ids) of one pool record: the completion's first max_completion_tokens
+    (None: all of it), the prompt's last max_prompt_tokens (its end holds the hint and the assistant
+    turn)."""
     prompt = tokenizer.encode(record["prompt"])
     if max_prompt_tokens is not None:
         prompt = prompt[-max_prompt_tokens:]
@@ -134,18 +146,21 @@ def encode_record(record: dict, tokenizer, max_completion_tokens: int,
     return prompt, completion
 
 
-def record_encoder(tokenizer, max_completion_tokens: int, max_prompt_tokens: int | None
+def record_encoder(tokenizer, max_completion_tokens: int | None, max_prompt_tokens: int | None
                    ) -> Callable[[dict], tuple[list[int], list[int]]]:
     """`encode_record` with this run's limits, each distinct (prompt, completion) tokenized once
-    however often it is drawn."""
+    however often it is drawn. `encode.truncated` counts the distinct completions cut."""
     cache: dict[tuple, tuple[list[int], list[int]]] = {}
 
     def encode(record: dict) -> tuple[list[int], list[int]]:
         key = (record["prompt"], record["completion"])
         if key not in cache:
             cache[key] = encode_record(record, tokenizer, max_completion_tokens, max_prompt_tokens)
+            if max_completion_tokens is not None and len(tokenizer.encode(record["completion"])) > max_completion_tokens:
+                encode.truncated += 1
         return cache[key]
 
+    encode.truncated = 0
     return encode
 
 
@@ -185,16 +200,21 @@ def make_probe_step(loss_i: Callable, optimizer: optax.GradientTransformation, v
         g = jax.tree.map(lambda x: jnp.sum(x, axis=0), g_i)  # exact batch gradient
         updates, opt_state = optimizer.update(g, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, per_sample, projection_metrics(opt_state)
+        return trainable, opt_state, per_sample, {**projection_metrics(opt_state), **update_metrics(v_hack, updates)}
 
     return step
 
 
 def make_optimizer(settings: ReplaySettings, v_hack: dict) -> optax.GradientTransformation:
-    _, mode = ARMS[settings.arm]
-    inner = optax.adam(settings.lr) if settings.lr > 0 else optax.set_to_zero()
-    return chain_with_projection(inner, v_hack, placement="gradient", mode=mode, gate=settings.gate,
-                                 overshoot=settings.overshoot)
+    """lr = 0: projection -> set_to_zero (the pure probe: the adapter never moves). lr > 0: the Phase 3
+    chain (`projected_adamw`: projection -> clip_by_global_norm(1) -> adamw at constant lr, Phase 3's
+    default betas / eps, no weight decay; LoRA arms freeze A), so the arms' trajectories diverge."""
+    kind, mode = ARMS[settings.arm]
+    if settings.lr > 0:
+        return projected_adamw(v_hack, settings.lr, mode=mode, gate=settings.gate, overshoot=settings.overshoot,
+                               placement="gradient", freeze_a=kind == "lora")
+    return chain_with_projection(optax.set_to_zero(), v_hack, placement="gradient", mode=mode,
+                                 gate=settings.gate, overshoot=settings.overshoot)
 
 
 def _to_float(x) -> float:
@@ -223,12 +243,20 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
     info = {"arm": settings.arm, "loss_mode": settings.loss_mode, "group_size": group_size,
             "delta_zero_path": bool(delta_zero),
             "pools": [p.name for p in pools], "settings": dataclasses.asdict(settings),
+            "optimizer": ("projected_adamw" if settings.lr > 0 else "none (lr=0: pure probe)"),
+            "null_cos_sd": null_cos_sd(v_hack), "null_abs_cos": null_abs_cos(v_hack),
             **(run_info or {})}
 
     encode = record_encoder(tokenizer, settings.max_completion_tokens, settings.max_prompt_tokens)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     length = replay_length(pools, encode, settings.pad_multiple)
     info["row_length"] = length
+    info["n_completions_truncated"] = encode.truncated
+    if encode.truncated:
+        import warnings
+        warnings.warn(f"phase2: {encode.truncated} pool completion(s) cut at --max-completion-tokens "
+                      f"{settings.max_completion_tokens}; the end of a completion (where a run_tests hack sits) "
+                      "is lost. Leave the flag unset to keep the pool's own length.", stacklevel=2)
     write_run_info(out_dir, {**info, "status": "running"})
     steps = range(settings.steps)
     if progress:
@@ -245,6 +273,9 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
         trainable, opt_state, per_sample, metrics = step_fn(trainable, opt_state, frozen, params, batch)
         per_sample = jax.tree.map(np.asarray, per_sample)
         comp_len = np.asarray(batch["completion_mask"]).sum(axis=1)
+        undefined = np.asarray(per_sample["grad_norm_contrib"]) == 0
+        if settings.loss_mode == "grpo":
+            undefined |= np.abs(adv) < TINY_ADV
         records = []
         for i, r in enumerate(group):
             records.append({
@@ -259,7 +290,13 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
                 "frac_fired": _to_float(metrics["frac_fired"]), "arm": settings.arm,
                 "adv": float(adv[i]), "hackward_frac": float(per_sample["hackward_frac"][i]),
                 "z": float(per_sample["z"][i]),
+                "n_overprojected": _to_float(metrics["n_overprojected"]),
+                "removed_frac": _to_float(metrics["removed_frac"]),
+                "update_cos": _to_float(metrics["update_cos"]) if settings.lr > 0 else math.nan,  # lr 0: no update
+                **({"attempted_hack": bool(r["attempted_hack"])} if "attempted_hack" in r else {}),
             })
+            if undefined[i]:  # zero advantage / zero gradient: the cosines are undefined (NaN)
+                records[-1].update(cos_S_contrib=math.nan, hackward_frac=math.nan, z=math.nan)
         write_step(out_dir, step, records)
         all_records += records
         if progress:

@@ -14,6 +14,9 @@ Field types (exact names from spec2 "Save discipline" / DESIGN.md "probe record"
     optional: adv (float, finite), hackward_frac, z      (float or NaN)
     optional: attempted_hack                             bool (the completion carries the mode's
                                                          exploit; see jaxhack.env.grader)
+    optional step-level: n_overprojected, removed_frac   float, finite, >= 0 (modules over-projected;
+                                                         removed / incoming gradient norm)
+    optional step-level: update_cos                      float or NaN (cos of v_hack with -update)
 
 NaN is allowed only in the cosine-like fields above (a cosine is undefined when the gradient it is
 taken of is exactly zero, e.g. a sample with advantage 0, or a batch whose rewards are all equal).
@@ -49,15 +52,15 @@ REQUIRED_FIELDS = (
     "fmt_ok", "comp_len", "cos_S_contrib", "grad_norm_contrib", "mean_cos_in", "mean_cos_out",
     "frac_fired", "arm",
 )
-OPTIONAL_FINITE_FLOAT_FIELDS = ("adv",)
-OPTIONAL_NAN_ALLOWED_FLOAT_FIELDS = ("hackward_frac", "z")
+OPTIONAL_FINITE_FLOAT_FIELDS = ("adv", "n_overprojected", "removed_frac")
+OPTIONAL_NAN_ALLOWED_FLOAT_FIELDS = ("hackward_frac", "z", "update_cos")
 OPTIONAL_BOOL_FIELDS = ("attempted_hack",)
 OPTIONAL_FIELDS = OPTIONAL_FINITE_FLOAT_FIELDS + OPTIONAL_NAN_ALLOWED_FLOAT_FIELDS + OPTIONAL_BOOL_FIELDS
 ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 
 COSINE_FIELDS = ("cos_S_contrib", "mean_cos_in", "mean_cos_out")
 UNIT_INTERVAL_FIELDS = ("frac_fired", "hackward_frac")
-NON_NEGATIVE_FLOAT_FIELDS = ("grad_norm_contrib",)
+NON_NEGATIVE_FLOAT_FIELDS = ("grad_norm_contrib", "n_overprojected", "removed_frac")
 STEP_LEVEL_FIELDS = ("mean_cos_in", "mean_cos_out", "frac_fired", "arm")
 RANGE_SLACK = 1e-5  # float32 rounding may put a cosine at 1.0000001
 
@@ -152,7 +155,7 @@ def check_range(record: dict) -> None:
         if not -RANGE_SLACK <= record[field] <= 1.0 + RANGE_SLACK:
             raise ProbeRecordError(f"expected value in [0, 1], got {record[field]}", field=field)
     for field in NON_NEGATIVE_FLOAT_FIELDS:
-        if record[field] < 0:
+        if field in record and record[field] < 0:
             raise ProbeRecordError(f"expected value >= 0, got {record[field]}", field=field)
 
 

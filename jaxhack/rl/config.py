@@ -46,6 +46,10 @@ class TrainConfig:
     vhack_batch: int = 4               # pairs per per-sample-gradient chunk
     vhack_max_len: int | None = None   # cut pair sequences to this many tokens
     control_seed: int = 0              # seed of the random_v / shuffled controls
+    vhack_axis_threshold: float | None = None        # extraction: drop rows with S_j < a * S_0 (v_hack.py)
+    vhack_noise_floor_quantile: float | None = None  # extraction: global noise floor (blog: 0.25)
+    vhack_refresh_every: int | None = None  # re-extract v_hack every N steps from the run's own rollouts
+    vhack_refresh_min_overlap: float = 0.5  # refresh guard: keep the old v_hack when the basis overlap is lower
     lora_rank: int = 8
     lora_alpha: float = 16.0
     svd_random_bases: bool = False     # BENCHMARK ONLY: random orthonormal u/vh instead of the SVD
@@ -119,6 +123,8 @@ class TrainConfig:
             errors.append("lr, beta and warmup_steps must be >= 0")
         if self.ckpt_every < 0 or self.eval_every < 0:
             errors.append("ckpt_every and eval_every must be >= 0")
+        if self.vhack_refresh_every is not None and self.vhack_refresh_every < 0:
+            errors.append(f"vhack_refresh_every must be >= 0, got {self.vhack_refresh_every}")
         if self.microbatch is not None and self.microbatch < 1:
             errors.append(f"microbatch must be >= 1, got {self.microbatch}")
         if self.sample_rows is not None and self.sample_rows < 1:

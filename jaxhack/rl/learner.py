@@ -19,9 +19,11 @@ from jaxhack.grads.batch import make_batch, place_completion_values
 from jaxhack.grads.losses import centered_advantages, grpo_batch_loss, reference_logprobs
 from jaxhack.grads.microbatch import length_microbatches, take_rows
 from jaxhack.models.config import Qwen3Config
-from jaxhack.projection.cosines import directions, safe_norm
+from jaxhack.projection.cosines import directions, gradient_cosines, safe_norm
 from jaxhack.projection.modules import to_module_vectors
-from jaxhack.projection.optax_projection import chain_with_projection, projection_metrics
+from jaxhack.projection.arms import ARMS
+from jaxhack.projection.optax_projection import chain_names as _chain_names
+from jaxhack.projection.optax_projection import projected_adamw, projection_metrics, update_metrics
 from jaxhack.rl.config import TrainConfig
 from jaxhack.rl.rollout import Rollout
 
@@ -38,23 +40,26 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig, v_hack: dict, projection_mode: str) -> optax.GradientTransformation:
-    """placement "gradient": chain(clip_by_global_norm, hack_projection, adamw): the projection sees
-    the clipped loss gradient (clip first, so the projected gradient's norm stays <= the clip, and
-    cos_in is measured on what the optimizer would otherwise get). placement "update":
-    chain(clip, adamw, hack_projection(placement="update")): the applied update itself has no
-    hack-ward component (closes the leak through Adam's per-coordinate rescaling)."""
-    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
-                        weight_decay=cfg.weight_decay)
-    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity()
-    return chain_with_projection(adamw, v_hack, placement=cfg.placement, before=(clip,),
-                                 mode=projection_mode, gate=cfg.gate, overshoot=cfg.overshoot)
+    """`projection.optax_projection.projected_adamw` (the one chain builder) with this run's settings.
+    placement "gradient": projection -> clip_by_global_norm -> adamw: the clip sees what is actually
+    trained (the projected delta_s; delta_s_hack's duplicate gradient is zeroed outside route) and
+    cos_in is measured on the raw loss gradient. placement "update": zero_hack_duplicate -> clip ->
+    adamw -> projection(placement="update"): the applied update itself has no hack-ward component
+    (closes the leak through Adam's per-coordinate rescaling). LoRA arms freeze A (LoRA-FA)."""
+    return projected_adamw(v_hack, lr_schedule(cfg), mode=projection_mode, gate=cfg.gate,
+                           overshoot=cfg.overshoot, placement=cfg.placement, b1=cfg.b1, b2=cfg.b2,
+                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                           freeze_a=freeze_lora_a_for(cfg))
+
+
+def freeze_lora_a_for(cfg: TrainConfig) -> bool:
+    """LoRA arms train B only (LoRA-FA): v_hack extracted at B = 0 has no A-part (docs/projection.md)."""
+    return ARMS[cfg.arm].adapter == "lora"
 
 
 def chain_names(cfg: TrainConfig) -> list[str]:
     """The chain's transforms in order (for run.json)."""
-    if cfg.placement == "gradient":
-        return ["clip_by_global_norm", "hack_projection", "adamw"]
-    return ["clip_by_global_norm", "adamw", "hack_projection(update)"]
+    return _chain_names(cfg.placement, freeze_lora_a_for(cfg), cfg.max_grad_norm > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +89,8 @@ def train_batch(rollout: Rollout, cfg: TrainConfig, pad_id: int, n_rows: int, se
     batch["old_logp"] = place_completion_values(batch, sampler_vals)
     batch["advantage"] = np.concatenate([adv, np.zeros(pad_rows, np.float32)]).astype(np.float32)
     batch["use_current"] = use_current
+    if cfg.mix_per_group > 0:  # rows from the teacher pool: the update splits cos_in by source
+        batch["is_teacher"] = np.asarray([s == "teacher" for s in rollout.sources] + [False] * pad_rows)
     chex.assert_shape(batch["tokens"], (n_rows, seq_len))
     return batch, adv
 
@@ -119,7 +126,7 @@ class LossHyper:
 
 
 def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config, hyper: LossHyper,
-                   microbatch: int | None, length_multiple: int = 512):
+                   microbatch: int | None, v_hack: dict, length_multiple: int = 512):
     """update(trainable, opt_state, frozen, params, batch) -> (trainable, opt_state, metrics).
 
     The loss is `grpo_batch_loss` (causal attention: the rows are right-padded). With `microbatch`
@@ -127,8 +134,11 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
     sorted by real length, M at a time, each cut to its longest row rounded up to `length_multiple`),
     one jitted forward + backward each, losses and gradients summed (the sum is the full-batch loss;
     memory is that of one micro-batch of at most M rows, whatever N). Then one jitted step applies the
-    optimizer chain (clip, v_hack projection, AdamW) and computes the metrics. `batch`: numpy or jax
-    arrays [N, T] (host copies are taken for the micro-batch plan)."""
+    optimizer chain (projection, clip, AdamW) and computes the metrics. `batch`: numpy or jax arrays
+    [N, T] (host copies are taken for the micro-batch plan); optional is_teacher [N] bool adds the
+    student / teacher split of cos_in (the reference's cin_s / cin_t): the loss is a sum over rows, so
+    the teacher rows' gradient is that of the loss with the other rows masked out (one more forward +
+    backward), and the student part is the rest."""
     loss_fn = functools.partial(grpo_batch_loss, attention="causal", **dataclasses.asdict(hyper))
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(3,))
 
@@ -140,18 +150,7 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
     def accumulate(total, part):
         return jax.tree.map(jnp.add, total, part)
 
-    @jax.jit
-    def apply(trainable, opt_state, loss, aux, grads):
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        n_tok = jnp.maximum(aux["n_tokens"], 1.0)
-        metrics = {"loss": loss, "kl_mean": aux["kl_sum"] / n_tok, "pg_token_mean": aux["pg_sum"] / n_tok,
-                   "ratio_mean": aux["ratio_sum"] / n_tok, "clip_frac": aux["clipped"] / n_tok,
-                   "n_tokens": aux["n_tokens"], "grad_norm": global_norm(grads),
-                   "update_norm": global_norm(updates), **projection_metrics(opt_state)}
-        return new_trainable, opt_state, metrics
-
-    def update(trainable, opt_state, frozen, params, batch):
+    def grads_of(trainable, frozen, params, batch):
         if microbatch is None:
             parts = [jax.tree.map(jnp.asarray, batch)]
         else:
@@ -164,7 +163,35 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
         for part in parts:
             (loss, aux), grads = grad_fn(trainable, frozen, params, config, part)
             total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
-        return apply(trainable, opt_state, *total)
+        return total
+
+    @jax.jit
+    def apply(trainable, opt_state, loss, aux, grads, g_teacher):
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        n_tok = jnp.maximum(aux["n_tokens"], 1.0)
+        split = {}
+        if g_teacher is not None:
+            g_student = jax.tree.map(jnp.subtract, grads, g_teacher)
+            split = {"cos_in_teacher": gradient_cosines(v_hack, g_teacher)["cos"],
+                     "cos_in_student": gradient_cosines(v_hack, g_student)["cos"]}
+        metrics = {"loss": loss, "kl_mean": aux["kl_sum"] / n_tok, "pg_token_mean": aux["pg_sum"] / n_tok,
+                   "ratio_mean": aux["ratio_sum"] / n_tok, "clip_frac": aux["clipped"] / n_tok,
+                   "n_tokens": aux["n_tokens"], "grad_norm": global_norm(grads),
+                   "update_norm": global_norm(updates), **projection_metrics(opt_state),
+                   **update_metrics(v_hack, updates), **split}
+        return new_trainable, opt_state, metrics
+
+    def update(trainable, opt_state, frozen, params, batch):
+        batch = dict(batch)
+        is_teacher = batch.pop("is_teacher", None)  # [N] bool, only when teacher rows are mixed in
+        loss, aux, grads = grads_of(trainable, frozen, params, batch)
+        g_teacher = None
+        if is_teacher is not None:
+            mask = np.asarray(batch["completion_mask"])
+            t_batch = dict(batch, completion_mask=mask * np.asarray(is_teacher)[:, None].astype(mask.dtype))
+            g_teacher = grads_of(trainable, frozen, params, t_batch)[2]
+        return apply(trainable, opt_state, loss, aux, grads, g_teacher)
 
     return update
 
@@ -181,7 +208,7 @@ def v_hack_digest(v_hack: dict) -> str:
 
 _UPDATE_CACHE: dict = {}
 # TrainConfig fields the optimizer chain and the update's structure depend on (with LossHyper)
-OPTIMIZER_FIELDS = ("lr", "warmup_steps", "steps", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps",
+OPTIMIZER_FIELDS = ("arm", "lr", "warmup_steps", "steps", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps",
                     "max_grad_norm", "gate", "overshoot", "placement", "microbatch", "length_multiple")
 
 
@@ -195,8 +222,8 @@ def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, confi
            v_hack_digest(v_hack))
     if key not in _UPDATE_CACHE:
         optimizer = make_optimizer(cfg, v_hack, projection_mode)
-        _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch,
-                                                                cfg.length_multiple))
+        _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack,
+                                                        cfg.length_multiple))
         while len(_UPDATE_CACHE) > 4:
             _UPDATE_CACHE.pop(next(iter(_UPDATE_CACHE)))
     return _UPDATE_CACHE[key]

@@ -75,7 +75,9 @@ def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokeni
     if control == "shuffled":
         pairs = shuffle_labels(pairs, seed=cfg.control_seed)
     bundle, info = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=cfg.k,
-                                  batch_size=cfg.vhack_batch, max_len=cfg.vhack_max_len)
+                                  batch_size=cfg.vhack_batch, max_len=cfg.vhack_max_len,
+                                  axis_threshold=cfg.vhack_axis_threshold,
+                                  noise_floor_quantile=cfg.vhack_noise_floor_quantile)
     info.update(source="extracted from template pairs over the training problems", control=control,
                 n_problems=len(problems), control_seed=cfg.control_seed)
     return bundle, info
@@ -199,4 +201,7 @@ def final_summary(run_dir: Path, window: int = 5) -> dict:
         out["eval_hack_rate_final"] = evals[-1]["hack_rate"]
         out["eval_gt_pass_rate_final"] = evals[-1]["gt_pass_rate"]
         out["eval_hack_rate_max"] = float(max(e["hack_rate"] for e in evals))
+        if "ablated_hack_rate" in evals[-1]:  # route arm: the deploy scores (delta_s_hack zeroed)
+            out["eval_hack_rate_final_ablated"] = evals[-1]["ablated_hack_rate"]
+            out["eval_gt_pass_rate_final_ablated"] = evals[-1]["ablated_gt_pass_rate"]
     return out

@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxhack.io import atomic_write_text
-from jaxhack.rl.config import TrainConfig
+from jaxhack.rl.config import ARM_NAMES, TrainConfig
+from jaxhack.rl.h1 import final_rate, h1_table
 from jaxhack.rl.run import DONE_FILE, RUN_FILE
 from jaxhack.rl.trainer import train
 
@@ -54,10 +55,26 @@ def separated(summaries: Sequence[dict], hack_threshold: float, metric: str = DE
 def _final(summary: dict, name: str) -> float:
     """Final hack / gt-pass rate of a run: the last eval when there is one, else the training
     window (policy rollouts of the last 5 steps)."""
-    for key in (f"eval_{name}_final", f"train_{name}_final"):
-        if summary.get(key) is not None:
-            return float(summary[key])
-    return float("nan")
+    return final_rate(summary, name)
+
+
+ARM_OPTION_FIELDS = {"placement": str, "gate": str, "overshoot": float, "k": int}
+
+
+def parse_arm(spec: str) -> tuple[str, dict]:
+    """An arm spec: ARM or ARM+field=value[+field=value] (fields: placement, gate, overshoot, k),
+    e.g. "projected+placement=update". Returns (arm, TrainConfig overrides); ValueError if invalid."""
+    arm, *options = spec.split("+")
+    if arm not in ARM_NAMES:
+        raise ValueError(f"unknown arm {arm!r} in {spec!r}; expected from {ARM_NAMES}")
+    overrides = {}
+    for option in options:
+        field, sep, value = option.partition("=")
+        if not sep or field not in ARM_OPTION_FIELDS:
+            raise ValueError(f"arm option {option!r} in {spec!r}: expected FIELD=VALUE with FIELD in "
+                             f"{sorted(ARM_OPTION_FIELDS)}")
+        overrides[field] = ARM_OPTION_FIELDS[field](value)
+    return arm, overrides
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -105,6 +122,8 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
     """
     if not arms or not seeds:
         raise ValueError("need at least one arm and one seed")
+    for arm in arms:
+        parse_arm(arm)  # ValueError before anything runs
     if len(set(arms)) != len(arms) or len(set(seeds)) != len(seeds):
         raise ValueError(f"duplicate arms or seeds: {list(arms)} {list(seeds)}")
     if train_fn is None:
@@ -116,6 +135,7 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
     stopped, reason = False, ""
     n_check = min(ceiling_seeds, len(seeds))
     for a_index, arm in enumerate(arms):
+        arm_name, overrides = parse_arm(arm)
         for seed in seeds:
             run_dir = run_dir_for(out, arm, seed)
             summary = read_done(run_dir)
@@ -123,7 +143,7 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
                 status = "skipped (done)"
             else:
                 status = "resumed" if (run_dir / RUN_FILE).is_file() else "ran"
-                cfg = dataclasses.replace(base, arm=arm, seed=seed, run_dir=str(run_dir))
+                cfg = dataclasses.replace(base, arm=arm_name, seed=seed, run_dir=str(run_dir), **overrides)
                 log(f"[sweep] {arm} seed {seed}: {status} -> {run_dir}")
                 t0 = time.time()
                 returned = train_fn(cfg, resume=True, model=model)
@@ -148,6 +168,9 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
         if stopped:
             break
     table, rows = summary_table(runs, arms)
+    h1_text, h1_rows = h1_table(runs, arms)
+    if h1_text:
+        table += "\n## H1 test\n\n" + h1_text
     header = f"# Phase 3 sweep: {out}\n\narms {list(arms)}, seeds {list(seeds)}\n\n"
     if stopped:
         header += f"**STOPPED**: {reason}\n\n"
@@ -155,10 +178,10 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
     text = header + table
     atomic_write_text(out / SUMMARY_MD, text)
     atomic_write_text(out / SUMMARY_JSON, json.dumps(
-        {"arms": list(arms), "seeds": list(seeds), "stopped": stopped, "reason": reason, "rows": rows,
+        {"arms": list(arms), "seeds": list(seeds), "stopped": stopped, "reason": reason, "rows": rows, "h1": h1_rows,
          "runs": runs, "hack_threshold": hack_threshold, "ceiling_metric": ceiling_metric},
         indent=2, sort_keys=True, default=str) + "\n")
     log(text)
     if stopped:
         log(f"[sweep] {reason}")
-    return {"runs": runs, "stopped": stopped, "reason": reason, "table": table, "rows": rows}
+    return {"runs": runs, "stopped": stopped, "reason": reason, "table": table, "rows": rows, "h1": h1_rows}

@@ -24,6 +24,7 @@ differences between the cached decode and the training forward); teacher rows al
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -38,9 +39,12 @@ from jaxhack.env.pools import write_pool_meta, write_pool_step
 from jaxhack.io import append_jsonl, atomic_write_text, read_jsonl, rewrite_jsonl  # noqa: F401
 from jaxhack.models.adapters import merge
 from jaxhack.rl.checkpoints import CKPT_DIR, list_checkpoints, restore_train_state, save_train_state  # noqa: F401
-from jaxhack.rl.config import TrainConfig
+from jaxhack.rl.config import ARMS, TrainConfig
 from jaxhack.rl.data import problem_indices
 from jaxhack.rl.learner import lr_schedule, make_optimizer, reference_logp, train_batch  # noqa: F401
+from jaxhack.rl.learner import cached_update_fn
+from jaxhack.rl.refresh import REFRESH_LOG, latest_refresh, refresh_v_hack
+from jaxhack.rl.refresh import due as refresh_due
 from jaxhack.rl.rollout import evaluate, rollout_metrics, rollout_records, sample_rollout
 from jaxhack.rl.run import (DONE_FILE, EVAL_FILE, EVAL_TAG, METRICS_FILE, ROLLOUT_DIR, RUN_FILE,  # noqa: F401
                             VHACK_DIR, RunContext, check_resume_config, final_summary, setup_run)
@@ -70,6 +74,9 @@ def train_step(ctx: RunContext, trainable, opt_state, step: int, cursor: int):
         "ratio_mean": m["ratio_mean"], "clip_frac": m["clip_frac"], "grad_norm": m["grad_norm"],
         "update_norm": m["update_norm"], "cos_in": m["mean_cos_in"], "cos_out": m["mean_cos_out"],
         "frac_fired": m["frac_fired"], "frac_positive": m["frac_positive"], "removed_norm": m["removed_norm"],
+        "removed_frac": m["removed_frac"], "n_overprojected": m["n_overprojected"], "update_cos": m["update_cos"],
+        "update_frac_positive": m["update_frac_positive"],
+        **{k: m[k] for k in ("cos_in_student", "cos_in_teacher") if k in m},
         "lr": float(lr_schedule(cfg)(step)), "arm": cfg.arm, "seed": cfg.seed,
         "time_generation_s": t_gen, "time_grading_s": t_grade, "time_update_s": t_update,
         "time_ref_s": t_ref, "time_step_s": time.time() - t_step,
@@ -95,6 +102,12 @@ def _resume(ctx: RunContext, trainable, opt_state):
         raise ValueError(f"{path}: holds step {start}, its name says {done_steps}")
     print(f"resuming {ctx.run_dir} from {path.name} (step {start}, cursor {cursor})")
     return state["trainable"], state["opt_state"], start, cursor
+
+
+def ablate_hack(trainable: dict) -> dict:
+    """The route arm's deploy adapter: delta_s_hack zeroed (the routed hack-ward part removed)."""
+    return {name: (dict(m, delta_s_hack=jnp.zeros_like(m["delta_s_hack"])) if "delta_s_hack" in m else m)
+            for name, m in trainable.items()}
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, model=None,
@@ -136,10 +149,29 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         key = jax.random.fold_in(jax.random.fold_in(ctx.base_key, EVAL_TAG), done)
         rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(trainable, ctx.frozen), ctx.eval_problems,
                        cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple)
+        if ARMS[cfg.arm].projection == "route":  # deploy = delta_s_hack ablated; both are reported
+            ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(ablate_hack(trainable), ctx.frozen),
+                               ctx.eval_problems, cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple)
+            rec.update({f"ablated_{k}": v for k, v in ablated.items() if k not in ("step", "n", "temperature")})
         rec["time_eval_s"] = time.time() - t0
         append_jsonl(run_dir / EVAL_FILE, rec)
         return rec["time_eval_s"]
 
+    def use_v_hack(ctx, bundle):
+        optimizer, update_fn = cached_update_fn(cfg, bundle, ARMS[cfg.arm].projection, ctx.config)
+        return dataclasses.replace(ctx, v_hack=bundle, optimizer=optimizer, update_fn=update_fn)
+
+    refreshing = bool(cfg.vhack_refresh_every) and ARMS[cfg.arm].control == "none"
+    recent: list[dict] = []
+    if refreshing and start > 0:
+        restored = latest_refresh(run_dir, start)
+        if restored is not None:
+            ctx = use_v_hack(ctx, restored)
+        rewrite_jsonl(run_dir / REFRESH_LOG, lambda r: r["step"] <= start)
+        boundary = start - start % cfg.vhack_refresh_every
+        if cfg.save_rollouts and boundary < start:  # the records since the last refresh, as a straight run has
+            from jaxhack.env.pools import read_pool
+            recent = [r for r in read_pool(run_dir / ROLLOUT_DIR)[1] if boundary <= int(r["step"]) < start]
     if start == 0:
         maybe_eval(0)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -152,6 +184,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         if cfg.save_rollouts:
             write_pool_step(run_dir / ROLLOUT_DIR, step, records)
         append_jsonl(run_dir / METRICS_FILE, metrics)
+        if refreshing:
+            recent += records
+            if refresh_due(cfg, done):
+                bundle, entry = refresh_v_hack(ctx, trainable, recent, done)
+                append_jsonl(run_dir / REFRESH_LOG, entry)
+                if bundle is not None:
+                    ctx = use_v_hack(ctx, bundle)
+                recent = []
         t_eval = maybe_eval(done, force=(done == cfg.steps))
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps or done == end:
             save_train_state(run_dir, done, _train_state(trainable, opt_state, ctx, cursor, done),
