@@ -78,21 +78,20 @@ class UserError(Exception):
 
 
 def check_writable(path: str | Path) -> None:
-    """UserError unless `path` (a file or directory to be created) can be written: its nearest
-    existing ancestor must be a writable directory."""
+    """UserError unless `path` (a file or directory to be created or replaced) can be written: its
+    nearest existing ancestor must be a directory in which a file can really be created (this also
+    catches read-only file systems, which permission bits do not show)."""
     p = Path(path).absolute()
-    probe = p
+    probe = p.parent if p.exists() else p
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        if probe == p and not p.is_dir():
-            probe = p.parent
-        else:
-            raise UserError(f"cannot write {path}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: {probe} is not writable (read-only or no permission)")
-    if probe == p and p.is_dir() and p.parent.exists() and not os.access(p.parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot replace {path}: {p.parent} is not writable (read-only or no permission)")
+        raise UserError(f"cannot write {path}: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {probe} is not writable ({err.strerror or err})") from None
 
 
 def claim_run_dir(path: str | Path, *, what: str, finished: Callable[[Path], bool], force: bool = False,
