@@ -108,6 +108,19 @@ def load_v_hack_checked(flag: str, path, adapter: str | None = None):
     return bundle, meta
 
 
+def check_v_hack_shape(flag: str, path, v_hack: dict, meta: dict, params, kind: str) -> None:
+    """The v_hack's adapter kind and shapes against the model's weights, before the adapter (SVD) is built."""
+    from jaxhack.models.basis import BasisMismatch, check_v_hack_shape as check, expected_dims
+    from jaxhack.models.config import TARGET_MODULES
+
+    targets = [name for name in TARGET_MODULES if name in params["layers"]]
+    try:
+        check(v_hack, meta, expected_dims(params, kind, int(meta.get("lora_rank", 8)), targets), kind,
+              f"{flag} {path}")
+    except BasisMismatch as err:
+        raise UserError(str(err)) from None
+
+
 def check_v_hack_fits(flag: str, path, v_hack: dict, meta: dict, trainable, frozen) -> None:
     """`models.basis.check_v_hack_fits` as a UserError (shape, adapter kind, basis fingerprint)."""
     from jaxhack.models.basis import BasisMismatch, check_v_hack_fits as check

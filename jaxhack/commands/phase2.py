@@ -79,6 +79,7 @@ def probe_setup(args, adapter: str):
 
     v_hack, meta = checks.load_v_hack_checked("--v-hack", args.v_hack, adapter)
     params, config, tokenizer, desc = checks.load_model_checked(args.ckpt, args.tokenizer, args.seed)
+    checks.check_v_hack_shape("--v-hack", args.v_hack, v_hack, meta, params, adapter)  # before the SVD
     trainable, frozen = make_adapter(adapter, params, config, ckpt=args.ckpt,
                                      lora_rank=int(meta.get("lora_rank", 8)),
                                      lora_alpha=float(meta.get("lora_alpha", 16.0)),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxhack.commands import checks, script_main
-from jaxhack.commands.train import config_checked, one_line
+from jaxhack.commands.train import config_checked, describe_preset, one_line
 from jaxhack.io import UserError, check_writable
 from jaxhack.rl.config import ARM_NAMES, add_config_args
 from jaxhack.rl.run import MODEL_SEED
@@ -32,6 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ceiling-seeds", type=int, default=3, help="cost ceiling: seeds of the first arm to look at")
     parser.add_argument("--no-ceiling", action="store_true", help="run every arm whatever the first shows")
     add_config_args(parser, skip=("arm", "seed", "run_dir"))
+    describe_preset(parser)
 
 
 def parse_list(flag: str, text: str, kind=str) -> list:

@@ -48,12 +48,19 @@ def timing_report(run_dir: Path) -> str:
 
 def add_arguments(parser) -> None:
     add_config_args(parser)
+    describe_preset(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     parser.add_argument("--force", action="store_true",
                         help="replace the run in --run-dir (the old one is removed once the new one finishes)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after this many steps of this invocation (no done.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def describe_preset(parser) -> None:
+    """Help text of --preset (rl/config.add_config_args defines the flag)."""
+    parser._option_string_actions["--preset"].help = ("base settings every other flag overrides: smoke (CPU, "
+                                                       "seconds, tiny model), fast (one GPU, minutes), full (the seed's run)")
 
 
 def one_line(err: Exception) -> str:

@@ -55,13 +55,20 @@ def module_vector_dims(trainable: dict) -> dict[str, tuple[int, int]]:
     return dims
 
 
-def check_v_hack_fits(v_hack: dict, meta: dict, trainable: dict, frozen: dict, where) -> None:
-    """BasisMismatch (one line naming `where`) unless the v_hack's modules and shapes match the
-    adapter and, when the v_hack records a basis fingerprint, the factors are the same ones."""
-    kind = "svd" if all("delta_s" in m for m in trainable.values()) else "lora"
+def expected_dims(params: dict, kind: str, lora_rank: int, targets) -> dict[str, tuple[int, int]]:
+    """{name: (L, dim)} a v_hack must have for this model's weights, from their shapes alone (no SVD):
+    SVD dim = min(in, out); LoRA dim = rank*in + out*rank."""
+    dims = {}
+    for name in targets:
+        L, d_in, d_out = (int(x) for x in params["layers"][name].shape)  # [L, in, out]
+        dims[name] = (L, min(d_in, d_out) if kind == "svd" else lora_rank * (d_in + d_out))
+    return dims
+
+
+def check_v_hack_shape(v_hack: dict, meta: dict, dims: dict[str, tuple[int, int]], kind: str, where) -> None:
+    """BasisMismatch unless the v_hack is of adapter `kind` with V[name] shaped [L, k, dim] per `dims`."""
     if meta.get("adapter") and meta["adapter"] != kind:
         raise BasisMismatch(f"{where} is a {meta['adapter']}-basis v_hack; this run uses the {kind} basis")
-    dims = module_vector_dims(trainable)
     vs = v_hack.get("V", {})
     missing = sorted(set(dims) - set(vs))
     if missing or set(vs) - set(dims):
@@ -73,6 +80,13 @@ def check_v_hack_fits(v_hack: dict, meta: dict, trainable: dict, frozen: dict, w
             raise BasisMismatch(f"{where}: v_hack from another model shape: module {name} has "
                                 f"{shape[0]} layers x dim {shape[-1]}, this model's {kind} adapter has "
                                 f"{L} layers x dim {dim} (extract a v_hack with this --ckpt)")
+
+
+def check_v_hack_fits(v_hack: dict, meta: dict, trainable: dict, frozen: dict, where) -> None:
+    """BasisMismatch (one line naming `where`) unless the v_hack's modules and shapes match the
+    adapter and, when the v_hack records a basis fingerprint, the factors are the same ones."""
+    kind = "svd" if all("delta_s" in m for m in trainable.values()) else "lora"
+    check_v_hack_shape(v_hack, meta, module_vector_dims(trainable), kind, where)
     recorded = meta.get(FINGERPRINT_KEY)
     if recorded:
         now = basis_fingerprint(trainable, frozen)
