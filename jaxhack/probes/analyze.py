@@ -66,7 +66,7 @@ def report_notes(runs, allow_partial: bool) -> list[str]:
         notes.append(RANDOM_MODEL_NOTE)
     for run in runs:
         notes += [str(n) for n in run.info.get("partial_inputs", [])]
-        if run.info.get("status") != "done":
+        if run.info.get("status") not in ("done", None):
             notes.append(f"partial input: run {run.directory} has status {run.info.get('status')!r} "
                          f"(not finished), analysed with --allow-partial")
     return notes
@@ -77,15 +77,15 @@ class UnfinishedRunError(ValueError):
 
 
 def check_finished(dirs, allow_partial: bool) -> None:
-    """UnfinishedRunError for a run directory whose run.json status is not "done" (a killed or
-    failed probe run), unless `allow_partial`."""
+    """UnfinishedRunError for a run directory whose run.json has a status other than "done" (a
+    killed or failed probe run: run_replay writes "running" first), unless `allow_partial`."""
     from jaxhack.probes.records import read_run_info
 
     for directory in dirs:
         if not Path(directory).is_dir():
-            raise FileNotFoundError(f"{directory}: no such run directory")
-        status = read_run_info(directory).get("status")
-        if status != "done" and not allow_partial:
+            raise FileNotFoundError(f"{directory}: run directory not found")
+        status = read_run_info(directory).get("status")  # None: records without a run.json status
+        if status not in ("done", None) and not allow_partial:
             raise UnfinishedRunError(f"{directory}: run.json status is {status!r}, not 'done' (killed or "
                                      f"still running?); rerun it, or pass --allow-partial to analyse "
                                      f"the steps it wrote")
