@@ -46,6 +46,16 @@ def timing_report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def degenerate_note(run_dir: Path) -> str | None:
+    """A note when every step had one reward for all rows (advantage 0: nothing was learned)."""
+    metrics = read_jsonl(run_dir / METRICS_FILE)
+    if metrics and all(float(m.get("reward_std", 0.0)) == 0.0 for m in metrics):
+        return ("note: the reward was the same for every rollout at every step, so every advantage is 0 and "
+                "nothing was learned (a random tiny model never writes a code block). For a non-degenerate "
+                "run mix in teacher rows: --mix-teacher TEACHER_POOL --mix-per-group 1 --max-new 512")
+    return None
+
+
 def add_arguments(parser) -> None:
     add_config_args(parser)
     describe_preset(parser)
@@ -130,6 +140,9 @@ def run(args) -> int:
         shutil.rmtree(aside, ignore_errors=True)
     print(timing_report(run_dir))
     print(json.dumps(summary, sort_keys=True))
+    note = degenerate_note(run_dir)
+    if note:
+        print(note)
     return 0
 
 
