@@ -161,3 +161,49 @@ def test_phase2_refuses_an_incomplete_pool_unless_allow_partial(probe_inputs, tm
     assert main(["analyze", str(tmp_path / "p2")]) == 0
     assert "pool" in (tmp_path / "p2" / "report.md").read_text().split("## Runs")[0]
     assert "incomplete" in (tmp_path / "p2" / "report.md").read_text()
+
+
+def test_demo_force_leaves_no_stale_step_and_headers_come_first(tmp_path, capsys):
+    """The issue's headline case: a 1-step demo forced over an old 20-step one keeps no step of the old
+    run; the stage headers print before their stage's output; the report path is printed once."""
+    from jaxhack.demo import DemoSettings, run_demo
+
+    out = tmp_path / "demo"
+    (out / "phase2" / "vanilla").mkdir(parents=True)
+    (out / "phase2" / "vanilla" / "step_019.cos.jsonl.gz").write_bytes(b"old run")
+    (out / "report.md").write_text("# old demo")
+    settings = DemoSettings(out=str(out), steps=1, seed=1, per_pool=2, pool_steps=1, pool_per_step=8,
+                            pair_variants=1, max_prompt_tokens=32, max_completion_tokens=32)
+    with pytest.raises(UserError, match="finished demo.*--force"):
+        run_demo(settings, progress=False)
+    capsys.readouterr()
+    run_demo(settings, progress=True, force=True)
+    printed = capsys.readouterr().out
+    order = [printed.index(s) for s in ("[1/6]", "[2/6] teacher", "[3/6]", "[4/6]", "Phase 1 (NLL", "[5/6]",
+                                        "[6/6]", "Phase 3 verdict")]
+    assert order == sorted(order)
+    assert printed.count("report: ") == 1
+    for arm in ("vanilla", "projected", "lora_projected"):
+        records, info = read_run(out / "phase2" / arm)
+        assert {r["step"] for r in records} == {0} and info["settings"]["seed"] == 1
+    assert not (out / "phase2" / "vanilla" / "step_019.cos.jsonl.gz").exists()
+    report = (out / "report.md").read_text()
+    assert "random tiny Qwen3" in report and "## Phase 1" in report
+
+
+def test_sweep_says_why_the_ceiling_stopped_it(tmp_path, capsys, monkeypatch):
+    import jaxhack.commands.sweep as sweep_cmd
+
+    reason = "cost ceiling: after 1 seed(s) of the first arm ('vanilla') no separation"
+    monkeypatch.setattr(sweep_cmd, "run_sweep", lambda *a, **k: {"stopped": True, "reason": reason})
+    assert main(["sweep", "--out", str(tmp_path / "s"), "--arms", "vanilla,projected", "--seeds", "0"]) == 3
+    assert f"sweep STOPPED (exit status 3): {reason}" in capsys.readouterr().out
+
+
+def test_train_notes_a_constant_reward_run(tmp_path):
+    from jaxhack.commands.train import degenerate_note
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward_std": 0.0}\n{"step": 1, "reward_std": 0.0}\n')
+    assert "--mix-teacher" in degenerate_note(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward_std": 0.0}\n{"step": 1, "reward_std": 1.5}\n')
+    assert degenerate_note(tmp_path) is None
