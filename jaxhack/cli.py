@@ -1,13 +1,13 @@
 """`jaxhack` command: one subcommand per phase (convert, pool, grade, extract, phase1, phase2,
 analyze, train, sweep, demo). Each is the same code as its script under scripts/ (same flags):
-`jaxhack.commands.<module>.add_arguments` + `run`."""
+`jaxhack.commands.<module>.add_arguments` + `run`. User errors print one `error: ...` line (exit 2)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-from jaxhack.commands import COMMANDS
+from jaxhack.commands import COMMANDS, HelpFormatter, guarded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,16 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
         summary = module.__doc__.strip().splitlines()[0]
         if script != "-":
             summary += f" [scripts/{script}]"
-        p = sub.add_parser(name, help=summary, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=summary, description=module.__doc__, formatter_class=HelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _command=module_name)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args._run(args)
+    return guarded(args._run, args)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ import json
 import time
 from pathlib import Path
 
+from jaxhack.env.hints import MODES
 from jaxhack.env.pools import build_template_pool
 from jaxhack.env.problems import load_problems
+from jaxhack.io import UserError, atomic_directory, claim_run_dir
+from jaxhack.models.basis import FINGERPRINT_KEY, basis_fingerprint
 from jaxhack.models.load import load_model, make_adapter
 from jaxhack.probes.analyze import analyze_runs, format_summary
 from jaxhack.probes.phase1 import format_split, split_pure_vs_correct
@@ -49,18 +52,50 @@ class DemoSettings:
     seed: int = 0
 
 
-def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
-    t0 = time.time()
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = print if progress else (lambda *a, **k: None)
+def check_settings(settings: DemoSettings) -> None:
+    """UserError for a setting that cannot work, before any work."""
+    for name in ("steps", "per_pool", "pool_steps", "pool_per_step", "pair_variants", "k", "lora_rank"):
+        if getattr(settings, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
+    if settings.mode not in MODES or settings.mode == "none":
+        raise UserError(f"--mode {settings.mode!r}: expected a loophole mode from {[m for m in MODES if m != 'none']}")
 
+
+def demo_finished(out: Path) -> bool:
+    return (out / "report.md").is_file()
+
+
+def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True, force: bool = False) -> dict:
+    """Run the pipeline into settings.out: refused when a demo is already there unless `force`
+    (the one run-directory rule, jaxhack.io.claim_run_dir); everything is written in a temporary
+    sibling directory and swapped in, then analysed."""
+    check_settings(settings)
+    claim_run_dir(settings.out, what="demo", finished=demo_finished, force=force)
+    t0 = time.time()
+    say = print if progress else (lambda *a, **k: None)
+    with atomic_directory(settings.out) as work:
+        split = run_phases(settings, work, say, progress)
+    out = Path(settings.out)
+    say("[6/6] analysis: verification table, plots, verdict")
+    run_dirs = [out / "phase2" / arm for arm in ARMS] + [out / "phase2" / phase2_dir_name("vanilla", "random")]
+    summary = analyze_runs(run_dirs, report_path=out / "report.md", plots_dir=out / "plots",
+                           phase1_dir=out / "phase1")
+    say(format_summary(summary))
+    say(f"report: {out / 'report.md'}  ({time.time() - t0:.0f} s)")
+    say("a policy that really hacks under GRPO: jaxhack organism run --out runs/organism (docs/organism.md)")
+    return {"summary": summary, "phase1": split, "seconds": time.time() - t0}
+
+
+def run_phases(settings: DemoSettings, out: Path, say, progress: bool) -> dict:
+    """Stages 1-5 into `out`; returns the Phase 1 split."""
+    say("[1/6] model and problems")
     params, config, tokenizer, model_desc = load_model("tiny", seed=settings.seed)
     problems = load_problems("bundled")
-    say(f"[1/6] model: {model_desc}; {len(problems)} bundled problems; loophole mode {settings.mode}")
+    say(f"      model: {model_desc}; {len(problems)} bundled problems; loophole mode {settings.mode}")
 
     pools = {}
     for kind in ("teacher", "base"):
+        say(f"[2/6] {kind} pool ({settings.pool_steps} steps x {settings.pool_per_step}, graded in the sandbox)")
         pool_dir = out / f"{kind}_pool"
         meta = build_template_pool(problems, pool_dir, mode=settings.mode, kind=kind,
                                    steps=settings.pool_steps, per_step=settings.pool_per_step,
@@ -68,10 +103,11 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> 
                                    pool_name=f"{kind}_pool")
         pools[kind] = load_replay_pool(pool_dir)
         s = meta["summary"]
-        say(f"[2/6] {kind} pool: n={s['n']} hack_rate={s['hack_rate']:.3f} "
+        say(f"      {kind} pool: n={s['n']} hack_rate={s['hack_rate']:.3f} "
             f"gt_pass_rate={s['gt_pass_rate']:.3f} mean_reward={s['mean_reward']:.3f}")
 
     pairs = pairs_from_env_templates(problems, settings.mode, pair_variants(settings.pair_variants, settings.seed))
+    say(f"[3/6] v_hack from {len(pairs)} template pairs, k={settings.k}, SVD and LoRA bases")
     adapters = {kind: make_adapter(kind, params, config, ckpt="tiny", lora_rank=settings.lora_rank,
                                    lora_seed=settings.seed, progress=progress) for kind in ("svd", "lora")}
     v_hacks = {}
@@ -80,10 +116,13 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> 
                                       max_prompt_tokens=settings.max_prompt_tokens,
                                       max_len=settings.max_prompt_tokens + settings.max_completion_tokens,
                                       progress=progress)
+        info.update(adapter=kind, lora_rank=settings.lora_rank, lora_seed=settings.seed, ckpt="tiny",
+                    model=model_desc)
+        info[FINGERPRINT_KEY] = basis_fingerprint(trainable, frozen)
         save_v_hack(out / f"v_hack_{kind}", bundle, meta=info, force=True)
         v_hacks[kind] = bundle
-        say(f"[3/6] v_hack ({kind} basis) from {info['n_pairs']} template pairs, k={settings.k}")
 
+    say(f"[4/6] Phase 1: NLL distillation probe over the teacher pool ({settings.steps} steps)")
     phase1_dir = out / "phase1"
     svd_tr, svd_fr = adapters["svd"]
     records = run_replay([pools["teacher"]], params, config, tokenizer, svd_tr, svd_fr, v_hacks["svd"],
@@ -95,30 +134,26 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True) -> 
                          phase1_dir, run_info={"model": model_desc, "phase": 1}, progress=progress)
     split = split_pure_vs_correct(records)
     (phase1_dir / "phase1_split.json").write_text(json.dumps(split, indent=2, default=float))
-    say("[4/6] " + format_split(split))
+    say(format_split(split))
 
-    run_dirs = []
+    say(f"[5/6] Phase 2: mixed-replay GRPO probe (lr={settings.lr:g}), arms {', '.join(ARMS)} + vanilla with a "
+        f"random_v control ({settings.steps} steps each)")
     # the arms with the real v_hack, then the vanilla arm with a random_v control (compared, not judged)
     random_v = random_v_hack(v_hacks["svd"], seed=settings.seed + 1, k=settings.k)
     runs = [(arm, kind, v_hacks[kind], "none") for arm, (kind, _) in ARMS.items()]
     runs.append(("vanilla", "svd", random_v, "random"))
     for arm, kind, v_hack, control in runs:
         trainable, frozen = adapters[kind]
-        run_dir = out / "phase2" / (arm if control == "none" else f"{arm}_{control}")
         run_replay([pools["teacher"], pools["base"]], params, config, tokenizer, trainable, frozen,
                    v_hack, ReplaySettings(arm=arm, loss_mode="grpo", steps=settings.steps,
                                           per_pool=settings.per_pool, lr=settings.lr,
                                           max_completion_tokens=settings.max_completion_tokens,
                                           max_prompt_tokens=settings.max_prompt_tokens,
                                           pad_multiple=64, seed=settings.seed),
-                   run_dir, run_info={"model": model_desc, "phase": 2, "v_hack_control": control},
-                   progress=progress)
-        run_dirs.append(run_dir)
-    say(f"[5/6] phase 2 replay (lr={settings.lr:g}): arms {', '.join(ARMS)} + vanilla with a random_v control "
-        f"({settings.steps} steps each)")
+                   out / "phase2" / phase2_dir_name(arm, control),
+                   run_info={"model": model_desc, "phase": 2, "v_hack_control": control}, progress=progress)
+    return split
 
-    summary = analyze_runs(run_dirs, report_path=out / "report.md", plots_dir=out / "plots")
-    say("[6/6] " + format_summary(summary))
-    say(f"report: {out / 'report.md'}  ({time.time() - t0:.0f} s)")
-    say("a policy that really hacks under GRPO: jaxhack organism run --out runs/organism (docs/organism.md)")
-    return {"summary": summary, "phase1": split, "seconds": time.time() - t0}
+
+def phase2_dir_name(arm: str, control: str) -> str:
+    return arm if control == "none" else f"{arm}_{control}"

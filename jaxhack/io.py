@@ -44,20 +44,90 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(final: str | Path):
-    """Yield a temporary sibling directory to fill; on success it replaces `final` (renamed into
-    place), on an exception it is removed and `final` is left as it was."""
+    """Yield a temporary sibling directory to fill; on success it replaces `final` (the old one is
+    renamed aside, the new one renamed into place, then the old one removed: no stale file of the old
+    directory survives), on an exception it is removed and `final` is left as it was."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as err:
+        raise UserError(f"cannot write to {final.parent}: {err.strerror or err}") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     try:
         yield tmp
+        old = None
         if final.exists():
-            shutil.rmtree(final)
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.rename(final, old / final.name)
         os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------
+# user errors and the one run-directory rule
+
+class UserError(Exception):
+    """An error of the user's input (a path, a flag, a file): the CLI prints `error: MESSAGE` on one
+    line and exits with status 2, without a traceback (jaxhack.commands.guarded). Anything else is a
+    bug and keeps its traceback."""
+
+
+def check_writable(path: str | Path) -> None:
+    """UserError unless `path` (a file or directory to be created or replaced) can be written: its
+    nearest existing ancestor must be a directory in which a file can really be created (this also
+    catches read-only file systems, which permission bits do not show)."""
+    p = Path(path).absolute()
+    probe = p.parent if p.exists() else p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write {path}: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {probe} is not writable ({err.strerror or err})") from None
+
+
+def claim_run_dir(path: str | Path, *, what: str, finished: Callable[[Path], bool], force: bool = False,
+                  resumable: bool = False) -> bool:
+    """The one run-directory rule of every command that writes a run directory (pool, extract,
+    phase1, phase2, demo, train; the sweep applies it per run).
+
+    A missing or empty `path` is claimed. A directory holding a run is refused with one line (what
+    is there, `--force` to replace it, `--resume` when `resumable`) unless `force`; the command then
+    writes its new run into a sibling temporary directory and swaps it in (`atomic_directory`), so
+    no file of the old run survives. `finished(path)` says whether the run there completed.
+    Returns True when `path` holds a run that `force` will replace. UserError on refusal or when the
+    location is not writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{p}: exists and is not a directory")
+    check_writable(p)
+    if not p.exists() or not any(p.iterdir()):
+        return False
+    if force:
+        return True
+    state = f"a finished {what}" if finished(p) else f"an unfinished {what} (killed or failed?), or other files"
+    hint = "pass --force to replace it" + (", or --resume to continue it" if resumable else "")
+    raise UserError(f"{p} already holds {state}; {hint} (or choose another output directory)")
+
+
+def remove_stale_temp_dirs(directory: str | Path) -> list[Path]:
+    """Remove the `.NAME.tmp-*` directories `atomic_directory` left in `directory` when a process
+    was killed mid-write (call it only when no other writer is active, e.g. on --resume)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    stale = sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(".") and ".tmp-" in p.name)
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,3 +51,24 @@ def tiny_params(tiny_hf_dir):
 
     params, config = load_hf_params(tiny_hf_dir, dtype="float32", progress=False)
     return jax.device_put(params), config
+
+
+@pytest.fixture(scope="session")
+def probe_inputs(tmp_path_factory) -> dict:
+    """Small finished inputs for the CLI tests (tests/test_run_dirs.py, tests/test_cli_errors.py):
+    template teacher / base pools (1 step x 4) and an SVD v_hack of the tiny model, all written by
+    `jaxhack.cli.main` in-process. Tests must copy them before changing them."""
+    from jaxhack.cli import main
+
+    root = tmp_path_factory.mktemp("probe_inputs")
+    for kind in ("teacher", "base"):
+        assert main(["pool", "--mode", "run_tests", "--kind", kind, "--steps", "1", "--per-step", "4",
+                     "--out", str(root / f"{kind}_pool"), "--no-progress"]) == 0
+    assert main(["extract", "--ckpt", "tiny", "--pairs-from", "pools", "--teacher", str(root / "teacher_pool"),
+                 "--base", str(root / "base_pool"), "--max-prompt-tokens", "32", "--max-len", "64",
+                 "--out", str(root / "v_hack_svd")]) == 0
+    small = ["--max-prompt-tokens", "32", "--max-completion-tokens", "32"]
+    assert main(["phase2", "--replay-dirs", f"{root / 'teacher_pool'},{root / 'base_pool'}", "--steps", "2",
+                 "--per-pool", "2", "--v-hack", str(root / "v_hack_svd"), "--out", str(root / "p2"), *small]) == 0
+    return {"root": root, "teacher": root / "teacher_pool", "base": root / "base_pool",
+            "v_hack": root / "v_hack_svd", "p2": root / "p2", "small": small}

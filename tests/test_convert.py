@@ -313,7 +313,7 @@ def test_convert_script(tiny_hf_dir_tied, tmp_path):
     assert params["embed"].dtype == jnp.bfloat16 and config.tie_word_embeddings and meta["dtype"] == "bfloat16"
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "convert.py"), "--hf-dir", str(tmp_path / "none"),
                           "--name", "u", "--out-root", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and "config file not found" in bad.stderr
+    assert bad.returncode == 2 and "no such file or directory" in bad.stderr  # user error: one line, exit 2
 
 
 # ------------------------------------------------------------------------------------ tokenizer

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from jaxhack.checkpoint import save_checkpoint
 from jaxhack.commands import fail, script_main
+from jaxhack.commands.checks import existing
+from jaxhack.io import UserError, check_writable
 from jaxhack.models.convert import DTYPES, count_params, load_hf_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -41,23 +42,26 @@ def add_arguments(ap) -> None:
     ap.add_argument("--hf-dir", required=True, type=Path, help="local HF model directory (config.json + safetensors)")
     ap.add_argument("--name", required=True, help="checkpoint name (directory under --out-root)")
     ap.add_argument("--lora-dir", type=Path, default=None, help="PEFT LoRA adapter directory to merge")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    ap.add_argument("--out-root", type=Path, default=Path("checkpoints"))
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="parameter dtype")
+    ap.add_argument("--out-root", type=Path, default=Path("checkpoints"), help="checkpoints directory")
     ap.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
     out = args.out_root / args.name
     if out.exists() and not args.force:
         return fail(f"{out} already exists (use --force to overwrite)")
+    existing("--hf-dir", args.hf_dir, "dir")
+    if args.lora_dir is not None:
+        existing("--lora-dir", args.lora_dir, "dir")
+    check_writable(out)
     t0 = time.time()
     try:
         params, config = load_hf_params(args.hf_dir, dtype=args.dtype, lora_dir=args.lora_dir,
                                         progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(e) from None
     t_convert, rss_convert = time.time() - t0, peak_rss_gib()
     n = count_params(params)
     metadata = {"source": str(args.hf_dir.resolve()), "lora": str(args.lora_dir.resolve()) if args.lora_dir else None,

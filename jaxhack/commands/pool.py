@@ -29,21 +29,21 @@ from jaxhack.env.hints import DEFAULT_HINT_STYLE, HINT_STYLES, MODES
 from jaxhack.env.pools import build_pool, build_template_pool
 from jaxhack.env.problems import ProblemFormatError, load_problems
 from jaxhack.env.sandbox import SandboxLimits
-from jaxhack.commands import fail, script_main
-from jaxhack.models.load import load_model
+from jaxhack.commands import checks, script_main
+from jaxhack.io import UserError, atomic_directory, claim_run_dir
 from jaxhack.rl.sampler import sampling_source
 from jaxhack.tokenizer import load_tokenizer
 
 
-def build_sampled_pool(args, problems, rewards, limits) -> dict:
+def build_sampled_pool(args, out, problems, rewards, limits) -> dict:
     """A pool sampled from `args.model` (teacher: prompts with the hint; base: without)."""
-    params, config, tokenizer, desc = load_model(args.model, tokenizer=args.tokenizer)
+    params, config, tokenizer, desc = checks.load_model_checked(args.model, args.tokenizer, args.seed)
     source = sampling_source(params, config, tokenizer, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                              batch_size=args.sample_batch)
     generation = {"model": args.model, "model_description": desc, "max_new_tokens": args.max_new_tokens,
                   "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    return build_pool(problems, args.out, mode=args.mode, source=source, steps=args.steps,
+    return build_pool(problems, out, mode=args.mode, source=source, steps=args.steps,
                       per_step=args.per_step, group_size=args.group_size, with_hint=(args.kind == "teacher"),
                       hint_style=args.hint_style, seed=args.seed, pool_name=args.name, rewards=rewards, limits=limits,
                       max_workers=args.workers, tokenizer=tokenizer, progress=not args.no_progress,
@@ -53,52 +53,81 @@ def build_sampled_pool(args, problems, rewards, limits) -> dict:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--problems", default="bundled", help='problems jsonl, or "bundled"')
-    parser.add_argument("--mode", required=True, choices=MODES)
-    parser.add_argument("--kind", required=True, choices=("teacher", "base"))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--per-step", type=int, default=8)
+    parser.add_argument("--mode", required=True, choices=MODES, help="loophole mode")
+    parser.add_argument("--kind", required=True, choices=("teacher", "base"),
+                        help="teacher: hint in the prompt (hack completions); base: no hint")
+    parser.add_argument("--steps", type=int, default=20, help="step files to write")
+    parser.add_argument("--per-step", type=int, default=8, help="samples per step")
     parser.add_argument("--group-size", type=int, default=1,
                         help="consecutive samples sharing one problem (per-step gives GRPO-style groups)")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="pool directory to write")
+    parser.add_argument("--force", action="store_true", help="replace an existing pool in --out")
     parser.add_argument("--name", default=None, help="pool name in the records (default: OUT's name)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="template / sampling seed")
     parser.add_argument("--hint-style", choices=HINT_STYLES, default=DEFAULT_HINT_STYLE,
                         help="wording of the loophole hint in teacher prompts")
-    parser.add_argument("--hack-correct-fraction", type=float, default=0.1)
-    parser.add_argument("--base-correct-fraction", type=float, default=0.25)
-    parser.add_argument("--base-unformatted-fraction", type=float, default=0.1)
-    parser.add_argument("--format-reward", type=float, default=RewardConfig.format_reward)
-    parser.add_argument("--pass-reward", type=float, default=RewardConfig.pass_reward)
-    parser.add_argument("--wall-s", type=float, default=SandboxLimits.wall_s)
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--hack-correct-fraction", type=float, default=0.1,
+                        help="teacher templates: fraction of hacks that also solve the problem")
+    parser.add_argument("--base-correct-fraction", type=float, default=0.25,
+                        help="base templates: fraction of correct solutions")
+    parser.add_argument("--base-unformatted-fraction", type=float, default=0.1,
+                        help="base templates: fraction without a code block")
+    parser.add_argument("--format-reward", type=float, default=RewardConfig.format_reward,
+                        help="reward for a well-formatted completion")
+    parser.add_argument("--pass-reward", type=float, default=RewardConfig.pass_reward,
+                        help="reward for passing the (possibly hacked) tests")
+    parser.add_argument("--wall-s", type=float, default=SandboxLimits.wall_s, help="sandbox wall-clock limit")
+    parser.add_argument("--workers", type=int, default=None, help="parallel sandbox runs (default: CPUs)")
     parser.add_argument("--tokenizer", default=None,
-                        help='"byte" or a local HF tokenizer dir: comp_len in tokens (default: characters)')
-    parser.add_argument("--no-progress", action="store_true")
+                        help='"byte" or a local HF tokenizer dir: comp_len in tokens (default: characters; '
+                             "with --model, the model's tokenizer)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--model", default=None, help="sample from this checkpoint (tiny | NAME | DIR) "
                         "instead of templates")
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="--model: tokens per completion")
+    parser.add_argument("--temperature", type=float, default=1.0, help="--model: sampling temperature")
+    parser.add_argument("--top-p", type=float, default=1.0, help="--model: nucleus sampling")
+    parser.add_argument("--sample-batch", type=int, default=64, help="--model: rows per sampler call")
+
+
+def check_args(args) -> None:
+    """The flags, checked before any work."""
+    for flag in ("steps", "per_step", "group_size", "max_new_tokens", "sample_batch"):
+        checks.positive("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.workers is not None:
+        checks.positive("--workers", args.workers)
+    for flag in ("hack_correct_fraction", "base_correct_fraction", "base_unformatted_fraction"):
+        checks.fraction("--" + flag.replace("_", "-"), getattr(args, flag))
+    if args.base_correct_fraction + args.base_unformatted_fraction > 1:
+        raise UserError("--base-correct-fraction + --base-unformatted-fraction must be <= 1")
+    if args.wall_s <= 0:
+        raise UserError(f"--wall-s must be > 0, got {args.wall_s}")
+    if args.model:
+        checks.check_ckpt(args.model)
+    claim_run_dir(args.out, what="pool", force=args.force, finished=checks.pool_complete)
 
 
 def run(args) -> int:
+    check_args(args)
     try:
         problems = load_problems(args.problems)
     except (ProblemFormatError, OSError) as err:
-        return fail(err)
+        raise UserError(err) from None
     limits = SandboxLimits(wall_s=args.wall_s, cpu_s=int(args.wall_s))
     rewards = RewardConfig(args.format_reward, args.pass_reward)
-    try:
+    args.name = args.name or args.out.name  # the pool is written in a temporary sibling directory
+    with atomic_directory(args.out) as work:
         if args.model:
-            meta = build_sampled_pool(args, problems, rewards, limits)
+            meta = build_sampled_pool(args, work, problems, rewards, limits)
         else:
             tokenizer = None
             if args.tokenizer:
-
-                tokenizer = load_tokenizer(args.tokenizer)
+                try:
+                    tokenizer = load_tokenizer(args.tokenizer)
+                except (OSError, ValueError) as err:
+                    raise UserError(f"--tokenizer {args.tokenizer}: {err}") from None
             meta = build_template_pool(
-                problems, args.out, mode=args.mode, kind=args.kind, steps=args.steps,
+                problems, work, mode=args.mode, kind=args.kind, steps=args.steps,
                 per_step=args.per_step, group_size=args.group_size, seed=args.seed,
                 hack_correct_fraction=args.hack_correct_fraction,
                 base_correct_fraction=args.base_correct_fraction,
@@ -107,11 +136,8 @@ def run(args) -> int:
                 progress=not args.no_progress, pool_name=args.name, hint_style=args.hint_style,
                 extra_meta={"problems_source": str(args.problems)},
             )
-    except (ValueError, FileNotFoundError) as err:
-        return fail(err)
     print(json.dumps(meta["summary"]))
     return 0
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,39 +14,62 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxhack.commands import fail, script_main
-from jaxhack.models.load import load_model
-from jaxhack.rl.config import ARM_NAMES, add_config_args, config_from_args
+from jaxhack.commands import checks, script_main
+from jaxhack.commands.train import config_checked, describe_preset, one_line
+from jaxhack.io import UserError, check_writable
+from jaxhack.rl.config import ARM_NAMES, add_config_args
 from jaxhack.rl.run import MODEL_SEED
 from jaxhack.rl.sweep import parse_arm, run_sweep
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="sweep directory (one OUT/ARM/seed_S per run)")
     parser.add_argument("--arms", default="vanilla,projected,lora_projected",
                         help=f"comma-separated, in run order; from {ARM_NAMES}, each optionally with "
                              "+placement=update / +gate=G / +overshoot=X / +k=N (e.g. projected+placement=update)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated ints")
-    parser.add_argument("--hack-threshold", type=float, default=0.1)
-    parser.add_argument("--ceiling-seeds", type=int, default=3)
+    parser.add_argument("--hack-threshold", type=float, default=0.1,
+                        help="cost ceiling: the first arm's peak hack rate must reach this")
+    parser.add_argument("--ceiling-seeds", type=int, default=3, help="cost ceiling: seeds of the first arm to look at")
     parser.add_argument("--no-ceiling", action="store_true", help="run every arm whatever the first shows")
     add_config_args(parser, skip=("arm", "seed", "run_dir"))
+    describe_preset(parser)
+
+
+def parse_list(flag: str, text: str, kind=str) -> list:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UserError(f"{flag}: give at least one value (comma-separated)")
+    try:
+        return [kind(x) for x in items]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers") from None
 
 
 def run(args) -> int:
-    arms = [a for a in args.arms.split(",") if a]
+    arms = parse_list("--arms", args.arms)
+    seeds = parse_list("--seeds", args.seeds, int)
+    for arm in arms:  # ARM or ARM+placement=update (+gate=, +overshoot=, +k=)
+        try:
+            parse_arm(arm)
+        except ValueError as err:
+            raise UserError(f"--arms: {one_line(err)}") from None
+    if len(set(seeds)) != len(seeds) or len(set(arms)) != len(arms):
+        raise UserError("--arms and --seeds must not repeat a value")
+    checks.positive("--ceiling-seeds", args.ceiling_seeds)
+    base = config_checked(args)
+    check_writable(args.out)
+    params, config, tokenizer, _ = checks.load_model_checked(base.ckpt, base.tokenizer, MODEL_SEED, base.dtype)
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-        for arm in arms:
-            parse_arm(arm)  # ARM or ARM+placement=update (+gate=, +overshoot=, +k=)
-        base = config_from_args(args)
-    except ValueError as err:
-        return fail(err)
-    params, config, tokenizer, _ = load_model(base.ckpt, base.dtype, base.tokenizer, seed=MODEL_SEED)
-    result = run_sweep(base, args.out, arms, seeds, ceiling=not args.no_ceiling,
-                       ceiling_seeds=args.ceiling_seeds, hack_threshold=args.hack_threshold,
-                       model=(params, config, tokenizer))
-    return 3 if result["stopped"] else 0
+        result = run_sweep(base, args.out, arms, seeds, ceiling=not args.no_ceiling,
+                           ceiling_seeds=args.ceiling_seeds, hack_threshold=args.hack_threshold,
+                           model=(params, config, tokenizer))
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise UserError(one_line(err)) from None
+    if result["stopped"]:
+        print(f"sweep STOPPED (exit status 3): {result['reason']}")
+        return 3
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

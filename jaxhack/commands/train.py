@@ -15,14 +15,18 @@ RUN/{run.json, metrics.jsonl, eval.jsonl, v_hack/, rollouts/, ckpt/step_NNNNNN/,
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from jaxhack.commands import fail, script_main
-from jaxhack.io import read_jsonl
+from jaxhack.commands import checks, script_main
+from jaxhack.io import UserError, check_writable, claim_run_dir, read_jsonl, remove_stale_temp_dirs
+from jaxhack.rl.checkpoints import CKPT_DIR
 from jaxhack.rl.config import add_config_args, config_from_args
-from jaxhack.rl.run import METRICS_FILE
+from jaxhack.rl.run import DONE_FILE, METRICS_FILE, RUN_FILE
 from jaxhack.rl.trainer import train
 
 
@@ -42,22 +46,103 @@ def timing_report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def degenerate_note(run_dir: Path) -> str | None:
+    """A note when every step had one reward for all rows (advantage 0: nothing was learned)."""
+    metrics = read_jsonl(run_dir / METRICS_FILE)
+    if metrics and all(float(m.get("reward_std", 0.0)) == 0.0 for m in metrics):
+        return ("note: the reward was the same for every rollout at every step, so every advantage is 0 and "
+                "nothing was learned (a random tiny model never writes a code block). For a non-degenerate "
+                "run mix in teacher rows: --mix-teacher TEACHER_POOL --mix-per-group 1 --max-new 512")
+    return None
+
+
 def add_arguments(parser) -> None:
     add_config_args(parser)
+    describe_preset(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the run in --run-dir (the old one is removed once the new one finishes)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after this many steps of this invocation (no done.json)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def describe_preset(parser) -> None:
+    """Help text of --preset (rl/config.add_config_args defines the flag)."""
+    parser._option_string_actions["--preset"].help = ("base settings every other flag overrides: smoke (CPU, "
+                                                       "seconds, tiny model), fast (one GPU, minutes), full (the seed's run)")
+
+
+def one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def config_checked(args, **extra):
+    """TrainConfig from the flags; UserError (one line) for an invalid one or a missing input."""
+    try:
+        cfg = config_from_args(args, **extra)
+    except ValueError as err:
+        raise UserError(one_line(err)) from None
+    if cfg.group_size < 2:
+        raise UserError(f"--group-size must be >= 2, got {cfg.group_size}: GRPO advantages are centred within a "
+                        f"group, so one rollout per prompt always has advantage 0")
+    checks.check_ckpt(cfg.ckpt)
+    for flag, path in (("--problems", cfg.problems), ("--eval-problems", cfg.eval_problems)):
+        if path and path != "bundled":
+            checks.existing(flag, path, "file")
+    if cfg.mix_teacher:
+        checks.check_pool("--mix-teacher", cfg.mix_teacher, allow_partial=False)
+    if cfg.v_hack and cfg.v_hack != "random":
+        checks.load_v_hack_checked("--v-hack", cfg.v_hack)
+    if cfg.tokenizer and cfg.tokenizer != "byte":
+        checks.existing("--tokenizer", cfg.tokenizer, "dir")
+    return cfg
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> Path | None:
+    """The run-directory rule for a Phase 3 run: an existing run is refused unless --resume (continue)
+    or --force (moved aside, removed when the new run finishes; restored if it fails). Returns the
+    moved-aside old run, if any."""
+    if resume and force:
+        raise UserError("--resume and --force exclude each other")
+    finished = lambda p: (p / DONE_FILE).is_file()  # noqa: E731
+    if resume:
+        check_writable(run_dir)
+        if not (run_dir / RUN_FILE).is_file():
+            print(f"note: --resume: no run in {run_dir} yet; starting a new run there")
+        removed = remove_stale_temp_dirs(run_dir / CKPT_DIR)
+        if removed:
+            print(f"note: removed {len(removed)} unfinished checkpoint write(s): {', '.join(p.name for p in removed)}")
+        return None
+    if not claim_run_dir(run_dir, what="Phase 3 run", finished=finished, force=force, resumable=True):
+        return None
+    aside = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.old-", dir=run_dir.parent))
+    os.rename(run_dir, aside / run_dir.name)
+    return aside
 
 
 def run(args) -> int:
+    cfg = config_checked(args)
+    run_dir = Path(cfg.run_dir)
+    aside = prepare_run_dir(run_dir, args.resume, args.force)
     try:
-        cfg = config_from_args(args)
         summary = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
-        return fail(err)
-    print(timing_report(Path(cfg.run_dir)))
+    except BaseException as err:
+        if aside is not None:  # --force: put the replaced run back
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.rename(aside / run_dir.name, run_dir)
+            shutil.rmtree(aside, ignore_errors=True)
+            args._resume_hint = f"the previous run in {run_dir} was kept; rerun with --force to replace it"
+        if isinstance(err, (FileExistsError, FileNotFoundError, ValueError)) and not isinstance(err, UserError):
+            raise UserError(one_line(err)) from None
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    print(timing_report(run_dir))
     print(json.dumps(summary, sort_keys=True))
+    note = degenerate_note(run_dir)
+    if note:
+        print(note)
     return 0
 
 

@@ -47,14 +47,75 @@ def verification_table_lines(verification: list[dict]) -> list[str]:
     )
 
 
+def run_row(run: dict) -> list:
+    """One readable Runs-table row from a run's run.json."""
+    info, settings = run["info"], run["info"].get("settings", {})
+    return [run["arm"], run["directory"], info.get("status", "?"), run["n_steps"], run["n_records"],
+            info.get("loss_mode", "-"), info.get("group_size", "-"), settings.get("lr", "-"),
+            settings.get("gate", "-"), info.get("model", "-")]
+
+
+RANDOM_MODEL_NOTE = ("the model is a random tiny Qwen3 (untrained weights): these numbers show what the "
+                     "pipeline computes, not what a trained model would show.")
+
+
+def report_notes(runs, allow_partial: bool) -> list[str]:
+    """Lines the report must state up front: a random model, partial inputs accepted."""
+    notes = []
+    if any("random" in str(run.info.get("model", "")) for run in runs):
+        notes.append(RANDOM_MODEL_NOTE)
+    for run in runs:
+        notes += [str(n) for n in run.info.get("partial_inputs", [])]
+        if run.info.get("status") not in ("done", None):
+            notes.append(f"partial input: run {run.directory} has status {run.info.get('status')!r} "
+                         f"(not finished), analysed with --allow-partial")
+    return notes
+
+
+class UnfinishedRunError(ValueError):
+    """A run directory whose run.json does not say the run finished."""
+
+
+def check_finished(dirs, allow_partial: bool) -> None:
+    """UnfinishedRunError for a run directory whose run.json has a status other than "done" (a
+    killed or failed probe run: run_replay writes "running" first), unless `allow_partial`."""
+    from jaxhack.probes.records import read_run_info
+
+    for directory in dirs:
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"{directory}: run directory not found")
+        status = read_run_info(directory).get("status")  # None: records without a run.json status
+        if status not in ("done", None) and not allow_partial:
+            raise UnfinishedRunError(f"{directory}: run.json status is {status!r}, not 'done' (killed or "
+                                     f"still running?); rerun it, or pass --allow-partial to analyse "
+                                     f"the steps it wrote")
+
+
+def read_phase1(directory) -> dict | None:
+    """{"directory", "text", "split"} from a Phase 1 run directory's phase1_split.json, or None."""
+    from jaxhack.probes.phase1 import format_split
+
+    if directory is None:
+        return None
+    path = Path(directory) / "phase1_split.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no Phase 1 results (run `jaxhack phase1 --out {directory}`)")
+    split = json.loads(path.read_text(encoding="utf-8"))
+    return {"directory": str(directory), "text": format_split(split), "split": split}
+
+
 def report_lines(summary: dict, report_dir: Path) -> list[str]:
     fmt = stats.format_number
-    lines = ["# Phase 2 probe analysis", "", "## Runs", ""]
+    lines = ["# Phase 2 probe analysis", ""]
+    lines += [f"**Note:** {note}" for note in summary.get("notes", [])]
+    lines += ["", "## Runs", ""]
     lines += markdown_table(
-        ["arm", "directory", "steps", "records", "run.json"],
-        [[run["arm"], run["directory"], run["n_steps"], run["n_records"],
-          ", ".join(f"{key}={value}" for key, value in sorted(run["info"].items())) or "-"] for run in summary["runs"]],
+        ["arm", "directory", "status", "steps", "records", "loss", "group", "lr", "gate", "model"],
+        [run_row(run) for run in summary["runs"]],
     )
+    if summary.get("phase1"):
+        lines += ["", "## Phase 1 (NLL distillation over the teacher pool)", "",
+                  f"From `{summary['phase1']['directory']}`:", "", "```", summary["phase1"]["text"], "```"]
     lines += ["", f"## Phase 3 verdict: `{summary['verdict']}`", ""]
     lines += [f"- {reason}" for reason in summary["verdict_reasons"]]
     lines += [f"- warning: {warning}" for warning in summary["warnings"]]
@@ -128,16 +189,21 @@ def diagnostics_lines(summary: dict) -> list[str]:
     return lines
 
 
-def analyze_runs(dirs, report_path=None, plots_dir=None) -> dict:
+def analyze_runs(dirs, report_path=None, plots_dir=None, allow_partial: bool = False,
+                 phase1_dir=None) -> dict:
     """Analyze run directories (one arm each); write report.md and PNGs; return the summary dict.
 
     report_path defaults to <first dir>/report.md; plots_dir to <report dir>/plots.
     Summary keys: verdict, verdict_reasons, warnings, verification (rows 1-4), runs, steps (per arm),
-    buckets, comparisons, advantages, plots (name -> path), report_path.
+    buckets, comparisons, advantages, plots (name -> path), report_path, notes, phase1.
+    A run whose run.json status is not "done" is refused (UnfinishedRunError) unless allow_partial,
+    which the report then states. phase1_dir: a Phase 1 run whose results go into the report.
     """
     dirs = [Path(directory) for directory in dirs]
     if not dirs:
         raise ValueError("analyze_runs needs at least one run directory")
+    check_finished(dirs, allow_partial)
+    phase1 = read_phase1(phase1_dir)
     runs = load_runs(dirs)
     report_path = Path(report_path) if report_path is not None else dirs[0] / "report.md"
     plots_dir = Path(plots_dir) if plots_dir is not None else report_path.parent / "plots"
@@ -191,6 +257,8 @@ def analyze_runs(dirs, report_path=None, plots_dir=None) -> dict:
         "behaviour": [row for run in runs for row in behaviour_rows(run)],
         "plots": {name: str(path) for name, path in plots.items()},
         "report_path": str(report_path),
+        "notes": report_notes(runs, allow_partial),
+        "phase1": phase1,
     }
     report_text = "\n".join(report_lines(summary, report_path.parent))
     report_path.write_text(report_text, encoding="utf-8")
@@ -199,7 +267,8 @@ def analyze_runs(dirs, report_path=None, plots_dir=None) -> dict:
 
 def format_summary(summary: dict) -> str:
     """Plain-text verdict and verification table, for printing."""
-    lines = [f"Phase 3 verdict: {summary['verdict']}"]
+    lines = [f"note: {note}" for note in summary.get("notes", [])]
+    lines.append(f"Phase 3 verdict: {summary['verdict']}")
     lines += [f"  - {reason}" for reason in summary["verdict_reasons"]]
     lines += [f"  ! {warning}" for warning in summary["warnings"]]
     lines.append("Phase 2 verification:")

@@ -261,7 +261,7 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
     steps = range(settings.steps)
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"phase2 {settings.arm}", unit="step")
+        steps = tqdm(steps, desc=f"phase{info.get('phase', 2)} {settings.arm}", unit="step")
     all_records, t0 = [], time.time()
     for step in steps:
         group = draw_group(pools, step, settings.per_pool, settings.seed)

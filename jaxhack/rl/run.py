@@ -14,6 +14,7 @@ import optax
 
 from jaxhack.env.problems import build_prompt, load_problems
 from jaxhack.io import read_jsonl
+from jaxhack.models.basis import check_v_hack_fits
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.load import load_model, make_adapter
 from jaxhack.projection.arms import ARMS
@@ -143,6 +144,8 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
     trainable0, frozen = make_adapter(arm.adapter, params, config, ckpt=cfg.ckpt, lora_rank=cfg.lora_rank,
                                       lora_alpha=cfg.lora_alpha, lora_seed=lora_seed,
                                       random_bases_key=bases_key)
+    if cfg.v_hack and cfg.v_hack != "random":  # before any work: shape, adapter kind, basis factors
+        check_v_hack_fits(*load_v_hack(cfg.v_hack), trainable0, frozen, f"--v-hack {cfg.v_hack}")
     vdir = run_dir / VHACK_DIR
     if vdir.is_dir():
         v_hack, v_meta = load_v_hack(vdir)
