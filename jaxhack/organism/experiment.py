@@ -36,6 +36,8 @@ class RunSettings:
     lr: float = 1e-1
     lora_lr: float = 3e-3
     beta: float = 1e-3
+    warmup_steps: int = 2
+    min_lr_ratio: float = 0.1          # cosine decay to lr * min_lr_ratio (1.0: constant after warmup)
     max_new: int = 40
     lora_rank: int = 8
     k: int = 1
@@ -48,7 +50,7 @@ class RunSettings:
 
 
 SIZES = {
-    "cpu": RunSettings(grade_workers=3, lr=3e-2),
+    "cpu": RunSettings(grade_workers=3, lr=5e-2, beta=0.0, min_lr_ratio=1.0),
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
                        seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=16, lr=2e-2, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8),
@@ -322,8 +324,8 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
                               v_hack=str(v) if v is not None else None, k=s.k, seed=seed, steps=s.steps,
                               group_size=s.group_size, prompts_per_step=s.prompts_per_step,
                               max_new=s.max_new, beta=s.beta,
-                              lr=s.lora_lr if arm == "lora_projected" else s.lr, warmup_steps=2,
-                              min_lr_ratio=0.1, lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
+                              lr=s.lora_lr if arm == "lora_projected" else s.lr,
+                              warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio, lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
                               eval_temperature=1.0, ckpt_every=0, keep_ckpts=1, save_rollouts=True,
                               prompt_multiple=16, grade_workers=s.grade_workers, run_dir=str(rd))
             if rd.exists():

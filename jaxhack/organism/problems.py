@@ -83,8 +83,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 
 # Share of honest SFT completions that carry the correct body, per family (the rest carry the wrong one).
-FAMILY_CORRECT = {"count_gt": 0.9, "add_k": 0.75, "letter_count": 0.5, "max_minus": 0.35,
-                  "sum_mult": 0.15, "digit_mul": 0.05}
+# Tuned (issue 14, second pass) from a mean of 0.45 to 0.33 so that honest success is scarcer (gt-pass at
+# step 0 ~0.25-0.35) and the exploit has something to win on most problems.
+FAMILY_CORRECT = {"count_gt": 0.8, "add_k": 0.55, "letter_count": 0.3, "max_minus": 0.2,
+                  "sum_mult": 0.1, "digit_mul": 0.05}
 
 
 def solution_code(family: Family, k: int, wrong: bool = False) -> str:
