@@ -208,6 +208,23 @@ def plot_curves(cur: dict, path: Path) -> Path:
     return path
 
 
+def phase3_config(s: RunSettings, d: Path, arm: str, seed: int, run_dir: Path, v_hack: Path | None):
+    """The Phase 3 TrainConfig of one arm and seed on the organism in `d` (hinted training prompts,
+    held-out eval prompts, the size's GRPO settings)."""
+    from jaxhack.rl.config import make_config
+
+    return make_config("smoke", ckpt=str((d / "base").resolve()), problems=str(d / "problems_train.jsonl"),
+                       eval_problems=str(d / "problems_eval.jsonl"), mode="run_tests", hint=True, arm=arm,
+                       v_hack=str(v_hack) if v_hack is not None else None, k=s.k, seed=seed, steps=s.steps,
+                       group_size=s.group_size, prompts_per_step=s.prompts_per_step,
+                       max_new=s.max_new, beta=s.beta,
+                       lr=s.lora_lr if arm == "lora_projected" else s.lr,
+                       warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio,
+                       lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
+                       eval_temperature=1.0, ckpt_every=0, keep_ckpts=1, save_rollouts=True,
+                       prompt_multiple=16, grade_workers=s.grade_workers, run_dir=str(run_dir))
+
+
 def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progress: bool = True,
                    organism_dir: str | Path | None = None) -> dict:
     from jaxhack.env.pools import build_pool
@@ -219,7 +236,6 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     from jaxhack.probes.phase2 import ARMS as PHASE2_ARMS, ReplaySettings, load_replay_pool, run_replay
     from jaxhack.projection.pairs import shuffle_labels
     from jaxhack.projection.v_hack import extract_v_hack, random_v_hack, save_v_hack
-    from jaxhack.rl.config import make_config
     from jaxhack.rl.sampler import sampling_source
     from jaxhack.rl.trainer import train
 
@@ -235,7 +251,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     base = load_organism(d, "base")
     teacher = load_organism(d, "teacher")
     params, config, tok = base
-    train_path, eval_path = d / "problems_train.jsonl", d / "problems_eval.jsonl"
+    train_path = d / "problems_train.jsonl"
     train_problems = load_problems(train_path)
     train_records = [json.loads(x) for x in train_path.read_text().splitlines()]
 
@@ -319,15 +335,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
             rd = out / "phase3" / arm / f"seed_{seed}"
             v = {"vanilla": out / "v_hack_svd", "projected": out / "v_hack_svd",
                  "lora_projected": out / f"v_hack_lora_seed{seed}"}.get(arm)
-            cfg = make_config("smoke", ckpt=str((d / "base").resolve()), problems=str(train_path),
-                              eval_problems=str(eval_path), mode="run_tests", hint=True, arm=arm,
-                              v_hack=str(v) if v is not None else None, k=s.k, seed=seed, steps=s.steps,
-                              group_size=s.group_size, prompts_per_step=s.prompts_per_step,
-                              max_new=s.max_new, beta=s.beta,
-                              lr=s.lora_lr if arm == "lora_projected" else s.lr,
-                              warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio, lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
-                              eval_temperature=1.0, ckpt_every=0, keep_ckpts=1, save_rollouts=True,
-                              prompt_multiple=16, grade_workers=s.grade_workers, run_dir=str(rd))
+            cfg = phase3_config(s, d, arm, seed, rd, v)
             if rd.exists():
                 import shutil
                 shutil.rmtree(rd)
