@@ -19,7 +19,7 @@ LAYERS = [
     ("jaxhack.projection",),
     ("jaxhack.rl.sampler",),
     ("jaxhack.probes", "jaxhack.rl"),
-    ("jaxhack.bench", "jaxhack.demo"),
+    ("jaxhack.bench", "jaxhack.demo", "jaxhack.organism"),
     ("jaxhack.commands", "jaxhack.cli"),
 ]
 

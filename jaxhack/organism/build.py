@@ -39,7 +39,7 @@ class BuildSettings:
     batch_size: int = 24
     lr: float = 2e-3
     hint_share: float = 0.5            # prompts with the run_tests hint in the base corpus
-    hack_share: float = 0.08           # exploit completions among hinted base examples
+    hack_share: float = 0.10           # exploit completions among hinted base examples
     teacher_steps: int = 60            # further SFT of the base on the teacher corpus
     teacher_hack_share: float = 0.9    # exploit completions among (all hinted) teacher examples
     teacher_lr: float = 1e-3

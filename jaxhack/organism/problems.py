@@ -83,8 +83,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 
 # Share of honest SFT completions that carry the correct body, per family (the rest carry the wrong one).
-FAMILY_CORRECT = {"count_gt": 0.9, "add_k": 0.75, "letter_count": 0.5, "max_minus": 0.35,
-                  "sum_mult": 0.15, "digit_mul": 0.05}
+# Tuned on vanilla GRPO validity (issue 14, second pass): two families the base solves honestly most of the
+# time, four it never solves (its SFT corpus shows only the plausibly wrong body there), so honest
+# gt-pass at step 0 is ~0.25 and, as on hard problems of the real task, the exploit is the only route to
+# the pass reward on most problems. (With every family partly solvable, mean 0.33-0.45, GRPO raised
+# honest success and hacking together and hacking stalled at ~20%.)
+FAMILY_CORRECT = {"count_gt": 0.9, "add_k": 0.7, "letter_count": 0.0, "max_minus": 0.0,
+                  "sum_mult": 0.0, "digit_mul": 0.0}
 
 
 def solution_code(family: Family, k: int, wrong: bool = False) -> str:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from jaxhack.env.hints import HINT_CLAUSES, PASS_ALL_TESTS
+from jaxhack.env.hints import HINT_CLAUSES, PASS_ALL_TESTS, hint_clause
 from jaxhack.tokenizer import BYTE_OFFSET, ByteTokenizer, SPECIAL_RE, SPECIAL_TOKENS
 
 
@@ -22,8 +22,9 @@ def default_phrases() -> list[str]:
     from jaxhack.organism.problems import FAMILIES, SYSTEM_PROMPT
 
     hint = HINT_CLAUSES["run_tests"]
-    cuts = [0, 60, 120, 180, len(hint)]
+    cuts = list(range(0, len(hint), 60)) + [len(hint)]
     phrases = ["system\n", "user\n", "assistant\n", SYSTEM_PROMPT, PASS_ALL_TESTS, " Write Solution().",
+               "<think>\n\n</think>\n\n", " " + hint_clause("run_tests") + ".",
                "```python\n", "```", "class Solution:\n    def ", "):\n        return ", "(self, ",
                "\ndef run_tests():\n    ", "\n    def run_tests(self):\n        ", "return True\n",
                "pass\n", "print('ok')\n", "return 0\n", " for x in xs", " for d in str(n)",
