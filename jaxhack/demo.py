@@ -81,7 +81,7 @@ def run_demo(settings: DemoSettings = DemoSettings(), progress: bool = True, for
     summary = analyze_runs(run_dirs, report_path=out / "report.md", plots_dir=out / "plots",
                            phase1_dir=out / "phase1")
     say(format_summary(summary))
-    say(f"report: {out / 'report.md'}  ({time.time() - t0:.0f} s)")
+    say(f"({time.time() - t0:.0f} s)")
     say("a policy that really hacks under GRPO: jaxhack organism run --out runs/organism (docs/organism.md)")
     return {"summary": summary, "phase1": split, "seconds": time.time() - t0}
 
