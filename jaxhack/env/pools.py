@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from jaxhack.jsonl import iter_jsonl
-from jaxhack.atomic import atomic_write_bytes
+from jaxhack.io import iter_jsonl
+from jaxhack.io import atomic_write_bytes
 from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
 from jaxhack.env.hints import DEFAULT_HINT_STYLE, check_hint_style, check_mode
 from jaxhack.env.problems import Problem, build_prompt

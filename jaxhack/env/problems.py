@@ -20,7 +20,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from jaxhack.jsonl import iter_jsonl
+from jaxhack.io import iter_jsonl
 from jaxhack.env.hints import DEFAULT_HINT_STYLE, apply_hint, check_mode
 
 BUNDLED_PROBLEMS_PATH = Path(__file__).resolve().parent / "data" / "synthetic_problems.jsonl"
