@@ -14,8 +14,10 @@ SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
 
-def config_for(small: bool):
-    return dataclasses.replace(QWEN3_4B, **SMALL) if small else QWEN3_4B
+def config_for(small: bool, layers: int | None = None):
+    """The small test config or Qwen3-4B's; `layers` overrides the depth (diagnostics)."""
+    config = dataclasses.replace(QWEN3_4B, **SMALL) if small else QWEN3_4B
+    return dataclasses.replace(config, num_hidden_layers=layers) if layers else config
 
 
 HASH_MUL = 0x045D9F3B
@@ -114,18 +116,20 @@ def probe_inputs(config, G: int, P: int, C: int, dtype=None):
     dtype = dtype or jnp.bfloat16
     shapes = jax.eval_shape(lambda: qwen3.init_params(config, jax.random.PRNGKey(0), dtype=dtype))
 
+    bf16 = jnp.bfloat16  # values are rounded to bf16 first, so an fp32 run differs only in compute precision
+
     def leaf(path, s):
         name = jax.tree_util.keystr(path)
         if "norm" in name:
-            return 1 + hash_uniform_jax(s.shape, leaf_offset(name), NORM_STD, jnp.float32).astype(dtype)
-        return hash_uniform_jax(s.shape, leaf_offset(name), WEIGHT_STD, dtype)
+            return (1 + hash_uniform_jax(s.shape, leaf_offset(name), NORM_STD, jnp.float32).astype(bf16)).astype(dtype)
+        return hash_uniform_jax(s.shape, leaf_offset(name), WEIGHT_STD, bf16).astype(dtype)
 
     params = jax.tree_util.tree_map_with_path(leaf, shapes)
     trainable, frozen = {}, {}
     for name, (d_in, d_out) in module_shapes(config).items():
         L, r = config.num_hidden_layers, min(d_in, d_out)
-        frozen[name] = {"u": hash_uniform_jax((L, d_out, r), leaf_offset(name + ".u"), d_out ** -0.5, dtype),
-                        "vh": hash_uniform_jax((L, r, d_in), leaf_offset(name + ".vh"), d_in ** -0.5, dtype)}
+        frozen[name] = {"u": hash_uniform_jax((L, d_out, r), leaf_offset(name + ".u"), d_out ** -0.5, bf16).astype(dtype),
+                        "vh": hash_uniform_jax((L, r, d_in), leaf_offset(name + ".vh"), d_in ** -0.5, bf16).astype(dtype)}
         trainable[name] = {"delta_s": jnp.zeros((L, r), jnp.float32), "delta_s_hack": jnp.zeros((L, r), jnp.float32)}
     v_hack = random_v_hack({n: (m["delta_s"].shape[0], m["delta_s"].shape[1]) for n, m in trainable.items()},
                            seed=0, k=1)

@@ -53,10 +53,13 @@ def run_jax(args) -> list[dict]:
     from jaxhack.grads import losses
     from jaxhack.grads.per_sample import per_sample_grads
 
-    config = config_for(args.small)
+    import jax.numpy as jnp
+
+    config = config_for(args.small, args.layers)
     G, P, C = args.group_size, args.prompt_len, args.completion_len
     T = P + C
-    params, trainable, frozen, v_hack, batch = probe_inputs(config, G, P, C)
+    params, trainable, frozen, v_hack, batch = probe_inputs(
+        config, G, P, C, dtype=jnp.float32 if args.dtype == "fp32" else jnp.bfloat16)
     out, saved = [], None
     for variant in args.variants.split(","):
         remat, attention, *flags = variant.split(":")
@@ -65,7 +68,7 @@ def run_jax(args) -> list[dict]:
                                  attention=attention, scan_layers=not unroll, delta_zero=zero)
         step = probe_step(config, v_hack, loss)
 
-        rec = {"impl": "jaxhack", "variant": variant, "remat": remat, "attention": attention,
+        rec = {"impl": "jaxhack", "variant": variant, "remat": remat, "attention": attention, "dtype": args.dtype,
                "layers": "unrolled" if unroll else "scan", "delta_zero": zero, "G": G, "T": T,
                "device": jax.devices()[0].device_kind}
         print(f"[bench_probe] jaxhack {variant} ...", file=sys.stderr, flush=True)
@@ -82,6 +85,9 @@ def run_jax(args) -> list[dict]:
                        peak_bytes=_peak_bytes_jax())
             grads = _grads_to_numpy(jax.jit(lambda tr, fr, p, b: per_sample_grads(loss, tr, fr, p, config, b))(
                 trainable, frozen, params, batch))
+            if args.save_grads:
+                os.makedirs(args.save_grads, exist_ok=True)
+                np.savez(os.path.join(args.save_grads, f"jaxhack_{args.dtype}_{variant.replace(':', '-')}.npz"), **grads)
             if saved is None:
                 saved = grads
                 if args.exchange:
@@ -105,9 +111,10 @@ def torch_setup(args):
     import torch
     import transformers
 
-    config = config_for(args.small)
+    config = config_for(args.small, args.layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    bf16 = torch.bfloat16  # values rounded to bf16 first (as probe_inputs), then cast to the compute dtype
     hf_config = transformers.Qwen3Config(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
@@ -124,10 +131,10 @@ def torch_setup(args):
         param.requires_grad_(False)
 
     def stacked(name, shape, std):
-        return hash_uniform_torch(shape, leaf_offset(name), std, dtype, device)
+        return hash_uniform_torch(shape, leaf_offset(name), std, bf16, device).to(dtype)
 
     def norm(name, shape):
-        return 1 + hash_uniform_torch(shape, leaf_offset(name), NORM_STD, torch.float32, device).to(dtype)
+        return (1 + hash_uniform_torch(shape, leaf_offset(name), NORM_STD, torch.float32, device).to(bf16)).to(dtype)
 
     fill(model.model.embed_tokens.weight, stacked("['embed']", (config.vocab_size, config.hidden_size), WEIGHT_STD))
     fill(model.model.norm.weight, norm("['final_norm']", (config.hidden_size,)))
@@ -146,8 +153,8 @@ def torch_setup(args):
     for name, (d_in, d_out) in module_shapes(config).items():
         w = stacked(f"['layers']['{name}']", (L, d_in, d_out), WEIGHT_STD)
         r = min(d_in, d_out)
-        u = hash_uniform_torch((L, d_out, r), leaf_offset(name + ".u"), d_out ** -0.5, dtype, device)
-        vh = hash_uniform_torch((L, r, d_in), leaf_offset(name + ".vh"), d_in ** -0.5, dtype, device)
+        u = hash_uniform_torch((L, d_out, r), leaf_offset(name + ".u"), d_out ** -0.5, bf16, device).to(dtype)
+        vh = hash_uniform_torch((L, r, d_in), leaf_offset(name + ".vh"), d_in ** -0.5, bf16, device).to(dtype)
         for l, layer in enumerate(model.model.layers):
             lin = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
             fill(lin.weight, w[l].T)
@@ -248,7 +255,7 @@ def run_torch(args) -> list[dict]:
         variant, compiled = variant.split(":", 1)[1], True
     G, T = args.group_size, args.prompt_len + args.completion_len
     cuda = torch.cuda.is_available()
-    rec = {"impl": "pytorch", "variant": ("compile:" if compiled else "") + variant, "G": G, "T": T,
+    rec = {"impl": "pytorch", "variant": ("compile:" if compiled else "") + variant, "G": G, "T": T, "dtype": args.dtype,
            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__}
     print(f"[bench_probe] pytorch {rec['variant']} ...", file=sys.stderr, flush=True)
@@ -270,6 +277,10 @@ def run_torch(args) -> list[dict]:
         times.append(time.perf_counter() - t0)
     rec.update(step_s=statistics.median(times), times=[round(t, 4) for t in times],
                peak_bytes=torch.cuda.max_memory_allocated() if cuda else None)
+    if args.save_grads:
+        os.makedirs(args.save_grads, exist_ok=True)
+        np.savez(os.path.join(args.save_grads, f"pytorch_{args.dtype}_{rec['variant'].replace(':', '-')}.npz"),
+                 **{k: v.float().cpu().numpy() for k, v in grads.items()})
     if args.exchange and os.path.exists(args.exchange):
         ours = dict(np.load(args.exchange))
         theirs = {k: v.float().cpu().numpy() for k, v in grads.items()}
@@ -277,6 +288,27 @@ def run_torch(args) -> list[dict]:
         rec["agreement"] = gradient_agreement(ours, theirs)
     print(json.dumps(rec), flush=True)
     return [rec]
+
+
+def compare_saved(folder: str, out: str | None) -> int:
+    """Pairwise gradient agreement of every saved gradient set in `folder` (one JSON line per pair)."""
+    import itertools
+
+    sets = {p.stem: dict(np.load(p)) for p in sorted(Path(folder).glob("*.npz"))}
+    lines = []
+    for a, b in itertools.combinations(sets, 2):
+        agr = gradient_agreement(sets[a], sets[b])
+        cos = agr["cos_worst_sample_per_module"]
+        lines.append({"kind": "gradient_agreement", "ours": a, "theirs": b,
+                      "max_rel_err": max(agr["rel_err_per_module"].values()),
+                      "min_cos_worst_sample": min(cos.values()), "agreement": agr})
+        print(f"{a:<40} vs {b:<40} max rel err {lines[-1]['max_rel_err']:.4f}  "
+              f"min cos {lines[-1]['min_cos_worst_sample']:.4f}")
+    if out:
+        with open(out, "a") as f:
+            for ln in lines:
+                f.write(json.dumps(ln) + "\n")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -304,11 +336,20 @@ def main(argv=None) -> int:
     ap.add_argument("--child", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--torch-variant", default="loop", help=argparse.SUPPRESS)
     ap.add_argument("--exchange", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="compute dtype of both sides (weights are bf16-rounded values either way)")
+    ap.add_argument("--layers", type=int, default=None, help="override the depth (diagnostics; default: the model's)")
+    ap.add_argument("--save-grads", default=None,
+                    help="also save each side's per-sample gradients as DIR/<impl>_<dtype>_<variant>.npz")
+    ap.add_argument("--compare", default=None, metavar="DIR",
+                    help="only compare every pair of gradients saved in DIR (gradient_agreement) and exit")
     ap.add_argument("--out", default=None, help="write the JSON lines here (default docs/results/bench_probe.jsonl; "
                                                 "--small: not written unless given)")
     args = ap.parse_args(argv)
     if args.small:
         args.prompt_len, args.completion_len, args.group_size = 16, 32, 2
+    if args.compare:
+        return compare_saved(args.compare, args.out)
     if args.child:
         (run_jax if args.child == "jax" else run_torch)(args)
         return 0
@@ -346,7 +387,7 @@ def main(argv=None) -> int:
         if args.torch_compile and done:
             best = min(done, key=lambda r: r["step_s"])["variant"]
             results += child("torch", ["--torch-variant", f"compile:{best}"], args.compile_timeout)
-    config = config_for(args.small)
+    config = config_for(args.small, args.layers)
     floors = {zero: flop_floor(config, args.group_size, args.prompt_len, args.completion_len, zero)
               for zero in (False, True)}
     floor_s = {zero: f["total"] / (args.peak_tflops * 1e12) for zero, f in floors.items()}
