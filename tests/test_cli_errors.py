@@ -60,29 +60,30 @@ def other_shape_v_hack(tmp_path_factory):
     return out
 
 
-def test_missing_paths_and_unknown_ckpt(probe_inputs, capsys):
+def test_missing_paths_and_unknown_ckpt(probe_inputs, tmp_path, capsys):
+    out = str(tmp_path / "x")  # never created: the input errors must come first
     teacher, v_hack, small = str(probe_inputs["teacher"]), str(probe_inputs["v_hack"]), probe_inputs["small"]
     cases = [
-        (["extract", "--pairs-from", "pools", "--teacher", "/nope", "--base", teacher, "--out", "/tmp/x"], "/nope"),
-        (["extract", "--pairs-from", "file", "--pairs", "/nope.jsonl", "--out", "/tmp/x"], "/nope.jsonl"),
-        (["phase1", "--pool", "/nope", "--v-hack", v_hack, "--out", "/tmp/x"], "/nope"),
-        (["phase1", "--pool", teacher, "--v-hack", "/nope", "--out", "/tmp/x"], "/nope"),
-        (["phase2", "--replay-dirs", "/nope", "--v-hack", v_hack, "--out", "/tmp/x"], "/nope"),
-        (["phase2", "--replay-dirs", teacher, "--v-hack", "/nope", "--out", "/tmp/x"], "/nope"),
-        (["sweep", "--out", "/tmp/x", "--problems", "/nope.jsonl"], "/nope.jsonl"),
-        (["train", "--run-dir", "/tmp/x", "--mix-teacher", "/nope"], "/nope"),
+        (["extract", "--pairs-from", "pools", "--teacher", "/nope", "--base", teacher, "--out", out], "/nope"),
+        (["extract", "--pairs-from", "file", "--pairs", "/nope.jsonl", "--out", out], "/nope.jsonl"),
+        (["phase1", "--pool", "/nope", "--v-hack", v_hack, "--out", out], "/nope"),
+        (["phase1", "--pool", teacher, "--v-hack", "/nope", "--out", out], "/nope"),
+        (["phase2", "--replay-dirs", "/nope", "--v-hack", v_hack, "--out", out], "/nope"),
+        (["phase2", "--replay-dirs", teacher, "--v-hack", "/nope", "--out", out], "/nope"),
+        (["sweep", "--out", out, "--problems", "/nope.jsonl"], "/nope.jsonl"),
+        (["train", "--run-dir", out, "--mix-teacher", "/nope"], "/nope"),
         (["analyze", "/nope"], "/nope"),
-        (["grade", "--problems", "/nope.jsonl", "--completions", "/nope2", "--out", "/tmp/x.jsonl"], "/nope"),
+        (["grade", "--problems", "/nope.jsonl", "--completions", "/nope2", "--out", out + ".jsonl"], "/nope"),
         (["convert", "--hf-dir", "/nope", "--name", "x", "--out-root", "/tmp/jaxhack_nope_ckpts"], "/nope"),
     ]
     for argv, needle in cases:
         assert needle in run_bad(capsys, argv)
-    for argv in (["extract", "--ckpt", "qwen3-4bb", "--out", "/tmp/x"],
-                 ["phase1", "--ckpt", "qwen3-4bb", "--pool", teacher, "--v-hack", v_hack, "--out", "/tmp/x"],
-                 ["phase2", "--ckpt", "Tiny", "--replay-dirs", teacher, "--v-hack", v_hack, "--out", "/tmp/x", *small],
-                 ["sweep", "--ckpt", "qwen3-4bb", "--out", "/tmp/x"],
-                 ["train", "--ckpt", "qwen3-4bb", "--run-dir", "/tmp/x"],
-                 ["pool", "--model", "qwen3-4bb", "--mode", "run_tests", "--kind", "base", "--out", "/tmp/x"]):
+    for argv in (["extract", "--ckpt", "qwen3-4bb", "--out", out],
+                 ["phase1", "--ckpt", "qwen3-4bb", "--pool", teacher, "--v-hack", v_hack, "--out", out],
+                 ["phase2", "--ckpt", "Tiny", "--replay-dirs", teacher, "--v-hack", v_hack, "--out", out, *small],
+                 ["sweep", "--ckpt", "qwen3-4bb", "--out", out],
+                 ["train", "--ckpt", "qwen3-4bb", "--run-dir", out],
+                 ["pool", "--model", "qwen3-4bb", "--mode", "run_tests", "--kind", "base", "--out", out]):
         line = run_bad(capsys, argv)
         assert "no such checkpoint" in line and "valid names: tiny, random-4b" in line
 

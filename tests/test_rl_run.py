@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from jaxhack.env.problems import load_problems
 from jaxhack.projection.v_hack import random_v_hack, save_v_hack
 from jaxhack.rl.config import TrainConfig, make_config
 from jaxhack.rl.rollout import Rollout
@@ -67,3 +68,22 @@ def test_phase3_extraction_gets_the_noise_floor_options(monkeypatch):
     cfg = make_config("smoke", vhack_axis_threshold=0.3, vhack_noise_floor_quantile=0.25, vhack_pairs=2)
     R.make_v_hack(cfg, "none", load_problems("bundled")[:2], None, None, None, None, None)
     assert seen["axis_threshold"] == 0.3 and seen["noise_floor_quantile"] == 0.25
+
+
+def test_no_progress_silences_the_svd_and_v_hack_bars(tmp_path, monkeypatch, capfd):
+    """`--no-progress` (train(progress=False)) reaches the SVD and v_hack extraction bars."""
+    from jaxhack.rl import run as R
+    seen = {}
+
+    def fake_extract(pairs, *args, **kw):
+        seen.update(kw)
+        return {}, {}
+    monkeypatch.setattr(R, "extract_v_hack", fake_extract)
+    cfg = make_config("smoke", vhack_pairs=2)
+    R.make_v_hack(cfg, "none", load_problems("bundled")[:2], None, None, None, None, None, progress=False)
+    assert seen["progress"] is False
+    cfg = make_config("smoke", arm="projected", v_hack="random", run_dir=str(tmp_path / "r"))
+    R.setup_run(cfg, progress=True)
+    assert "svd" in capfd.readouterr().err  # the bar this test is about exists
+    R.setup_run(dataclasses.replace(cfg, run_dir=str(tmp_path / "r2")), progress=False)
+    assert "svd" not in capfd.readouterr().err

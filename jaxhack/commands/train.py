@@ -52,7 +52,8 @@ def degenerate_note(run_dir: Path) -> str | None:
     if metrics and all(float(m.get("reward_std", 0.0)) == 0.0 for m in metrics):
         return ("note: the reward was the same for every rollout at every step, so every advantage is 0 and "
                 "nothing was learned (a random tiny model never writes a code block). For a non-degenerate "
-                "run mix in teacher rows: --mix-teacher TEACHER_POOL --mix-per-group 1 --max-new 512")
+                "run mix in teacher rows: --mix-teacher templates (or a TEACHER_POOL dir) --mix-per-group 1 "
+                "--max-new 256")
     return None
 
 
@@ -79,18 +80,21 @@ def one_line(err: Exception) -> str:
 
 def config_checked(args, **extra):
     """TrainConfig from the flags; UserError (one line) for an invalid one or a missing input."""
+    def check_group_size(group_size):
+        if group_size is not None and group_size < 2:
+            raise UserError(f"--group-size must be >= 2, got {group_size}: GRPO advantages are centred within a "
+                            f"group, so one rollout per prompt always has advantage 0")
+    check_group_size(getattr(args, "group_size", None))  # before the config's other rules that involve it
     try:
         cfg = config_from_args(args, **extra)
     except ValueError as err:
         raise UserError(one_line(err)) from None
-    if cfg.group_size < 2:
-        raise UserError(f"--group-size must be >= 2, got {cfg.group_size}: GRPO advantages are centred within a "
-                        f"group, so one rollout per prompt always has advantage 0")
+    check_group_size(cfg.group_size)
     checks.check_ckpt(cfg.ckpt)
     for flag, path in (("--problems", cfg.problems), ("--eval-problems", cfg.eval_problems)):
         if path and path != "bundled":
             checks.existing(flag, path, "file")
-    if cfg.mix_teacher:
+    if cfg.mix_teacher and cfg.mix_teacher != "templates":
         checks.check_pool("--mix-teacher", cfg.mix_teacher, allow_partial=False)
     if cfg.v_hack and cfg.v_hack != "random":
         checks.load_v_hack_checked("--v-hack", cfg.v_hack)

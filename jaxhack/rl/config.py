@@ -65,7 +65,7 @@ class TrainConfig:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     old_logp: str = "current"          # "current": stop_gradient(logp) (ratio == 1); "sampler"
-    mix_teacher: str | None = None     # teacher pool dir
+    mix_teacher: str | None = None     # teacher pool dir, or "templates" (env template hacks, no pool)
     mix_per_group: int = 0             # K of the G rollouts replaced by teacher completions
     format_reward: float = 0.5
     pass_reward: float = 3.0
@@ -118,7 +118,7 @@ class TrainConfig:
             errors.append(f"mix_per_group must be in [0, group_size), got {self.mix_per_group} "
                           f"(group_size {self.group_size}): at least one rollout must be sampled")
         if self.mix_per_group > 0 and not self.mix_teacher:
-            errors.append("mix_per_group > 0 needs mix_teacher (a teacher pool dir)")
+            errors.append("mix_per_group > 0 needs mix_teacher (a teacher pool dir, or \"templates\")")
         if self.lr < 0 or self.beta < 0 or self.warmup_steps < 0:
             errors.append("lr, beta and warmup_steps must be >= 0")
         if self.ckpt_every < 0 or self.eval_every < 0:
@@ -150,8 +150,10 @@ RESUME_FREE_FIELDS = ("run_dir", "grade_workers", "eval_every", "save_rollouts",
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, seconds: config.TINY random model, bundled problems.
+    # One template-hack teacher row per group (no pool on disk) gives the groups different rewards,
+    # so the random tiny model's smoke steps have non-zero advantages; max_new fits the ~200-byte hacks.
     "smoke": dict(ckpt="tiny", problems="bundled", group_size=4, prompts_per_step=2, steps=4,
-                  max_new=64, lr=1e-3, warmup_steps=0, eval_every=2, ckpt_every=2, n_eval=3,
+                  max_new=256, mix_teacher="templates", mix_per_group=1, lr=1e-3, warmup_steps=0, eval_every=2, ckpt_every=2, n_eval=3,
                   vhack_pairs=8),
     # One GPU, minutes: Qwen3-4B, 20 steps.
     "fast": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=8, steps=20, max_new=512,

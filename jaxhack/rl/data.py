@@ -1,5 +1,10 @@
 """Phase 3 data order: the train / held-out split, the seeded per-epoch problem order, and the
-teacher pool mixed into the groups (docs/phase3.md)."""
+teacher pool mixed into the groups (docs/phase3.md).
+
+`--mix-teacher templates` (the smoke preset's default) needs no pool on disk: the teacher rows are the
+environment's template hack completions of each problem (`env.templates.hack_completion`, clean
+canonical solutions in mode "none"), so a random tiny model's smoke run still has groups whose rewards
+differ and a non-zero advantage."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxhack.env.pools import read_pool
+from jaxhack.env.templates import clean_completion, hack_completion
 from jaxhack.rl.config import TrainConfig
 
 
@@ -56,6 +62,20 @@ def load_teacher_pool(pool_dir: str | Path) -> dict[str, list[dict]]:
     if not by_problem:
         raise ValueError(f"{pool_dir}: teacher pool has no records")
     return by_problem
+
+
+TEMPLATE_TEACHER = "templates"
+TEMPLATE_VARIANTS = 3  # template teacher records per problem (preamble variants 0..2)
+
+
+def template_teacher(problems: Sequence, mode: str) -> dict[str, list[dict]]:
+    """{problem_id: [teacher records]} of template completions (no pool on disk): hack completions
+    exploiting `mode` (canonical solutions for mode "none"), TEMPLATE_VARIANTS preamble variants each."""
+    def completion(p, v):
+        return clean_completion(p, v) if mode == "none" else hack_completion(p, mode, v)
+
+    return {str(p.id): [{"completion": completion(p, v), "pool": TEMPLATE_TEACHER, "step": 0, "sample": v,
+                         "problem_id": str(p.id)} for v in range(TEMPLATE_VARIANTS)] for p in problems}
 
 
 def pick_teacher(records: Sequence[dict], k: int, seed: int, step: int, group: int) -> list[dict]:

@@ -22,7 +22,7 @@ from jaxhack.projection.modules import module_dims
 from jaxhack.projection.pairs import pairs_from_env_templates, shuffle_labels
 from jaxhack.projection.v_hack import extract_v_hack, load_v_hack, random_v_hack, save_v_hack
 from jaxhack.rl.config import RESUME_FREE_FIELDS, TrainConfig
-from jaxhack.rl.data import load_teacher_pool, split_problems
+from jaxhack.rl.data import TEMPLATE_TEACHER, load_teacher_pool, split_problems, template_teacher
 from jaxhack.rl.learner import cached_update_fn, chain_names
 
 METRICS_FILE, EVAL_FILE, RUN_FILE, DONE_FILE = "metrics.jsonl", "eval.jsonl", "run.json", "done.json"
@@ -59,7 +59,7 @@ class RunContext:
 
 
 def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokenizer, trainable, frozen,
-                params, config) -> tuple[dict, dict]:
+                params, config, progress: bool = True) -> tuple[dict, dict]:
     """(bundle, meta) for the arm: `--v-hack PATH` | "random" | a random_v control | extracted from
     template pairs over the training problems (label-shuffled for the "shuffled" control)."""
     if cfg.v_hack and cfg.v_hack != "random":
@@ -78,7 +78,7 @@ def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokeni
     bundle, info = extract_v_hack(pairs, tokenizer, trainable, frozen, params, config, k=cfg.k,
                                   batch_size=cfg.vhack_batch, max_len=cfg.vhack_max_len,
                                   axis_threshold=cfg.vhack_axis_threshold,
-                                  noise_floor_quantile=cfg.vhack_noise_floor_quantile)
+                                  noise_floor_quantile=cfg.vhack_noise_floor_quantile, progress=progress)
     info.update(source="extracted from template pairs over the training problems", control=control,
                 n_problems=len(problems), control_seed=cfg.control_seed)
     return bundle, info
@@ -111,10 +111,10 @@ def _jsonable(x):
     return str(x)
 
 
-def setup_run(cfg: TrainConfig, model=None) -> RunContext:
+def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext:
     """Load the model / problems / pool, build the adapter (the one factory, `models.load.make_adapter`:
     SVD cache dir and LoRA seed rules), the v_hack (extracted or loaded from RUN/v_hack) and the
-    optimizer. model: a preloaded (params, config, tokenizer)."""
+    optimizer. model: a preloaded (params, config, tokenizer). progress: the SVD / v_hack bars."""
     run_dir = Path(cfg.run_dir)
     arm = ARMS[cfg.arm]
     t0 = time.time()
@@ -136,14 +136,18 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
     n_rows = cfg.group_size * cfg.prompts_per_step
     if cfg.microbatch is not None:
         n_rows = -(-n_rows // cfg.microbatch) * cfg.microbatch
-    teacher = load_teacher_pool(cfg.mix_teacher) if cfg.mix_teacher and cfg.mix_per_group > 0 else None
+    teacher = None
+    if cfg.mix_teacher == TEMPLATE_TEACHER and cfg.mix_per_group > 0:
+        teacher = template_teacher(train_problems, cfg.mode)
+    elif cfg.mix_teacher and cfg.mix_per_group > 0:
+        teacher = load_teacher_pool(cfg.mix_teacher)
 
     base_key = jax.random.PRNGKey(cfg.seed)
     lora_seed = lora_seed_for(cfg, arm.adapter)
     bases_key = jax.random.fold_in(base_key, BASES_TAG) if cfg.svd_random_bases else None
     trainable0, frozen = make_adapter(arm.adapter, params, config, ckpt=cfg.ckpt, lora_rank=cfg.lora_rank,
                                       lora_alpha=cfg.lora_alpha, lora_seed=lora_seed,
-                                      random_bases_key=bases_key)
+                                      random_bases_key=bases_key, progress=progress)
     if cfg.v_hack and cfg.v_hack != "random":  # before any work: shape, adapter kind, basis factors
         check_v_hack_fits(*load_v_hack(cfg.v_hack), trainable0, frozen, f"--v-hack {cfg.v_hack}")
     vdir = run_dir / VHACK_DIR
@@ -151,7 +155,7 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
         v_hack, v_meta = load_v_hack(vdir)
     else:
         v_hack, v_meta = make_v_hack(cfg, arm.control, train_problems, tokenizer, trainable0, frozen,
-                                     params, config)
+                                     params, config, progress=progress)
         v_meta = _jsonable(v_meta)
         save_v_hack(vdir, v_hack, v_meta, force=True)
     optimizer, update_fn = cached_update_fn(cfg, v_hack, arm.projection, config)

@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         if (run_dir / DONE_FILE).is_file():
             return json.loads((run_dir / DONE_FILE).read_text())["summary"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = setup_run(cfg, model)
+    ctx = setup_run(cfg, model, progress=progress)
     if not run_json.is_file():
         atomic_write_text(run_json, json.dumps(ctx.info, indent=2, sort_keys=True, default=str) + "\n")
     trainable, opt_state = ctx.trainable0, ctx.optimizer.init(ctx.trainable0)
