@@ -51,7 +51,7 @@ from jaxhack.rl.sampling import MAX_EOS_IDS, next_tokens, prefill, row_keys
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["step", "done", "eos", "cap", "row", "logits", "cache", "mask", "tokens",
-                                "logprobs"], meta_fields=[])
+                                "logprobs", "n_steps"], meta_fields=[])
 @dataclasses.dataclass
 class SlotState:
     """The refill decoder's state: B slots, S cache positions each, at most max_new tokens per row."""
@@ -65,6 +65,7 @@ class SlotState:
     mask: jax.Array  # [B,S] bool: positions holding a real token of the slot's row
     tokens: jax.Array  # [B,max_new] int32 (pad_id where not generated)
     logprobs: jax.Array  # [B,max_new] f32
+    n_steps: jax.Array  # [] int32: decode steps run so far (all slots together)
 
 
 def _init(config: Qwen3Config, B: int, S: int, max_new: int, cache_dtype, pad_id) -> SlotState:
@@ -72,7 +73,8 @@ def _init(config: Qwen3Config, B: int, S: int, max_new: int, cache_dtype, pad_id
                      cap=jnp.ones((B,), jnp.int32), row=jnp.zeros((B,), jnp.int32),
                      logits=jnp.zeros((B, config.vocab_size), jnp.float32),
                      cache=qwen3.init_cache(config, B, S, cache_dtype), mask=jnp.zeros((B, S), bool),
-                     tokens=jnp.full((B, max_new), pad_id, jnp.int32), logprobs=jnp.zeros((B, max_new), jnp.float32))
+                     tokens=jnp.full((B, max_new), pad_id, jnp.int32), logprobs=jnp.zeros((B, max_new), jnp.float32),
+                     n_steps=jnp.int32(0))
 
 
 _init_jit = jax.jit(_init, static_argnames=("config", "B", "S", "max_new", "cache_dtype"))
@@ -105,7 +107,7 @@ def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, slot
         logits=put(state.logits, logits), cache=cache,
         mask=put(state.mask, jnp.concatenate([prompt_mask, jnp.zeros((R, S - P), bool)], axis=1)),
         tokens=put(state.tokens, jnp.full((R, max_new), pad_id, jnp.int32)),
-        logprobs=put(state.logprobs, jnp.zeros((R, max_new), jnp.float32)))
+        logprobs=put(state.logprobs, jnp.zeros((R, max_new), jnp.float32)), n_steps=state.n_steps)
     return new, previous
 
 
@@ -136,7 +138,7 @@ def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, 
         return SlotState(step=t + live, done=s.done | hit_eos | (t + 1 >= s.cap), eos=s.eos | hit_eos,
                          cap=s.cap, row=s.row, logits=qwen3.lm_logits(params, config, hidden[:, 0]), cache=cache,
                          mask=mask, tokens=s.tokens.at[slots, col].set(token, mode="drop"),
-                         logprobs=s.logprobs.at[slots, col].set(logp, mode="drop"))
+                         logprobs=s.logprobs.at[slots, col].set(logp, mode="drop"), n_steps=s.n_steps + 1)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -150,7 +152,8 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
                    refill_rows: int):
     """The host loop. prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
     (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B).
-    Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order."""
+    Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order, and
+    the number of decode steps run (each a forward over all B slots)."""
     N, P = prompt_tokens.shape
     B, R = slots, min(refill_rows, slots)
     if R < 1:
@@ -209,4 +212,4 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
     for rows, previous, where in handed_back:
         collect(rows, previous, where)
     collect(slot_row, (state.tokens, state.logprobs, state.step, state.eos), np.flatnonzero(slot_row >= 0))
-    return out_tokens, out_logp, lengths, finished
+    return out_tokens, out_logp, lengths, finished, int(state.n_steps)

@@ -1,12 +1,18 @@
 """Batched autoregressive sampling with a KV cache (design: docs/sampler.md).
 
-One call = one jitted program per row group (at most `max_rows` rows; one group by default): a
-prefill over the left-padded prompt batch in token chunks (cache slots 0..P-1), then a
-`lax.while_loop` of T=1 decode forwards (slot P+t at step t) that stops early once every sequence of
-the group has emitted an EOS; rows that have finished read no KV cache. Shapes are static: the prompt length is rounded up to a bucket and
-the batch is padded to a bucket, so repeated calls with different prompt lengths reuse the compiled
-program (jax.jit caches it per (bucket P, bucket B, max_new, model config, cache dtype, adapter tree
-structure, prefill chunk); sampling mode, temperature, top_p, EOS ids and pad id are traced values).
+Two schedules, the same tokens (each row draws its t-th token with fold_in(fold_in(key, t), row)):
+- "groups" (this module): one jitted program per row group (at most `max_rows` rows; one group by
+  default): a prefill over the left-padded prompt batch in token chunks (cache slots 0..P-1), then a
+  `lax.while_loop` of T=1 decode forwards (slot P+t at step t) that stops once every row of the
+  group is done; rows that have finished read no KV cache, but the group decodes until its longest
+  row is done.
+- "refill" (`refill.py`, continuous batching; the default when there are more prompts than
+  `max_rows`): `max_rows` decode slots; when a row finishes, its slot is refilled with the next
+  pending prompt (prefilled `refill_rows` at a time), so finished rows stop costing decode steps.
+Shapes are static: the prompt length is rounded up to a bucket and the batch is padded to a bucket
+(groups) or fixed at `max_rows` slots (refill), so repeated calls reuse the compiled programs (jax.jit
+caches them per (bucket P, batch, max_new, model config, cache dtype, adapter tree structure,
+prefill chunk); sampling mode, temperature, top_p, EOS ids and pad id are traced values).
 
 `logprobs` are log-probabilities of the sampled tokens under the *unscaled* model distribution
 (temperature 1, no top-p truncation): log_softmax(logits)[token]. That is the policy log-prob that
@@ -37,6 +43,7 @@ class SampleResult:
     logprobs: np.ndarray  # [B, max_new] float32; log p(token) at temperature 1; 0 after the end
     prompt_lengths: np.ndarray  # [B] int32
     finished: np.ndarray  # [B] bool; True when the sequence emitted an EOS
+    decode_steps: int = 0  # decode forwards run (over the whole slot batch / each row group), for benchmarks
 
     @property
     def completion_mask(self) -> np.ndarray:
@@ -89,7 +96,7 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
     """prompt_tokens, prompt_mask: [B,P]; row_active: [B] bool (False for batch-padding rows); row_ids:
     [B] int32, each row's index in the caller's prompt list (its sampling key is fold_in(step key, id));
     row_max_new: [B] int32, a row stops after this many tokens (as after an EOS, but not `finished`); eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
-    Returns tokens [B,max_new] int32, logprobs [B,max_new] f32, lengths [B] int32, finished [B] bool."""
+    Returns tokens [B,max_new] int32, logprobs [B,max_new] f32, lengths [B] int32, finished [B] bool, decode steps run [] int32."""
     B, P = prompt_tokens.shape
     S = -(-(P + max_new) // SPLIT) * SPLIT  # slots past P + max_new stay masked out
     chex.assert_shape(prompt_mask, (B, P))
@@ -125,7 +132,7 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
                        logprobs=jnp.zeros((B, max_new), jnp.float32))
     final = jax.lax.while_loop(cond, body, init)
     lengths = jnp.sum(final.mask[:, P:P + max_new], axis=-1).astype(jnp.int32)  # [B]
-    return final.tokens, final.logprobs, lengths, final.eos & row_active
+    return final.tokens, final.logprobs, lengths, final.eos & row_active, final.step
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=(
@@ -211,13 +218,13 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     if schedule == "refill":
         slots = batch_bucket(n) if max_rows is None else min(max_rows, batch_bucket(n))
         tokens, mask = left_pad(prompts, P, n, pad_id)
-        out_tokens, out_logp, lengths, finished = generate_slots(
+        out_tokens, out_logp, lengths, finished, steps = generate_slots(
             params, adapters, tokens, mask, np.minimum(caps, max_new_tokens), eos, pad_id, key, mode,
             1.0 if mode == GREEDY else temperature, top_p, config=model_config, max_new=int(max_new_tokens),
             cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=chunk, slots=slots, refill_rows=refill_rows)
         return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
-                            finished=finished)
-    outs = []
+                            finished=finished, decode_steps=steps)
+    outs, steps = [], 0
     for start, stop in groups:
         tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
         row_active = np.arange(B) < stop - start
@@ -229,10 +236,11 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
             jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos), jnp.int32(pad_id), key, jnp.int32(mode),
             jnp.float32(1.0 if mode == GREEDY else temperature), jnp.float32(top_p), config=model_config,
             max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=chunk)
-        outs.append([np.asarray(x)[:stop - start] for x in out])  # blocks: one group's cache at a time
+        outs.append([np.asarray(x)[:stop - start] for x in out[:4]])  # blocks: one group's cache at a time
+        steps += int(out[4])
     out_tokens, out_logp, lengths, finished = (np.concatenate(parts) for parts in zip(*outs))
     return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
-                        finished=finished)
+                        finished=finished, decode_steps=steps)
 
 
 def decode_completions(result: SampleResult, tokenizer) -> list[str]:
