@@ -401,7 +401,7 @@ def main(argv=None) -> int:
                       f"{rec['memory_estimate_gb']['peak_gb']:.1f} GB estimated", flush=True)
             elif "sample_s" in rec:
                 print(f"{regime} [{rec['sampler']}]: sample {rec['sample_s']:.2f} s, {rec['decode_steps']} decode "
-                      f"steps, sampler floor {rec['sample_floor_slots_s']:.1f} s at {rec['sampler_batch']} slots "
+                      f"steps, sampler floor {rec['sample_floor_slots_s']:.1f} s at {args.sample_rows} slots "
                       f"({rec['sample_floor_s']:.1f} s all rows at once); process peak {peak:.1f} GB", flush=True)
     return 0
 
