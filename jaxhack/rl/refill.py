@@ -26,7 +26,8 @@ takes the next pending row instead:
 - **Same tokens.** A row's t-th token is drawn with fold_in(fold_in(key, t), row id), as in the row
   group schedule, and the per-step code is shared (`sampling.next_tokens`), so a row's tokens do not
   depend on its slot, on when it was refilled, or on the schedule, up to float differences of the
-  logits between batch shapes (none on CPU in the tests).
+  logits between batch shapes (on CPU the tests see identical tokens and log-probs within ~1e-6;
+  on a GPU another batch shape may pick another matmul kernel, as with row groups of another size).
 
 Trade-off of deciding refills on the host: one device-to-host sync per round (about N / R rounds)
 and a freed slot idles until R slots are free (R trades idle slot-steps for prefill batch size). A
