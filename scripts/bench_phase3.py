@@ -20,6 +20,13 @@ grads.losses.grpo_batch_loss and rl.learner.make_optimizer with the v_hack proje
   Dr.GRPO loss summed over micro-batches, then clip -> v_hack projection -> AdamW (jitted).
   These are the trainer's own functions (rl/learner.reference_logp, rl/learner.make_update_fn).
   --update fixed instead pads every micro-batch to prompt + max_new (the trainer before bucketing).
+- sampler schedule (--sampler): `refill` (what the trainer uses for the full preset: sample_rows decode
+  slots, a finished row's slot refilled with the next pending row, jaxhack/rl/refill.py), `groups`
+  (row groups of <= sample_rows, each decoding until its longest row is done: the sampler before
+  refill) or `both`: one record per schedule from the same call (the same rows, lengths and tokens).
+  Before timing, each schedule is compiled by one call with every row capped at 1 token.
+  --sample-only times the sampler alone (no grade, reference pass or update): the cheap old-vs-new
+  comparison.
 
 Floor (derivation in docs/benchmarks.md, `step_floor` below): FLOPs of prefill, reference and update at
 the card's dense bf16 peak, plus decode at the HBM bandwidth floor (each decode step reads all weights
@@ -27,6 +34,7 @@ and adapter bases once plus the live rows' KV cache; all 258 rows in one batch, 
 memory limit), compute-bound decode steps counted at the FLOP peak instead.
 
     PYTHONPATH=. python scripts/bench_phase3.py --regime realistic    # GPU, ~6 min on an H100
+    PYTHONPATH=. python scripts/bench_phase3.py --regime realistic --sampler both --sample-only  # old vs new
     PYTHONPATH=. python scripts/bench_phase3.py --regime worst        # GPU, ~6 min on an H100
     PYTHONPATH=. python scripts/bench_phase3.py --tiny --regime both  # CPU, ~1 min
 """
@@ -63,7 +71,8 @@ def linear_params(config) -> dict:
             "p_u": L * sum(min(i, o) * o for i, o in dims)}
 
 
-def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2) -> dict:
+def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2,
+               slots: int | None = None) -> dict:
     """Seconds of one step at the card's peaks (see the module docstring).
 
     prefill: 2 (p_lin + p_vh + p_u) per prompt token + causal attention 2 P^2 Hq hd per layer.
@@ -74,6 +83,10 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     update: forward + backward of the adapted model (no remat): 4 (p_lin + p_vh + p_u) per token,
              attention 3 x forward, LM head 4 D V per completion token (forward + input gradient).
     Tokens are the real ones (prompt + completion) of each row.
+    slots: also the decode floor when at most `slots` rows decode at once (the sampler's memory limit),
+    perfectly packed (refill without idle slots): ceil(sum(lengths) / slots) steps reading weights +
+    bases, plus every row's own KV reads (independent of the packing): `decode_slots_s`, and
+    `floor_slots_s` = floor_s with that decode term.
     """
     p = linear_params(config)
     p_all = p["p_lin"] + p["p_vh"] + p["p_u"]
@@ -100,6 +113,13 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     out = {"prefill_s": prefill / peak_flops, "decode_s": decode_s, "ref_s": reference / peak_flops,
            "update_s": update / peak_flops}
     out["floor_s"] = sum(out.values())
+    if slots is not None:
+        steps = -(-int(comp_lens.sum()) // slots)
+        kv_reads = float(np.sum(comp_lens * prompt_lens + comp_lens * (comp_lens + 1) / 2)) * kv_per_slot
+        flops = 2 * (p_all + D * V) * comp_lens.sum()
+        out["decode_slots_s"] = max((steps * fixed_bytes + kv_reads) / hbm_bps, flops / peak_flops)
+        out["decode_slots_steps"] = steps
+        out["floor_slots_s"] = out["floor_s"] - out["decode_s"] + out["decode_slots_s"]
     out.update(prefill_tflop=prefill / 1e12, ref_tflop=reference / 1e12, update_tflop=update / 1e12,
                decode_fixed_gb_per_step=fixed_bytes / 1e9)
     return out
@@ -152,6 +172,8 @@ def build(args):
     else:
         config = QWEN3_4B
         dtype = jnp.bfloat16
+    overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step)) if v}
+    cfg = dataclasses.replace(cfg, **overrides)
     kp, ka = jax.random.split(jax.random.PRNGKey(0))
     params = random_params(config, kp, dtype)
     trainable, frozen = random_svd_adapter(params, ka, dtype)
@@ -163,7 +185,7 @@ def build(args):
     return cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack
 
 
-def run_regime(args, regime: str, built) -> dict:
+def run_regime(args, regime: str, built) -> list[dict]:
     import jax
 
     from jaxhack.grads.batch import make_batch
@@ -191,24 +213,34 @@ def run_regime(args, regime: str, built) -> dict:
     P = sampler.prompt_bucket(int(prompt_lens.max()))
     S = -(-(P + cfg.max_new) // 128) * 128
     max_len = -(-(int(prompt_lens.max()) + cfg.max_new) // 64) * 64
-    groups, B = sampler.row_groups(N, args.sample_rows)
-    mem = memory_estimate(config, B, S, cfg.microbatch, max_len, min(args.prefill_chunk, P), P,
-                          2 if not args.tiny else 4)
+    groups, B_groups = sampler.row_groups(N, args.sample_rows)
+    schedules = ("groups", "refill") if args.sampler == "both" else (args.sampler,)
+    # refill: sample_rows slots (at most the padded batch); groups: B_groups rows per group
+    B_slots = min(args.sample_rows, sampler.batch_bucket(N))
+    batch = {"groups": B_groups, "refill": B_slots}
+    mem = {sched: memory_estimate(config, batch[sched], S, cfg.microbatch, max_len, min(args.prefill_chunk, P), P,
+                                  2 if not args.tiny else 4) for sched in schedules}
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
-                       args.hbm_tbps * 1e12)
-    log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, {len(groups)} sampler group(s) of {B} rows, "
-        f"mean completion {comp_lens.mean():.0f}; memory estimate {mem['peak_gb']:.1f} GB "
-        f"(sample {mem['sample_gb']:.1f}, update {mem['update_gb']:.1f}); floor {floor['floor_s']:.1f} s")
+                       args.hbm_tbps * 1e12, slots=B_slots)
+    log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, mean completion {comp_lens.mean():.0f}, "
+        f"max {comp_lens.max()}; groups: {len(groups)} of {B_groups} rows; refill: {B_slots} slots, "
+        f"{args.refill_rows} rows per refill; memory estimate "
+        + ", ".join(f"{k} {m['peak_gb']:.1f} GB (sample {m['sample_gb']:.1f}, update {m['update_gb']:.1f})"
+                    for k, m in mem.items())
+        + f"; floor {floor['floor_s']:.1f} s (decode at {B_slots} slots: {floor['floor_slots_s']:.1f} s)")
 
-    def one_step(step: int, trainable, opt_state):
-        times = {}
+    def sample(step: int, schedule: str, caps, trainable):
         t0 = time.perf_counter()
         res = sampler.generate(params, config, prompts, max_new_tokens=cfg.max_new,
                                key=jax.random.PRNGKey(step), adapters=merge(trainable, frozen),
                                temperature=cfg.temperature, eos_token_ids=[], pad_id=0,
                                max_rows=args.sample_rows, prefill_chunk=args.prefill_chunk,
-                               max_lengths=comp_lens.tolist())
-        times["sample_s"] = time.perf_counter() - t0
+                               max_lengths=caps.tolist(), schedule=schedule, refill_rows=args.refill_rows)
+        return res, time.perf_counter() - t0
+
+    def one_step(step: int, trainable, opt_state, schedule: str):
+        times = {}
+        res, times["sample_s"] = sample(step, schedule, comp_lens, trainable)
         assert (res.lengths == comp_lens).all(), "forced completion lengths not honoured"
         t0 = time.perf_counter()
         if grade_items is not None:
@@ -241,30 +273,64 @@ def run_regime(args, regime: str, built) -> dict:
         times["step_s"] = sum(times.values())
         times["n_tokens"] = int(real.sum())
         times["n_completion_tokens"] = int(res.lengths.sum())
+        times["decode_steps"] = res.decode_steps
         return times, trainable, opt_state
 
-    records = []
-    for step in range(args.warmup + args.steps):
-        t, trainable, opt_state = one_step(step, trainable, opt_state)
-        log(f"{regime} step {step}{' (warm-up, compiles)' if step < args.warmup else ''}: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k.endswith("_s")))
-        if step >= args.warmup:
-            records.append(t)
+    compile_s = {}
+    for schedule in schedules:  # compile: every row capped at 1 token (prefill of all rows, 1 decode step)
+        _, compile_s[schedule] = sample(0, schedule, np.ones_like(comp_lens), trainable)
+        log(f"{regime} {schedule}: compiled (+ prefill, 1 token per row) in {compile_s[schedule]:.1f} s")
+    records = {schedule: [] for schedule in schedules}
+    if args.sample_only:
+        for step in range(args.steps):
+            for schedule in schedules:
+                res, sample_s = sample(step + 1, schedule, comp_lens, trainable)
+                assert (res.lengths == comp_lens).all(), "forced completion lengths not honoured"
+                records[schedule].append({"sample_s": sample_s, "decode_steps": res.decode_steps,
+                                          "n_completion_tokens": int(res.lengths.sum())})
+                log(f"{regime} {schedule} sample {step}: {sample_s:.2f} s, {res.decode_steps} decode steps")
+    else:
+        for step in range(args.warmup):  # compiles the reference pass and the update (same shapes for both)
+            t, trainable, opt_state = one_step(step, trainable, opt_state, schedules[-1])
+            log(f"{regime} {schedules[-1]} step {step} (warm-up): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k.endswith("_s")))
+        for step in range(args.warmup, args.warmup + args.steps):
+            for schedule in schedules:
+                t, trainable, opt_state = one_step(step, trainable, opt_state, schedule)
+                log(f"{regime} {schedule} step {step}: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in t.items() if k.endswith("_s"))
+                    + f", {t['decode_steps']} decode steps")
+                records[schedule].append(t)
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
-    split = {k: float(np.median([r[k] for r in records])) for k in ("sample_s", "grade_s", "ref_s", "update_s",
-                                                                     "step_s")}
-    rec = {"preset": "full" if not args.tiny else "full-tiny", "regime": regime, "device": dev.device_kind,
-           **split, "floor_s": floor["floor_s"], "fraction_of_floor": floor["floor_s"] / split["step_s"],
-           "peak_bytes": stats.get("peak_bytes_in_use"), "memory_estimate_gb": mem,
-           "tokens_per_s": records[-1]["n_tokens"] / split["step_s"],
-           "completion_tokens_per_s": records[-1]["n_completion_tokens"] / split["step_s"],
-           "rows": N, "max_new": cfg.max_new, "mean_completion": float(comp_lens.mean()),
-           "prompt_len_mean": float(prompt_lens.mean()), "sample_rows": args.sample_rows, "sampler_groups": len(groups),
-           "sampler_batch": B, "prefill_chunk": args.prefill_chunk, "update": args.update,
-           "microbatch": cfg.microbatch, "remat": cfg.remat, "floor": floor, "steps": records,
-           "peak_tflops": args.peak_tflops, "hbm_tbps": args.hbm_tbps}
-    return rec
+    parts = ("sample_s",) if args.sample_only else ("sample_s", "grade_s", "ref_s", "update_s", "step_s")
+    out = []
+    for schedule in schedules:
+        recs = records[schedule]
+        split = {k: float(np.median([r[k] for r in recs])) for k in parts}
+        rec = {"preset": "full" if not args.tiny else "full-tiny", "regime": regime, "device": dev.device_kind,
+               "sampler": schedule, "sample_only": args.sample_only, **split}
+        if not args.sample_only:
+            rec.update(floor_s=floor["floor_s"], fraction_of_floor=floor["floor_s"] / split["step_s"],
+                       floor_slots_s=floor["floor_slots_s"],
+                       tokens_per_s=recs[-1]["n_tokens"] / split["step_s"],
+                       completion_tokens_per_s=recs[-1]["n_completion_tokens"] / split["step_s"])
+        else:  # the sampler's own floor: prefill + decode (all rows in one batch; at the slots)
+            rec.update(sample_floor_s=floor["prefill_s"] + floor["decode_s"],
+                       sample_floor_slots_s=floor["prefill_s"] + floor["decode_slots_s"],
+                       completion_tokens_per_s=recs[-1]["n_completion_tokens"] / split["sample_s"])
+        rec.update({
+            "peak_bytes": stats.get("peak_bytes_in_use"), "memory_estimate_gb": mem[schedule],
+            "decode_steps": recs[-1]["decode_steps"], "compile_s": compile_s[schedule],
+            "rows": N, "max_new": cfg.max_new, "mean_completion": float(comp_lens.mean()),
+            "max_completion": int(comp_lens.max()), "prompt_len_mean": float(prompt_lens.mean()),
+            "sample_rows": args.sample_rows, "sampler_groups": len(groups) if schedule == "groups" else None,
+            "sampler_batch": batch[schedule], "refill_rows": args.refill_rows if schedule == "refill" else None,
+            "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
+            "remat": cfg.remat, "floor": floor, "steps": recs, "peak_tflops": args.peak_tflops,
+            "hbm_tbps": args.hbm_tbps})
+        out.append(rec)
+    return out
 
 
 def main(argv=None) -> int:
@@ -275,8 +341,18 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (they compile)")
     ap.add_argument("--prompt-len", type=int, default=None, help="mean prompt tokens (default 400; tiny 12)")
     ap.add_argument("--sample-rows", type=int, default=None,
-                    help="sampler rows per group (default 96 -> 3 groups of 86: KV cache ~27 GB; tiny 4)")
+                    help="sampler decode slots (refill) or rows per group (groups); default 96: refill 96 "
+                         "slots, groups 3 of 86 rows (88 padded); KV cache ~27-29 GB; tiny 4")
     ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--sampler", choices=("refill", "groups", "both"), default="refill",
+                    help="sampler schedule: refill (slots refilled as rows finish; the trainer's for the full "
+                         "preset), groups (row groups, each until its longest row: the old path), both")
+    ap.add_argument("--refill-rows", type=int, default=8, help="refill: rows prefilled per refill")
+    ap.add_argument("--max-new", type=int, default=None, help="override max_new (preset 1536; tiny 24); the "
+                    "realistic lengths scale with it (Gamma scale 125 max_new / 1536)")
+    ap.add_argument("--prompts-per-step", type=int, default=None, help="override pp (preset 43; tiny 3)")
+    ap.add_argument("--sample-only", action="store_true",
+                    help="time the sampler alone (no grade / reference / update, no warm-up step)")
     ap.add_argument("--update", choices=("bucketed", "fixed"), default="bucketed",
                     help="bucketed: length-sorted micro-batches cut to their length; fixed: every row padded "
                          "to prompt + max_new (the trainer before length bucketing)")
@@ -303,23 +379,30 @@ def main(argv=None) -> int:
         steps = args.steps if args.steps is not None else (1 if regime == "worst" else 2)
         run_args = argparse.Namespace(**{**vars(args), "steps": steps})
         try:
-            rec = run_regime(run_args, regime, built)
+            recs = run_regime(run_args, regime, built)
         except Exception as e:  # noqa: BLE001 - an OOM in one regime is a result, not a crash
             import traceback
             traceback.print_exc()
-            rec = {"preset": "full" if not args.tiny else "full-tiny", "regime": regime,
-                   "error": f"{type(e).__name__}: {str(e)[:800]}"}
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if out:
-            with open(out, "a") as f:
-                f.write(line + "\n")
-        if "step_s" in rec:
-            peak = (rec["peak_bytes"] or 0) / 1e9
-            print(f"{regime}: step {rec['step_s']:.1f} s (sample {rec['sample_s']:.1f}, grade {rec['grade_s']:.1f}, "
-                  f"ref {rec['ref_s']:.1f}, update {rec['update_s']:.1f}); floor {rec['floor_s']:.1f} s = "
-                  f"{100 * rec['fraction_of_floor']:.0f}% reached; peak {peak:.1f} GB measured, "
-                  f"{rec['memory_estimate_gb']['peak_gb']:.1f} GB estimated", flush=True)
+            recs = [{"preset": "full" if not args.tiny else "full-tiny", "regime": regime, "sampler": args.sampler,
+                     "error": f"{type(e).__name__}: {str(e)[:800]}"}]
+        for rec in recs:
+            line = json.dumps(rec)
+            print(line, flush=True)
+            if out:
+                with open(out, "a") as f:
+                    f.write(line + "\n")
+        for rec in recs:
+            peak = (rec.get("peak_bytes") or 0) / 1e9
+            if "step_s" in rec:
+                print(f"{regime} [{rec['sampler']}]: step {rec['step_s']:.1f} s (sample {rec['sample_s']:.1f}, "
+                      f"grade {rec['grade_s']:.1f}, ref {rec['ref_s']:.1f}, update {rec['update_s']:.1f}); floor "
+                      f"{rec['floor_s']:.1f} s = {100 * rec['fraction_of_floor']:.0f}% reached; "
+                      f"{rec['decode_steps']} decode steps; process peak {peak:.1f} GB measured, "
+                      f"{rec['memory_estimate_gb']['peak_gb']:.1f} GB estimated", flush=True)
+            elif "sample_s" in rec:
+                print(f"{regime} [{rec['sampler']}]: sample {rec['sample_s']:.2f} s, {rec['decode_steps']} decode "
+                      f"steps, sampler floor {rec['sample_floor_slots_s']:.1f} s at {args.sample_rows} slots "
+                      f"({rec['sample_floor_s']:.1f} s all rows at once); process peak {peak:.1f} GB", flush=True)
     return 0
 
 

@@ -17,18 +17,36 @@ def load():
     return module
 
 
-def test_tiny_worst_case_step(tmp_path):
+def test_tiny_worst_case_step_both_samplers(tmp_path):
     bench = load()
     out = tmp_path / "p3.jsonl"
-    assert bench.main(["--tiny", "--regime", "worst", "--grade", "none", "--steps", "1", "--out", str(out)]) == 0
-    rec = json.loads(out.read_text().splitlines()[-1])
-    assert "error" not in rec, rec.get("error")
-    for key in ("preset", "regime", "device", "step_s", "floor_s", "peak_bytes", "sample_s", "grade_s", "ref_s",
-                "update_s"):
-        assert key in rec
-    assert rec["regime"] == "worst" and rec["mean_completion"] == rec["max_new"] == 24
-    assert rec["sampler_groups"] == 2 and rec["floor_s"] > 0
-    assert abs(rec["step_s"] - sum(rec[k] for k in ("sample_s", "grade_s", "ref_s", "update_s"))) < 1e-6
+    assert bench.main(["--tiny", "--regime", "worst", "--grade", "none", "--steps", "1", "--sampler", "both",
+                       "--out", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("sampler") for r in recs] == ["groups", "refill"]
+    for rec in recs:
+        assert "error" not in rec, rec.get("error")
+        for key in ("preset", "regime", "device", "step_s", "floor_s", "peak_bytes", "sample_s", "grade_s", "ref_s",
+                    "update_s", "decode_steps"):
+            assert key in rec
+        assert rec["regime"] == "worst" and rec["mean_completion"] == rec["max_new"] == 24
+        assert rec["floor_s"] > 0 and rec["floor_slots_s"] >= rec["floor_s"]
+        assert abs(rec["step_s"] - sum(rec[k] for k in ("sample_s", "grade_s", "ref_s", "update_s"))) < 1e-6
+    groups, refill = recs
+    # 6 rows of 24 tokens: 2 groups of 4 rows (48 steps); 4 slots refilled when free (48 steps too)
+    assert groups["sampler_groups"] == 2 and groups["decode_steps"] == 48
+    assert refill["sampler_batch"] == 4 and refill["decode_steps"] == 48
+
+
+def test_tiny_realistic_sample_only_refill_runs_fewer_steps(tmp_path):
+    bench = load()
+    out = tmp_path / "p3.jsonl"
+    assert bench.main(["--tiny", "--regime", "realistic", "--sample-only", "--sampler", "both", "--max-new", "96",
+                       "--prompts-per-step", "6", "--refill-rows", "2", "--steps", "1", "--out", str(out)]) == 0
+    groups, refill = [json.loads(line) for line in out.read_text().splitlines()]
+    assert groups["sample_only"] and "update_s" not in groups and groups["max_completion"] > groups["mean_completion"]
+    assert refill["decode_steps"] < groups["decode_steps"]
+    assert refill["sample_floor_slots_s"] >= refill["sample_floor_s"] > 0
 
 
 def test_realistic_lengths_and_floor_terms():

@@ -317,3 +317,59 @@ def test_finished_rows_read_no_cache(params):
     ref, _ = qwen3.forward(params, CONFIG, tokens, jnp.asarray(mask), cache=cache, cache_index=10)
     np.testing.assert_allclose(np.asarray(h)[[0, 2]], np.asarray(ref)[[0, 2]], rtol=1e-4, atol=1e-5)
     assert np.isfinite(np.asarray(h)).all()
+
+
+@pytest.fixture(scope="module")
+def refill_greedy_no_eos(params):
+    """3 prompts through 2 slots, one row prefilled at a time: the third row waits for a free slot."""
+    return sampler.generate(params, CONFIG, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0,
+                            key=jax.random.PRNGKey(1), eos_token_ids=[], max_rows=2, refill_rows=1,
+                            prefill_chunk=16, schedule="refill")
+
+
+def test_refill_greedy_matches_full_forward_argmax(params, refill_greedy_no_eos):
+    res = refill_greedy_no_eos
+    np.testing.assert_array_equal(res.lengths, [MAX_NEW] * len(PROMPTS))
+    assert res.decode_steps == 2 * MAX_NEW  # rows 0, 1 together, then row 2 alone
+    for i, prompt in enumerate(PROMPTS):
+        ref_tokens, ref_logp = reference_greedy(params, prompt, MAX_NEW)
+        np.testing.assert_array_equal(res.tokens[i], ref_tokens)
+        np.testing.assert_allclose(res.logprobs[i], ref_logp, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_refill_gives_the_same_rows_as_row_groups_in_fewer_steps(params, temperature):
+    """Slot refill (4 slots, 3 rows prefilled at a time in 32-token chunks, rows finishing at an EOS
+    or at their max_lengths cap) gives the same tokens, lengths and `finished` as the row groups,
+    whose decode runs until each group's longest row is done; refill runs fewer decode steps."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 200, n).tolist() for n in rng.integers(1, 70, 11)]  # bucket 128
+    caps = rng.integers(1, 25, 11)
+    kwargs = dict(max_new_tokens=24, temperature=temperature, key=jax.random.PRNGKey(3),
+                  max_lengths=caps.tolist())
+    free = sampler.generate(params, CONFIG, prompts, eos_token_ids=[], schedule="groups", **kwargs)
+    values, counts = np.unique(free.tokens[free.completion_mask], return_counts=True)
+    eos = [int(values[counts.argmax()])]  # the most frequent token: some rows stop at an EOS
+    whole = sampler.generate(params, CONFIG, prompts, eos_token_ids=eos, prefill_chunk=None, schedule="groups",
+                             **kwargs)
+    groups = sampler.generate(params, CONFIG, prompts, eos_token_ids=eos, max_rows=4, schedule="groups", **kwargs)
+    refill = sampler.generate(params, CONFIG, prompts, eos_token_ids=eos, max_rows=4, refill_rows=3,
+                              prefill_chunk=32, **kwargs)  # schedule "auto": 11 prompts > 4 rows -> refill
+    assert whole.finished.any() and (whole.lengths < caps).any() and (whole.lengths == caps).any()
+    for res in (groups, refill):
+        np.testing.assert_array_equal(res.tokens, whole.tokens)
+        np.testing.assert_array_equal(res.lengths, whole.lengths)
+        np.testing.assert_array_equal(res.finished, whole.finished)
+        np.testing.assert_allclose(res.logprobs, whole.logprobs, atol=1e-4)
+    assert -(-int(whole.lengths.sum()) // 4) <= refill.decode_steps < groups.decode_steps
+
+
+def test_refill_does_not_recompile_across_calls(params, trace_count):
+    kwargs = dict(max_new_tokens=MAX_NEW, eos_token_ids=[], max_rows=2, schedule="refill")
+    sampler.generate(params, CONFIG, [[3, 4, 5], [6, 7], [8]], key=jax.random.PRNGKey(0), **kwargs)
+    count = trace_count()
+    # other prompt count and lengths (same bucket), sampling mode, caps: the same two programs
+    r = sampler.generate(params, CONFIG, [[3] * 40, [6, 7, 8], [9] * 17, [1], [2, 2]], key=jax.random.PRNGKey(1),
+                         temperature=0.0, max_lengths=[1, 2, 3, 4, 5], **kwargs)
+    assert trace_count() == count
+    np.testing.assert_array_equal(r.lengths, [1, 2, 3, 4, 5])

@@ -234,9 +234,9 @@ def test_data_order_is_seeded_and_covers_each_epoch():
 
 
 def test_bounded_memory_settings_change_no_rollout(env, straight_run):
-    """sample_rows (sampler row groups), prefill_chunk and length-bucketed micro-batches
+    """sample_rows (sampler slots: the refill schedule), prefill_chunk and length-bucketed micro-batches
     (microbatch + length_multiple) bound a step's memory; the rollouts they give are the same tokens
-    and the metrics the same up to float summation order."""
+    and the metrics the same up to float summation order, also across a --resume."""
     cfg, _ = straight_run
     cfg_b = dataclasses.replace(cfg, run_dir=str(env[0] / "bounded"), eval_every=0, sample_rows=3,
                                 prefill_chunk=16, microbatch=3, length_multiple=16)
@@ -249,7 +249,15 @@ def test_bounded_memory_settings_change_no_rollout(env, straight_run):
     for step in (0, 1):
         a, b = read_pool_step(steps_a[step]), read_pool_step(steps_b[step])
         assert [r["completion"] for r in a] == [r["completion"] for r in b]
-    ma, mb = _metrics(cfg.run_dir)[:2], _metrics(cfg_b.run_dir)
+    # sample_rows=3 < 4 policy rows: the sampler's refill schedule; --resume continues it with the
+    # uninterrupted run's rollouts
+    T.train(cfg_b, resume=True, progress=False)
+    steps_b = dict(list_pool_steps(Path(cfg_b.run_dir) / T.ROLLOUT_DIR))
+    for step in (2, 3):
+        a, b = read_pool_step(steps_a[step]), read_pool_step(steps_b[step])
+        assert [r["completion"] for r in a] == [r["completion"] for r in b]
+    ma, mb = _metrics(cfg.run_dir), _metrics(cfg_b.run_dir)
+    assert [m["step"] for m in mb] == [0, 1, 2, 3]
     for x, y in zip(ma, mb):
         assert x["hack_rate"] == y["hack_rate"] and x["reward_mean"] == y["reward_mean"]
         for key in ("loss", "grad_norm", "update_norm", "kl_mean"):

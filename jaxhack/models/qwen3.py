@@ -149,6 +149,17 @@ def decode_layers(params: Params, adapters: dict | None = None):
     return tuple(layers), layer_adapters
 
 
+def _write_cache(buffer: jax.Array, new: jax.Array, cache_index) -> jax.Array:
+    """buffer [B,Hkv,S,hd] with new [B,Hkv,T,hd] written at slots cache_index.. (a scalar: one
+    dynamic_update_slice; a [B] array, T == 1: row b's token at its own slot cache_index[b], a
+    scatter of B x Hkv x hd values). Both update the loop-carried buffer in place."""
+    new = new.astype(buffer.dtype)
+    if jnp.ndim(cache_index) == 0:
+        return jax.lax.dynamic_update_slice(buffer, new, (0, 0, cache_index, 0))
+    rows = jnp.arange(buffer.shape[0])
+    return buffer.at[rows, :, cache_index, :].set(new[:, :, 0, :], mode="promise_in_bounds")
+
+
 def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask, cache_index,
            config: Qwen3Config, attention_kind: str = "masked", decode_range=None, key_len=None,
            delta_zero: bool = False):
@@ -174,9 +185,8 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
     else:
         k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,Hkv,T,hd]
         if cache_kv is not None:  # this layer's own buffers [B,Hkv,S,hd]: written in place, read as they lie
-            start = (0, 0, cache_index, 0)
-            k_cache = jax.lax.dynamic_update_slice(cache_kv[0], k_heads.astype(cache_kv[0].dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(cache_kv[1], v_heads.astype(cache_kv[1].dtype), start)
+            k_cache = _write_cache(cache_kv[0], k_heads, cache_index)
+            v_cache = _write_cache(cache_kv[1], v_heads, cache_index)
             k_heads, v_heads = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
             new_kv = (k_cache, v_cache)
         else:
@@ -221,7 +231,9 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     adapters: per-module adapter dicts stacked over layers (merged frozen + trainable), or None;
     params["layers"] (and adapters) may instead be the per-layer tuples of `decode_layers` (then the
     layers run unrolled with fused q/k/v and gate/up matmuls);
-    cache: {"k","v": L-tuples of [B,Hkv,S,hd]} (init_cache) or None; cache_index: slot of input_ids[:, 0].
+    cache: {"k","v": L-tuples of [B,Hkv,S,hd]} (init_cache) or None; cache_index: slot of input_ids[:, 0]
+    (an int), or with attention "decode" a [B] int array: row b's token goes to its own slot
+    cache_index[b] (the refill sampler, whose slots are at different steps).
     attention: "masked" (causal AND attention_mask, any padding, scores materialised), "causal"
     (`causal_attention`: cuDNN flash attention on a GPU; exact for real tokens only when every row
     is right-padded, i.e. no pad before a real token, and no cache; the outputs at pad positions are
@@ -254,8 +266,16 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
         chex.assert_equal(S, T)
         cache_index = 0
     attention_mask = attention_mask.astype(bool)
-    query_slots = cache_index + jnp.arange(T)
-    if positions is None:
+    per_row = jnp.ndim(cache_index) == 1  # decode at each row's own slot (the refill sampler)
+    if per_row and attention != "decode":
+        raise ValueError("a per-row cache_index [B] is for attention='decode' only")
+    if per_row:
+        chex.assert_shape(cache_index, (B,))
+        cache_index = cache_index.astype(jnp.int32)
+    query_slots = None if per_row else cache_index + jnp.arange(T)
+    if positions is None and per_row:
+        positions = jnp.take_along_axis(positions_from_mask(attention_mask), cache_index[:, None], axis=1)
+    elif positions is None:
         positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, T, axis=1)
 
     h = params["embed"][input_ids]  # [B,T,D]
@@ -263,9 +283,12 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     if attention == "decode":  # first masked-in slot .. the slot being written, inclusive
         first = jnp.argmax(attention_mask, axis=1).astype(jnp.int32)
         # rows not live at this slot (finished or padding) read one slot instead of their whole cache
-        live = jax.lax.dynamic_index_in_dim(attention_mask, cache_index, axis=1, keepdims=False)
+        if per_row:
+            live = jnp.take_along_axis(attention_mask, cache_index[:, None], axis=1)[:, 0]
+        else:
+            live = jax.lax.dynamic_index_in_dim(attention_mask, cache_index, axis=1, keepdims=False)
         first = jnp.where(live, first, cache_index).astype(jnp.int32)
-        decode_range = (first, jnp.full((B,), cache_index + 1, jnp.int32))
+        decode_range = (first, jnp.broadcast_to(cache_index + 1, (B,)).astype(jnp.int32))
     if key_len is not None and (cache is None or attention != "masked" or not 0 < key_len <= S):
         raise ValueError(f"key_len={key_len} needs a cache, attention='masked' and 0 < key_len <= {S}")
 

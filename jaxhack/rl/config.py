@@ -82,7 +82,7 @@ class TrainConfig:
     microbatch: int | None = None      # rows per gradient / reference micro-batch (None: whole batch)
     length_multiple: int = 512         # micro-batches: rows sorted by length, each cut to its longest row
                                        # rounded up to this (grads.microbatch); fewer compiled shapes
-    sample_rows: int | None = None     # rows the sampler decodes together (groups run in turn; None: all)
+    sample_rows: int | None = None     # rows the sampler decodes together (refill slots when fewer than the rows; None: all)
     prefill_chunk: int = 256           # prompt tokens per sampler prefill forward
     remat: str = "none"
     logp_chunk: int = 256
@@ -160,8 +160,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  lr=7e-5, beta=1e-3, warmup_steps=2, eval_every=10, ckpt_every=10, n_eval=4,
                  microbatch=8, remat="full", vhack_pairs=64, sandbox_wall_s=10.0),
     # The seed's Phase 3 run (spec2.md): ~7 h per run on one 96 GB GPU. sample_rows=96: the 258 rollouts
-    # decode as 3 groups of 86 rows (88 with padding), KV cache ~27 GB at 2048 slots, so the step fits
-    # an 80 GB H100 (docs/benchmarks.md, scripts/bench_phase3.py).
+    # decode through 96 refill slots (continuous batching, rl/refill.py), KV cache ~29 GB at 2048
+    # positions, so the step fits an 80 GB H100 (docs/benchmarks.md, scripts/bench_phase3.py).
     "full": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=43, n_problems=992, beta=1e-3,
                  lr=7e-5, steps=200, max_new=1536, warmup_steps=10, eval_every=20, ckpt_every=10,
                  n_eval=64, microbatch=8, remat="full", vhack_pairs=128, sandbox_wall_s=10.0,

@@ -1,12 +1,18 @@
 """Batched autoregressive sampling with a KV cache (design: docs/sampler.md).
 
-One call = one jitted program per row group (at most `max_rows` rows; one group by default): a
-prefill over the left-padded prompt batch in token chunks (cache slots 0..P-1), then a
-`lax.while_loop` of T=1 decode forwards (slot P+t at step t) that stops early once every sequence of
-the group has emitted an EOS; rows that have finished read no KV cache. Shapes are static: the prompt length is rounded up to a bucket and
-the batch is padded to a bucket, so repeated calls with different prompt lengths reuse the compiled
-program (jax.jit caches it per (bucket P, bucket B, max_new, model config, cache dtype, adapter tree
-structure, prefill chunk); sampling mode, temperature, top_p, EOS ids and pad id are traced values).
+Two schedules, the same tokens (each row draws its t-th token with fold_in(fold_in(key, t), row)):
+- "groups" (this module): one jitted program per row group (at most `max_rows` rows; one group by
+  default): a prefill over the left-padded prompt batch in token chunks (cache slots 0..P-1), then a
+  `lax.while_loop` of T=1 decode forwards (slot P+t at step t) that stops once every row of the
+  group is done; rows that have finished read no KV cache, but the group decodes until its longest
+  row is done.
+- "refill" (`refill.py`, continuous batching; the default when there are more prompts than
+  `max_rows`): `max_rows` decode slots; when a row finishes, its slot is refilled with the next
+  pending prompt (prefilled `refill_rows` at a time), so finished rows stop costing decode steps.
+Shapes are static: the prompt length is rounded up to a bucket and the batch is padded to a bucket
+(groups) or fixed at `max_rows` slots (refill), so repeated calls reuse the compiled programs (jax.jit
+caches them per (bucket P, batch, max_new, model config, cache dtype, adapter tree structure,
+prefill chunk); sampling mode, temperature, top_p, EOS ids and pad id are traced values).
 
 `logprobs` are log-probabilities of the sampled tokens under the *unscaled* model distribution
 (temperature 1, no top-p truncation): log_softmax(logits)[token]. That is the policy log-prob that
@@ -26,6 +32,9 @@ import numpy as np
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
+from jaxhack.rl.refill import generate_slots
+from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, TEMPERATURE, next_tokens, prefill, row_keys,  # noqa: F401
+                                 sample_from_logits)
 
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
@@ -34,6 +43,7 @@ class SampleResult:
     logprobs: np.ndarray  # [B, max_new] float32; log p(token) at temperature 1; 0 after the end
     prompt_lengths: np.ndarray  # [B] int32
     finished: np.ndarray  # [B] bool; True when the sequence emitted an EOS
+    decode_steps: int = 0  # decode forwards run (over the whole slot batch / each row group), for benchmarks
 
     @property
     def completion_mask(self) -> np.ndarray:
@@ -65,42 +75,6 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: 
     return tokens, mask
 
 
-GREEDY, TEMPERATURE, NUCLEUS = 0, 1, 2  # sampling modes (a traced int: one program serves all three)
-MAX_EOS_IDS = 8  # EOS ids are passed as a fixed-size array padded with -1 (changing them never recompiles)
-
-
-def sample_from_logits(logits: jax.Array, keys: jax.Array, mode: jax.Array, temperature: jax.Array,
-                       top_p: jax.Array) -> jax.Array:
-    """Pick one token per row. logits: [B, V] fp32; keys: [B] PRNG keys, one per row -> [B] int32.
-
-    mode GREEDY: argmax. TEMPERATURE: sample softmax(logits / temperature). NUCLEUS: as TEMPERATURE,
-    restricted to the smallest set of most-likely tokens whose probability mass reaches top_p (ties at
-    the boundary are kept). `lax.switch` runs only the selected branch, so greedy/temperature decoding
-    does not pay for the vocabulary sort. Each row draws with its own key, so a row's token does not
-    depend on which other rows share the batch (row groups, batch padding).
-    """
-    chex.assert_rank(logits, 2)
-    categorical = jax.vmap(lambda k, row: jax.random.categorical(k, row))  # [B] keys, [B,V] -> [B]
-
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def with_temperature(logits):
-        return categorical(keys, logits / temperature).astype(jnp.int32)
-
-    def nucleus(logits):
-        scaled = logits / temperature  # [B,V]
-        sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B,V] descending
-        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # [B,V] mass of strictly better
-        n_keep = jnp.sum(mass_before < top_p, axis=-1)  # [B] >= 1 (the top token has mass_before 0)
-        threshold = jnp.take_along_axis(sorted_logits, (n_keep - 1)[:, None], axis=-1)  # [B,1]
-        truncated = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-        return categorical(keys, truncated).astype(jnp.int32)
-
-    return jax.lax.switch(mode, (greedy, with_temperature, nucleus), logits)
-
-
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["step", "done", "eos", "logits", "cache", "mask", "tokens", "logprobs"], meta_fields=[])
 @dataclasses.dataclass
@@ -116,25 +90,13 @@ class DecodeState:
     logprobs: jax.Array  # [B,max_new] f32
 
 
-def _prefill(params, adapters, prompt_tokens, mask, cache, config: Qwen3Config, chunk: int):
-    """Run the [B,P] prompts through the model in token chunks of `chunk` (P % chunk == 0), writing cache
-    slots 0..P-1. Chunk i attends to slots [0, (i+1) chunk) only (`key_len`), so the activations are
-    O(B chunk F) and the scores O(B Hq chunk P), never O(B P S). Returns (last position's hidden [B,D],
-    cache)."""
-    P = prompt_tokens.shape[1]
-    for start in range(0, P, chunk):
-        hidden, cache = qwen3.forward(params, config, prompt_tokens[:, start:start + chunk], mask,
-                                      adapters=adapters, cache=cache, cache_index=start, key_len=start + chunk)
-    return hidden[:, -1], cache
-
-
 def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row_ids, row_max_new, eos, pad_id,
                    key, mode,
                    temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int):
     """prompt_tokens, prompt_mask: [B,P]; row_active: [B] bool (False for batch-padding rows); row_ids:
     [B] int32, each row's index in the caller's prompt list (its sampling key is fold_in(step key, id));
     row_max_new: [B] int32, a row stops after this many tokens (as after an EOS, but not `finished`); eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
-    Returns tokens [B,max_new] int32, logprobs [B,max_new] f32, lengths [B] int32, finished [B] bool."""
+    Returns tokens [B,max_new] int32, logprobs [B,max_new] f32, lengths [B] int32, finished [B] bool, decode steps run [] int32."""
     B, P = prompt_tokens.shape
     S = -(-(P + max_new) // SPLIT) * SPLIT  # slots past P + max_new stay masked out
     chex.assert_shape(prompt_mask, (B, P))
@@ -146,22 +108,16 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
     params, adapters = {**params, "layers": layers}, layer_adapters
     cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": L-tuples of [B,Hkv,S,hd]}
     mask = jnp.concatenate([prompt_mask, jnp.zeros((B, S - P), bool)], axis=1)  # [B,S]
-    last_hidden, cache = _prefill(params, adapters, prompt_tokens, mask, cache, config, prefill_chunk)
-    logits = qwen3.lm_logits(params, config, last_hidden)  # [B,V] (left padding: last slot is real)
+    logits, cache = prefill(params, adapters, prompt_tokens, mask, cache, config, prefill_chunk)  # [B,V]
 
     def cond(state: DecodeState):
         return (state.step < max_new) & ~jnp.all(state.done)
 
     def body(state: DecodeState) -> DecodeState:
         t = state.step
-        step_key = jax.random.fold_in(key, t)
-        row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, row_ids)  # [B]
-        token = sample_from_logits(state.logits, row_keys, mode, temperature, top_p)  # [B]
-        logp = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
         live = ~state.done  # [B] this step's token is real
-        token = jnp.where(live, token, pad_id)
-        logp = jnp.where(live, logp, 0.0)
-        hit_eos = live & jnp.any(token[:, None] == eos[None, :], axis=-1)
+        token, logp, hit_eos = next_tokens(state.logits, row_keys(key, t, row_ids), live, eos, pad_id, mode,
+                                           temperature, top_p)
         done = state.done | hit_eos | (t + 1 >= row_max_new)
         slot = P + t
         mask = jax.lax.dynamic_update_slice(state.mask, live[:, None], (0, slot))
@@ -176,7 +132,7 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
                        logprobs=jnp.zeros((B, max_new), jnp.float32))
     final = jax.lax.while_loop(cond, body, init)
     lengths = jnp.sum(final.mask[:, P:P + max_new], axis=-1).astype(jnp.int32)  # [B]
-    return final.tokens, final.logprobs, lengths, final.eos & row_active
+    return final.tokens, final.logprobs, lengths, final.eos & row_active, final.step
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=(
@@ -203,7 +159,8 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
              max_new_tokens: int, key: jax.Array, adapters: dict | None = None,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_ids: Sequence[int] | None = None,
              pad_id: int = 0, cache_dtype=None, prompt_multiple: int = 64, max_rows: int | None = None,
-             prefill_chunk: int | None = 256, max_lengths: Sequence[int] | None = None) -> SampleResult:
+             prefill_chunk: int | None = 256, max_lengths: Sequence[int] | None = None,
+             schedule: str = "auto", refill_rows: int = 8) -> SampleResult:
     """Sample `max_new_tokens` continuations of every prompt (lists of token ids, any lengths >= 1).
 
     adapters: merged per-module adapter dict as `qwen3.forward` takes, or None for the base model.
@@ -217,6 +174,10 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     max_lengths: optional per-prompt cap on new tokens (<= max_new_tokens): row i stops after
     max_lengths[i] tokens as if it had emitted an EOS there (but `finished` stays False). Traced, so
     it never recompiles (benchmarks force completion lengths with it).
+    schedule: "groups" (row groups of <= max_rows, each decoding until its longest row is done),
+    "refill" (`refill.py`: max_rows decode slots, a finished row's slot takes the next pending row,
+    refill_rows rows prefilled at a time) or "auto": refill when max_rows is set and there are more
+    prompts than max_rows, else groups. The schedule changes the cost, not the tokens.
     """
     n = len(prompts)
     if n == 0:
@@ -227,6 +188,10 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if schedule not in ("auto", "groups", "refill"):
+        raise ValueError(f"generate: schedule must be 'auto', 'groups' or 'refill', got {schedule!r}")
+    if refill_rows < 1:
+        raise ValueError(f"generate: refill_rows must be >= 1, got {refill_rows}")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"generate: prefill_chunk must be >= 1, got {prefill_chunk}")
     prompt_lengths = np.asarray([len(p) for p in prompts], np.int32)
@@ -248,7 +213,18 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     # token ids are traced: drop them from the static config so changing them never recompiles
     model_config = dataclasses.replace(config, eos_token_ids=(), bos_token_id=None, pad_token_id=None)
     mode = GREEDY if temperature == 0.0 else (NUCLEUS if top_p < 1.0 else TEMPERATURE)
-    outs = []
+    if schedule == "auto":
+        schedule = "refill" if max_rows is not None and n > max_rows else "groups"
+    if schedule == "refill":
+        slots = batch_bucket(n) if max_rows is None else min(max_rows, batch_bucket(n))
+        tokens, mask = left_pad(prompts, P, n, pad_id)
+        out_tokens, out_logp, lengths, finished, steps = generate_slots(
+            params, adapters, tokens, mask, np.minimum(caps, max_new_tokens), eos, pad_id, key, mode,
+            1.0 if mode == GREEDY else temperature, top_p, config=model_config, max_new=int(max_new_tokens),
+            cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=chunk, slots=slots, refill_rows=refill_rows)
+        return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
+                            finished=finished, decode_steps=steps)
+    outs, steps = [], 0
     for start, stop in groups:
         tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
         row_active = np.arange(B) < stop - start
@@ -260,10 +236,11 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
             jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos), jnp.int32(pad_id), key, jnp.int32(mode),
             jnp.float32(1.0 if mode == GREEDY else temperature), jnp.float32(top_p), config=model_config,
             max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=chunk)
-        outs.append([np.asarray(x)[:stop - start] for x in out])  # blocks: one group's cache at a time
+        outs.append([np.asarray(x)[:stop - start] for x in out[:4]])  # blocks: one group's cache at a time
+        steps += int(out[4])
     out_tokens, out_logp, lengths, finished = (np.concatenate(parts) for parts in zip(*outs))
     return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
-                        finished=finished)
+                        finished=finished, decode_steps=steps)
 
 
 def decode_completions(result: SampleResult, tokenizer) -> list[str]:

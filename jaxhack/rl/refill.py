@@ -1,0 +1,216 @@
+"""Continuous batching for the sampler: a fixed batch of B decode slots, refilled as rows finish.
+
+`sampler.generate(schedule="refill")` runs here (design: docs/sampler.md, "Refill schedule"). Row
+groups decode until their longest row is done, so with completion lengths of mean 500 and max 1536
+most of a group's decode steps run for rows that have already stopped. Here a finished row's slot
+takes the next pending row instead:
+
+- **Slots.** The KV cache holds B slots of S = P + max_new (rounded up to the decode kernel's split)
+  cache positions. Slot b holds one row at a time: its left-padded prompt at positions 0..P-1 and its
+  t-th new token at P + t, t being the slot's own step. Slots are at different steps, so the decode
+  forward writes each row's key/value at its own position (`qwen3.forward` with a [B] cache_index)
+  and reads, per row, its own live range (the Pallas decode kernel takes per-row bounds).
+- **Refill program** (`_refill`, R rows at a time): prefill R prompts in token chunks into a small
+  [R, Hkv, P, hd] cache, scatter it into the R freed slots (positions 0..P-1; the stale keys past P
+  are never read: a row reads only positions below P + its step), reset those slots' mask, step,
+  outputs and next-token logits, and hand back the outputs the slots held (the finished rows').
+  Unused entries of the R point past the last slot and are dropped.
+- **Round program** (`_round`): a `lax.while_loop` of decode steps over all B slots that stops once
+  `trigger` slots are free (or all are). Finished slots emit nothing, write nothing the live rows
+  read, and read one cache position each.
+- **Host loop** (`generate_slots`): between rounds the host reads the B `done` flags (one small
+  device-to-host copy per round), refills min(R, pending) free slots at a time, and calls the next
+  round with trigger = min(R, pending rows), or B + 1 once no row is pending (then the round runs to
+  the end). Shapes never depend on the round, so there are two compiled programs (refill and
+  round) per (B, R, P, max_new, ...), and the state is donated to each call (updated in place).
+- **Same tokens.** A row's t-th token is drawn with fold_in(fold_in(key, t), row id), as in the row
+  group schedule, and the per-step code is shared (`sampling.next_tokens`), so a row's tokens do not
+  depend on its slot, on when it was refilled, or on the schedule, up to float differences of the
+  logits between batch shapes (on CPU the tests see identical tokens and log-probs within ~1e-6;
+  on a GPU another batch shape may pick another matmul kernel, as with row groups of another size).
+
+Trade-off of deciding refills on the host: one device-to-host sync per round (about N / R rounds)
+and a freed slot idles until R slots are free (R trades idle slot-steps for prefill batch size). A
+fully on-device queue would avoid the syncs, but would put a `lax.cond` with the prefill in the decode
+loop, whose two branches both carry the whole KV cache (XLA may copy it) and make one larger program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxhack.models import qwen3
+from jaxhack.models.config import Qwen3Config
+from jaxhack.models.decode_attention import SPLIT
+from jaxhack.rl.sampling import MAX_EOS_IDS, next_tokens, prefill, row_keys
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["step", "done", "eos", "cap", "row", "logits", "cache", "mask", "tokens",
+                                "logprobs", "n_steps"], meta_fields=[])
+@dataclasses.dataclass
+class SlotState:
+    """The refill decoder's state: B slots, S cache positions each, at most max_new tokens per row."""
+    step: jax.Array  # [B] int32: tokens the slot's row has emitted (its next token's index t)
+    done: jax.Array  # [B] bool: the slot is free (its row stopped, or it never held one)
+    eos: jax.Array  # [B] bool: the slot's row emitted an EOS
+    cap: jax.Array  # [B] int32: the row stops after this many tokens (max_lengths)
+    row: jax.Array  # [B] int32: the row's index in the caller's list (its sampling key)
+    logits: jax.Array  # [B,V] fp32: next-token logits
+    cache: dict  # {"k","v": L-tuples of [B,Hkv,S,hd]}
+    mask: jax.Array  # [B,S] bool: positions holding a real token of the slot's row
+    tokens: jax.Array  # [B,max_new] int32 (pad_id where not generated)
+    logprobs: jax.Array  # [B,max_new] f32
+    n_steps: jax.Array  # [] int32: decode steps run so far (all slots together)
+
+
+def _init(config: Qwen3Config, B: int, S: int, max_new: int, cache_dtype, pad_id) -> SlotState:
+    return SlotState(step=jnp.zeros((B,), jnp.int32), done=jnp.ones((B,), bool), eos=jnp.zeros((B,), bool),
+                     cap=jnp.ones((B,), jnp.int32), row=jnp.zeros((B,), jnp.int32),
+                     logits=jnp.zeros((B, config.vocab_size), jnp.float32),
+                     cache=qwen3.init_cache(config, B, S, cache_dtype), mask=jnp.zeros((B, S), bool),
+                     tokens=jnp.full((B, max_new), pad_id, jnp.int32), logprobs=jnp.zeros((B, max_new), jnp.float32),
+                     n_steps=jnp.int32(0))
+
+
+_init_jit = jax.jit(_init, static_argnames=("config", "B", "S", "max_new", "cache_dtype"))
+_decode_layers_jit = jax.jit(qwen3.decode_layers)
+
+
+def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, slots, rows, caps, pad_id, *,
+            config: Qwen3Config, prefill_chunk: int):
+    """Put R new rows into the slots `slots` ([R] int32; B = unused entry, dropped).
+    prompt_tokens, prompt_mask: [R,P] left-padded; rows: [R] the rows' indices in the caller's list;
+    caps: [R] their token caps. Returns (state, the slots' previous outputs: tokens [R,max_new],
+    logprobs [R,max_new], lengths [R], eos [R]; meaningless for unused entries)."""
+    R, P = prompt_tokens.shape
+    B, S = state.mask.shape
+    chex.assert_shape([slots, rows, caps], (R,))
+    chex.assert_shape(prompt_mask, (R, P))
+    take = jnp.minimum(slots, B - 1)
+    previous = (state.tokens[take], state.logprobs[take], state.step[take], state.eos[take])
+    small = qwen3.init_cache(config, R, P, state.cache["k"][0].dtype)  # [R,Hkv,P,hd] per layer
+    logits, small = prefill(params, adapters, prompt_tokens, prompt_mask, small, config, prefill_chunk)
+
+    def put(big, new):  # big [B,...], new [R,...]: rows `slots`, unused entries (index B) dropped
+        return big.at[slots].set(new, mode="drop")
+
+    cache = jax.tree.map(lambda big, new: big.at[slots, :, :P].set(new, mode="drop"), state.cache, small)
+    max_new = state.tokens.shape[1]
+    new = SlotState(
+        step=put(state.step, jnp.zeros((R,), jnp.int32)), done=put(state.done, jnp.zeros((R,), bool)),
+        eos=put(state.eos, jnp.zeros((R,), bool)), cap=put(state.cap, caps), row=put(state.row, rows),
+        logits=put(state.logits, logits), cache=cache,
+        mask=put(state.mask, jnp.concatenate([prompt_mask, jnp.zeros((R, S - P), bool)], axis=1)),
+        tokens=put(state.tokens, jnp.full((R, max_new), pad_id, jnp.int32)),
+        logprobs=put(state.logprobs, jnp.zeros((R, max_new), jnp.float32)), n_steps=state.n_steps)
+    return new, previous
+
+
+_refill_jit = jax.jit(_refill, static_argnames=("config", "prefill_chunk"), donate_argnums=0)
+
+
+def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, temperature, top_p, *,
+           config: Qwen3Config, P: int) -> SlotState:
+    """Decode steps over all B slots until at least `trigger` ([] int32) slots are free, or all are."""
+    B, S = state.mask.shape
+    max_new = state.tokens.shape[1]
+    chex.assert_shape(eos, (MAX_EOS_IDS,))
+    slots = jnp.arange(B)
+
+    def cond(s: SlotState):
+        return ~jnp.all(s.done) & (jnp.sum(s.done) < trigger)
+
+    def body(s: SlotState) -> SlotState:
+        t = s.step  # [B]
+        live = ~s.done
+        token, logp, hit_eos = next_tokens(s.logits, row_keys(key, t, s.row), live, eos, pad_id, mode,
+                                           temperature, top_p)
+        col = jnp.where(live, t, max_new)  # finished slots write nowhere (index past the end: dropped)
+        position = jnp.minimum(P + t, S - 1)  # [B] the cache position of this step's token
+        mask = s.mask.at[slots, position].set(live)
+        hidden, cache = qwen3.forward(params, config, token[:, None], mask, adapters=adapters, cache=s.cache,
+                                      cache_index=position, attention="decode")  # hidden [B,1,D]
+        return SlotState(step=t + live, done=s.done | hit_eos | (t + 1 >= s.cap), eos=s.eos | hit_eos,
+                         cap=s.cap, row=s.row, logits=qwen3.lm_logits(params, config, hidden[:, 0]), cache=cache,
+                         mask=mask, tokens=s.tokens.at[slots, col].set(token, mode="drop"),
+                         logprobs=s.logprobs.at[slots, col].set(logp, mode="drop"), n_steps=s.n_steps + 1)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+_round_jit = jax.jit(_round, static_argnames=("config", "P"), donate_argnums=0)
+
+
+def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, caps: np.ndarray,
+                   eos: np.ndarray, pad_id: int, key, mode: int, temperature: float, top_p: float, *,
+                   config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
+                   refill_rows: int):
+    """The host loop. prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
+    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B).
+    Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order, and
+    the number of decode steps run (each a forward over all B slots)."""
+    N, P = prompt_tokens.shape
+    B, R = slots, min(refill_rows, slots)
+    if R < 1:
+        raise ValueError(f"refill_rows must be >= 1, got {refill_rows}")
+    S = -(-(P + max_new) // SPLIT) * SPLIT  # as the row-group schedule: positions past P + max_new unused
+    layers, layer_adapters = _decode_layers_jit(params, adapters)  # per-layer copies, once per call
+    dparams = {**params, "layers": layers}
+    state = _init_jit(config, B, S, max_new, cache_dtype, jnp.int32(pad_id))
+    scalars = (key, jnp.asarray(eos), jnp.int32(pad_id), jnp.int32(mode), jnp.float32(temperature),
+               jnp.float32(top_p))
+    slot_row = np.full((B,), -1)  # host copy: which row each slot holds (-1: none yet)
+    done = np.ones((B,), bool)
+    handed_back = []  # (rows [k], device outputs of R slots, k): outputs of rows whose slot was refilled
+    next_row = 0
+    while True:
+        pending = N - next_row
+        free = np.flatnonzero(done)
+        if pending and len(free) >= min(R, pending):
+            k = min(R, pending)
+            chosen = free[:k]
+            idx = np.full((R,), B, np.int32)
+            idx[:k] = chosen
+            rows = np.zeros((R,), np.int32)
+            rows[:k] = np.arange(next_row, next_row + k)
+            toks = np.full((R, P), pad_id, np.int32)
+            msk = np.zeros((R, P), bool)
+            toks[:k], msk[:k] = prompt_tokens[next_row:next_row + k], prompt_mask[next_row:next_row + k]
+            row_caps = np.ones((R,), np.int32)
+            row_caps[:k] = caps[next_row:next_row + k]
+            state, previous = _refill_jit(state, dparams, layer_adapters, jnp.asarray(toks), jnp.asarray(msk),
+                                          jnp.asarray(idx), jnp.asarray(rows), jnp.asarray(row_caps),
+                                          jnp.int32(pad_id), config=config, prefill_chunk=prefill_chunk)
+            evicted = slot_row[chosen]
+            if (evicted >= 0).any():
+                handed_back.append((evicted, previous, np.flatnonzero(evicted >= 0)))
+            slot_row[chosen] = rows[:k]
+            done[chosen] = False
+            next_row += k
+            continue
+        if not pending and done.all():
+            break
+        trigger = min(R, pending) if pending else B + 1
+        state = _round_jit(state, dparams, layer_adapters, jnp.int32(trigger), *scalars, config=config, P=P)
+        done = np.array(state.done)  # the round's one sync (a writable copy)
+
+    out_tokens = np.full((N, max_new), pad_id, np.int32)
+    out_logp = np.zeros((N, max_new), np.float32)
+    lengths = np.zeros((N,), np.int32)
+    finished = np.zeros((N,), bool)
+
+    def collect(rows, outputs, where):
+        tokens, logp, length, eos_hit = (np.asarray(x)[where] for x in outputs)
+        out_tokens[rows[where]], out_logp[rows[where]] = tokens, logp
+        lengths[rows[where]], finished[rows[where]] = length, eos_hit
+
+    for rows, previous, where in handed_back:
+        collect(rows, previous, where)
+    collect(slot_row, (state.tokens, state.logprobs, state.step, state.eos), np.flatnonzero(slot_row >= 0))
+    return out_tokens, out_logp, lengths, finished, int(state.n_steps)
