@@ -7,8 +7,8 @@
         --v-hack random --steps 3 --run-dir out/p3/bench      # GPU benchmark with random weights
     jaxhack train ... --resume                                 # continue a killed run
     jaxhack train --preset full --mesh data=4 ...              # data parallel over 4 GPUs of one host
-    JAX_COORDINATOR_ADDRESS=host0:1234 JAX_PROCESS_COUNT=2 JAX_PROCESS_ID=0 \
-        jaxhack train --mesh data=16 ...                       # one process per host (docs/phase3.md)
+    jaxhack train --mesh data=16 --coordinator host0:1234 --num-processes 2 --process-id 0 ...
+                                                               # on each host (its id; docs/phase3.md)
     (or: python scripts/phase3_train.py ...)
 
 Every TrainConfig field is a flag (--group-size, --prompts-per-step, --lr, --mix-teacher DIR,
