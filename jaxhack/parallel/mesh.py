@@ -120,6 +120,15 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def from_primary(tree):
+    """Process 0's value of a host pytree on every process (as is with one process): a value computed
+    on each host (e.g. an extracted v_hack) may differ in the last bits between hosts."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, tree)))
+
+
 def barrier(name: str) -> None:
     """Wait for every process (no-op with one process)."""
     if jax.process_count() > 1:

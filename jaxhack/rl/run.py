@@ -124,6 +124,9 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
     arm = ARMS[cfg.arm]
     t0 = time.time()
     mesh = meshlib.make_mesh(cfg.mesh)
+    vdir = run_dir / VHACK_DIR
+    have_vdir = vdir.is_dir()
+    meshlib.barrier("jaxhack-vhack-checked")  # several processes: all decide before process 0 writes it
     if model is not None:
         params, config, tokenizer = model
     else:
@@ -153,8 +156,7 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
                                       random_bases_key=bases_key)
     if cfg.v_hack and cfg.v_hack != "random":  # before any work: shape, adapter kind, basis factors
         check_v_hack_fits(*load_v_hack(cfg.v_hack), trainable0, frozen, f"--v-hack {cfg.v_hack}")
-    vdir = run_dir / VHACK_DIR
-    if vdir.is_dir():
+    if have_vdir:
         v_hack, v_meta = load_v_hack(vdir)
     else:
         v_hack, v_meta = make_v_hack(cfg, arm.control, train_problems, tokenizer, trainable0, frozen,
@@ -162,6 +164,7 @@ def setup_run(cfg: TrainConfig, model=None) -> RunContext:
         v_meta = _jsonable(v_meta)
         if meshlib.is_primary():
             save_v_hack(vdir, v_hack, v_meta, force=True)
+    v_hack = meshlib.from_primary(v_hack)  # several processes: every one projects with process 0's v_hack
     if mesh is not None:
         params, frozen, trainable0 = meshlib.tree_to_global((params, frozen, trainable0), meshlib.replicated(mesh))
     optimizer, update_fn = cached_update_fn(cfg, v_hack, arm.projection, config, mesh)
