@@ -34,6 +34,16 @@ def _to_host(tree: Any) -> Any:
     return jax.tree.map(np.asarray, tree)
 
 
+def _checkpointer():
+    """orbax's PyTreeCheckpointer; with several jax processes (multi-host) one that involves only this
+    process (no cross-process barrier): the callers write host copies from process 0 and read them
+    back on every process (jaxhack.rl.trainer)."""
+    if jax.process_count() == 1:
+        return ocp.PyTreeCheckpointer()
+    me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=me), multiprocessing_options=me)
+
+
 def save_pytree(path: str | Path, tree: Any, force: bool = False) -> Path:
     """Write `tree` (nested dicts / lists / tuples / namedtuples of arrays) to the orbax directory
     `path`. The directory must not exist unless force=True (then it is replaced). Returns the path."""
@@ -41,7 +51,7 @@ def save_pytree(path: str | Path, tree: Any, force: bool = False) -> Path:
     if path.exists() and not force:
         raise FileExistsError(f"{path}: already exists (pass force=True to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    ocp.PyTreeCheckpointer().save(path, args=ocp.args.PyTreeSave(_to_host(tree)), force=force)
+    _checkpointer().save(path, args=ocp.args.PyTreeSave(_to_host(tree)), force=force)
     return path
 
 
@@ -56,7 +66,7 @@ def restore_pytree(path: str | Path, target: Any = None, as_jax: bool = True) ->
     path = Path(path).absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: orbax checkpoint directory not found")
-    ckptr = ocp.PyTreeCheckpointer()
+    ckptr = _checkpointer()
     try:
         if target is None:
             tree = ckptr.restore(path)

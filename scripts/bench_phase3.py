@@ -37,6 +37,18 @@ memory limit), compute-bound decode steps counted at the FLOP peak instead.
     PYTHONPATH=. python scripts/bench_phase3.py --regime realistic --sampler both --sample-only  # old vs new
     PYTHONPATH=. python scripts/bench_phase3.py --regime worst        # GPU, ~6 min on an H100
     PYTHONPATH=. python scripts/bench_phase3.py --tiny --regime both  # CPU, ~1 min
+
+Data parallel (docs/phase3.md, "One GPU, one node of N GPUs, a cluster"): `--meshes data=1 data=2 data=4`
+runs the step on each mesh in turn, in one process (the first N devices), and writes one JSON line per
+mesh with `mesh`, `n_devices` and `scaling_efficiency` = step_s(1 device) / (N step_s(N devices)) against
+the data=1 line of the same call (`device_scaling_efficiency`: the same without the host-side grading,
+which does not shard). On a mesh the sampler's rows, the reference pass and the update's micro-batches
+are sharded over the devices exactly as `jaxhack train --mesh` does: sample_rows and microbatch are per
+device, params / adapter / optimizer state replicated.
+
+    PYTHONPATH=. python scripts/bench_phase3.py --regime realistic --meshes data=1 data=2 data=4  # 4 GPUs
+    PYTHONPATH=. python scripts/bench_phase3.py --tiny --regime worst --grade none --cpu-devices 4 \
+        --meshes data=1 data=2 data=4                                                         # CPU check
 """
 from __future__ import annotations
 
@@ -185,7 +197,18 @@ def build(args):
     return cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack
 
 
-def run_regime(args, regime: str, built) -> list[dict]:
+def place(built, mesh):
+    """The built state replicated on the mesh (None: as built)."""
+    if mesh is None:
+        return built
+    from jaxhack.parallel import mesh as meshlib
+    cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = built
+    params, trainable, frozen, opt_state = meshlib.tree_to_global((params, trainable, frozen, opt_state),
+                                                                  meshlib.replicated(mesh))
+    return cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack
+
+
+def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     import jax
 
     from jaxhack.grads.batch import make_batch
@@ -193,12 +216,13 @@ def run_regime(args, regime: str, built) -> list[dict]:
     from jaxhack.models.adapters import merge
     from jaxhack.rl import learner, sampler
 
-    cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = built
+    cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = place(built, mesh)
+    n_dev = 1 if mesh is None else int(mesh.shape["data"])
     # the trainer's own reference pass and update (rl/learner.py); "fixed": every micro-batch padded to
     # prompt + max_new (a length multiple no row reaches), "bucketed": cut to length_multiple
     multiple = args.length_multiple if args.update == "bucketed" else 1 << 30
     cfg = dataclasses.replace(cfg, length_multiple=multiple)
-    update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack, cfg.length_multiple)
+    update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack, cfg.length_multiple, mesh)
     N = cfg.group_size * cfg.prompts_per_step
     rng = np.random.default_rng(1)
     half = min(100, args.prompt_len // 4)
@@ -213,13 +237,16 @@ def run_regime(args, regime: str, built) -> list[dict]:
     P = sampler.prompt_bucket(int(prompt_lens.max()))
     S = -(-(P + cfg.max_new) // 128) * 128
     max_len = -(-(int(prompt_lens.max()) + cfg.max_new) // 64) * 64
-    groups, B_groups = sampler.row_groups(N, args.sample_rows)
+    groups, B_groups = sampler.row_groups(N, args.sample_rows * n_dev)  # sample_rows: per device, as generate(mesh=)
+    B_groups = -(-B_groups // n_dev) * n_dev
     schedules = ("groups", "refill") if args.sampler == "both" else (args.sampler,)
+    if mesh is not None and "refill" in schedules:
+        raise ValueError("the refill sampler is single-device: pass --sampler groups with --mesh / --meshes")
     # refill: sample_rows slots (at most the padded batch); groups: B_groups rows per group
     B_slots = min(args.sample_rows, sampler.batch_bucket(N))
     batch = {"groups": B_groups, "refill": B_slots}
-    mem = {sched: memory_estimate(config, batch[sched], S, cfg.microbatch, max_len, min(args.prefill_chunk, P), P,
-                                  2 if not args.tiny else 4) for sched in schedules}
+    mem = {sched: memory_estimate(config, batch[sched] // n_dev, S, cfg.microbatch, max_len,
+                                  min(args.prefill_chunk, P), P, 2 if not args.tiny else 4) for sched in schedules}
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
                        args.hbm_tbps * 1e12, slots=B_slots)
     log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, mean completion {comp_lens.mean():.0f}, "
@@ -235,7 +262,8 @@ def run_regime(args, regime: str, built) -> list[dict]:
                                key=jax.random.PRNGKey(step), adapters=merge(trainable, frozen),
                                temperature=cfg.temperature, eos_token_ids=[], pad_id=0,
                                max_rows=args.sample_rows, prefill_chunk=args.prefill_chunk,
-                               max_lengths=caps.tolist(), schedule=schedule, refill_rows=args.refill_rows)
+                               max_lengths=caps.tolist(), schedule=schedule, refill_rows=args.refill_rows,
+                               mesh=mesh)
         return res, time.perf_counter() - t0
 
     def one_step(step: int, trainable, opt_state, schedule: str):
@@ -259,11 +287,13 @@ def run_regime(args, regime: str, built) -> list[dict]:
         t0 = time.perf_counter()
         comps = [res.tokens[i, :n].tolist() for i, n in enumerate(res.lengths)]
         batch = make_batch(prompts, comps, pad_id=0, padding="right", length=max_len)
+        if mesh is not None and cfg.microbatch is None and N % n_dev:
+            raise ValueError(f"{N} rows do not split over {n_dev} devices without --microbatch")
         batch["advantage"] = np.asarray(centered_advantages(rewards, group_size=cfg.group_size))
         batch["old_logp"] = np.zeros_like(batch["tokens"], np.float32)
         batch["use_current"] = np.ones((N,), bool)
         real = batch["attention_mask"].sum(1)
-        batch["ref_logp"] = learner.reference_logp(params, config, batch, cfg)
+        batch["ref_logp"] = learner.reference_logp(params, config, batch, cfg, mesh=mesh)
         times["ref_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -328,9 +358,22 @@ def run_regime(args, regime: str, built) -> list[dict]:
             "sampler_batch": batch[schedule], "refill_rows": args.refill_rows if schedule == "refill" else None,
             "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
             "remat": cfg.remat, "floor": floor, "steps": recs, "peak_tflops": args.peak_tflops,
-            "hbm_tbps": args.hbm_tbps})
+            "hbm_tbps": args.hbm_tbps, "mesh": None if mesh is None else f"data={n_dev}", "n_devices": n_dev})
         out.append(rec)
     return out
+
+
+def add_scaling(rec: dict, one: dict | None) -> None:
+    """scaling_efficiency = step_s(1) / (N step_s(N)) against the 1-device record `one` of the same call
+    (None without one); device_scaling_efficiency: the same for sample + ref + update (no grading)."""
+    rec["scaling_efficiency"] = rec["device_scaling_efficiency"] = None
+    if one is None or "step_s" not in rec:
+        return
+    n = rec["n_devices"]
+    device = lambda r: r["sample_s"] + r["ref_s"] + r["update_s"]  # noqa: E731
+    rec["scaling_efficiency"] = one["step_s"] / (n * rec["step_s"])
+    rec["device_scaling_efficiency"] = device(one) / (n * device(rec))
+    rec["speedup"] = one["step_s"] / rec["step_s"]
 
 
 def main(argv=None) -> int:
@@ -361,6 +404,12 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (full) for the update")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM 989)")
     ap.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM bandwidth (H100 SXM 3.35, H200 4.8)")
+    ap.add_argument("--mesh", default=None, help="one mesh, e.g. data=4 (rows sharded over 4 devices)")
+    ap.add_argument("--meshes", nargs="+", default=None, metavar="MESH",
+                    help="several meshes in one call, e.g. data=1 data=2 data=4: one JSON line each, with "
+                         "scaling_efficiency against the data=1 line")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="CPU only: fake this many host devices (XLA_FLAGS, set before jax loads)")
     ap.add_argument("--out", default=None, help="append JSON lines here (default docs/results/bench_phase3.jsonl; "
                                                 "tiny: not written unless given)")
     args = ap.parse_args(argv)
@@ -373,19 +422,40 @@ def main(argv=None) -> int:
     args.sample_rows = args.sample_rows or 96
     out = args.out or (None if args.tiny else str(Path(__file__).resolve().parents[1] / "docs/results/bench_phase3.jsonl"))
     regimes = ("realistic", "worst") if args.regime == "both" else (args.regime,)
+    if args.cpu_devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    specs = args.meshes or ([args.mesh] if args.mesh else [None])
+    from jaxhack.parallel.mesh import make_mesh
+    try:
+        meshes = [make_mesh(spec) for spec in specs]
+    except ValueError as err:
+        print(f"error: --meshes: {err}", file=sys.stderr)
+        return 2
     log("building random Qwen3-4B-shaped weights, SVD adapter, v_hack ..." if not args.tiny else "building tiny model ...")
     built = build(args)
-    for regime in regimes:
+    if args.meshes or args.mesh:  # host copies: each mesh places its own replicas (no extra copy on device 0)
+        import jax
+        cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = built
+        params, trainable, frozen, opt_state = jax.tree.map(np.asarray, (params, trainable, frozen, opt_state))
+        built = cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack
+        del cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack
+    one_device: dict = {}  # regime -> the data=1 record of this call
+    for regime, (spec, mesh) in [(r, m) for r in regimes for m in zip(specs, meshes)]:
         steps = args.steps if args.steps is not None else (1 if regime == "worst" else 2)
         run_args = argparse.Namespace(**{**vars(args), "steps": steps})
         try:
-            recs = run_regime(run_args, regime, built)
+            recs = run_regime(run_args, regime, built, mesh)
         except Exception as e:  # noqa: BLE001 - an OOM in one regime is a result, not a crash
             import traceback
             traceback.print_exc()
             recs = [{"preset": "full" if not args.tiny else "full-tiny", "regime": regime, "sampler": args.sampler,
-                     "error": f"{type(e).__name__}: {str(e)[:800]}"}]
+                     "mesh": spec, "error": f"{type(e).__name__}: {str(e)[:800]}"}]
         for rec in recs:
+            if args.meshes:
+                add_scaling(rec, one_device.get((regime, rec.get("sampler"))))
+                if rec.get("n_devices") == 1 and "step_s" in rec:
+                    one_device[(regime, rec.get("sampler"))] = rec
             line = json.dumps(rec)
             print(line, flush=True)
             if out:
@@ -393,15 +463,19 @@ def main(argv=None) -> int:
                     f.write(line + "\n")
         for rec in recs:
             peak = (rec.get("peak_bytes") or 0) / 1e9
+            where = rec.get("mesh") or "one device"
             if "step_s" in rec:
-                print(f"{regime} [{rec['sampler']}]: step {rec['step_s']:.1f} s (sample {rec['sample_s']:.1f}, "
+                print(f"{regime} [{rec['sampler']}, {where}]: step {rec['step_s']:.1f} s (sample {rec['sample_s']:.1f}, "
                       f"grade {rec['grade_s']:.1f}, ref {rec['ref_s']:.1f}, update {rec['update_s']:.1f}); floor "
                       f"{rec['floor_s']:.1f} s = {100 * rec['fraction_of_floor']:.0f}% reached; "
                       f"{rec['decode_steps']} decode steps; process peak {peak:.1f} GB measured, "
-                      f"{rec['memory_estimate_gb']['peak_gb']:.1f} GB estimated", flush=True)
+                      f"{rec['memory_estimate_gb']['peak_gb']:.1f} GB estimated"
+                      + (f"; scaling efficiency {rec['scaling_efficiency']:.2f} (device part "
+                         f"{rec['device_scaling_efficiency']:.2f})" if rec.get("scaling_efficiency") else ""),
+                      flush=True)
             elif "sample_s" in rec:
-                print(f"{regime} [{rec['sampler']}]: sample {rec['sample_s']:.2f} s, {rec['decode_steps']} decode "
-                      f"steps, sampler floor {rec['sample_floor_slots_s']:.1f} s at {args.sample_rows} slots "
+                print(f"{regime} [{rec['sampler']}, {where}]: sample {rec['sample_s']:.2f} s, {rec['decode_steps']} "
+                      f"decode steps, sampler floor {rec['sample_floor_slots_s']:.1f} s at {args.sample_rows} slots "
                       f"({rec['sample_floor_s']:.1f} s all rows at once); process peak {peak:.1f} GB", flush=True)
     return 0
 

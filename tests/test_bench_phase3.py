@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_phase3.py"
 
@@ -60,3 +61,27 @@ def test_realistic_lengths_and_floor_terms():
     assert short["floor_s"] < worst["floor_s"] and short["prefill_s"] == worst["prefill_s"]
     # decode reads all weights + full-rank adapter bases each step: 8.52 G params -> ~17 GB in bf16
     assert 16 < worst["decode_fixed_gb_per_step"] < 19
+
+
+def test_meshes_mode_writes_one_line_per_mesh(tmp_path):
+    """--meshes (here data=1, the one CPU device of the suite; 2 and 4 fake devices were checked by hand with
+    --cpu-devices 4): the mesh fields and the scaling efficiency against the data=1 line of the call."""
+    bench = load()
+    out = tmp_path / "p3.jsonl"
+    assert bench.main(["--tiny", "--regime", "worst", "--grade", "none", "--steps", "1", "--warmup", "0",
+                       "--meshes", "data=1", "data=1", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r.get("error") for r in lines] == [None, None]
+    assert [(r["mesh"], r["n_devices"]) for r in lines] == [("data=1", 1), ("data=1", 1)]
+    # the second line's efficiency is against the first line of the call (the same mesh: their time ratio)
+    assert lines[0]["scaling_efficiency"] is None
+    assert lines[1]["scaling_efficiency"] == pytest.approx(lines[0]["step_s"] / lines[1]["step_s"])
+    assert bench.main(["--tiny", "--meshes", "data=2", "--out", str(out)]) == 2  # one device: a user error
+
+
+def test_scaling_efficiency():
+    bench = load()
+    one = {"n_devices": 1, "step_s": 10.0, "sample_s": 6.0, "ref_s": 1.0, "update_s": 2.0}
+    four = {"n_devices": 4, "step_s": 3.125, "sample_s": 1.5, "ref_s": 0.25, "update_s": 0.5}
+    bench.add_scaling(four, one)
+    assert four["scaling_efficiency"] == pytest.approx(0.8) and four["device_scaling_efficiency"] == pytest.approx(1.0)

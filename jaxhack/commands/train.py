@@ -6,6 +6,9 @@
     jaxhack train --preset fast --ckpt random-4b --svd-random-bases true \
         --v-hack random --steps 3 --run-dir out/p3/bench      # GPU benchmark with random weights
     jaxhack train ... --resume                                 # continue a killed run
+    jaxhack train --preset full --mesh data=4 ...              # data parallel over 4 GPUs of one host
+    jaxhack train --mesh data=16 --coordinator host0:1234 --num-processes 2 --process-id 0 ...
+                                                               # on each host (its id; docs/phase3.md)
     (or: python scripts/phase3_train.py ...)
 
 Every TrainConfig field is a flag (--group-size, --prompts-per-step, --lr, --mix-teacher DIR,
@@ -24,6 +27,7 @@ import numpy as np
 
 from jaxhack.commands import checks, script_main
 from jaxhack.io import UserError, check_writable, claim_run_dir, read_jsonl, remove_stale_temp_dirs
+from jaxhack.parallel import mesh as meshlib
 from jaxhack.rl.checkpoints import CKPT_DIR
 from jaxhack.rl.config import add_config_args, config_from_args
 from jaxhack.rl.run import DONE_FILE, METRICS_FILE, RUN_FILE
@@ -66,6 +70,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after this many steps of this invocation (no done.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser._option_string_actions["--mesh"].help = (
+        "device mesh, e.g. data=8: rollout rows sharded over 8 devices, params and optimizer state replicated "
+        "(default: none, one device); not part of the resume identity")
+    parser.add_argument("--coordinator", default=None,
+                        help=f"multi-host: coordinator host:port for jax.distributed.initialize (default: "
+                             f"${meshlib.ENV_COORDINATOR}; with neither, one process)")
+    parser.add_argument("--num-processes", type=int, default=None, help=f"multi-host (default ${meshlib.ENV_COUNT})")
+    parser.add_argument("--process-id", type=int, default=None, help=f"multi-host (default ${meshlib.ENV_ID})")
 
 
 def describe_preset(parser) -> None:
@@ -100,6 +112,10 @@ def config_checked(args, **extra):
         checks.load_v_hack_checked("--v-hack", cfg.v_hack)
     if cfg.tokenizer and cfg.tokenizer != "byte":
         checks.existing("--tokenizer", cfg.tokenizer, "dir")
+    try:
+        meshlib.make_mesh(cfg.mesh)  # enough devices (after jax.distributed.initialize: all hosts' devices)
+    except ValueError as err:
+        raise UserError(f"--mesh: {one_line(err)}") from None
     return cfg
 
 
@@ -126,9 +142,14 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> Path | None:
 
 
 def run(args) -> int:
+    try:
+        meshlib.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"multi-host: {one_line(err)}") from None
     cfg = config_checked(args)
     run_dir = Path(cfg.run_dir)
-    aside = prepare_run_dir(run_dir, args.resume, args.force)
+    aside = prepare_run_dir(run_dir, args.resume, args.force) if meshlib.is_primary() else None
+    meshlib.barrier("jaxhack-run-dir")
     try:
         summary = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     except BaseException as err:

@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 from jaxhack.env.hints import MODES
+from jaxhack.parallel.mesh import parse_mesh_spec
 from jaxhack.projection.arms import ARM_NAMES, ARMS  # noqa: F401  (re-exported)
 
 OLD_LOGP_SOURCES = ("current", "sampler")
@@ -89,6 +90,7 @@ class TrainConfig:
     prompt_multiple: int = 64
     sandbox_wall_s: float = 10.0
     grade_workers: int | None = None
+    mesh: str | None = None            # device mesh, e.g. "data=8" (jaxhack.parallel.mesh); None: one device
     # ---- eval / checkpoints / output
     eval_every: int = 2                # 0: never
     eval_samples: int = 1              # completions per held-out problem
@@ -133,6 +135,10 @@ class TrainConfig:
             errors.append(f"length_multiple must be >= 1, got {self.length_multiple}")
         if self.prefill_chunk < 1:
             errors.append(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        try:
+            parse_mesh_spec(self.mesh)
+        except ValueError as err:
+            errors.append(str(err))
         if errors:
             raise ValueError("invalid training config:\n  " + "\n  ".join(errors))
 
@@ -146,7 +152,7 @@ class TrainConfig:
 
 # Fields that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_FREE_FIELDS = ("run_dir", "grade_workers", "eval_every", "save_rollouts", "keep_ckpts",
-                      "ckpt_every", "sandbox_wall_s")
+                      "ckpt_every", "sandbox_wall_s", "mesh")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, seconds: config.TINY random model, bundled problems.

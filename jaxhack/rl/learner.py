@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jaxhack.grads.batch import make_batch, place_completion_values
-from jaxhack.grads.losses import centered_advantages, grpo_batch_loss, reference_logprobs
+from jaxhack.grads.losses import centered_advantages, grpo_batch_loss, reference_logprobs, sequence_logprobs
 from jaxhack.grads.microbatch import length_microbatches, take_rows
 from jaxhack.models.config import Qwen3Config
+from jaxhack.parallel import mesh as meshlib
 from jaxhack.projection.cosines import directions, gradient_cosines, safe_norm
 from jaxhack.projection.modules import to_module_vectors
 from jaxhack.projection.arms import ARMS
@@ -95,13 +97,58 @@ def train_batch(rollout: Rollout, cfg: TrainConfig, pad_id: int, n_rows: int, se
     return batch, adv
 
 
-def reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig) -> np.ndarray:
+def reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig, mesh=None) -> np.ndarray:
     """[N,T] log-probs of the zero-adapter reference (the base model) in length-bucketed micro-batches
     of cfg.microbatch rows (`grads.losses.reference_logprobs`; right-padded rows, so causal attention
-    is exact and cutting trailing padding changes no real token's log-prob)."""
+    is exact and cutting trailing padding changes no real token's log-prob).
+    mesh: rows sharded over its data axis (`sharded_reference_logp`); None: one device."""
+    if mesh is not None:
+        return sharded_reference_logp(params, config, batch, cfg, mesh)
     return np.asarray(reference_logprobs(params, config, batch["tokens"], batch["attention_mask"],
                                          chunk=cfg.logp_chunk, attention="causal",
                                          microbatch=cfg.microbatch, length_multiple=cfg.length_multiple))
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallel (a mesh with a `data` axis of D devices; jaxhack.parallel.mesh)
+
+def row_plan(batch: dict, microbatch: int | None, length_multiple: int, mesh) -> list[tuple[np.ndarray, int]]:
+    """Micro-batches of a host batch for D devices: microbatch * D rows each (each device gets
+    `microbatch` rows: the same memory per device as one device with `microbatch`), length-bucketed as
+    on one device; None: every row at once (N must be a multiple of D). Rows -1 are empty padding."""
+    n, T = np.asarray(batch["tokens"]).shape
+    if microbatch is None:
+        if n % meshlib.data_size(mesh):
+            raise ValueError(f"{n} rows are not a multiple of the mesh's data axis ({meshlib.data_size(mesh)})")
+        return [(np.arange(n), T)]
+    return length_microbatches(np.asarray(batch["attention_mask"]).sum(1), microbatch * meshlib.data_size(mesh),
+                               multiple=length_multiple, max_len=T)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_logprobs(mesh, config: Qwen3Config, chunk: int):
+    rows, rep = P(meshlib.DATA), P()
+    body = functools.partial(sequence_logprobs, config=config, adapters=None, chunk=chunk, attention="causal")
+    f = jax.shard_map(lambda params, tokens, mask: body(params, tokens=tokens, attention_mask=mask), mesh=mesh,
+                      in_specs=(rep, rows, rows), out_specs=rows, check_vma=False)
+    return jax.jit(f, in_shardings=(meshlib.replicated(mesh), meshlib.row_sharded(mesh), meshlib.row_sharded(mesh)),
+                   out_shardings=meshlib.row_sharded(mesh))
+
+
+def sharded_reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig, mesh) -> np.ndarray:
+    """`reference_logp` with the rows of each micro-batch sharded over the mesh's data axis (one jitted
+    program per micro-batch shape, params replicated). Returns [N,T] host log-probs."""
+    host = {"tokens": np.asarray(batch["tokens"]), "attention_mask": np.asarray(batch["attention_mask"])}
+    n, T = host["tokens"].shape
+    out = np.zeros((n, T), np.float32)
+    fn, rows_sharding = _sharded_logprobs(mesh, config, cfg.logp_chunk), meshlib.row_sharded(mesh)
+    for rows, t in row_plan(host, cfg.microbatch, cfg.length_multiple, mesh):
+        mb = take_rows(host, rows, t)
+        logp = meshlib.to_host(fn(params, meshlib.to_global(mb["tokens"], rows_sharding),
+                                  meshlib.to_global(mb["attention_mask"], rows_sharding)))  # [rows, t]
+        real = rows >= 0
+        out[rows[real], :t] = logp[real]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +173,7 @@ class LossHyper:
 
 
 def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config, hyper: LossHyper,
-                   microbatch: int | None, v_hack: dict, length_multiple: int = 512):
+                   microbatch: int | None, v_hack: dict, length_multiple: int = 512, mesh=None):
     """update(trainable, opt_state, frozen, params, batch) -> (trainable, opt_state, metrics).
 
     The loss is `grpo_batch_loss` (causal attention: the rows are right-padded). With `microbatch`
@@ -138,9 +185,26 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
     [N, T] (host copies are taken for the micro-batch plan); optional is_teacher [N] bool adds the
     student / teacher split of cos_in (the reference's cin_s / cin_t): the loss is a sum over rows, so
     the teacher rows' gradient is that of the loss with the other rows masked out (one more forward +
-    backward), and the student part is the rest."""
+    backward), and the student part is the rest.
+
+    mesh (data parallel, `jaxhack.parallel.mesh`): micro-batches of microbatch * D rows (`row_plan`),
+    their rows sharded over `data`; each device differentiates the loss of its rows (shard_map) and
+    the (loss, aux, grads) sums are psum'd over `data`, so every device holds the full-batch gradient;
+    `apply` is jitted with replicated in/out shardings and donates trainable and opt_state. trainable,
+    opt_state, frozen and params are replicated global arrays; batch a host (numpy) batch."""
     loss_fn = functools.partial(grpo_batch_loss, attention="causal", **dataclasses.asdict(hyper))
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(3,))
+    if mesh is not None:
+        rep, rows = meshlib.replicated(mesh), meshlib.row_sharded(mesh)
+
+        def local_grads(trainable, frozen, params, part):
+            out = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, params, config, part)
+            return jax.lax.psum(out, meshlib.DATA)
+
+        sharded_grad_fn = jax.jit(
+            jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(), P(), P(meshlib.DATA)), out_specs=P(),
+                          check_vma=False),
+            in_shardings=(rep, rep, rep, rows), out_shardings=rep)
 
     def global_norm(tree):
         vecs = to_module_vectors(tree)  # SVD: delta_s only (delta_s_hack's gradient is a copy)
@@ -151,6 +215,14 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
         return jax.tree.map(jnp.add, total, part)
 
     def grads_of(trainable, frozen, params, batch):
+        if mesh is not None:
+            host = {k: np.asarray(v) for k, v in batch.items()}
+            total = None
+            for rows_, t in row_plan(host, microbatch, length_multiple, mesh):
+                part = meshlib.tree_to_global(take_rows(host, rows_, t), rows)
+                (loss, aux), grads = sharded_grad_fn(trainable, frozen, params, part)
+                total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
+            return total
         if microbatch is None:
             parts = [jax.tree.map(jnp.asarray, batch)]
         else:
@@ -165,7 +237,6 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
             total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
         return total
 
-    @jax.jit
     def apply(trainable, opt_state, loss, aux, grads, g_teacher):
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
@@ -181,6 +252,11 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
                    "update_norm": global_norm(updates), **projection_metrics(opt_state),
                    **update_metrics(v_hack, updates), **split}
         return new_trainable, opt_state, metrics
+
+    if mesh is None:
+        apply = jax.jit(apply)
+    else:  # every argument and result replicated; the old trainable / opt_state buffers are reused
+        apply = jax.jit(apply, in_shardings=rep, out_shardings=rep, donate_argnums=(0, 1))
 
     def update(trainable, opt_state, frozen, params, batch):
         batch = dict(batch)
@@ -212,18 +288,18 @@ OPTIMIZER_FIELDS = ("arm", "lr", "warmup_steps", "steps", "min_lr_ratio", "weigh
                     "max_grad_norm", "gate", "overshoot", "placement", "microbatch", "length_multiple")
 
 
-def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, config: Qwen3Config
+def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, config: Qwen3Config, mesh=None
                      ) -> tuple[optax.GradientTransformation, Callable]:
     """(optimizer, jitted update) for this run; runs of one process with the same optimizer settings,
     loss hyper-parameters, model config and v_hack share them, so jit compiles once (a sweep or a
     resumed run in the same process). Keeps the 4 most recent entries."""
     hyper = LossHyper.from_config(cfg)
     key = (tuple(getattr(cfg, f) for f in OPTIMIZER_FIELDS), projection_mode, hyper, config,
-           v_hack_digest(v_hack))
+           v_hack_digest(v_hack), mesh)
     if key not in _UPDATE_CACHE:
         optimizer = make_optimizer(cfg, v_hack, projection_mode)
         _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack,
-                                                        cfg.length_multiple))
+                                                        cfg.length_multiple, mesh))
         while len(_UPDATE_CACHE) > 4:
             _UPDATE_CACHE.pop(next(iter(_UPDATE_CACHE)))
     return _UPDATE_CACHE[key]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxhack.projection.cosines import directions
@@ -64,7 +65,7 @@ def refresh_v_hack(ctx, trainable, recent_records: list[dict], done: int) -> tup
     accepted = bool(overlap >= cfg.vhack_refresh_min_overlap)
     entry.update(n_pairs=len(pairs), overlap=overlap, min_overlap=cfg.vhack_refresh_min_overlap, accepted=accepted,
                  reason="accepted" if accepted else "basis overlap below the guard: kept the old v_hack")
-    if accepted:
+    if accepted and jax.process_index() == 0:  # several processes: process 0 writes the files
         save_v_hack(Path(ctx.run_dir) / REFRESH_DIR / f"step_{done:04d}", bundle,
                     {**{k: v for k, v in info.items() if isinstance(v, (int, float, str, type(None)))},
                      "source": "refresh from the run's own rollouts", "step": done, "overlap": overlap}, force=True)

@@ -77,9 +77,10 @@ def grade_rows(problems, completions, cfg: TrainConfig):
 
 def sample_rollout(params, config: Qwen3Config, tokenizer, adapters: dict, problems: Sequence,
                    prompt_ids: dict, teacher: dict | None, cfg: TrainConfig, key: jax.Array, step: int,
-                   prompt_multiple: int) -> tuple[Rollout, float, float]:
+                   prompt_multiple: int, mesh=None) -> tuple[Rollout, float, float]:
     """Sample + teacher mix + grade one step's groups (one group of G rows per problem).
-    adapters: the merged policy adapter. Returns (rollout, generation seconds, grading seconds)."""
+    adapters: the merged policy adapter. mesh: the sampler's rows sharded over its data axis.
+    Returns (rollout, generation seconds, grading seconds)."""
     G = cfg.group_size
     rows_problem, rows_source, teacher_ids = [], [], {}
     for g, p in enumerate(problems):
@@ -105,7 +106,8 @@ def sample_rollout(params, config: Qwen3Config, tokenizer, adapters: dict, probl
         res = generate(params, config, [prompt_ids[rows_problem[i].id] for i in to_sample],
                        max_new_tokens=cfg.max_new, key=key, adapters=adapters, temperature=cfg.temperature,
                        top_p=cfg.top_p, eos_token_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id,
-                       prompt_multiple=prompt_multiple, max_rows=cfg.sample_rows, prefill_chunk=cfg.prefill_chunk)
+                       prompt_multiple=prompt_multiple, max_rows=cfg.sample_rows, prefill_chunk=cfg.prefill_chunk,
+                       mesh=mesh)
         for j, i in enumerate(to_sample):
             length = int(res.lengths[j])
             completion_ids[i] = res.tokens[j, :length].tolist()
@@ -156,9 +158,9 @@ def rollout_records(rollout: Rollout, advantages: np.ndarray, step: int, cfg: Tr
 
 
 def evaluate(params, config: Qwen3Config, tokenizer, adapters: dict, problems, cfg: TrainConfig, key,
-             step: int, prompt_ids: dict, prompt_multiple: int) -> dict:
+             step: int, prompt_ids: dict, prompt_multiple: int, mesh=None) -> dict:
     """Completions on the held-out problems (greedy when eval_temperature == 0), graded.
-    adapters: the merged policy adapter."""
+    adapters: the merged policy adapter. mesh: as `sample_rollout`."""
     rows = [p for p in problems for _ in range(cfg.eval_samples)]
     max_new = cfg.eval_max_new or cfg.max_new
     chunk = cfg.group_size * cfg.prompts_per_step  # the sampler's batch of a training step
@@ -170,7 +172,7 @@ def evaluate(params, config: Qwen3Config, tokenizer, adapters: dict, problems, c
                        temperature=cfg.eval_temperature, top_p=cfg.top_p,
                        eos_token_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id,
                        prompt_multiple=prompt_multiple, max_rows=cfg.sample_rows,
-                       prefill_chunk=cfg.prefill_chunk)
+                       prefill_chunk=cfg.prefill_chunk, mesh=mesh)
         completions += [decode(tokenizer, res.tokens[i, :res.lengths[i]]) for i in range(len(part))]
         finished += res.finished.tolist()
     grades = grade_rows(rows, completions, cfg)

@@ -17,6 +17,7 @@ from jaxhack.io import read_jsonl
 from jaxhack.models.basis import check_v_hack_fits
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.load import load_model, make_adapter
+from jaxhack.parallel import mesh as meshlib
 from jaxhack.projection.arms import ARMS
 from jaxhack.projection.modules import module_dims
 from jaxhack.projection.pairs import pairs_from_env_templates, shuffle_labels
@@ -56,6 +57,7 @@ class RunContext:
     prompt_multiple: int
     base_key: jax.Array
     info: dict
+    mesh: Any = None          # jax.sharding.Mesh (cfg.mesh) or None: one device
 
 
 def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokenizer, trainable, frozen,
@@ -114,10 +116,17 @@ def _jsonable(x):
 def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext:
     """Load the model / problems / pool, build the adapter (the one factory, `models.load.make_adapter`:
     SVD cache dir and LoRA seed rules), the v_hack (extracted or loaded from RUN/v_hack) and the
-    optimizer. model: a preloaded (params, config, tokenizer). progress: the SVD / v_hack bars."""
+    optimizer. model: a preloaded (params, config, tokenizer). progress: the SVD / v_hack bars.
+    cfg.mesh: params, frozen and trainable0 are placed replicated on the mesh (after the v_hack,
+    which is computed on the default device as without a mesh); the batch rows are padded to a
+    multiple of microbatch * D (or D)."""
     run_dir = Path(cfg.run_dir)
     arm = ARMS[cfg.arm]
     t0 = time.time()
+    mesh = meshlib.make_mesh(cfg.mesh)
+    vdir = run_dir / VHACK_DIR
+    have_vdir = vdir.is_dir()
+    meshlib.barrier("jaxhack-vhack-checked")  # several processes: all decide before process 0 writes it
     if model is not None:
         params, config, tokenizer = model
     else:
@@ -136,6 +145,7 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
     n_rows = cfg.group_size * cfg.prompts_per_step
     if cfg.microbatch is not None:
         n_rows = -(-n_rows // cfg.microbatch) * cfg.microbatch
+    n_rows = meshlib.round_rows(n_rows, mesh)
     teacher = None
     if cfg.mix_teacher == TEMPLATE_TEACHER and cfg.mix_per_group > 0:
         teacher = template_teacher(train_problems, cfg.mode)
@@ -150,15 +160,18 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
                                       random_bases_key=bases_key, progress=progress)
     if cfg.v_hack and cfg.v_hack != "random":  # before any work: shape, adapter kind, basis factors
         check_v_hack_fits(*load_v_hack(cfg.v_hack), trainable0, frozen, f"--v-hack {cfg.v_hack}")
-    vdir = run_dir / VHACK_DIR
-    if vdir.is_dir():
+    if have_vdir:
         v_hack, v_meta = load_v_hack(vdir)
     else:
         v_hack, v_meta = make_v_hack(cfg, arm.control, train_problems, tokenizer, trainable0, frozen,
                                      params, config, progress=progress)
         v_meta = _jsonable(v_meta)
-        save_v_hack(vdir, v_hack, v_meta, force=True)
-    optimizer, update_fn = cached_update_fn(cfg, v_hack, arm.projection, config)
+        if meshlib.is_primary():
+            save_v_hack(vdir, v_hack, v_meta, force=True)
+    v_hack = meshlib.from_primary(v_hack)  # several processes: every one projects with process 0's v_hack
+    if mesh is not None:
+        params, frozen, trainable0 = meshlib.tree_to_global((params, frozen, trainable0), meshlib.replicated(mesh))
+    optimizer, update_fn = cached_update_fn(cfg, v_hack, arm.projection, config, mesh)
     info = {
         "config": cfg.to_dict(), "arm": {"name": cfg.arm, "adapter": arm.adapter, "projection": arm.projection,
                                          "control": arm.control},
@@ -173,10 +186,13 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
         "train_problem_ids": [p.id for p in train_problems], "eval_problem_ids": [p.id for p in eval_problems],
         "seq_len": seq_len, "batch_rows": n_rows, "max_prompt_tokens": max_prompt,
         "devices": [str(d) for d in jax.devices()], "setup_s": round(time.time() - t0, 3),
+        "mesh": None if mesh is None else {"spec": cfg.mesh, "axes": dict(mesh.shape),
+                                           "devices": [str(d) for d in mesh.devices.flat],
+                                           "process_count": jax.process_count()},
     }
     return RunContext(cfg, run_dir, params, config, tokenizer, train_problems, eval_problems, prompt_ids,
                       prompt_texts, teacher, frozen, trainable0, v_hack, optimizer, update_fn, seq_len,
-                      n_rows, prompt_multiple, base_key, info)
+                      n_rows, prompt_multiple, base_key, info, mesh)
 
 
 def check_resume_config(old: dict, new: dict, path: Path) -> None:

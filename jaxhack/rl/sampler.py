@@ -28,6 +28,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
@@ -35,6 +36,7 @@ from jaxhack.models.decode_attention import SPLIT
 from jaxhack.rl.refill import generate_slots
 from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, TEMPERATURE, next_tokens, prefill, row_keys,  # noqa: F401
                                  sample_from_logits)
+from jaxhack.parallel import mesh as meshlib
 
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
@@ -135,8 +137,28 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
     return final.tokens, final.logprobs, lengths, final.eos & row_active, final.step
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnames=(
-    "config", "max_new", "cache_dtype", "prefill_chunk"))
+_STATIC = ("config", "max_new", "cache_dtype", "prefill_chunk")
+_generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_generate(mesh):
+    """`_generate_impl` under shard_map over the mesh's data axis: each device runs the whole sampler
+    (prefill, decode loop with its own early stop, the Pallas decode kernel on a GPU) on its own rows;
+    params, adapters and the scalars are replicated. Rows are independent (per-row keys), so the
+    tokens do not depend on the sharding."""
+    rows, rep = P(meshlib.DATA), P()
+
+    def run(params, adapters, tokens, mask, active, ids, caps, eos, pad_id, key, mode, temperature, top_p, **static):
+        def body(*args):
+            *out, steps = _generate_impl(*args, **static)
+            return (*out, steps[None])  # [1] per device -> [D]: each device's decode steps
+
+        return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rows, rows, rows, rows, rows) + (rep,) * 6,
+                             out_specs=(rows,) * 5, check_vma=False)(
+            params, adapters, tokens, mask, active, ids, caps, eos, pad_id, key, mode, temperature, top_p)
+
+    return jax.jit(run, static_argnames=_STATIC)
 
 
 def row_groups(n: int, max_rows: int | None) -> tuple[list[tuple[int, int]], int]:
@@ -160,7 +182,7 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
              temperature: float = 1.0, top_p: float = 1.0, eos_token_ids: Sequence[int] | None = None,
              pad_id: int = 0, cache_dtype=None, prompt_multiple: int = 64, max_rows: int | None = None,
              prefill_chunk: int | None = 256, max_lengths: Sequence[int] | None = None,
-             schedule: str = "auto", refill_rows: int = 8) -> SampleResult:
+             schedule: str = "auto", refill_rows: int = 8, mesh=None) -> SampleResult:
     """Sample `max_new_tokens` continuations of every prompt (lists of token ids, any lengths >= 1).
 
     adapters: merged per-module adapter dict as `qwen3.forward` takes, or None for the base model.
@@ -178,6 +200,11 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     "refill" (`refill.py`: max_rows decode slots, a finished row's slot takes the next pending row,
     refill_rows rows prefilled at a time) or "auto": refill when max_rows is set and there are more
     prompts than max_rows, else groups. The schedule changes the cost, not the tokens.
+    mesh: a `jax.sharding.Mesh` with a `data` axis of D devices (`jaxhack.parallel.mesh`): the rows of
+    each group are sharded over it (`_sharded_generate`); max_rows is then per device (a group has at
+    most max_rows * D rows) and the group's batch is padded to a multiple of D. params / adapters
+    should already be replicated on the mesh. None: one device, as before. The refill schedule is
+    single-device for now: with a mesh "auto" means groups, and "refill" is refused.
     """
     n = len(prompts)
     if n == 0:
@@ -204,7 +231,9 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     eos[:len(eos_ids)] = eos_ids
     P = prompt_bucket(int(prompt_lengths.max()), prompt_multiple)
     chunk = P if prefill_chunk is None else max(c for c in range(1, min(prefill_chunk, P) + 1) if P % c == 0)
-    groups, B = row_groups(n, max_rows)
+    D = meshlib.data_size(mesh)
+    groups, B = row_groups(n, None if max_rows is None else max_rows * D)
+    B = meshlib.round_rows(B, mesh)
     caps = np.full((n,), max_new_tokens, np.int32) if max_lengths is None else np.asarray(max_lengths, np.int32)
     if caps.shape != (n,) or caps.min() < 1:
         raise ValueError(f"generate: max_lengths must be {n} ints >= 1")
@@ -213,8 +242,11 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     # token ids are traced: drop them from the static config so changing them never recompiles
     model_config = dataclasses.replace(config, eos_token_ids=(), bos_token_id=None, pad_token_id=None)
     mode = GREEDY if temperature == 0.0 else (NUCLEUS if top_p < 1.0 else TEMPERATURE)
+    if schedule == "refill" and mesh is not None:
+        raise ValueError("generate: the refill schedule is single-device; with a mesh use schedule 'groups' "
+                         "or 'auto'")
     if schedule == "auto":
-        schedule = "refill" if max_rows is not None and n > max_rows else "groups"
+        schedule = "refill" if max_rows is not None and n > max_rows and mesh is None else "groups"
     if schedule == "refill":
         slots = batch_bucket(n) if max_rows is None else min(max_rows, batch_bucket(n))
         tokens, mask = left_pad(prompts, P, n, pad_id)
@@ -231,13 +263,24 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
         row_ids = np.arange(start, start + B, dtype=np.int32)
         row_max_new = np.full((B,), max_new_tokens, np.int32)
         row_max_new[:stop - start] = np.minimum(caps[start:stop], max_new_tokens)
-        out = _generate_jit(
-            params, adapters, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_active),
-            jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos), jnp.int32(pad_id), key, jnp.int32(mode),
-            jnp.float32(1.0 if mode == GREEDY else temperature), jnp.float32(top_p), config=model_config,
-            max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=chunk)
-        outs.append([np.asarray(x)[:stop - start] for x in out[:4]])  # blocks: one group's cache at a time
-        steps += int(out[4])
+        static = dict(config=model_config, max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype),
+                      prefill_chunk=chunk)
+        scalars = (np.int32(pad_id), key, np.int32(mode), np.float32(1.0 if mode == GREEDY else temperature),
+                   np.float32(top_p))
+        if mesh is None:
+            out = _generate_jit(params, adapters, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_active),
+                                jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos),
+                                *(jnp.asarray(x) for x in scalars), **static)
+            outs.append([np.asarray(x)[:stop - start] for x in out[:4]])  # blocks: one group's cache at a time
+            steps += int(out[4])
+        else:
+            rows, rep = meshlib.row_sharded(mesh), meshlib.replicated(mesh)
+            out = _sharded_generate(mesh)(
+                params, adapters, *(meshlib.to_global(x, rows) for x in (tokens, mask, row_active, row_ids,
+                                                                          row_max_new)),
+                meshlib.to_global(eos, rep), *(meshlib.to_global(x, rep) for x in scalars), **static)
+            outs.append([meshlib.to_host(x)[:stop - start] for x in out[:4]])
+            steps += int(meshlib.to_host(out[4]).max())  # [D]: each device's own decode loop
     out_tokens, out_logp, lengths, finished = (np.concatenate(parts) for parts in zip(*outs))
     return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
                         finished=finished, decode_steps=steps)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from jaxhack.env.pools import write_pool_meta, write_pool_step
 from jaxhack.io import append_jsonl, atomic_write_text, read_jsonl, rewrite_jsonl  # noqa: F401
 from jaxhack.models.adapters import merge
+from jaxhack.parallel import mesh as meshlib
 from jaxhack.rl.checkpoints import CKPT_DIR, list_checkpoints, restore_train_state, save_train_state  # noqa: F401
 from jaxhack.rl.config import ARMS, TrainConfig
 from jaxhack.rl.data import problem_indices
@@ -58,14 +59,18 @@ def train_step(ctx: RunContext, trainable, opt_state, step: int, cursor: int):
     rollout, t_gen, t_grade = sample_rollout(
         ctx.params, ctx.config, ctx.tokenizer, merge(trainable, ctx.frozen),
         [ctx.train_problems[i] for i in idx], ctx.prompt_ids, ctx.teacher, cfg,
-        jax.random.fold_in(ctx.base_key, step), step, ctx.prompt_multiple)
+        jax.random.fold_in(ctx.base_key, step), step, ctx.prompt_multiple, mesh=ctx.mesh)
     t0 = time.time()
     batch, adv = train_batch(rollout, cfg, ctx.tokenizer.pad_token_id, ctx.n_rows, ctx.seq_len)
-    batch["ref_logp"] = reference_logp(ctx.params, ctx.config, batch, cfg)
+    batch["ref_logp"] = reference_logp(ctx.params, ctx.config, batch, cfg, mesh=ctx.mesh)
     t_ref = time.time() - t0
-    trainable, opt_state, m = ctx.update_fn(trainable, opt_state, ctx.frozen, ctx.params,
-                                            jax.tree.map(jnp.asarray, batch))
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if ctx.mesh is None:
+        trainable, opt_state, m = ctx.update_fn(trainable, opt_state, ctx.frozen, ctx.params,
+                                                jax.tree.map(jnp.asarray, batch))
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+    else:  # host batch: the update shards its rows over the mesh
+        trainable, opt_state, m = ctx.update_fn(trainable, opt_state, ctx.frozen, ctx.params, batch)
+        m = {k: float(v) for k, v in meshlib.tree_to_host(m).items()}
     t_update = time.time() - t0
     metrics = {
         "step": step, "cursor": cursor, "epoch": cursor // len(ctx.train_problems),
@@ -96,6 +101,9 @@ def _resume(ctx: RunContext, trainable, opt_state):
         return trainable, opt_state, 0, 0
     done_steps, path = ckpts[-1]
     state = restore_train_state(path, _train_state(trainable, opt_state, ctx, 0, 0))
+    if ctx.mesh is not None:  # the checkpoint holds host arrays: replicate them on this run's mesh
+        state = dict(state, **meshlib.tree_to_global({k: state[k] for k in ("trainable", "opt_state")},
+                                                     meshlib.replicated(ctx.mesh)))
     start, cursor = int(state["step"]), int(state["cursor"])
     chex.assert_trees_all_equal(state["key"], ctx.base_key)
     if start != done_steps:
@@ -121,24 +129,29 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     """
     run_dir = Path(cfg.run_dir)
     run_json = run_dir / RUN_FILE
+    primary = meshlib.is_primary()  # several processes (multi-host): files are written by process 0 only
     if run_json.is_file():
         if not resume:
             raise FileExistsError(f"{run_dir}: a run already exists here (pass --resume to continue it)")
         check_resume_config(json.loads(run_json.read_text())["config"], cfg.to_dict(), run_json)
         if (run_dir / DONE_FILE).is_file():
             return json.loads((run_dir / DONE_FILE).read_text())["summary"]
+    meshlib.barrier("jaxhack-train-checked")  # every process has seen the run dir before process 0 writes
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = setup_run(cfg, model, progress=progress)
-    if not run_json.is_file():
+    if not run_json.is_file() and primary:
         atomic_write_text(run_json, json.dumps(ctx.info, indent=2, sort_keys=True, default=str) + "\n")
     trainable, opt_state = ctx.trainable0, ctx.optimizer.init(ctx.trainable0)
+    if ctx.mesh is not None:
+        opt_state = meshlib.tree_to_global(meshlib.tree_to_host(opt_state), meshlib.replicated(ctx.mesh))
     start, cursor = 0, 0
     if resume:
         trainable, opt_state, start, cursor = _resume(ctx, trainable, opt_state)
     # drop whatever the killed run wrote after its last checkpoint: it will be redone identically
-    rewrite_jsonl(run_dir / METRICS_FILE, lambda r: r["step"] < start)
-    rewrite_jsonl(run_dir / EVAL_FILE, lambda r: r["step"] <= start if start > 0 else False)
-    if cfg.save_rollouts:
+    if primary:
+        rewrite_jsonl(run_dir / METRICS_FILE, lambda r: r["step"] < start)
+        rewrite_jsonl(run_dir / EVAL_FILE, lambda r: r["step"] <= start if start > 0 else False)
+    if cfg.save_rollouts and primary:
         write_pool_meta(run_dir / ROLLOUT_DIR, {"pool": f"phase3/{cfg.arm}/seed_{cfg.seed}", "mode": cfg.mode,
                                                 "comp_len_unit": "tokens", "source": "phase3 training"})
 
@@ -148,17 +161,19 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         t0 = time.time()
         key = jax.random.fold_in(jax.random.fold_in(ctx.base_key, EVAL_TAG), done)
         rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(trainable, ctx.frozen), ctx.eval_problems,
-                       cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple)
+                       cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh)
         if ARMS[cfg.arm].projection == "route":  # deploy = delta_s_hack ablated; both are reported
             ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(ablate_hack(trainable), ctx.frozen),
-                               ctx.eval_problems, cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple)
+                               ctx.eval_problems, cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple,
+                               mesh=ctx.mesh)
             rec.update({f"ablated_{k}": v for k, v in ablated.items() if k not in ("step", "n", "temperature")})
         rec["time_eval_s"] = time.time() - t0
-        append_jsonl(run_dir / EVAL_FILE, rec)
+        if primary:
+            append_jsonl(run_dir / EVAL_FILE, rec)
         return rec["time_eval_s"]
 
     def use_v_hack(ctx, bundle):
-        optimizer, update_fn = cached_update_fn(cfg, bundle, ARMS[cfg.arm].projection, ctx.config)
+        optimizer, update_fn = cached_update_fn(cfg, bundle, ARMS[cfg.arm].projection, ctx.config, ctx.mesh)
         return dataclasses.replace(ctx, v_hack=bundle, optimizer=optimizer, update_fn=update_fn)
 
     refreshing = bool(cfg.vhack_refresh_every) and ARMS[cfg.arm].control == "none"
@@ -167,7 +182,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         restored = latest_refresh(run_dir, start)
         if restored is not None:
             ctx = use_v_hack(ctx, restored)
-        rewrite_jsonl(run_dir / REFRESH_LOG, lambda r: r["step"] <= start)
+        if primary:
+            rewrite_jsonl(run_dir / REFRESH_LOG, lambda r: r["step"] <= start)
         boundary = start - start % cfg.vhack_refresh_every
         if cfg.save_rollouts and boundary < start:  # the records since the last refresh, as a straight run has
             from jaxhack.env.pools import read_pool
@@ -181,21 +197,29 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         trainable, opt_state, metrics, records = train_step(ctx, trainable, opt_state, step, cursor)
         cursor += cfg.prompts_per_step
         done = step + 1
-        if cfg.save_rollouts:
+        if cfg.save_rollouts and primary:
             write_pool_step(run_dir / ROLLOUT_DIR, step, records)
-        append_jsonl(run_dir / METRICS_FILE, metrics)
+        if primary:
+            append_jsonl(run_dir / METRICS_FILE, metrics)
         if refreshing:
             recent += records
             if refresh_due(cfg, done):
                 bundle, entry = refresh_v_hack(ctx, trainable, recent, done)
-                append_jsonl(run_dir / REFRESH_LOG, entry)
+                if primary:
+                    append_jsonl(run_dir / REFRESH_LOG, entry)
                 if bundle is not None:
                     ctx = use_v_hack(ctx, bundle)
                 recent = []
         t_eval = maybe_eval(done, force=(done == cfg.steps))
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps or done == end:
-            save_train_state(run_dir, done, _train_state(trainable, opt_state, ctx, cursor, done),
-                             keep=cfg.keep_ckpts)
+            state = _train_state(trainable, opt_state, ctx, cursor, done)
+            if ctx.mesh is None:
+                save_train_state(run_dir, done, state, keep=cfg.keep_ckpts)
+            else:  # replicated state: one host copy, written by process 0 (restores on any mesh)
+                state = meshlib.tree_to_host(state)
+                if primary:
+                    save_train_state(run_dir, done, state, keep=cfg.keep_ckpts)
+                meshlib.barrier(f"jaxhack-ckpt-{done}")
         bar.set_postfix(gen=f"{metrics['time_generation_s']:.1f}s", grade=f"{metrics['time_grading_s']:.1f}s",
                         upd=f"{metrics['time_update_s']:.1f}s", eval=f"{t_eval:.1f}s",
                         R=f"{metrics['reward_mean']:.2f}", hack=f"{metrics['hack_rate_policy']:.2f}")
@@ -205,7 +229,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
                   f"hack {metrics['hack_rate_policy']:.3f}", flush=True)
     bar.close()
     summary = final_summary(run_dir)
-    if end == cfg.steps:
+    meshlib.barrier("jaxhack-train-done")
+    if end == cfg.steps and primary:
         atomic_write_text(run_dir / DONE_FILE, json.dumps({"summary": summary, "time_unix": time.time()},
                                                           indent=2, sort_keys=True) + "\n")
     return summary
