@@ -6,11 +6,14 @@
     jaxhack train --preset fast --ckpt random-4b --svd-random-bases true \
         --v-hack random --steps 3 --run-dir out/p3/bench      # GPU benchmark with random weights
     jaxhack train ... --resume                                 # continue a killed run
+    jaxhack train --config OLD_RUN/run.json --run-dir NEW_RUN  # rerun a finished run exactly
     (or: python scripts/phase3_train.py ...)
 
 Every TrainConfig field is a flag (--group-size, --prompts-per-step, --lr, --mix-teacher DIR,
---mix-per-group K, --eval-every N, --ckpt-every N, ...); flags override the preset. Writes
-RUN/{run.json, metrics.jsonl, eval.jsonl, v_hack/, rollouts/, ckpt/step_NNNNNN/, done.json}.
+--mix-per-group K, --eval-every N, --ckpt-every N, ...); --config FILE (a run.json or JSON / YAML
+fields) overrides the preset and flags given explicitly override both. Writes
+RUN/{run.json, metrics.jsonl, eval.jsonl, v_hack/, rollouts/, ckpt/step_NNNNNN/, done.json}, and
+TensorBoard events (tensorboardX installed; --tensorboard false: none) and a W&B run (--wandb PROJECT).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from jaxhack.rl.checkpoints import CKPT_DIR
 from jaxhack.rl.config import add_config_args, config_from_args
 from jaxhack.rl.run import DONE_FILE, METRICS_FILE, RUN_FILE
 from jaxhack.rl.trainer import train
+from jaxhack.tracking import TrackingUnavailable, add_tracking_args, settings_from_args
 
 
 def timing_report(run_dir: Path) -> str:
@@ -65,6 +69,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop after this many steps of this invocation (no done.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_tracking_args(parser)
+
+
+def tracking_checked(args):
+    """TrackingSettings from the flags; UserError when an asked-for tracker is not installed."""
+    try:
+        return settings_from_args(args)
+    except TrackingUnavailable as err:
+        raise UserError(str(err)) from None
 
 
 def describe_preset(parser) -> None:
@@ -123,10 +136,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> Path | None:
 
 def run(args) -> int:
     cfg = config_checked(args)
+    tracking = tracking_checked(args)
     run_dir = Path(cfg.run_dir)
     aside = prepare_run_dir(run_dir, args.resume, args.force)
     try:
-        summary = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+        summary = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                        tracking=tracking)
     except BaseException as err:
         if aside is not None:  # --force: put the replaced run back
             shutil.rmtree(run_dir, ignore_errors=True)
