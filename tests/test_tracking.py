@@ -197,3 +197,29 @@ def test_missing_tensorboard_library(monkeypatch, tmp_path, capsys):
     tracker = open_tracker(TrackingSettings(), tmp_path, {}, log=lines.append)  # auto: a note, no writer
     assert not tracker.active and len(lines) == 1 and "tensorboardX" in lines[0]
     assert not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_sweep_forwards_tracking_grouped_and_named(tmp_path):
+    """Every sweep run gets the sweep's tracking settings, grouped by the sweep directory and named
+    ARM/seed_S (the trainer adds the arm:/seed:/preset: tags itself: test_wandb_offline_run...)."""
+    from jaxhack.rl import sweep as S
+    from jaxhack.rl.config import make_config
+
+    seen = []
+
+    def fake_train(cfg, resume=True, model=None, tracking=None):
+        seen.append((cfg.arm, cfg.seed, tracking))
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        summary = {"steps_done": 1, "train_hack_rate_max_windowed": 0.5}
+        (Path(cfg.run_dir) / "done.json").write_text(json.dumps({"summary": summary}))
+        return summary
+
+    settings = TrackingSettings(tensorboard=False, tags=("mine",))
+    S.run_sweep(make_config("smoke"), tmp_path / "sw", ["vanilla", "projected"], [0, 1], train_fn=fake_train,
+                log=lambda s: None, tracking=settings)
+    assert [(a, s) for a, s, _ in seen] == [("vanilla", 0), ("vanilla", 1), ("projected", 0), ("projected", 1)]
+    for arm, seed, t in seen:
+        assert t.group == "sw" and t.name == f"{arm}/seed_{seed}" and t.tags == ("mine",) and t.tensorboard is False
+    seen.clear()  # without tracking the train function is called as before (no tracking argument)
+    S.run_sweep(make_config("smoke"), tmp_path / "sw2", ["vanilla"], [0], train_fn=fake_train, log=lambda s: None)
+    assert seen[0][2] is None
