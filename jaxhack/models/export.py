@@ -38,7 +38,9 @@ _PEFT_PARENT = {name: LAYER_TENSORS[name].split(".")[0] for name in TARGET_MODUL
 
 def merged_layer_weights(params: dict, trainable: dict | None, frozen: dict | None) -> dict[str, np.ndarray]:
     """{module: fp32 W' [L, out, in] (torch layout)} for every target Linear: the base weight plus
-    the adapter's delta (modules without an adapter unchanged). trainable/frozen None: the base."""
+    the adapter's delta (modules without an adapter unchanged). trainable/frozen None: the base.
+    The factors are those the trained forward used (a bf16 model's SVD adapter holds bf16 U, Vh).
+    Host memory: the fp32 target weights (Qwen3-4B: ~14 GB) plus the export's copy."""
     out = {}
     for name in TARGET_MODULES:
         w = np.asarray(params["layers"][name], np.float32).transpose(0, 2, 1)  # [L, out, in]
@@ -47,11 +49,11 @@ def merged_layer_weights(params: dict, trainable: dict | None, frozen: dict | No
             if "delta_s" in m:
                 s = np.asarray(m["delta_s"], np.float32) + np.asarray(m["delta_s_hack"], np.float32)  # [L, r]
                 u, vh = np.asarray(m["u"], np.float32), np.asarray(m["vh"], np.float32)  # [L,out,r], [L,r,in]
-                w = w + np.einsum("lor,lr,lri->loi", u, s, vh)
+                w = w + np.matmul(u * s[:, None, :], vh)  # batched BLAS matmul over L
             else:
                 a, b = np.asarray(m["a"], np.float32), np.asarray(m["b"], np.float32)  # [L,rank,in], [L,out,rank]
                 scale = np.asarray(m["scale"], np.float32)  # [L]
-                w = w + scale[:, None, None] * np.einsum("lor,lri->loi", b, a)
+                w = w + scale[:, None, None] * np.matmul(b, a)
         L, d_in, d_out = params["layers"][name].shape
         chex.assert_shape(w, (L, d_out, d_in))
         out[name] = w
