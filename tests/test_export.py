@@ -184,3 +184,35 @@ def test_bf16_rounding_figure_is_computed_not_assumed():
     small = E.bf16_rounding(w, u, s, vh, (1e-4 * s.mean() * rng.standard_normal(64)).astype(np.float32))
     assert big["delta_rel_error"] < 0.5 < 1.0 < small["delta_rel_error"]
     assert small["delta_frac_entries_lost"] > 0.5 > big["delta_frac_entries_lost"]
+
+
+def fake_lora_run(run_dir: Path, trainable) -> Path:
+    """A run directory as the trainer leaves it (run.json + one checkpoint) for a LoRA arm whose B
+    was trained (here: perturbed); the basis A is the one lora_model seeded (lora_seed 3)."""
+    from jaxhack.io import atomic_write_text
+    from jaxhack.rl.checkpoints import save_train_state
+    from jaxhack.rl.config import make_config
+
+    cfg = make_config("smoke", arm="lora_projected", lora_rank=4, lora_alpha=8.0, run_dir=str(run_dir))
+    run_dir.mkdir(parents=True)
+    atomic_write_text(run_dir / "run.json", json.dumps({"config": cfg.to_dict(), "lora_seed": 3}))
+    save_train_state(run_dir, 1, {"trainable": trainable, "cursor": np.int32(2), "step": np.int32(1)})
+    return run_dir
+
+
+def test_lora_run_exports_peft_adapter_via_the_cli(lora_model, tmp_path):
+    peft = pytest.importorskip("peft")
+    params, config, trainable, frozen = lora_model
+    run_dir = fake_lora_run(tmp_path / "run", trainable)
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "peft"), "--adapter-only"]) == 0
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "base"), "--base-only"]) == 0
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    ids = token_ids(4)
+    ref = jax_logits(params, config, ids, merge(trainable, frozen))
+    model = peft.PeftModel.from_pretrained(load_hf(tmp_path / "base"), str(tmp_path / "peft")).eval()
+    assert rel_err(hf_logits(model, ids), ref) <= REL_TOL
+    assert rel_err(hf_logits(load_hf(tmp_path / "merged"), ids), ref) <= REL_TOL
+    # a checkpoint whose A is not the run's seeded basis is refused (one line, exit 2)
+    other = {n: dict(m, a=m["a"] + 1.0) for n, m in trainable.items()}
+    bad = fake_lora_run(tmp_path / "bad", other)
+    assert main(["export", "--run-dir", str(bad), "--out", str(tmp_path / "x")]) == 2
