@@ -1,6 +1,6 @@
 """`jaxhack` command: one subcommand per phase (convert, pool, grade, extract, phase1, phase2,
-analyze, train, sweep, demo, organism). Each is the same code as its script under scripts/ (same
-flags): `jaxhack.commands.<module>.add_arguments` + `run`; demo and organism have no script. User errors print one `error: ...` line (exit 2)."""
+analyze, train, sweep, demo, organism, export). Each is the same code as its script under scripts/ (same
+flags): `jaxhack.commands.<module>.add_arguments` + `run`; demo, organism and export have no script. User errors print one `error: ...` line (exit 2)."""
 from __future__ import annotations
 
 import argparse

@@ -18,6 +18,9 @@ PAD_ID, ENDOFTEXT_ID, IM_END_ID, IM_START_ID = 0, 1, 2, 3
 BYTE_OFFSET = 4
 SPECIAL_TOKENS = {"<|endoftext|>": ENDOFTEXT_ID, "<|im_end|>": IM_END_ID, "<|im_start|>": IM_START_ID}
 SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
+# the files of a local HF tokenizer (copied by `convert` into CKPT/tokenizer/ and by `export` into an HF dir)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                      "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
 class ByteTokenizer:

@@ -387,9 +387,10 @@ def main(argv=None) -> int:
                     help="sampler decode slots (refill) or rows per group (groups); default 96: refill 96 "
                          "slots, groups 3 of 86 rows (88 padded); KV cache ~27-29 GB; tiny 4")
     ap.add_argument("--prefill-chunk", type=int, default=256)
-    ap.add_argument("--sampler", choices=("refill", "groups", "both"), default="refill",
+    ap.add_argument("--sampler", choices=("refill", "groups", "both"), default=None,
                     help="sampler schedule: refill (slots refilled as rows finish; the trainer's for the full "
-                         "preset), groups (row groups, each until its longest row: the old path), both")
+                         "preset on one device), groups (row groups, each until its longest row: the old path, "
+                         "and the one that shards over a mesh), both (default: refill; groups with --mesh(es))")
     ap.add_argument("--refill-rows", type=int, default=8, help="refill: rows prefilled per refill")
     ap.add_argument("--max-new", type=int, default=None, help="override max_new (preset 1536; tiny 24); the "
                     "realistic lengths scale with it (Gamma scale 125 max_new / 1536)")
@@ -413,6 +414,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="append JSON lines here (default docs/results/bench_phase3.jsonl; "
                                                 "tiny: not written unless given)")
     args = ap.parse_args(argv)
+    args.sampler = args.sampler or ("groups" if args.mesh or args.meshes else "refill")
     if args.tiny:
         args.prompt_len = args.prompt_len or 12
         args.sample_rows = args.sample_rows or 4

@@ -27,6 +27,7 @@ COMMANDS = {
     "sweep": ("sweep", "sweep.py"),
     "demo": ("demo", "-"),
     "organism": ("organism", "-"),
+    "export": ("export", "-"),
 }
 
 

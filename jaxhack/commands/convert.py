@@ -19,9 +19,9 @@ from jaxhack.commands import fail, script_main
 from jaxhack.commands.checks import existing
 from jaxhack.io import UserError, check_writable
 from jaxhack.models.convert import DTYPES, count_params, load_hf_params
+from jaxhack.tokenizer import HF_TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = HF_TOKENIZER_FILES + ("generation_config.json",)
 
 
 def peak_rss_gib() -> float:

@@ -19,6 +19,7 @@ from jaxhack.commands import checks, script_main
 from jaxhack.io import atomic_directory, claim_run_dir
 from jaxhack.probes.phase2 import ARMS, ReplaySettings, load_replay_pool, run_replay, v_hack_control
 from jaxhack.probes.records import read_run_info
+from jaxhack.tracking import TrackingUnavailable, add_tracking_args, settings_from_args
 
 
 def add_probe_arguments(ap) -> None:
@@ -105,6 +106,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--arm", default="vanilla", choices=sorted(ARMS), help="probe arm")
     ap.add_argument("--per-pool", type=int, default=4, help="samples drawn from each pool per step")
     add_probe_arguments(ap)
+    add_tracking_args(ap)
 
 
 def run(args) -> int:
@@ -112,6 +114,10 @@ def run(args) -> int:
     if not dirs:
         raise checks.UserError("--replay-dirs: give at least one pool directory")
     check_probe_args(args, "--per-pool", args.per_pool)
+    try:
+        tracking = settings_from_args(args)
+    except TrackingUnavailable as err:
+        raise checks.UserError(str(err)) from None
     kind, _ = ARMS[args.arm]
     pools, notes = load_pools("--replay-dirs", dirs, args.allow_partial)
     params, config, tokenizer, desc, trainable, frozen, v_hack = probe_setup(args, kind)
@@ -120,7 +126,7 @@ def run(args) -> int:
             **({"partial_inputs": notes} if notes else {})}
     with atomic_directory(args.out) as work:
         records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, work,
-                             run_info=info)
+                             run_info=info, tracking=tracking.with_tags(name=args.out.name))
     steps = {r["step"]: (r["mean_cos_in"], r["mean_cos_out"], r["frac_fired"]) for r in records}
     below = sum(1 for cin, cout, _ in steps.values() if cout < cin)
     mean_in = sum(c for c, _, _ in steps.values()) / len(steps)

@@ -15,11 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxhack.commands import checks, script_main
-from jaxhack.commands.train import config_checked, describe_preset, one_line
+from jaxhack.commands.train import config_checked, describe_preset, one_line, tracking_checked
 from jaxhack.io import UserError, check_writable
 from jaxhack.rl.config import ARM_NAMES, add_config_args
 from jaxhack.rl.run import MODEL_SEED
 from jaxhack.rl.sweep import parse_arm, run_sweep
+from jaxhack.tracking import add_tracking_args
 
 
 def add_arguments(parser) -> None:
@@ -34,6 +35,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-ceiling", action="store_true", help="run every arm whatever the first shows")
     add_config_args(parser, skip=("arm", "seed", "run_dir"))
     describe_preset(parser)
+    add_tracking_args(parser)
 
 
 def parse_list(flag: str, text: str, kind=str) -> list:
@@ -58,12 +60,13 @@ def run(args) -> int:
         raise UserError("--arms and --seeds must not repeat a value")
     checks.positive("--ceiling-seeds", args.ceiling_seeds)
     base = config_checked(args)
+    tracking = tracking_checked(args)
     check_writable(args.out)
     params, config, tokenizer, _ = checks.load_model_checked(base.ckpt, base.tokenizer, MODEL_SEED, base.dtype)
     try:
         result = run_sweep(base, args.out, arms, seeds, ceiling=not args.no_ceiling,
                            ceiling_seeds=args.ceiling_seeds, hack_threshold=args.hack_threshold,
-                           model=(params, config, tokenizer))
+                           model=(params, config, tokenizer), tracking=tracking)
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         raise UserError(one_line(err)) from None
     if result["stopped"]:

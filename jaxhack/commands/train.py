@@ -9,11 +9,14 @@
     jaxhack train --preset full --mesh data=4 ...              # data parallel over 4 GPUs of one host
     jaxhack train --mesh data=16 --coordinator host0:1234 --num-processes 2 --process-id 0 ...
                                                                # on each host (its id; docs/phase3.md)
+    jaxhack train --config OLD_RUN/run.json --run-dir NEW_RUN  # rerun a finished run exactly
     (or: python scripts/phase3_train.py ...)
 
 Every TrainConfig field is a flag (--group-size, --prompts-per-step, --lr, --mix-teacher DIR,
---mix-per-group K, --eval-every N, --ckpt-every N, ...); flags override the preset. Writes
-RUN/{run.json, metrics.jsonl, eval.jsonl, v_hack/, rollouts/, ckpt/step_NNNNNN/, done.json}.
+--mix-per-group K, --eval-every N, --ckpt-every N, ...); --config FILE (a run.json or JSON / YAML
+fields) overrides the preset and flags given explicitly override both. Writes
+RUN/{run.json, metrics.jsonl, eval.jsonl, v_hack/, rollouts/, ckpt/step_NNNNNN/, done.json}, and
+TensorBoard events (tensorboardX installed; --tensorboard false: none) and a W&B run (--wandb PROJECT).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from jaxhack.rl.checkpoints import CKPT_DIR
 from jaxhack.rl.config import add_config_args, config_from_args
 from jaxhack.rl.run import DONE_FILE, METRICS_FILE, RUN_FILE
 from jaxhack.rl.trainer import train
+from jaxhack.tracking import TrackingUnavailable, add_tracking_args, settings_from_args
 
 
 def timing_report(run_dir: Path) -> str:
@@ -78,6 +82,15 @@ def add_arguments(parser) -> None:
                              f"${meshlib.ENV_COORDINATOR}; with neither, one process)")
     parser.add_argument("--num-processes", type=int, default=None, help=f"multi-host (default ${meshlib.ENV_COUNT})")
     parser.add_argument("--process-id", type=int, default=None, help=f"multi-host (default ${meshlib.ENV_ID})")
+    add_tracking_args(parser)
+
+
+def tracking_checked(args):
+    """TrackingSettings from the flags; UserError when an asked-for tracker is not installed."""
+    try:
+        return settings_from_args(args)
+    except TrackingUnavailable as err:
+        raise UserError(str(err)) from None
 
 
 def describe_preset(parser) -> None:
@@ -147,11 +160,13 @@ def run(args) -> int:
     except (ValueError, RuntimeError) as err:
         raise UserError(f"multi-host: {one_line(err)}") from None
     cfg = config_checked(args)
+    tracking = tracking_checked(args)
     run_dir = Path(cfg.run_dir)
     aside = prepare_run_dir(run_dir, args.resume, args.force) if meshlib.is_primary() else None
     meshlib.barrier("jaxhack-run-dir")
     try:
-        summary = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+        summary = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                        tracking=tracking)
     except BaseException as err:
         if aside is not None:  # --force: put the replaced run back
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -35,6 +35,7 @@ from jaxhack.projection.v_hack import at_zero_svd_delta, load_v_hack
 from jaxhack.grads import losses
 from jaxhack.grads.batch import make_batch
 from jaxhack.grads.per_sample import per_sample_grads
+from jaxhack.tracking import open_tracker
 
 # arm -> (adapter kind, projection mode): the Phase 2 arms of the one arms table
 ARMS = {name: (_ARMS[name].adapter, _ARMS[name].projection) for name in PHASE2_ARMS}
@@ -223,8 +224,10 @@ def _to_float(x) -> float:
 
 def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokenizer,
                trainable, frozen, v_hack: dict, settings: ReplaySettings, out_dir: str | Path,
-               run_info: dict | None = None, progress: bool = True) -> list[dict]:
+               run_info: dict | None = None, progress: bool = True, tracking=None) -> list[dict]:
     """Run the probe and write OUT/step_NNN.cos.jsonl.gz (slim schema) + OUT/run.json.
+    tracking: jaxhack.tracking.TrackingSettings (None: no tracker): per step every scalar of
+    `step_summary` and histograms of the per-sample cosines (all samples and per pool).
 
     trainable/frozen: the adapter of the arm's kind (SVD for vanilla/projected, LoRA for
     lora_projected); v_hack: extracted in that same basis. Returns all records.
@@ -258,6 +261,8 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
                       f"{settings.max_completion_tokens}; the end of a completion (where a run_tests hack sits) "
                       "is lost. Leave the flag unset to keep the pool's own length.", stacklevel=2)
     write_run_info(out_dir, {**info, "status": "running"})
+    tracker = open_tracker(tracking and tracking.with_tags(f"arm:{settings.arm}", f"seed:{settings.seed}", "phase:2"),
+                           out_dir, info)
     steps = range(settings.steps)
     if progress:
         from tqdm.auto import tqdm
@@ -298,9 +303,28 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
             if undefined[i]:  # zero advantage / zero gradient: the cosines are undefined (NaN)
                 records[-1].update(cos_S_contrib=math.nan, hackward_frac=math.nan, z=math.nan)
         write_step(out_dir, step, records)
+        tracker.scalars(step, step_summary(records))
+        tracker.histogram(step, "cos_S_contrib", [r["cos_S_contrib"] for r in records])
+        for pool in dict.fromkeys(r["src_pool"] for r in records):
+            tracker.histogram(step, f"cos_S_contrib/{pool}", [r["cos_S_contrib"] for r in records
+                                                              if r["src_pool"] == pool])
         all_records += records
         if progress:
             steps.set_postfix(cos_in=f"{_to_float(metrics['mean_cos_in']):+.3f}",
                               cos_out=f"{_to_float(metrics['mean_cos_out']):+.3f}")
+    tracker.close()
     write_run_info(out_dir, {**info, "status": "done", "seconds": round(time.time() - t0, 2)})
     return all_records
+
+
+STEP_FIELDS = ("mean_cos_in", "mean_cos_out", "frac_fired", "n_overprojected", "removed_frac", "update_cos")
+
+
+def step_summary(records: Sequence[dict]) -> dict[str, float]:
+    """One step's scalars for the trackers: the step-level projection metrics (the same on every
+    record of the step) and the means of the per-sample fields (NaN cosines left out)."""
+    out = {k: float(records[0][k]) for k in STEP_FIELDS}
+    for k in ("reward", "hacked", "gt_pass", "comp_len", "cos_S_contrib", "hackward_frac", "grad_norm_contrib"):
+        v = np.asarray([float(r[k]) for r in records], np.float64)
+        out[f"{k}_mean"] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+    return out

@@ -1,8 +1,9 @@
 """Phase 3 training settings (`TrainConfig`, validated on construction) and the presets smoke / fast /
 full (docs/phase3.md). The arms are those of the one arms table, `jaxhack.projection.arms`.
 
-A preset is a set of overrides of the `TrainConfig` defaults; CLI flags override preset fields
-(`add_config_args` makes one flag per field, `config_from_args` applies preset then flags).
+A preset is a set of overrides of the `TrainConfig` defaults; a `--config` file (a run's run.json, or
+JSON / YAML fields) overrides the preset, and CLI flags given explicitly override both
+(`add_config_args` makes one flag per field, `config_from_args` applies preset, file, then flags).
 
 Seed (../shared/seed/spec2.md, "Phase 3"): "3 seeds x 3 arms x 200 steps x full preset (Qwen3-4B,
 G=6, pp=43, n_problems=992, beta=1e-3, lr=7e-5)". max_new=1536 for `full` is this project's choice
@@ -222,10 +223,14 @@ def _optional(kind):
 
 
 def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """--preset plus one flag per TrainConfig field (--group-size, --lr, ...); all default to None
-    (= the preset's value). Booleans: bare flag = true, or an explicit true/false. Optional fields
-    take "none" to clear the preset's value (e.g. --microbatch none)."""
-    parser.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    """--config, --preset plus one flag per TrainConfig field (--group-size, --lr, ...); all default to
+    None (= the config file's value, else the preset's). Booleans: bare flag = true, or an explicit
+    true/false. Optional fields take "none" to clear the preset's value (e.g. --microbatch none)."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a run's run.json (its config) or a JSON / YAML file of these fields: the run's "
+                             "settings, over the preset; flags given explicitly override the file")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="(default: the --config file's preset, else smoke)")
     hints = typing.get_type_hints(TrainConfig)  # resolves the string annotations
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset" or f.name in skip:
@@ -241,10 +246,66 @@ def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
             parser.add_argument(flag, type=_optional(kind), default=None, help=help_text)
 
 
+def read_config_file(path, fields: set[str] | None = None) -> dict[str, Any]:
+    """TrainConfig values from a file: a run.json (its "config" object) or a flat JSON / YAML mapping
+    of field names. Fields outside `fields` (e.g. arm / seed / run_dir for the sweep, which sets them)
+    are dropped. ValueError naming the file and field for unknown fields or wrong value types."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: invalid YAML ({' '.join(str(e).split())})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]  # a run's run.json
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of training config fields")
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown field(s) {unknown} (expected TrainConfig fields)")
+    out = {}
+    for name, value in data.items():
+        kind = _base_type(hints[name])
+        optional = type(None) in typing.get_args(hints[name])
+        ok = ((value is None and optional) or (kind is bool and isinstance(value, bool))
+              or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+              or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+              or (kind is str and isinstance(value, str)))
+        if not ok:
+            raise ValueError(f"--config {path}: field {name!r}: expected {kind.__name__}"
+                             f"{' or null' if optional else ''}, got {value!r}")
+        if fields is None or name in fields or name == "preset":
+            out[name] = float(value) if kind is float and value is not None else value
+    return out
+
+
 def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
+    """TrainConfig defaults <- preset <- the --config file <- flags given explicitly (<- extra)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
-    overrides = {n: getattr(args, n) for n in names if hasattr(args, n)}
-    overrides.update(extra)
-    cleared = [n for n, v in overrides.items() if v is EXPLICIT_NONE]
-    cfg = make_config(args.preset, **{n: v for n, v in overrides.items() if v is not EXPLICIT_NONE})
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    given.update({n: v for n, v in extra.items() if v is not None})
+    from_file = {}
+    if getattr(args, "config", None):
+        from_file = read_config_file(args.config, {n for n in names if hasattr(args, n)} | set(extra))
+    preset = getattr(args, "preset", None) or from_file.pop("preset", None) or "smoke"
+    from_file.pop("preset", None)
+    values = {**from_file, **given}
+    cleared = [n for n, v in values.items() if v is None or v is EXPLICIT_NONE]
+    cfg = make_config(preset, **{n: v for n, v in values.items() if n not in cleared})
     return dataclasses.replace(cfg, **{n: None for n in cleared}) if cleared else cfg

@@ -114,11 +114,13 @@ def summary_table(runs: Sequence[dict], arms: Sequence[str]) -> tuple[str, list[
 def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Sequence[int],
               train_fn: Callable | None = None, ceiling: bool = True, ceiling_seeds: int = 3,
               hack_threshold: float = 0.1, ceiling_metric: str = DEFAULT_CEILING_METRIC, model=None,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, tracking=None) -> dict:
     """Run every (arm, seed) in order; returns {"runs", "stopped", "reason", "table", "rows"}.
 
     train_fn(cfg, resume=True, model=model) -> summary (default jaxhack.rl.trainer.train; tests
     inject a cheap fake). model: a preloaded (params, config, tokenizer) shared by all runs.
+    tracking: jaxhack.tracking.TrackingSettings forwarded to every run, grouped by the sweep's
+    directory name and named ARM/seed_S (the trainer adds the arm:/seed:/preset: tags).
     """
     if not arms or not seeds:
         raise ValueError("need at least one arm and one seed")
@@ -146,7 +148,9 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
                 cfg = dataclasses.replace(base, arm=arm_name, seed=seed, run_dir=str(run_dir), **overrides)
                 log(f"[sweep] {arm} seed {seed}: {status} -> {run_dir}")
                 t0 = time.time()
-                returned = train_fn(cfg, resume=True, model=model)
+                track = {} if tracking is None else {"tracking": tracking.with_tags(
+                    group=out.resolve().name, name=f"{arm}/seed_{seed}")}
+                returned = train_fn(cfg, resume=True, model=model, **track)
                 summary = read_done(run_dir) or returned
                 status += f" in {time.time() - t0:.0f}s"
             finished = read_done(run_dir) is not None

@@ -49,6 +49,7 @@ from jaxhack.rl.refresh import due as refresh_due
 from jaxhack.rl.rollout import evaluate, rollout_metrics, rollout_records, sample_rollout
 from jaxhack.rl.run import (DONE_FILE, EVAL_FILE, EVAL_TAG, METRICS_FILE, ROLLOUT_DIR, RUN_FILE,  # noqa: F401
                             VHACK_DIR, RunContext, check_resume_config, final_summary, setup_run)
+from jaxhack.tracking import TrackingSettings, open_tracker
 
 
 def train_step(ctx: RunContext, trainable, opt_state, step: int, cursor: int):
@@ -118,14 +119,23 @@ def ablate_hack(trainable: dict) -> dict:
             for name, m in trainable.items()}
 
 
+def track_step(tracker, step: int, metrics: dict, records: list[dict]) -> None:
+    """Every scalar of the step's metrics line, and histograms of the rows' rewards and advantages."""
+    tracker.scalars(step, metrics)
+    tracker.histogram(step, "rollout/reward", [r["reward"] for r in records])
+    tracker.histogram(step, "rollout/advantage", [r["advantage"] for r in records])
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, model=None,
-          progress: bool = True) -> dict:
+          progress: bool = True, tracking: TrackingSettings | None = None) -> dict:
     """Run (or resume) a Phase 3 training run in cfg.run_dir; returns final_summary(run_dir).
 
     resume: continue from the newest RUN/ckpt/step_* (config must match up to RESUME_FREE_FIELDS);
     without a checkpoint it starts from scratch. A run dir holding a run.json is refused unless
     resume. stop_after: stop after this many steps of this call (simulates a kill; no done.json).
     model: a preloaded (params, config, tokenizer) (the sweep loads it once).
+    tracking: TensorBoard / W&B settings (jaxhack.tracking); None: no tracker. The run is tagged
+    arm:/seed:/preset: for the trackers' grouping.
     """
     run_dir = Path(cfg.run_dir)
     run_json = run_dir / RUN_FILE
@@ -151,6 +161,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     if primary:
         rewrite_jsonl(run_dir / METRICS_FILE, lambda r: r["step"] < start)
         rewrite_jsonl(run_dir / EVAL_FILE, lambda r: r["step"] <= start if start > 0 else False)
+    tags = (f"arm:{cfg.arm}", f"seed:{cfg.seed}", f"preset:{cfg.preset}")
+    tracker = open_tracker(tracking.with_tags(*tags) if tracking is not None and primary else None,
+                           run_dir, {**cfg.to_dict(), "model": ctx.info["model"]}, purge_step=start)
     if cfg.save_rollouts and primary:
         write_pool_meta(run_dir / ROLLOUT_DIR, {"pool": f"phase3/{cfg.arm}/seed_{cfg.seed}", "mode": cfg.mode,
                                                 "comp_len_unit": "tokens", "source": "phase3 training"})
@@ -170,6 +183,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         rec["time_eval_s"] = time.time() - t0
         if primary:
             append_jsonl(run_dir / EVAL_FILE, rec)
+        tracker.scalars(done, rec, prefix="eval/")
         return rec["time_eval_s"]
 
     def use_v_hack(ctx, bundle):
@@ -201,6 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             write_pool_step(run_dir / ROLLOUT_DIR, step, records)
         if primary:
             append_jsonl(run_dir / METRICS_FILE, metrics)
+        track_step(tracker, step, metrics, records)
         if refreshing:
             recent += records
             if refresh_due(cfg, done):
@@ -228,6 +243,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
                   f"update {metrics['time_update_s']:.2f}s reward {metrics['reward_mean']:.3f} "
                   f"hack {metrics['hack_rate_policy']:.3f}", flush=True)
     bar.close()
+    tracker.close()
     summary = final_summary(run_dir)
     meshlib.barrier("jaxhack-train-done")
     if end == cfg.steps and primary:
