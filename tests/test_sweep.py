@@ -152,3 +152,28 @@ def test_sweep_summary_has_the_h1_table_and_arm_options(tmp_path):
         S.parse_arm("projected+lr=1")
     assert S.parse_arm("projected+placement=update+overshoot=2") == ("projected", {"placement": "update",
                                                                                   "overshoot": 2.0})
+
+
+# ---- issue 16: the Ray backend's CLI errors (no Ray needed) and the strict summary.json ----------
+def test_backend_ray_without_ray_is_one_line_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from jaxhack.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert main(["sweep", "--backend", "ray", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install -e '.[ray]'" in err and err.startswith("error:")
+    assert main(["sweep", "--fake-devices", "8", "--out", str(tmp_path / "s")]) == 2
+    assert "need --backend ray" in capsys.readouterr().err
+
+
+def test_summary_json_is_strict(tmp_path):
+    fake = FakeTrain({("vanilla", 0): float("nan")})  # NaN peak and a NaN std from one seed
+    S.run_sweep(make_config("smoke"), tmp_path, ["vanilla"], [0], train_fn=fake, log=lambda _: None)
+
+    def refuse(name):
+        raise AssertionError(f"non-JSON constant {name}")
+    summary = json.loads((tmp_path / S.SUMMARY_JSON).read_text(), parse_constant=refuse)
+    assert summary["backend"] == "local" and summary["rows"][0]["hack_rate_std"] is None
+    assert summary["runs"][0]["summary"]["train_hack_rate_max_windowed"] is None

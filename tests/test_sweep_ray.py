@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from jaxhack.io import read_jsonl  # noqa: E402
 from jaxhack.rl import sweep as S  # noqa: E402
 from jaxhack.rl import sweep_ray as R  # noqa: E402
 from jaxhack.rl.config import make_config  # noqa: E402
+from sweep_fakes import FakeTrain  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -42,33 +42,6 @@ def strict_load(path: Path):
     def refuse(name):
         raise AssertionError(f"{path}: non-JSON constant {name}")
     return json.loads(path.read_text(), parse_constant=refuse)
-
-
-class FakeTrain:
-    """A cheap trainer for the scheduling tests: writes RUN/metrics.jsonl (2 steps) and
-    RUN/done.json with the chosen peak hack rate per (arm, seed), and records in the summary the
-    JAX device it computed on and when it ran."""
-
-    def __init__(self, peaks: dict, sleep_s: float = 0.5):
-        self.peaks, self.sleep_s = peaks, sleep_s
-
-    def __call__(self, cfg, resume=True, model=None):
-        import jax
-        import jax.numpy as jnp
-
-        t0 = time.time()
-        run = Path(cfg.run_dir)
-        peak = self.peaks.get((cfg.arm, cfg.seed), 0.0)
-        for step in range(2):
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "hack_rate_policy": peak}) + "\n")
-            time.sleep(self.sleep_s)
-        device = str(next(iter(jnp.zeros(()).devices())))
-        summary = {"steps_done": 2, "train_hack_rate_max_windowed": peak, "train_hack_rate_final": peak,
-                   "train_gt_pass_rate_final": float("nan"), "device_used": device,
-                   "n_devices": len(jax.devices()), "t0": t0, "t1": time.time()}
-        (run / "done.json").write_text(json.dumps({"summary": summary}))
-        return summary
 
 
 def test_ray_sweep_kill_retry_resume_matches_sequential(local_ray, tmp_path):
@@ -170,4 +143,5 @@ def test_fault_spec_errors():
         R.parse_faults("vanilla:0")
     with pytest.raises(ValueError, match="ARM:SEED:STEP"):
         R.parse_faults("vanilla:0:1:1:explode")
+    assert R.DEFAULT_CEILING_METRIC == S.DEFAULT_CEILING_METRIC
     assert R.parse_faults("") == {} and R.mesh_devices("data=4,fsdp=2") == 8 and R.mesh_devices(None) == 1

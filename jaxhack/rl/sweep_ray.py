@@ -41,9 +41,10 @@ from typing import Callable, NamedTuple, Sequence
 
 from jaxhack.io import read_jsonl
 from jaxhack.rl.config import TrainConfig
-from jaxhack.rl.run import METRICS_FILE, RUN_FILE
-from jaxhack.rl.sweep import (DEFAULT_CEILING_METRIC, STOPPED_FILE, ceiling_applies, ceiling_verdict,
-                              check_sweep, finish_sweep, read_done, run_config, run_dir_for)
+
+# the driver's imports (jaxhack.rl.sweep pulls in the trainer and scipy) are deferred to the
+# functions that need them, so a worker running a fake trainer starts lighter
+DEFAULT_CEILING_METRIC = "train_hack_rate_max_windowed"  # == jaxhack.rl.sweep.DEFAULT_CEILING_METRIC
 
 RAY_MISSING = "--backend ray needs ray, which is not installed: pip install -e '.[ray]'"
 SLOT_RESOURCE = "jaxhack_slot"
@@ -184,7 +185,7 @@ def run_progress(run_dir: Path) -> tuple[int, float | None]:
     """(steps done, policy hack rate of the last step) from RUN/metrics.jsonl (a half-written
     last line is ignored)."""
     try:
-        records = read_jsonl(Path(run_dir) / METRICS_FILE)
+        records = read_jsonl(Path(run_dir) / "metrics.jsonl")  # jaxhack.rl.run.METRICS_FILE
     except (OSError, ValueError):
         records = []
     if not records:
@@ -250,6 +251,8 @@ class _Sweep:
     records: dict = dataclasses.field(default_factory=dict)
 
     def record(self, arm: str, seed: int) -> dict:
+        from jaxhack.rl.sweep import run_dir_for
+
         key = (arm, seed)
         if key not in self.records:
             self.records[key] = {"arm": arm, "seed": seed, "run_dir": str(run_dir_for(self.out, arm, seed)),
@@ -272,6 +275,9 @@ class _Sweep:
         r["placement"] = read_jsonl(path) if path.is_file() else []
 
     def run_wave(self, keys: Sequence[tuple[str, int]]) -> None:
+        from jaxhack.rl.run import RUN_FILE
+        from jaxhack.rl.sweep import read_done, run_config
+
         queue = deque()
         for arm, seed in keys:
             r = self.record(arm, seed)
@@ -302,6 +308,8 @@ class _Sweep:
             self.board.show(self.lines())
 
     def _finish(self, ref, key, t0: float, queue: deque) -> None:
+        from jaxhack.rl.sweep import read_done
+
         r = self.records[key]
         r["wall_s"] += time.time() - t0
         self._refresh_placement(r)
@@ -342,6 +350,8 @@ def run_sweep_ray(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds
     (`base.mesh`, when TrainConfig has it) where the cluster has GPUs or fake_devices > 0, else 0
     (CPU runs, `cpus_per_run` CPUs each). train_fn(cfg, resume=True, model=None) replaces the
     trainer (tests; it must be picklable)."""
+    from jaxhack.rl.sweep import STOPPED_FILE, ceiling_applies, ceiling_verdict, check_sweep, finish_sweep
+
     check_sweep(arms, seeds)
     ray = import_ray()
     base = absolute_paths(base)
