@@ -1,5 +1,6 @@
 """Phase 3 sweep: seeds x arms, one run dir per (arm, seed), the seed's cost ceiling, a summary table
-(docs/phase3.md, "Sweep").
+(docs/phase3.md, "Sweep"). `run_sweep` is the sequential backend (one process); the Ray backend
+(`jaxhack.rl.sweep_ray`) shares the run dirs, the ceiling verdict and the summary writer below.
 
 Order: arm-major (every seed of the first arm, then the next arm, ...), each run in OUT/ARM/seed_S.
 A run with RUN/done.json is skipped; an unfinished one is resumed from its last checkpoint (the

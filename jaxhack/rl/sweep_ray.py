@@ -133,6 +133,7 @@ def _placement(slots: Sequence[int] | None) -> dict:
     return {"host": socket.gethostname(), "node_id": ctx.get_node_id()[:12], "worker_id": ctx.get_worker_id()[:12],
             "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "slots": list(slots or []),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "platform": mine[0].platform,
+            "device_kind": mine[0].device_kind,
             "devices": [str(d) for d in mine], "n_process_devices": len(devices), "time": time.time()}
 
 
@@ -358,6 +359,7 @@ def run_sweep_ray(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / STOPPED_FILE).unlink(missing_ok=True)
+    t_start = time.time()
     started = _connect(ray, address, num_cpus, fake_devices)
     try:
         resources = ray.cluster_resources()
@@ -414,7 +416,7 @@ def run_sweep_ray(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds
         sweep.board.show(sweep.lines(), force=True)
         ray_info = {"address": address or "local", "resources": resources, "gpus_per_run": gpus_per_run,
                     "fake_devices": fake_devices, "concurrent_runs": slots_total,
-                    "waves": [[list(k) for k in w] for w in waves]}
+                    "waves": [[list(k) for k in w] for w in waves], "sweep_wall_s": time.time() - t_start}
     finally:
         if started:
             ray.shutdown()
