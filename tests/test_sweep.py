@@ -177,3 +177,30 @@ def test_summary_json_is_strict(tmp_path):
     summary = json.loads((tmp_path / S.SUMMARY_JSON).read_text(), parse_constant=refuse)
     assert summary["backend"] == "local" and summary["rows"][0]["hack_rate_std"] is None
     assert summary["runs"][0]["summary"]["train_hack_rate_max_windowed"] is None
+
+
+def test_layout_extrapolation(tmp_path):
+    """sweep_estimate: full run = setup + step0 + (steps - 1) * median later step; the sweep =
+    sum over waves of ceil(runs / slots) * slowest run."""
+    from jaxhack.rl.sweep_estimate import extrapolate, run_timing
+
+    runs = []
+    for i, (arm, seed) in enumerate([(a, s) for a in ("vanilla", "projected") for s in (0, 1, 2)]):
+        run = tmp_path / arm / f"seed_{seed}"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"setup_s": 10.0}))
+        steps = [100.0, 36.0 + i, 30.0 + i, 40.0 + i]  # median of the later steps: 36 + i
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "time_step_s": t}) + "\n"
+                                                   for k, t in enumerate(steps)))
+        runs.append({"arm": arm, "seed": seed, "run_dir": str(run), "placement": [{"devices": [f"cuda:{i}"]}]})
+    t = run_timing(runs[0]["run_dir"])
+    assert t["steady_step_s"] == 36.0 and t["step0_s"] == 100.0 and t["steps"] == 4
+    waves = [[["vanilla", s] for s in (0, 1, 2)], [["projected", s] for s in (0, 1, 2)]]
+    est = extrapolate({"runs": runs, "ray": {"concurrent_runs": 2, "waves": waves}}, full_steps=201, seed_hours=65)
+    hours = [(10 + 100 + 200 * (36 + i)) / 3600 for i in range(6)]
+    # wave 1: 3 runs on 2 slots -> 2 rounds of its slowest (i=2); wave 2 likewise (i=5)
+    assert est["sweep_wall_h_ceiling_waves"] == pytest.approx(2 * hours[2] + 2 * hours[5])
+    assert est["sweep_wall_h_one_wave"] == pytest.approx(3 * hours[5])  # ceil(6 / 2) rounds
+    assert est["sequential_h_measured"] == pytest.approx(sum(hours))
+    assert est["speedup_vs_seed"] == pytest.approx(65 / est["sweep_wall_h_ceiling_waves"])
+    assert est["per_run"][4]["devices"] == ["cuda:4"] and est["waves"] == [3, 3]

@@ -264,6 +264,8 @@ class _Sweep:
     def lines(self) -> list[str]:
         out = []
         for r in self.records.values():
+            if r["state"] == "running":
+                self._refresh_placement(r)
             step, hack = run_progress(Path(r["run_dir"]))
             where = r["placement"][-1]["devices"][0] if r["placement"] else ""
             attempt = f" attempt {r['attempts']}" if r["attempts"] > 1 else ""
@@ -276,8 +278,7 @@ class _Sweep:
         r["placement"] = read_jsonl(path) if path.is_file() else []
 
     def run_wave(self, keys: Sequence[tuple[str, int]]) -> None:
-        from jaxhack.rl.run import RUN_FILE
-        from jaxhack.rl.sweep import read_done, run_config
+        from jaxhack.rl.sweep import read_done
 
         queue = deque()
         for arm, seed in keys:
@@ -289,6 +290,17 @@ class _Sweep:
             else:
                 queue.append((arm, seed))
         inflight: dict = {}
+        try:
+            self._drain(queue, inflight)
+        except BaseException:  # Ctrl-C or a driver bug: stop the runs still going (they resume later)
+            for ref in inflight:
+                self.ray.cancel(ref, force=True)
+            raise
+
+    def _drain(self, queue: deque, inflight: dict) -> None:
+        from jaxhack.rl.run import RUN_FILE
+        from jaxhack.rl.sweep import run_config
+
         while queue or inflight:
             while queue and (not self.slot_size or len(self.free_slots) >= self.slot_size):
                 key = queue.popleft()
