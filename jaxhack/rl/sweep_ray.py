@@ -174,6 +174,11 @@ def run_task(cfg_dict: dict, attempt: int, fault: Fault | None, compile_cache: s
 
 # ---- the driver -----------------------------------------------------------------------------------
 
+def echo(text: str) -> None:
+    """The default log: print and flush (progress must show up in a redirected log file)."""
+    print(text, flush=True)
+
+
 def _one_line(err: BaseException) -> str:
     cause = getattr(err, "cause", None)
     if isinstance(cause, BaseException):
@@ -199,7 +204,7 @@ class Board:
 
     def __init__(self, log: Callable[[str], None], every_s: float):
         self.log, self.every_s, self.last, self.last_t, self.drawn = log, every_s, None, 0.0, 0
-        self.tty = log is print and sys.stdout.isatty()
+        self.tty = log is echo and sys.stdout.isatty()
 
     def show(self, lines: list[str], force: bool = False) -> None:
         body = "\n".join(lines)
@@ -355,7 +360,7 @@ def run_sweep_ray(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds
                   hack_threshold: float = 0.1, ceiling_metric: str = DEFAULT_CEILING_METRIC,
                   compile_cache: str | Path | None = None, faults: dict | None = None,
                   train_fn: Callable | None = None, max_attempts: int = 2, progress_every: float = 10.0,
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = echo) -> dict:
     """The sweep of `sweep.run_sweep` with each run a Ray task; returns its dict plus "failed"
     (records of runs that failed every attempt) and "waves".
 
