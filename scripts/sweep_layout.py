@@ -8,9 +8,9 @@ run in a layout measurement) plus --results, --full-steps, --seed-hours. Appends
     # CPU, 8 fake XLA devices as 8 GPU slots (a check of placement and of the arithmetic)
     python scripts/sweep_layout.py --fake-devices 8 --steps 2 --eval-every 0 --out /tmp/layout \
         --results docs/results/sweep_layout_cpu.jsonl
-    # one node of 8 GPUs: full preset, 3 steps per run
-    python scripts/sweep_layout.py --preset full --ckpt random-4b --steps 3 --eval-every 0 \
-        --out /tmp/layout --results docs/results/sweep_layout_8gpu.jsonl
+    # one node of 8 GPUs: full preset at Qwen3-4B shapes, 2 steps per run (rerun to resume if cut off)
+    python scripts/sweep_layout.py --preset full --ckpt random-4b --svd-random-bases --v-hack random \
+        --steps 2 --eval-every 0 --out /tmp/layout --results docs/results/sweep_layout_8gpu.jsonl
 """
 import json
 import sys
