@@ -124,7 +124,7 @@ def run_ray(args, base, arms: list, seeds: list, cache: str | None, common: dict
                              gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
                              fake_devices=args.fake_devices, compile_cache=cache, faults=faults,
                              progress_every=args.progress_every, **common)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError, ConnectionError) as err:
         raise UserError(one_line(err)) from None
 
 

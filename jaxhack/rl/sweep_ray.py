@@ -232,9 +232,16 @@ def _connect(ray, address: str | None, num_cpus: int | None, fake_devices: int) 
     if ray.is_initialized():
         return False
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-        return True
+    try:
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, resources={SLOT_RESOURCE: fake_devices} if fake_devices else None,
+                     include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    except Exception as err:  # ray raises bare Exceptions for a node that does not come up
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise ConnectionError(f"could not start or reach {where}: {_one_line(err)}") from None
+    return True
     ray.init(num_cpus=num_cpus, resources={SLOT_RESOURCE: fake_devices} if fake_devices else None,
              include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     return True
