@@ -82,6 +82,9 @@ def run(args) -> int:
     if len(set(seeds)) != len(seeds) or len(set(arms)) != len(arms):
         raise UserError("--arms and --seeds must not repeat a value")
     checks.positive("--ceiling-seeds", args.ceiling_seeds)
+    if args.backend == "ray":  # the driver never computes: checks that load arrays (--v-hack) must
+        import jax             # not initialize (and preallocate) the GPUs the workers will use
+        jax.config.update("jax_platforms", "cpu")
     base = config_checked(args)
     check_writable(args.out)
     cache = args.compile_cache or (str(args.out / "jax_cache") if args.backend == "ray" else "none")
