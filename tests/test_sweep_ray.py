@@ -32,7 +32,7 @@ TESTS = Path(__file__).resolve().parent
 def local_ray():
     """One local Ray for the module: 2 CPU workers and 8 fake-device slots; workers import jaxhack
     and this test module (the fake trainer) from the checkout."""
-    ray.init(num_cpus=2, resources={R.SLOT_RESOURCE: 8}, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, resources={R.SLOT_RESOURCE: 8}, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": f"{R.REPO_ROOT}:{TESTS}"}})
     yield ray
     ray.shutdown()
