@@ -237,7 +237,8 @@ def _connect(ray, address: str | None, num_cpus: int | None, fake_devices: int) 
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         else:
             ray.init(address="local", num_cpus=num_cpus,  # a new Ray even if another runs here
-                     resources={SLOT_RESOURCE: fake_devices} if fake_devices else None, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+                     resources={SLOT_RESOURCE: fake_devices} if fake_devices else None,
+                     include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     except Exception as err:  # ray raises bare Exceptions for a node that does not come up
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise ConnectionError(f"could not start or reach {where}: {_one_line(err)}") from None
