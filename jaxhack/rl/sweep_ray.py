@@ -80,7 +80,8 @@ def parse_faults(text: str | None) -> dict:
         try:
             if not 3 <= len(parts) <= 5:
                 raise ValueError
-            fault = Fault(int(parts[2]), int(parts[3]) if len(parts) > 3 else 1, parts[4] if len(parts) > 4 else "raise")
+            times, mode = (int(parts[3]) if len(parts) > 3 else 1), (parts[4] if len(parts) > 4 else "raise")
+            fault = Fault(int(parts[2]), times, mode)
             if fault.mode not in ("raise", "exit") or fault.step < 0 or fault.times < 1:
                 raise ValueError
         except ValueError:
@@ -449,7 +450,7 @@ def run_sweep_ray(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds
     for r in runs:
         r.pop("state", None)
     failed = [r for r in runs if r["failed"]]
+    failed_info = [{"arm": r["arm"], "seed": r["seed"], "errors": r["errors"]} for r in failed]
     result = finish_sweep(out, arms, seeds, runs, stopped, reason, hack_threshold, ceiling_metric, log,
-                          extra={"backend": "ray", "ray": ray_info,
-                                 "failed": [{"arm": r["arm"], "seed": r["seed"], "errors": r["errors"]} for r in failed]})
+                          extra={"backend": "ray", "ray": ray_info, "failed": failed_info})
     return {**result, "failed": failed, "waves": ray_info["waves"]}
