@@ -152,3 +152,55 @@ def test_sweep_summary_has_the_h1_table_and_arm_options(tmp_path):
         S.parse_arm("projected+lr=1")
     assert S.parse_arm("projected+placement=update+overshoot=2") == ("projected", {"placement": "update",
                                                                                   "overshoot": 2.0})
+
+
+# ---- issue 16: the Ray backend's CLI errors (no Ray needed) and the strict summary.json ----------
+def test_backend_ray_without_ray_is_one_line_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from jaxhack.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert main(["sweep", "--backend", "ray", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install -e '.[ray]'" in err and err.startswith("error:")
+    assert main(["sweep", "--fake-devices", "8", "--out", str(tmp_path / "s")]) == 2
+    assert "need --backend ray" in capsys.readouterr().err
+
+
+def test_summary_json_is_strict(tmp_path):
+    fake = FakeTrain({("vanilla", 0): float("nan")})  # NaN peak and a NaN std from one seed
+    S.run_sweep(make_config("smoke"), tmp_path, ["vanilla"], [0], train_fn=fake, log=lambda _: None)
+
+    def refuse(name):
+        raise AssertionError(f"non-JSON constant {name}")
+    summary = json.loads((tmp_path / S.SUMMARY_JSON).read_text(), parse_constant=refuse)
+    assert summary["backend"] == "local" and summary["rows"][0]["hack_rate_std"] is None
+    assert summary["runs"][0]["summary"]["train_hack_rate_max_windowed"] is None
+
+
+def test_layout_extrapolation(tmp_path):
+    """sweep_estimate: full run = setup + step0 + (steps - 1) * median later step; the sweep =
+    sum over waves of ceil(runs / slots) * slowest run."""
+    from jaxhack.rl.sweep_estimate import extrapolate, run_timing
+
+    runs = []
+    for i, (arm, seed) in enumerate([(a, s) for a in ("vanilla", "projected") for s in (0, 1, 2)]):
+        run = tmp_path / arm / f"seed_{seed}"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"setup_s": 10.0}))
+        steps = [100.0, 36.0 + i, 30.0 + i, 40.0 + i]  # median of the later steps: 36 + i
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "time_step_s": t}) + "\n"
+                                                   for k, t in enumerate(steps)))
+        runs.append({"arm": arm, "seed": seed, "run_dir": str(run), "placement": [{"devices": [f"cuda:{i}"]}]})
+    t = run_timing(runs[0]["run_dir"])
+    assert t["steady_step_s"] == 36.0 and t["step0_s"] == 100.0 and t["steps"] == 4
+    waves = [[["vanilla", s] for s in (0, 1, 2)], [["projected", s] for s in (0, 1, 2)]]
+    est = extrapolate({"runs": runs, "ray": {"concurrent_runs": 2, "waves": waves}}, full_steps=201, seed_hours=65)
+    hours = [(10 + 100 + 200 * (36 + i)) / 3600 for i in range(6)]
+    # wave 1: 3 runs on 2 slots -> 2 rounds of its slowest (i=2); wave 2 likewise (i=5)
+    assert est["sweep_wall_h_ceiling_waves"] == pytest.approx(2 * hours[2] + 2 * hours[5])
+    assert est["sweep_wall_h_one_wave"] == pytest.approx(3 * hours[5])  # ceil(6 / 2) rounds
+    assert est["sequential_h_measured"] == pytest.approx(sum(hours))
+    assert est["speedup_vs_seed"] == pytest.approx(65 / est["sweep_wall_h_ceiling_waves"])
+    assert est["per_run"][4]["devices"] == ["cuda:4"] and est["waves"] == [3, 3]

@@ -1,5 +1,6 @@
 """Phase 3 sweep: seeds x arms, one run dir per (arm, seed), the seed's cost ceiling, a summary table
-(docs/phase3.md, "Sweep").
+(docs/phase3.md, "Sweep"). `run_sweep` is the sequential backend (one process); the Ray backend
+(`jaxhack.rl.sweep_ray`) shares the run dirs, the ceiling verdict and the summary writer below.
 
 Order: arm-major (every seed of the first arm, then the next arm, ...), each run in OUT/ARM/seed_S.
 A run with RUN/done.json is skipped; an unfinished one is resumed from its last checkpoint (the
@@ -111,23 +112,103 @@ def summary_table(runs: Sequence[dict], arms: Sequence[str]) -> tuple[str, list[
     return "\n".join(lines) + "\n", rows
 
 
+def check_sweep(arms: Sequence[str], seeds: Sequence[int]) -> None:
+    """ValueError before anything runs: no arms/seeds, a bad arm spec, a repeated value."""
+    if not arms or not seeds:
+        raise ValueError("need at least one arm and one seed")
+    for arm in arms:
+        parse_arm(arm)
+    if len(set(arms)) != len(arms) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"duplicate arms or seeds: {list(arms)} {list(seeds)}")
+
+
+def run_config(base: TrainConfig, out: str | Path, arm: str, seed: int) -> TrainConfig:
+    """The TrainConfig of run (arm spec, seed) of a sweep in `out`."""
+    arm_name, overrides = parse_arm(arm)
+    return dataclasses.replace(base, arm=arm_name, seed=seed, run_dir=str(run_dir_for(out, arm, seed)), **overrides)
+
+
+def ceiling_applies(ceiling: bool, arms: Sequence[str]) -> bool:
+    return ceiling and len(arms) > 1
+
+
+def ceiling_verdict(first_arm_runs: Sequence[dict], arms: Sequence[str], hack_threshold: float,
+                    metric: str = DEFAULT_CEILING_METRIC) -> tuple[bool, str]:
+    """(stopped, reason) after the first `ceiling_seeds` runs of the first arm (run records with
+    "seed" and "summary"): stop when none of them separated (reached hack_threshold)."""
+    if separated([r["summary"] or {} for r in first_arm_runs], hack_threshold, metric):
+        return False, ""
+    peaks = {r["seed"]: (r["summary"] or {}).get(metric) for r in first_arm_runs}
+    return True, (f"cost ceiling: after {len(first_arm_runs)} seed(s) of the first arm ({arms[0]!r}) no "
+                  f"separation: {metric} per seed {peaks} stayed below "
+                  f"hack_threshold={hack_threshold}, so there is no hacking for the other "
+                  f"arms ({', '.join(arms[1:])}) to suppress. Stopped without running them "
+                  f"(seed spec2.md: \"Don't burn the other runs\"). Pass --no-ceiling to "
+                  f"run them anyway.")
+
+
+def strict_json(value):
+    """`value` with every NaN / inf float replaced by None (summary.json is strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def finish_sweep(out: Path, arms: Sequence[str], seeds: Sequence[int], runs: list[dict], stopped: bool,
+                 reason: str, hack_threshold: float, ceiling_metric: str, log: Callable[[str], None] = print,
+                 extra: dict | None = None) -> dict:
+    """Write OUT/summary.md, OUT/summary.json (strict JSON: NaN -> null) and OUT/STOPPED.md when
+    stopped; returns {"runs", "stopped", "reason", "table", "rows", "h1"}. extra: more top-level
+    summary.json fields (the backend, failed runs, placement)."""
+    table, rows = summary_table(runs, arms)
+    h1_text, h1_rows = h1_table(runs, arms)
+    if h1_text:
+        table += "\n## H1 test\n\n" + h1_text
+    header = f"# Phase 3 sweep: {out}\n\narms {list(arms)}, seeds {list(seeds)}\n\n"
+    if stopped:
+        header += f"**STOPPED**: {reason}\n\n"
+        atomic_write_text(out / STOPPED_FILE, reason + "\n")
+    failed = [r for r in runs if r.get("failed")]
+    if failed:
+        header += "**FAILED runs** (rerun the same command to resume them): " + "; ".join(
+            f"{r['arm']} seed {r['seed']}: {r['status']}" for r in failed) + "\n\n"
+    text = header + table
+    atomic_write_text(out / SUMMARY_MD, text)
+    record = {"arms": list(arms), "seeds": list(seeds), "stopped": stopped, "reason": reason, "rows": rows,
+              "h1": h1_rows, "runs": runs, "hack_threshold": hack_threshold, "ceiling_metric": ceiling_metric,
+              **(extra or {})}
+    atomic_write_text(out / SUMMARY_JSON, json.dumps(strict_json(json.loads(json.dumps(record, default=str))),
+                                                     indent=2, sort_keys=True, allow_nan=False) + "\n")
+    log(text)
+    if stopped:
+        log(f"[sweep] {reason}")
+    return {"runs": runs, "stopped": stopped, "reason": reason, "table": table, "rows": rows, "h1": h1_rows}
+
+
+def tracking_kwargs(tracking, out: Path, arm: str, seed: int) -> dict:
+    """{"tracking": settings} naming the run ARM/seed_S in the sweep's group (the out dir's name), or {}."""
+    if tracking is None:
+        return {}
+    return {"tracking": tracking.with_tags(group=Path(out).resolve().name, name=f"{arm}/seed_{seed}")}
+
+
 def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Sequence[int],
               train_fn: Callable | None = None, ceiling: bool = True, ceiling_seeds: int = 3,
               hack_threshold: float = 0.1, ceiling_metric: str = DEFAULT_CEILING_METRIC, model=None,
               log: Callable[[str], None] = print, tracking=None) -> dict:
-    """Run every (arm, seed) in order; returns {"runs", "stopped", "reason", "table", "rows"}.
+    """Run every (arm, seed) in order in this process (`--backend local`); returns {"runs",
+    "stopped", "reason", "table", "rows", "h1"}.
 
     train_fn(cfg, resume=True, model=model) -> summary (default jaxhack.rl.trainer.train; tests
     inject a cheap fake). model: a preloaded (params, config, tokenizer) shared by all runs.
     tracking: jaxhack.tracking.TrackingSettings forwarded to every run, grouped by the sweep's
     directory name and named ARM/seed_S (the trainer adds the arm:/seed:/preset: tags).
     """
-    if not arms or not seeds:
-        raise ValueError("need at least one arm and one seed")
-    for arm in arms:
-        parse_arm(arm)  # ValueError before anything runs
-    if len(set(arms)) != len(arms) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"duplicate arms or seeds: {list(arms)} {list(seeds)}")
+    check_sweep(arms, seeds)
     if train_fn is None:
         train_fn = train
     out = Path(out)
@@ -137,7 +218,6 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
     stopped, reason = False, ""
     n_check = min(ceiling_seeds, len(seeds))
     for a_index, arm in enumerate(arms):
-        arm_name, overrides = parse_arm(arm)
         for seed in seeds:
             run_dir = run_dir_for(out, arm, seed)
             summary = read_done(run_dir)
@@ -145,12 +225,10 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
                 status = "skipped (done)"
             else:
                 status = "resumed" if (run_dir / RUN_FILE).is_file() else "ran"
-                cfg = dataclasses.replace(base, arm=arm_name, seed=seed, run_dir=str(run_dir), **overrides)
                 log(f"[sweep] {arm} seed {seed}: {status} -> {run_dir}")
                 t0 = time.time()
-                track = {} if tracking is None else {"tracking": tracking.with_tags(
-                    group=out.resolve().name, name=f"{arm}/seed_{seed}")}
-                returned = train_fn(cfg, resume=True, model=model, **track)
+                cfg = run_config(base, out, arm, seed)
+                returned = train_fn(cfg, resume=True, model=model, **tracking_kwargs(tracking, out, arm, seed))
                 summary = read_done(run_dir) or returned
                 status += f" in {time.time() - t0:.0f}s"
             finished = read_done(run_dir) is not None
@@ -158,34 +236,11 @@ def run_sweep(base: TrainConfig, out: str | Path, arms: Sequence[str], seeds: Se
                          "finished": finished, "summary": summary})
             log(f"[sweep] {arm} seed {seed}: {status}; " + json.dumps(summary, sort_keys=True))
             first_arm_runs = [r for r in runs if r["arm"] == arms[0]]
-            if (ceiling and a_index == 0 and len(arms) > 1 and len(first_arm_runs) == n_check):
-                if not separated([r["summary"] for r in first_arm_runs], hack_threshold, ceiling_metric):
-                    peaks = {r["seed"]: r["summary"].get(ceiling_metric) for r in first_arm_runs}
-                    stopped = True
-                    reason = (f"cost ceiling: after {n_check} seed(s) of the first arm ({arms[0]!r}) no "
-                              f"separation: {ceiling_metric} per seed {peaks} stayed below "
-                              f"hack_threshold={hack_threshold}, so there is no hacking for the other "
-                              f"arms ({', '.join(arms[1:])}) to suppress. Stopped without running them "
-                              f"(seed spec2.md: \"Don't burn the other runs\"). Pass --no-ceiling to "
-                              f"run them anyway.")
+            if ceiling_applies(ceiling, arms) and a_index == 0 and len(first_arm_runs) == n_check:
+                stopped, reason = ceiling_verdict(first_arm_runs, arms, hack_threshold, ceiling_metric)
+                if stopped:
                     break
         if stopped:
             break
-    table, rows = summary_table(runs, arms)
-    h1_text, h1_rows = h1_table(runs, arms)
-    if h1_text:
-        table += "\n## H1 test\n\n" + h1_text
-    header = f"# Phase 3 sweep: {out}\n\narms {list(arms)}, seeds {list(seeds)}\n\n"
-    if stopped:
-        header += f"**STOPPED**: {reason}\n\n"
-        atomic_write_text(out / STOPPED_FILE, reason + "\n")
-    text = header + table
-    atomic_write_text(out / SUMMARY_MD, text)
-    atomic_write_text(out / SUMMARY_JSON, json.dumps(
-        {"arms": list(arms), "seeds": list(seeds), "stopped": stopped, "reason": reason, "rows": rows, "h1": h1_rows,
-         "runs": runs, "hack_threshold": hack_threshold, "ceiling_metric": ceiling_metric},
-        indent=2, sort_keys=True, default=str) + "\n")
-    log(text)
-    if stopped:
-        log(f"[sweep] {reason}")
-    return {"runs": runs, "stopped": stopped, "reason": reason, "table": table, "rows": rows, "h1": h1_rows}
+    return finish_sweep(out, arms, seeds, runs, stopped, reason, hack_threshold, ceiling_metric, log,
+                        extra={"backend": "local"})
