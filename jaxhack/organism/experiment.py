@@ -47,6 +47,7 @@ class RunSettings:
     phase_steps: int = 4
     per_pool: int = 4
     grade_workers: int | None = None
+    ckpt_every: int = 0                # Phase 3 checkpoints (a killed call resumes from the newest)
 
 
 SIZES = {
@@ -227,8 +228,23 @@ def phase3_config(s: RunSettings, d: Path, arm: str, seed: int, run_dir: Path, v
                        lr=s.lora_lr if arm == "lora_projected" else s.lr,
                        warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio,
                        lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
-                       eval_temperature=1.0, ckpt_every=0, keep_ckpts=1, save_rollouts=True,
+                       eval_temperature=1.0, ckpt_every=s.ckpt_every, keep_ckpts=1, save_rollouts=True,
                        prompt_multiple=16, grade_workers=s.grade_workers, run_dir=str(run_dir))
+
+
+def _resumable(rd: Path, cfg) -> bool:
+    """Whether the Phase 3 run dir `rd` holds a run of exactly this config (finished: reused; killed:
+    resumed from its last checkpoint by the trainer), so a run split over several calls (the GPU
+    size on a 10-minute device call) redoes nothing."""
+    from jaxhack.rl.run import RUN_FILE, check_resume_config
+
+    if not (rd / RUN_FILE).is_file():
+        return False
+    try:
+        check_resume_config(json.loads((rd / RUN_FILE).read_text())["config"], cfg.to_dict(), rd / RUN_FILE)
+    except (ValueError, KeyError):
+        return False
+    return True
 
 
 def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progress: bool = True,
@@ -342,10 +358,12 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
             v = {"vanilla": out / "v_hack_svd", "projected": out / "v_hack_svd",
                  "lora_projected": out / f"v_hack_lora_seed{seed}"}.get(arm)
             cfg = phase3_config(s, d, arm, seed, rd, v)
-            if rd.exists():
+            if not _resumable(rd, cfg):
                 import shutil
-                shutil.rmtree(rd)
-            train(cfg, model=base, progress=False)
+                shutil.rmtree(rd, ignore_errors=True)
+            elif (rd / "done.json").is_file():
+                say(f"[phase3] {arm} seed {seed}: reused the finished run in {rd}")
+            train(cfg, model=base, progress=False, resume=True)
             run_dirs[(arm, seed)] = rd
             m = curves({(arm, seed): rd})[arm][str(seed)]
             say(f"[phase3] {arm} seed {seed}: hack {m['hack_rate'][0]:.2f} -> {np.mean(m['hack_rate'][-5:]):.2f}, "
