@@ -48,6 +48,7 @@ class RunSettings:
     per_pool: int = 4
     grade_workers: int | None = None
     ckpt_every: int = 0                # Phase 3 checkpoints (a killed call resumes from the newest)
+    temperature: float = 1.0           # Phase 3 rollout sampling temperature
 
 
 SIZES = {
@@ -55,7 +56,8 @@ SIZES = {
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
                        seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
                        min_lr_ratio=1.0, vhack_pairs=128,
-                       lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8),
+                       lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8,
+                       ckpt_every=10),
     "test": RunSettings(build=dataclasses.replace(BUILD_SIZES["test"], hack_share=0.3), arms=("vanilla", "projected"),
                         steps=12, prompts_per_step=4, group_size=8, lr=3e-2, beta=0.0, min_lr_ratio=1.0,
                         vhack_pairs=8, pool_steps=2, pool_per_step=8,
@@ -224,7 +226,7 @@ def phase3_config(s: RunSettings, d: Path, arm: str, seed: int, run_dir: Path, v
                        eval_problems=str(d / "problems_eval.jsonl"), mode="run_tests", hint=True, arm=arm,
                        v_hack=str(v_hack) if v_hack is not None else None, k=s.k, seed=seed, steps=s.steps,
                        group_size=s.group_size, prompts_per_step=s.prompts_per_step,
-                       max_new=s.max_new, beta=s.beta,
+                       max_new=s.max_new, beta=s.beta, temperature=s.temperature,
                        lr=s.lora_lr if arm == "lora_projected" else s.lr,
                        warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio,
                        lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
