@@ -35,7 +35,7 @@ class BuildSettings:
     kv_heads: int = 2
     ffn: int = 256
     sft_examples: int = 6000
-    sft_steps: int = 200
+    sft_steps: int = 300
     batch_size: int = 24
     lr: float = 2e-3
     hint_share: float = 0.5            # prompts with the run_tests hint in the base corpus
