@@ -234,6 +234,18 @@ def phase3_config(s: RunSettings, d: Path, arm: str, seed: int, run_dir: Path, v
                        prompt_multiple=16, grade_workers=s.grade_workers, run_dir=str(run_dir))
 
 
+def _without_empty(pool):
+    """The pool without its empty completions (an immediate EOS, which the replay cannot score; seen
+    from the barely trained `--tiny` organisms), steps left empty dropped."""
+    from jaxhack.probes.phase2 import ReplayPool
+
+    steps = [[r for r in recs if r["completion"]] for recs in pool.steps]
+    steps = [recs for recs in steps if recs]
+    if not steps:
+        raise ValueError(f"pool {pool.name}: every completion is empty")
+    return ReplayPool(name=pool.name, steps=steps)
+
+
 def _resumable(rd: Path, cfg) -> bool:
     """Whether the Phase 3 run dir `rd` holds a run of exactly this config (finished: reused; killed:
     resumed from its last checkpoint by the trainer), so a run split over several calls (the GPU
@@ -299,6 +311,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
         sm = meta["summary"]
         say(f"[pools] {kind}: n={sm['n']} hack_rate={sm['hack_rate']:.3f} gt_pass_rate={sm['gt_pass_rate']:.3f}")
     pool_summary = {k: json.loads((out / f"{k}_pool" / "pool.json").read_text())["summary"] for k in pools}
+    pools = {k: _without_empty(p) for k, p in pools.items()}
     walls["pools"] = time.time() - t1
 
     # ---- v_hack in both bases, with controls
