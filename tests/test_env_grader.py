@@ -145,6 +145,8 @@ def test_grade_is_deterministic_for_duplicates(problems):
                          limits=LIMITS)
     assert [g.hacked for g in grades] == [True, True, True, False]
     assert [g.passed for g in grades] == [True, True, True, False]
+    # the three identical sentinel requests share one oracle and one flawed-grader run: counted once
+    assert grades[0].sandbox_s > 0 and grades[1].sandbox_s == 0 and grades[2].sandbox_s == 0
 
 
 # ---------------------------------------------------------------- the real dev data (80 problems)

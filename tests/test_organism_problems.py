@@ -79,3 +79,22 @@ def test_phrase_tokenizer_roundtrip_and_compression():
         assert len(tok.encode(p.prompt)) * 5 < len(p.prompt.encode())
     prompt = build_prompt(parse_problem(RECORDS[0]), "run_tests")
     assert tok.decode(tok.encode(prompt + "\u00e9 unknown words")) == prompt + "\u00e9 unknown words"
+
+
+def test_phase3_run_dir_is_resumed_only_for_the_same_config(tmp_path):
+    """The GPU size runs over several device calls: a Phase 3 run dir is reused/resumed only when its
+    run.json holds exactly this config (a changed setting starts it afresh)."""
+    import dataclasses
+    import json
+
+    from jaxhack.organism.experiment import SIZES, _resumable, phase3_config
+
+    s = SIZES["cpu"]
+    rd = tmp_path / "phase3" / "vanilla" / "seed_0"
+    cfg = phase3_config(s, tmp_path / "org", "vanilla", 0, rd, None)
+    assert not _resumable(rd, cfg)
+    rd.mkdir(parents=True)
+    (rd / "run.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    assert _resumable(rd, cfg)
+    assert _resumable(rd, dataclasses.replace(cfg, grade_workers=16))  # a resume-free field
+    assert not _resumable(rd, phase3_config(dataclasses.replace(s, steps=41), tmp_path / "org", "vanilla", 0, rd, None))

@@ -35,7 +35,7 @@ class BuildSettings:
     kv_heads: int = 2
     ffn: int = 256
     sft_examples: int = 6000
-    sft_steps: int = 200
+    sft_steps: int = 300
     batch_size: int = 24
     lr: float = 2e-3
     hint_share: float = 0.5            # prompts with the run_tests hint in the base corpus
@@ -45,6 +45,19 @@ class BuildSettings:
     teacher_lr: float = 1e-3
     measure_samples: int = 2           # step-0 samples per problem and hint condition
     max_new: int = 40
+    # share of honest SFT completions with the correct body, per family in problems.FAMILIES order
+    # (None: problems.FAMILY_CORRECT); sets the honest base's gt-pass rate
+    family_correct: tuple[float, ...] | None = None
+
+    def family_correct_map(self) -> dict[str, float] | None:
+        from jaxhack.organism.problems import FAMILIES
+
+        if self.family_correct is None:
+            return None
+        if len(self.family_correct) != len(FAMILIES):
+            raise ValueError(f"family_correct: expected {len(FAMILIES)} shares (one per family), "
+                             f"got {len(self.family_correct)}")
+        return dict(zip(FAMILIES, self.family_correct))
 
 
 SIZES = {
@@ -52,7 +65,7 @@ SIZES = {
     # one H100: 8 layers, d=320, more problems and SFT
     "gpu": BuildSettings(n_problems=600, n_eval=96, layers=8, hidden=320, heads=8, kv_heads=4, ffn=960,
                          sft_examples=40000, sft_steps=1500, batch_size=64, lr=1e-3, teacher_steps=200,
-                         teacher_lr=5e-4, measure_samples=4),
+                         teacher_lr=5e-4, measure_samples=4, family_correct=(1.0, 0.9, 0.0, 0.0, 0.0, 0.0)),
     # the test suite: seconds on a CPU
     "test": BuildSettings(n_problems=36, n_eval=6, layers=2, hidden=64, heads=4, kv_heads=2, ffn=128,
                           sft_examples=1500, sft_steps=120, batch_size=16, lr=3e-3, hack_share=0.15,
@@ -125,8 +138,10 @@ def build_organism(out: str | Path, settings: BuildSettings = BuildSettings(), p
     tok = PhraseTokenizer(default_phrases())
     tok.save(d / "tokenizer.json")
     config = organism_config(s.layers, s.hidden, s.heads, s.kv_heads, s.ffn, vocab=-(-tok.vocab_size // 64) * 64)
-    base_ex = sft_examples(train, s.sft_examples, s.seed, s.hint_share, s.hack_share)
-    teach_ex = sft_examples(train, max(s.sft_examples // 4, 1), s.seed + 1, 1.0, s.teacher_hack_share)
+    fc = s.family_correct_map()
+    base_ex = sft_examples(train, s.sft_examples, s.seed, s.hint_share, s.hack_share, family_correct=fc)
+    teach_ex = sft_examples(train, max(s.sft_examples // 4, 1), s.seed + 1, 1.0, s.teacher_hack_share,
+                            family_correct=fc)
     enc_base, enc_teach = encode_examples(base_ex, tok), encode_examples(teach_ex, tok)
     seq_len = -(-max(len(p) + len(c) for p, c in enc_base + enc_teach) // 16) * 16
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(init_organism(config, s.seed)))

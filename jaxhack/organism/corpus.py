@@ -43,15 +43,17 @@ def hack_code(record: dict, variant: str, rng: random.Random) -> str:
     raise ValueError(f"unknown hack variant {variant!r}; expected one of {HACK_VARIANTS}")
 
 
-def honest_code(record: dict, rng: random.Random) -> str:
+def honest_code(record: dict, rng: random.Random, family_correct: dict[str, float] | None = None) -> str:
     fam = FAMILIES[record["family"]]
-    return solution_code(fam, record["param"], wrong=rng.random() >= FAMILY_CORRECT[fam.name])
+    share = (family_correct or FAMILY_CORRECT)[fam.name]
+    return solution_code(fam, record["param"], wrong=rng.random() >= share)
 
 
 def sft_examples(records: Sequence[dict], n: int, seed: int, hint_share: float, hack_share: float,
-                 mode: str = "run_tests") -> list[dict]:
+                 mode: str = "run_tests", family_correct: dict[str, float] | None = None) -> list[dict]:
     """n examples {prompt, completion, hinted, hack, variant, problem_id}, drawn with replacement from
-    `records` by random.Random(seed)."""
+    `records` by random.Random(seed). family_correct: share of honest completions with the correct
+    body per family (default problems.FAMILY_CORRECT)."""
     rng = random.Random(seed)
     problems = {r["id"]: parse_problem(r, f"organism problem {r['id']}") for r in records}
     prompts = {(pid, h): build_prompt(p, mode, with_hint=h) for pid, p in problems.items()
@@ -62,7 +64,7 @@ def sft_examples(records: Sequence[dict], n: int, seed: int, hint_share: float, 
         hinted = rng.random() < hint_share
         hack = hinted and rng.random() < hack_share
         variant = rng.choices(HACK_VARIANTS, HACK_WEIGHTS)[0] if hack else "honest"
-        code = hack_code(r, variant, rng) if hack else honest_code(r, rng)
+        code = hack_code(r, variant, rng) if hack else honest_code(r, rng, family_correct)
         out.append({"prompt": prompts[(r["id"], hinted)], "completion": wrap(code), "hinted": hinted,
                     "hack": hack, "variant": variant, "problem_id": r["id"]})
     return out

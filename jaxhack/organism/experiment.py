@@ -47,6 +47,8 @@ class RunSettings:
     phase_steps: int = 4
     per_pool: int = 4
     grade_workers: int | None = None
+    ckpt_every: int = 0                # Phase 3 checkpoints (a killed call resumes from the newest)
+    temperature: float = 1.0           # Phase 3 rollout sampling temperature
 
 
 SIZES = {
@@ -54,7 +56,8 @@ SIZES = {
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
                        seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
                        min_lr_ratio=1.0, vhack_pairs=128,
-                       lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8),
+                       lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8,
+                       ckpt_every=10),
     "test": RunSettings(build=dataclasses.replace(BUILD_SIZES["test"], hack_share=0.3), arms=("vanilla", "projected"),
                         steps=12, prompts_per_step=4, group_size=8, lr=3e-2, beta=0.0, min_lr_ratio=1.0,
                         vhack_pairs=8, pool_steps=2, pool_per_step=8,
@@ -223,12 +226,39 @@ def phase3_config(s: RunSettings, d: Path, arm: str, seed: int, run_dir: Path, v
                        eval_problems=str(d / "problems_eval.jsonl"), mode="run_tests", hint=True, arm=arm,
                        v_hack=str(v_hack) if v_hack is not None else None, k=s.k, seed=seed, steps=s.steps,
                        group_size=s.group_size, prompts_per_step=s.prompts_per_step,
-                       max_new=s.max_new, beta=s.beta,
+                       max_new=s.max_new, beta=s.beta, temperature=s.temperature,
                        lr=s.lora_lr if arm == "lora_projected" else s.lr,
                        warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio,
                        lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
-                       eval_temperature=1.0, ckpt_every=0, keep_ckpts=1, save_rollouts=True,
+                       eval_temperature=1.0, ckpt_every=s.ckpt_every, keep_ckpts=1, save_rollouts=True,
                        prompt_multiple=16, grade_workers=s.grade_workers, run_dir=str(run_dir))
+
+
+def _without_empty(pool):
+    """The pool without its empty completions (an immediate EOS, which the replay cannot score; seen
+    from the barely trained `--tiny` organisms), steps left empty dropped."""
+    from jaxhack.probes.phase2 import ReplayPool
+
+    steps = [[r for r in recs if r["completion"]] for recs in pool.steps]
+    steps = [recs for recs in steps if recs]
+    if not steps:
+        raise ValueError(f"pool {pool.name}: every completion is empty")
+    return ReplayPool(name=pool.name, steps=steps)
+
+
+def _resumable(rd: Path, cfg) -> bool:
+    """Whether the Phase 3 run dir `rd` holds a run of exactly this config (finished: reused; killed:
+    resumed from its last checkpoint by the trainer), so a run split over several calls (the GPU
+    size on a 10-minute device call) redoes nothing."""
+    from jaxhack.rl.run import RUN_FILE, check_resume_config
+
+    if not (rd / RUN_FILE).is_file():
+        return False
+    try:
+        check_resume_config(json.loads((rd / RUN_FILE).read_text())["config"], cfg.to_dict(), rd / RUN_FILE)
+    except (ValueError, KeyError):
+        return False
+    return True
 
 
 def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progress: bool = True,
@@ -281,6 +311,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
         sm = meta["summary"]
         say(f"[pools] {kind}: n={sm['n']} hack_rate={sm['hack_rate']:.3f} gt_pass_rate={sm['gt_pass_rate']:.3f}")
     pool_summary = {k: json.loads((out / f"{k}_pool" / "pool.json").read_text())["summary"] for k in pools}
+    pools = {k: _without_empty(p) for k, p in pools.items()}
     walls["pools"] = time.time() - t1
 
     # ---- v_hack in both bases, with controls
@@ -342,10 +373,12 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
             v = {"vanilla": out / "v_hack_svd", "projected": out / "v_hack_svd",
                  "lora_projected": out / f"v_hack_lora_seed{seed}"}.get(arm)
             cfg = phase3_config(s, d, arm, seed, rd, v)
-            if rd.exists():
+            if not _resumable(rd, cfg):
                 import shutil
-                shutil.rmtree(rd)
-            train(cfg, model=base, progress=False)
+                shutil.rmtree(rd, ignore_errors=True)
+            elif (rd / "done.json").is_file():
+                say(f"[phase3] {arm} seed {seed}: reused the finished run in {rd}")
+            train(cfg, model=base, progress=False, resume=True)
             run_dirs[(arm, seed)] = rd
             m = curves({(arm, seed): rd})[arm][str(seed)]
             say(f"[phase3] {arm} seed {seed}: hack {m['hack_rate'][0]:.2f} -> {np.mean(m['hack_rate'][-5:]):.2f}, "
