@@ -54,7 +54,7 @@ class RunSettings:
 SIZES = {
     "cpu": RunSettings(grade_workers=3, steps=40, prompts_per_step=8, lr=3e-2, beta=0.0, min_lr_ratio=1.0),
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
-                       seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
+                       seeds=(0, 1, 2), steps=300, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
                        min_lr_ratio=1.0, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8,
                        ckpt_every=10),
