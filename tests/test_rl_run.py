@@ -87,3 +87,16 @@ def test_no_progress_silences_the_svd_and_v_hack_bars(tmp_path, monkeypatch, cap
     assert "svd" in capfd.readouterr().err  # the bar this test is about exists
     R.setup_run(dataclasses.replace(cfg, run_dir=str(tmp_path / "r2")), progress=False)
     assert "svd" not in capfd.readouterr().err
+
+
+def test_none_on_the_cli_clears_only_optional_fields():
+    """`--microbatch none` clears the preset's value; `--remat none` is the remat policy "none" (was None:
+    KeyError later)."""
+    import argparse
+
+    from jaxhack.rl.config import add_config_args, config_from_args
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_args(["--preset", "fast", "--remat", "none", "--microbatch", "none"]))
+    assert cfg.remat == "none" and cfg.microbatch is None
+    assert config_from_args(parser.parse_args(["--preset", "fast"])).remat == "full"

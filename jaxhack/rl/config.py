@@ -242,8 +242,9 @@ def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         if kind is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL",
                                 help=help_text + "; the bare flag means true")
-        else:
-            parser.add_argument(flag, type=_optional(kind), default=None, help=help_text)
+        else:  # only Optional fields take "none" (= None); e.g. --remat none is the string "none"
+            nullable = type(None) in typing.get_args(hints[f.name])
+            parser.add_argument(flag, type=_optional(kind) if nullable else kind, default=None, help=help_text)
 
 
 def read_config_file(path, fields: set[str] | None = None) -> dict[str, Any]:
