@@ -98,3 +98,13 @@ def test_phase3_run_dir_is_resumed_only_for_the_same_config(tmp_path):
     assert _resumable(rd, cfg)
     assert _resumable(rd, dataclasses.replace(cfg, grade_workers=16))  # a resume-free field
     assert not _resumable(rd, phase3_config(dataclasses.replace(s, steps=41), tmp_path / "org", "vanilla", 0, rd, None))
+
+
+def test_organism_phase3_runs_sample_only_the_policy(tmp_path):
+    """The organism's GRPO groups are the policy's own rollouts: no teacher rows from the smoke preset
+    it builds on (they were mixed in by mistake once and changed the runs)."""
+    from jaxhack.organism.experiment import SIZES, phase3_config
+
+    for size in ("cpu", "gpu", "test"):
+        cfg = phase3_config(SIZES[size], tmp_path, "vanilla", 0, tmp_path / "run", None)
+        assert cfg.mix_teacher is None and cfg.mix_per_group == 0

@@ -181,23 +181,6 @@ def test_phase1_split_uses_attempted_hack():
     assert split["honest_correct"]["n"] == 2 and split["hack_correct_rule"] == "attempted_hack and gt_pass"
 
 
-def test_demo_end_to_end_small(tmp_path):
-    result = run_demo(DemoSettings(out=str(tmp_path / "demo"), steps=2, per_pool=2, pool_steps=1,
-                                   pool_per_step=8, pair_variants=1, max_prompt_tokens=32,
-                                   max_completion_tokens=32), progress=False)
-    out = tmp_path / "demo"
-    report = (out / "report.md").read_text()
-    assert result["summary"]["verdict"] in ("run", "run-expect-small-effect", "skip", "bug", "inconclusive")
-    assert result["summary"]["verdict"] in report
-    for arm in ("vanilla", "projected", "lora_projected"):
-        records, info = read_run(out / "phase2" / arm)
-        assert info["arm"] == arm and len(records) == 2 * 4
-    # issue 13 rows: null z, over-projection count, update cosine, the control side by side
-    assert "z (cos_in / null sd)" in report and "over-projected modules" in report and "update cos" in report
-    assert "| vanilla[random] | random |" in report and "Phase 2 lr=0.01" in report
-    assert json.loads((out / "phase1" / "phase1_split.json").read_text())["n_steps"] == 2
-
-
 def test_phase_scripts_end_to_end(tmp_path, capsys):
     """The per-phase scripts chained as the README shows, on the embedded default."""
     import importlib.util

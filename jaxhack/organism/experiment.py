@@ -222,7 +222,7 @@ def phase3_config(s: RunSettings, d: Path, arm: str, seed: int, run_dir: Path, v
     held-out eval prompts, the size's GRPO settings)."""
     from jaxhack.rl.config import make_config
 
-    return make_config("smoke", ckpt=str((d / "base").resolve()), problems=str(d / "problems_train.jsonl"),
+    cfg = make_config("smoke", ckpt=str((d / "base").resolve()), problems=str(d / "problems_train.jsonl"),
                        eval_problems=str(d / "problems_eval.jsonl"), mode="run_tests", hint=True, arm=arm,
                        v_hack=str(v_hack) if v_hack is not None else None, k=s.k, seed=seed, steps=s.steps,
                        group_size=s.group_size, prompts_per_step=s.prompts_per_step,
@@ -232,6 +232,8 @@ def phase3_config(s: RunSettings, d: Path, arm: str, seed: int, run_dir: Path, v
                        lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
                        eval_temperature=1.0, ckpt_every=s.ckpt_every, keep_ckpts=1, save_rollouts=True,
                        prompt_multiple=16, grade_workers=s.grade_workers, run_dir=str(run_dir))
+    # the policy's own rollouts only: the smoke preset's template-teacher rows are not part of the organism
+    return dataclasses.replace(cfg, mix_teacher=None, mix_per_group=0)
 
 
 def _without_empty(pool):
