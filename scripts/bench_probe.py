@@ -295,6 +295,10 @@ def compare_saved(folder: str, out: str | None) -> int:
     import itertools
 
     sets = {p.stem: dict(np.load(p)) for p in sorted(Path(folder).glob("*.npz"))}
+    if len(sets) < 2:
+        print(f"error: --compare {folder}: expected at least two saved gradient sets (*.npz from --save-grads), "
+              f"found {len(sets)}", file=sys.stderr)
+        return 2
     lines = []
     for a, b in itertools.combinations(sets, 2):
         agr = gradient_agreement(sets[a], sets[b])

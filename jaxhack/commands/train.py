@@ -33,6 +33,7 @@ from jaxhack.io import UserError, check_writable, claim_run_dir, read_jsonl, rem
 from jaxhack.parallel import mesh as meshlib
 from jaxhack.rl.checkpoints import CKPT_DIR
 from jaxhack.rl.config import add_config_args, config_from_args
+from jaxhack.rl.data import TEMPLATE_TEACHER
 from jaxhack.rl.run import DONE_FILE, METRICS_FILE, RUN_FILE
 from jaxhack.rl.trainer import train
 from jaxhack.tracking import TrackingUnavailable, add_tracking_args, settings_from_args
@@ -119,7 +120,7 @@ def config_checked(args, **extra):
     for flag, path in (("--problems", cfg.problems), ("--eval-problems", cfg.eval_problems)):
         if path and path != "bundled":
             checks.existing(flag, path, "file")
-    if cfg.mix_teacher and cfg.mix_teacher != "templates":
+    if cfg.mix_teacher and cfg.mix_teacher != TEMPLATE_TEACHER:
         checks.check_pool("--mix-teacher", cfg.mix_teacher, allow_partial=False)
     if cfg.v_hack and cfg.v_hack != "random":
         checks.load_v_hack_checked("--v-hack", cfg.v_hack)
