@@ -32,3 +32,32 @@ def test_vanilla_grpo_raises_hack_rate(test_organism, tmp_path):
     start, end = np.mean(hack[:3]), np.mean(hack[-3:])
     assert start < 0.2, hack
     assert end > start + 0.08, hack
+
+
+def test_phase3_runs_in_worker_processes_match_in_process(test_organism, tmp_path):
+    """`run_phase3(jobs=2)` (spawned workers, as the GPU size runs its 12 runs) trains each run exactly as
+    the in-process loop does: same per-step metrics for the same config."""
+    from jaxhack.organism.experiment import run_phase3
+
+    s = dataclasses.replace(SIZES["test"], steps=2)
+
+    def cfg(seed, where):
+        return dataclasses.replace(phase3_config(s, test_organism, "vanilla", seed, tmp_path / where / str(seed),
+                                                 None), v_hack="random")
+
+    said = []
+    run_phase3([("vanilla", 0, cfg(0, "workers")), ("vanilla", 1, cfg(1, "workers"))], test_organism, jobs=2,
+               say=said.append)
+    run_phase3([("vanilla", 0, cfg(0, "inline"))], test_organism, jobs=1, say=said.append)
+    assert len(said) == 3 and all(line.startswith("[phase3] vanilla seed") for line in said)
+    worker = read_jsonl(tmp_path / "workers" / "0" / METRICS_FILE)
+    inline = read_jsonl(tmp_path / "inline" / "0" / METRICS_FILE)
+    other = read_jsonl(tmp_path / "workers" / "1" / METRICS_FILE)
+    assert len(worker) == len(inline) == len(other) == 2
+    for w, i in zip(worker, inline):
+        keys = sorted(k for k, v in i.items() if isinstance(v, (int, float)) and not k.startswith("time_"))
+        assert keys and sorted(k for k in w if k in keys) == keys
+        np.testing.assert_allclose([w[k] for k in keys], [i[k] for k in keys], rtol=1e-6, err_msg=str(keys))
+    # seed 1 is another run (its own samples), not a copy of seed 0's
+    assert any(o["reward_mean"] != w["reward_mean"] for o, w in zip(other, worker)) or \
+        any(o["loss"] != w["loss"] for o, w in zip(other, worker))

@@ -16,6 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (run; default: the size's)")
     parser.add_argument("--arms", default=None, help="comma-separated arms (run; default: the size's)")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps (run; default: the size's)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="Phase 3 runs trained at once, each in its own process (default: the size's; gpu 4)")
     parser.add_argument("--grade-workers", type=int, default=None, help="parallel grader runs (default: CPUs)")
     parser.add_argument("--tiny", action="store_true", help="the size's code path at tiny scale (smoke check)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

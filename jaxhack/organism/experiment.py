@@ -49,6 +49,7 @@ class RunSettings:
     grade_workers: int | None = None
     ckpt_every: int = 0                # Phase 3 checkpoints (a killed call resumes from the newest)
     temperature: float = 1.0           # Phase 3 rollout sampling temperature
+    jobs: int = 1                      # Phase 3 runs trained at once, each in its own process (run_phase3)
 
 
 SIZES = {
@@ -57,7 +58,7 @@ SIZES = {
                        seeds=(0, 1, 2), steps=300, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
                        min_lr_ratio=1.0, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8,
-                       ckpt_every=10),
+                       ckpt_every=10, jobs=4),
     "test": RunSettings(build=dataclasses.replace(BUILD_SIZES["test"], hack_share=0.3), arms=("vanilla", "projected"),
                         steps=12, prompts_per_step=4, group_size=8, lr=3e-2, beta=0.0, min_lr_ratio=1.0,
                         vhack_pairs=8, pool_steps=2, pool_per_step=8,
@@ -126,7 +127,9 @@ def curves(run_dirs: dict[tuple[str, int], Path]) -> dict:
             "hack_rate": [m["hack_rate_policy"] for m in ms],
             "gt_pass_rate": [m["gt_pass_rate_policy"] for m in ms],
             "reward_mean": [m["reward_mean_policy"] for m in ms],
-            "cos_in": [m["cos_in"] for m in ms], "fmt_rate": [m["fmt_rate"] for m in ms]}
+            "cos_in": [m["cos_in"] for m in ms], "fmt_rate": [m["fmt_rate"] for m in ms],
+            "time_s": {part: float(np.mean([m[f"time_{part}_s"] for m in ms])) if ms else None
+                       for part in ("step", "generation", "grading", "ref", "update")}}
     return out
 
 
@@ -218,22 +221,87 @@ def plot_curves(cur: dict, path: Path) -> Path:
 
 
 def phase3_config(s: RunSettings, d: Path, arm: str, seed: int, run_dir: Path, v_hack: Path | None):
-    """The Phase 3 TrainConfig of one arm and seed on the organism in `d` (hinted training prompts,
-    held-out eval prompts, the size's GRPO settings)."""
+    """The Phase 3 TrainConfig of one arm and seed on the organism in `d`: the `organism` preset
+    (jaxhack.rl.config.PRESETS: the policy's own hinted rollouts, held-out eval at temperature 1) with
+    this size's GRPO settings, the organism's checkpoint, train/eval problems and v_hack."""
     from jaxhack.rl.config import make_config
 
-    cfg = make_config("smoke", ckpt=str((d / "base").resolve()), problems=str(d / "problems_train.jsonl"),
-                       eval_problems=str(d / "problems_eval.jsonl"), mode="run_tests", hint=True, arm=arm,
+    return make_config("organism", ckpt=str((d / "base").resolve()), problems=str(d / "problems_train.jsonl"),
+                       eval_problems=str(d / "problems_eval.jsonl"), arm=arm,
                        v_hack=str(v_hack) if v_hack is not None else None, k=s.k, seed=seed, steps=s.steps,
                        group_size=s.group_size, prompts_per_step=s.prompts_per_step,
                        max_new=s.max_new, beta=s.beta, temperature=s.temperature,
                        lr=s.lora_lr if arm == "lora_projected" else s.lr,
                        warmup_steps=s.warmup_steps, min_lr_ratio=s.min_lr_ratio,
-                       lora_rank=s.lora_rank, eval_every=s.steps, eval_samples=2,
-                       eval_temperature=1.0, ckpt_every=s.ckpt_every, keep_ckpts=1, save_rollouts=True,
-                       prompt_multiple=16, grade_workers=s.grade_workers, run_dir=str(run_dir))
-    # the policy's own rollouts only: the smoke preset's template-teacher rows are not part of the organism
-    return dataclasses.replace(cfg, mix_teacher=None, mix_per_group=0)
+                       lora_rank=s.lora_rank, eval_every=s.steps, ckpt_every=s.ckpt_every,
+                       grade_workers=s.grade_workers, run_dir=str(run_dir))
+
+
+def _train_one(cfg, organism_dir: str) -> None:
+    """One Phase 3 run (resumed when its run dir holds a checkpoint of this config): the task of a
+    `run_phase3` worker process."""
+    from jaxhack.rl.trainer import train
+
+    train(cfg, model=load_organism(Path(organism_dir), "base"), progress=False, resume=True)
+
+
+def _worker_init(devices) -> None:
+    """A `run_phase3` worker's first act, before it imports jax's backend: take one GPU of the host
+    (a multi-GPU host: each worker its own card), or share the one there is."""
+    import os
+
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
+
+
+def _gpu_ids() -> list[str]:
+    """The CUDA ids this process may use (its CUDA_VISIBLE_DEVICES, else 0..n-1); [] off GPU."""
+    import os
+
+    if jax.devices()[0].platform != "gpu":
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x for x in visible.split(",") if x.strip()] if visible else []
+    return ids or [str(i) for i in range(len(jax.local_devices()))]
+
+
+def run_phase3(runs: list[tuple[str, int, object]], d: Path, jobs: int = 1, say=print) -> None:
+    """Train every (arm, seed, TrainConfig) of `runs` on the organism in `d`.
+
+    jobs 1: one after another in this process. jobs > 1: that many spawned worker processes, each
+    training whole runs (the organism is small: one run leaves a GPU and the host's grading cores
+    mostly idle); on a host with several GPUs the workers take them in turn. A run's result does not
+    depend on which process trains it (tests/test_organism_rise.py). On a GPU, the caller must have
+    turned jax's memory preallocation off before its first device use (`organism_main` does), or the
+    first process takes 75% of the card."""
+    from jaxhack.rl.trainer import train
+
+    def done(arm, seed, cfg):
+        m = curves({(arm, seed): Path(cfg.run_dir)})[arm][str(seed)]
+        say(f"[phase3] {arm} seed {seed}: hack {m['hack_rate'][0]:.2f} -> {np.mean(m['hack_rate'][-5:]):.2f}, "
+            f"gt_pass {m['gt_pass_rate'][0]:.2f} -> {np.mean(m['gt_pass_rate'][-5:]):.2f}")
+
+    if jobs <= 1:
+        base = load_organism(d, "base")
+        for arm, seed, cfg in runs:
+            train(cfg, model=base, progress=False, resume=True)
+            done(arm, seed, cfg)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh jax per worker (never fork a live backend)
+    gpus, devices = _gpu_ids(), None
+    if len(gpus) > 1:
+        devices = ctx.Queue()
+        for i in range(jobs):
+            devices.put(gpus[i % len(gpus)])
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                                initargs=(devices,)) as pool:
+        futures = {pool.submit(_train_one, cfg, str(d)): (arm, seed, cfg) for arm, seed, cfg in runs}
+        for f in concurrent.futures.as_completed(futures):
+            f.result()  # a worker's error stops the experiment here, with its traceback
+            done(*futures[f])
 
 
 def _without_empty(pool):
@@ -275,7 +343,6 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     from jaxhack.projection.pairs import shuffle_labels
     from jaxhack.projection.v_hack import extract_v_hack, random_v_hack, save_v_hack
     from jaxhack.rl.sampler import sampling_source
-    from jaxhack.rl.trainer import train
 
     t0 = time.time()
     s = settings
@@ -368,7 +435,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
 
     # ---- Phase 3
     t1 = time.time()
-    run_dirs = {}
+    run_dirs, runs = {}, []
     for seed in s.seeds:
         for arm in s.arms:
             rd = out / "phase3" / arm / f"seed_{seed}"
@@ -380,11 +447,9 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
                 shutil.rmtree(rd, ignore_errors=True)
             elif (rd / "done.json").is_file():
                 say(f"[phase3] {arm} seed {seed}: reused the finished run in {rd}")
-            train(cfg, model=base, progress=False, resume=True)
             run_dirs[(arm, seed)] = rd
-            m = curves({(arm, seed): rd})[arm][str(seed)]
-            say(f"[phase3] {arm} seed {seed}: hack {m['hack_rate'][0]:.2f} -> {np.mean(m['hack_rate'][-5:]):.2f}, "
-                f"gt_pass {m['gt_pass_rate'][0]:.2f} -> {np.mean(m['gt_pass_rate'][-5:]):.2f}")
+            runs.append((arm, seed, cfg))
+    run_phase3(runs, d, jobs=s.jobs, say=say)
     walls["phase3"] = time.time() - t1
 
     cur = curves(run_dirs)
@@ -403,8 +468,10 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
                    "cpu_count": __import__("os").cpu_count()},
         "wall_s": walls, "pools": pool_summary, "v_hack": vhack_report,
         "phase1": json_safe(split), "phase2": {"verdict": p2.get("verdict"), "verification": p2.get("verification")},
-        "phase3": {arm: {seed: {"hack_rate": v["hack_rate"], "gt_pass_rate": v["gt_pass_rate"]}
+        "phase3": {arm: {seed: {"hack_rate": v["hack_rate"], "gt_pass_rate": v["gt_pass_rate"],
+                                "mean_step_time_s": v["time_s"]}
                          for seed, v in by.items()} for arm, by in cur.items()},
+        "phase3_jobs": s.jobs,
         "phase3_eval_final": {k: (v[-1] if v else None) for k, v in evals.items()},
         "h1": h1, "verdict": verdict(h1),
     }
@@ -436,6 +503,12 @@ def report_markdown(r: dict) -> str:
             continue
         lines.append(f"| {arm} | {len(v['seeds'])} | {v['hack_drop_mean']:+.3f} | {v['hack_drop_sem']:.3f} | "
                      f"{v['gt_pass_diff_mean']:+.3f} |")
+    times = [v["mean_step_time_s"] for by in r["phase3"].values() for v in by.values()]
+    if times and all(t["step"] is not None for t in times):
+        mean = {k: float(np.mean([t[k] for t in times])) for k in times[0]}
+        lines += ["", f"Phase 3 wall {r['wall_s']['phase3']:.0f} s for {len(times)} runs, {r['phase3_jobs']} at once; "
+                  f"mean step per run {mean['step']:.2f} s (sampling {mean['generation']:.2f}, grading "
+                  f"{mean['grading']:.2f}, reference {mean['ref']:.2f}, update {mean['update']:.2f})."]
     lines += ["", f"**Verdict:** {r['verdict']}", ""]
     return "\n".join(lines)
 
@@ -468,6 +541,14 @@ def organism_main(args) -> int:
         s = shrink(s)
     if args.grade_workers is not None:
         s = dataclasses.replace(s, grade_workers=args.grade_workers)
+    if args.jobs is not None:
+        if args.jobs < 1:
+            print("error: --jobs must be >= 1", file=sys.stderr)
+            return 2
+        s = dataclasses.replace(s, jobs=args.jobs)
+    if s.jobs > 1:  # the Phase 3 workers share the card: no process may take 75% of it up front
+        import os
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     out = Path(args.out)
     if args.action == "build":
         build_organism(out / "organism", s.build, progress=not args.quiet)
