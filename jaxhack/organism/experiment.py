@@ -55,7 +55,7 @@ class RunSettings:
 SIZES = {
     "cpu": RunSettings(grade_workers=3, steps=40, prompts_per_step=8, lr=3e-2, beta=0.0, min_lr_ratio=1.0),
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
-                       seeds=(0, 1, 2), steps=300, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
+                       seeds=(0, 1, 2), steps=150, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
                        min_lr_ratio=1.0, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8,
                        ckpt_every=10, jobs=4),
@@ -546,9 +546,12 @@ def organism_main(args) -> int:
             print("error: --jobs must be >= 1", file=sys.stderr)
             return 2
         s = dataclasses.replace(s, jobs=args.jobs)
+    import os
     if s.jobs > 1:  # the Phase 3 workers share the card: no process may take 75% of it up front
-        import os
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    # one persistent compilation cache for this experiment: each Phase 3 run (same shapes) compiles once
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(args.out).resolve() / "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     out = Path(args.out)
     if args.action == "build":
         build_organism(out / "organism", s.build, progress=not args.quiet)
