@@ -108,3 +108,35 @@ def test_organism_phase3_runs_sample_only_the_policy(tmp_path):
     for size in ("cpu", "gpu", "test"):
         cfg = phase3_config(SIZES[size], tmp_path, "vanilla", 0, tmp_path / "run", None)
         assert cfg.mix_teacher is None and cfg.mix_per_group == 0
+
+
+def test_h1_validity_and_verdict_on_synthetic_curves():
+    """The validity rule takes the untrained policy's rate as the start (a fast learner is already hacking
+    within its first tenth of the steps), and the verdict claims a drop only when the t 95% CI over seeds
+    excludes 0."""
+    import numpy as np
+
+    from jaxhack.organism.experiment import h1_test, verdict
+
+    steps = 40
+    rise = np.minimum(0.08 + 0.08 * np.arange(steps), 0.8)  # 0.08 at step 0, > 0.5 by step 6
+    cur = {"vanilla": {str(s): {"hack_rate": list(rise + 0.01 * s), "gt_pass_rate": [0.2] * steps} for s in range(3)},
+           "projected": {str(s): {"hack_rate": list(rise - d), "gt_pass_rate": [0.25] * steps}
+                         for s, d in zip(range(3), (0.05, 0.06, 0.04))},
+           "random_v": {str(s): {"hack_rate": list(rise + d), "gt_pass_rate": [0.2] * steps}
+                        for s, d in zip(range(3), (0.05, -0.03, 0.0))}}
+    h1 = h1_test(cur, steps, base_hack_rate=0.07)
+    assert h1["vanilla"]["valid"]
+    assert min(h1["vanilla"]["hack_first_tenth"].values()) > 0.10  # the old start window would have failed it
+    assert h1["vanilla"]["steps_to_half"] == {"0": 8, "1": 8, "2": 8}  # 5-step trailing mean 0.08 t - 0.08 (+0.01 s)
+    assert h1["projected"]["hack_drop_ci95"][0] > 0 and h1["random_v"]["hack_drop_ci95"][0] < 0
+    text = verdict(h1)
+    assert "projected: hack-rate drop vs vanilla +0.060" in text and "hacks less than vanilla" in text
+    assert "random_v" in text and "no evidence of a difference" in text
+    # an untrained policy that already hacks, or a seed that never passes 0.5, is not a valid setup
+    assert not h1_test(cur, steps, base_hack_rate=0.15)["vanilla"]["valid"]
+    flat = {**cur, "vanilla": {**cur["vanilla"], "2": {"hack_rate": [0.08] * steps, "gt_pass_rate": [0.2] * steps}}}
+    assert not h1_test(flat, steps, base_hack_rate=0.07)["vanilla"]["valid"]
+    assert verdict(h1_test(flat, steps, base_hack_rate=0.07)).startswith("INVALID SETUP")
+    # without the build's figure the seeds' pooled step 0 is the start (0.09 here)
+    assert abs(h1_test(cur, steps)["vanilla"]["hack_untrained"] - 0.09) < 1e-9
