@@ -45,6 +45,7 @@ def test_run_json_records_every_input_and_a_rerun_reproduces_it(probe_inputs, tm
     assert all(Path(p).is_absolute() and Path(p).is_dir() for p in paths["replay_dirs"])
     assert Path(paths["v_hack"]).is_absolute() and paths["ckpt"] == "tiny"
     assert old["adapter"]["kind"] == "svd" and old["adapter"]["svd_cache"].endswith("_svd_cache/tiny")
+    assert len(old["input_digests"]["replay_dirs"]) == 2 and len(old["input_digests"]["v_hack"]) == 64
 
     new_dir = tmp_path / "again"
     # --allow-partial: a flag given explicitly overrides the file's false (the pools are complete, so the
@@ -57,6 +58,7 @@ def test_run_json_records_every_input_and_a_rerun_reproduces_it(probe_inputs, tm
     assert json.dumps(new_records, sort_keys=True) == json.dumps(old_records, sort_keys=True)
     assert new["config"] == {**config, "allow_partial": True} and not config["allow_partial"]
     assert new["config_paths"] == paths and new["settings"] == old["settings"]
+    assert new["input_digests"] == old["input_digests"]
     assert new["config_file"] == str((old_dir / "run.json").resolve())
     assert not list(new_dir.glob("events.out.tfevents.*"))
 
@@ -128,6 +130,17 @@ def test_bad_configs_are_one_error_line(probe_inputs, tmp_path, capsys):
     # ... unless a flag replaces it
     values = values_of(["--config", moved_json, "--replay-dirs", str(probe_inputs["base"]), *out])
     assert values["replay_dirs"] == [str(probe_inputs["base"])]
+
+    # a recorded pool whose content changed since the run: a warning (the numbers would differ)
+    shutil.copytree(probe_inputs["base"], pools / "base_pool")
+    capsys.readouterr()
+    values_of(["--config", moved_json, *out])
+    assert "changed since the run" not in capsys.readouterr().err  # same content, same digest
+    with open(pools / "base_pool" / "step_000.jsonl.gz", "ab") as f:
+        f.write(b"\0")
+    values_of(["--config", moved_json, *out])
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("warning: ") and "base_pool changed since the run" in warning and "\n" not in warning
 
     # an existing finished run is never replaced without --force (the config's own run included)
     before = sorted(p.name for p in probe_inputs["p2"].iterdir())

@@ -18,6 +18,7 @@ explicitly override the file (docs/analysis.md, "Run configs").
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from jaxhack.commands import checks, script_main
@@ -162,9 +163,11 @@ def phase2_values(args) -> dict:
     if args.config:
         typed = {n for n in replay_config.config_fields() if getattr(args, n, None) is not None}
         try:
-            from_file = replay_config.read_phase2_config(args.config, overridden=typed)
+            from_file, warnings = replay_config.read_phase2_config(args.config, overridden=typed)
         except ValueError as err:
             raise checks.UserError(str(err)) from None
+        for line in warnings:
+            print(line, file=sys.stderr)
     values = probe_values(args, PHASE2_DEFAULTS, from_file)
     if not values.get("replay_dirs"):
         raise checks.UserError("--replay-dirs is required (or --config FILE that gives replay_dirs)")

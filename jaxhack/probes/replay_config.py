@@ -13,6 +13,8 @@ run.json keys written from here (`run_config`):
     config_paths  the path fields of `config` resolved absolute when the run started: replay_dirs,
                   v_hack, ckpt (a checkpoint's directory; the embedded "tiny" / "random-4b" as is),
                   tokenizer (null / "byte" as is).
+    input_digests sha256 of the replay pool directories' and the v_hack's files (`content_digest`): a
+                  rerun from this run.json warns when one changed since (it cannot reproduce the run).
 
 A config file is such a run.json or a flat JSON / YAML mapping of `config` fields (any subset; the
 rest take the command's defaults). Reading a run.json, each path is the given one when it still
@@ -22,6 +24,7 @@ relative to a new working directory); none existing is an error naming the field
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import typing
 from pathlib import Path
 
@@ -61,12 +64,33 @@ def resolved_paths(values: dict) -> dict:
             for f in PATH_FIELDS if f in values}
 
 
+def content_digest(path) -> str:
+    """sha256 of a file's bytes, or of a directory's files (relative path and bytes, in path order;
+    names starting with "." skipped: temporary files)."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(
+        f for f in root.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" if f != root else b"")
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def input_digests(values: dict) -> dict:
+    """The run.json "input_digests" object: the pools' and the v_hack's content digests."""
+    return {"replay_dirs": [content_digest(d) for d in values["replay_dirs"]], "v_hack": content_digest(values["v_hack"])}
+
+
 def run_config(inputs: dict, settings: ReplaySettings) -> dict:
-    """The run.json keys "config" (inputs + every ReplaySettings field) and "config_paths"."""
+    """The run.json keys "config" (inputs + every ReplaySettings field), "config_paths" and
+    "input_digests"."""
     config = {**{f: inputs.get(f) for f in INPUT_FIELDS}, **dataclasses.asdict(settings)}
     config["replay_dirs"] = [str(d) for d in config["replay_dirs"]]
     config["v_hack"] = str(config["v_hack"])
-    return {"config": config, "config_paths": resolved_paths(config)}
+    return {"config": config, "config_paths": resolved_paths(config), "input_digests": input_digests(config)}
 
 
 def _exists(field: str, value) -> bool:
@@ -93,10 +117,12 @@ def _pick(path, field: str, given, recorded):
     raise ValueError(f"--config {path}: {field}: {what} {given}{also} no longer exists")
 
 
-def read_phase2_config(path, overridden: set[str] = frozenset()) -> dict:
-    """The Phase 2 config fields in `path` (a Phase 2 run.json or a flat JSON / YAML mapping), with the
-    path fields checked to exist (those in `overridden`, replaced by flags, are not checked).
-    ValueError (one line naming the file, and the line or field): see `jaxhack.configfile`."""
+def read_phase2_config(path, overridden: set[str] = frozenset()) -> tuple[dict, list[str]]:
+    """(the Phase 2 config fields in `path`, warnings): `path` is a Phase 2 run.json or a flat JSON /
+    YAML mapping; the path fields are checked to exist (those in `overridden`, replaced by flags, are
+    not), and a run.json's pools and v_hack are compared with its "input_digests" (a warning for each
+    one that changed). ValueError (one line naming the file, and the line or field): see
+    `jaxhack.configfile`."""
     data = configfile.read_mapping(path)
     fields, is_run = configfile.config_object(path, data, "phase2")
     fields = dict(fields)
@@ -106,14 +132,30 @@ def read_phase2_config(path, overridden: set[str] = frozenset()) -> dict:
     for field, allowed in CHOICES.items():
         if field in values and values[field] not in allowed:
             raise ValueError(f"--config {path}: field {field!r}: expected one of {list(allowed)}, got {values[field]!r}")
-    recorded = data.get("config_paths") if is_run and isinstance(data.get("config_paths"), dict) else {}
+    recorded = _mapping(data.get("config_paths")) if is_run else {}
     for field in PATH_FIELDS:
         if field not in values or field in overridden:
             continue
         if field == "replay_dirs":
-            rec = recorded.get(field) if isinstance(recorded.get(field), list) else []
-            rec = rec if len(rec) == len(values[field]) else [None] * len(values[field])
-            values[field] = [_pick(path, field, d, r) for d, r in zip(values[field], rec)]
+            values[field] = [_pick(path, field, d, r) for d, r in zip(values[field], _items(recorded, field, values))]
         else:
             values[field] = _pick(path, field, values[field], recorded.get(field))
-    return values
+    digests = _mapping(data.get("input_digests")) if is_run else {}
+    warnings = []
+    for field in ("replay_dirs", "v_hack"):
+        if field in values and field not in overridden and digests.get(field) is not None:
+            pairs = (zip(values[field], _items(digests, field, values)) if field == "replay_dirs"
+                     else [(values[field], digests[field])])
+            warnings += [f"warning: --config {path}: {field} {p} changed since the run (content digest differs): "
+                         f"the rerun will not reproduce it" for p, d in pairs if d is not None and content_digest(p) != d]
+    return values, warnings
+
+
+def _mapping(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _items(recorded: dict, field: str, values: dict) -> list:
+    """The recorded list of `field` if it has one entry per value, else Nones."""
+    rec = recorded.get(field)
+    return rec if isinstance(rec, list) and len(rec) == len(values[field]) else [None] * len(values[field])
