@@ -48,7 +48,7 @@ def add_probe_arguments(ap) -> None:
     ap.add_argument("--lr", type=float, default=None,
                     help="> 0: the Phase 3 chain (projection -> clip -> adamw) steps delta_s, so the arms "
                          f"diverge; 0: the pure probe (measure at init) (default: {d['lr']})")
-    ap.add_argument("--gate", default=None, choices=("one_sided", "no_gate", "reverse", "anti_one_sided"),
+    ap.add_argument("--gate", default=None, choices=replay_config.CHOICES["gate"],
                     help=f"projection gate of the projected arms (docs/projection.md) (default: {d['gate']})")
     ap.add_argument("--overshoot", type=float, default=None,
                     help=f"projection overshoot factor (default: {d['overshoot']})")
@@ -56,7 +56,7 @@ def add_probe_arguments(ap) -> None:
                     help="truncate completions (default: 192 for --ckpt tiny, else no cut; a cut is warned)")
     ap.add_argument("--max-prompt-tokens", type=int, default=None,
                     help="keep the prompt's last N tokens (default: 320 for --ckpt tiny, else all)")
-    ap.add_argument("--remat", default=None, choices=("none", "full", "dots", "linear"),
+    ap.add_argument("--remat", default=None, choices=replay_config.CHOICES["remat"],
                     help="linear: no matmul recomputed, 61 GB at Qwen3-4B, G=8 x 1.5k (fits 80 GB); "
                          "full: least memory (24 GB), 25%% slower; dots: 84 GB; none: CPU/tiny "
                          "(default: none for --ckpt tiny, else linear)")
