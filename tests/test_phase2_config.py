@@ -85,7 +85,8 @@ def test_flags_given_override_the_file_and_defaults_do_not(probe_inputs, tmp_pat
                  f"v_hack: {probe_inputs['v_hack']}\nsteps: 3\nmax_completion_tokens: null\nlr: 1\n")
     values = values_of(["--config", str(y), "--out", str(tmp_path / "b"), "--arm", "projected"])
     assert values["replay_dirs"] == [str(probe_inputs["teacher"]), str(probe_inputs["base"])]
-    assert (values["steps"], values["max_completion_tokens"], values["lr"], values["arm"]) == (3, None, 1.0, "projected")
+    assert (values["steps"], values["max_completion_tokens"], values["lr"], values["arm"]) == \
+        (3, None, 1.0, "projected")
     assert (values["max_prompt_tokens"], values["per_pool"], values["ckpt"]) == (320, 4, "tiny")
 
 
@@ -121,8 +122,9 @@ def test_bad_configs_are_one_error_line(probe_inputs, tmp_path, capsys):
     # a recorded pool that is gone (given and resolved paths both)
     pools = tmp_path / "pools"
     shutil.copytree(probe_inputs["base"], pools / "base_pool")
-    moved = {**run_json, "config": {**run_json["config"], "replay_dirs": [str(probe_inputs["teacher"]), str(pools / "base_pool")]},
-             "config_paths": {**run_json["config_paths"], "replay_dirs": [str(probe_inputs["teacher"]), str(pools / "base_pool")]}}
+    dirs = [str(probe_inputs["teacher"]), str(pools / "base_pool")]
+    moved = {**run_json, "config": {**run_json["config"], "replay_dirs": dirs},
+             "config_paths": {**run_json["config_paths"], "replay_dirs": dirs}}
     moved_json = write("moved.json", moved)
     shutil.rmtree(pools)
     line = error_line(capsys, ["phase2", "--config", moved_json, *out])
@@ -144,7 +146,8 @@ def test_bad_configs_are_one_error_line(probe_inputs, tmp_path, capsys):
 
     # an existing finished run is never replaced without --force (the config's own run included)
     before = sorted(p.name for p in probe_inputs["p2"].iterdir())
-    line = error_line(capsys, ["phase2", "--config", str(probe_inputs["p2"] / "run.json"), "--out", str(probe_inputs["p2"])])
+    line = error_line(capsys, ["phase2", "--config", str(probe_inputs["p2"] / "run.json"),
+                               "--out", str(probe_inputs["p2"])])
     assert "finished probe run" in line and "--force" in line
     assert sorted(p.name for p in probe_inputs["p2"].iterdir()) == before
     with pytest.raises(UserError, match="--replay-dirs is required"):

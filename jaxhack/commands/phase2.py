@@ -61,7 +61,8 @@ def add_probe_arguments(ap) -> None:
                          "full: least memory (24 GB), 25%% slower; dots: 84 GB; none: CPU/tiny "
                          "(default: none for --ckpt tiny, else linear)")
     ap.add_argument("--seed", type=int, default=None,
-                    help=f"sampling seed of the probe groups (and of the embedded models' weights) (default: {d['seed']})")
+                    help="sampling seed of the probe groups (and of the embedded models' weights) "
+                         f"(default: {d['seed']})")
     ap.add_argument("--out", "--run-dir", dest="out", required=True, type=Path, help="run directory to write")
     ap.add_argument("--force", action="store_true", help="replace an existing run in --out")
     ap.add_argument("--allow-partial", action="store_true", default=None,
@@ -185,7 +186,8 @@ def run(args) -> int:
     pools, notes = load_pools("--replay-dirs", values["replay_dirs"], values["allow_partial"])
     params, config, tokenizer, desc, trainable, frozen, v_hack, adapter = probe_setup(values, kind)
     settings = probe_settings(values)
-    info = {"model": desc, "v_hack": str(values["v_hack"]), "phase": 2, "v_hack_control": v_hack_control(values["v_hack"]),
+    info = {"model": desc, "v_hack": str(values["v_hack"]), "phase": 2,
+            "v_hack_control": v_hack_control(values["v_hack"]),
             **replay_config.run_config(values, settings), "adapter": adapter,
             "out": {"given": str(args.out), "resolved": str(Path(args.out).resolve())},
             **({"config_file": str(Path(args.config).resolve())} if args.config else {}),

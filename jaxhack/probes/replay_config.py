@@ -30,11 +30,11 @@ from pathlib import Path
 
 from jaxhack import configfile
 from jaxhack.checkpoint import checkpoint_dir
+from jaxhack.models.load import EMBEDDED
 from jaxhack.models.qwen3 import REMAT_POLICIES
 from jaxhack.probes.phase2 import ARMS, LOSS_MODES, ReplaySettings
 from jaxhack.projection.optax_projection import GATES
 
-EMBEDDED_MODELS = ("tiny", "random-4b")
 # the inputs beside ReplaySettings: name -> type (the run.json "config" object's first fields)
 INPUT_FIELDS = {"replay_dirs": list[str], "v_hack": str, "ckpt": str, "tokenizer": typing.Optional[str],
                 "allow_partial": bool}
@@ -51,7 +51,7 @@ def config_fields() -> dict:
 
 def _resolve(field: str, value):
     """The absolute form of one path value (None / "byte" / an embedded model name as they are)."""
-    if value is None or (field == "tokenizer" and value == "byte") or (field == "ckpt" and value in EMBEDDED_MODELS):
+    if value is None or (field == "tokenizer" and value == "byte") or (field == "ckpt" and value in EMBEDDED):
         return value
     if field == "ckpt":
         return str(checkpoint_dir(value).resolve())
@@ -69,7 +69,8 @@ def content_digest(path) -> str:
     names starting with "." skipped: temporary files)."""
     root = Path(path)
     files = [root] if root.is_file() else sorted(
-        f for f in root.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))
+        f for f in root.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.relative_to(root).as_posix().encode() + b"\0" if f != root else b"")
@@ -81,7 +82,8 @@ def content_digest(path) -> str:
 
 def input_digests(values: dict) -> dict:
     """The run.json "input_digests" object: the pools' and the v_hack's content digests."""
-    return {"replay_dirs": [content_digest(d) for d in values["replay_dirs"]], "v_hack": content_digest(values["v_hack"])}
+    return {"replay_dirs": [content_digest(d) for d in values["replay_dirs"]],
+            "v_hack": content_digest(values["v_hack"])}
 
 
 def run_config(inputs: dict, settings: ReplaySettings) -> dict:
@@ -95,7 +97,7 @@ def run_config(inputs: dict, settings: ReplaySettings) -> dict:
 
 def _exists(field: str, value) -> bool:
     if field == "ckpt":
-        return value in EMBEDDED_MODELS or checkpoint_dir(value).is_dir()
+        return value in EMBEDDED or checkpoint_dir(value).is_dir()
     if field == "tokenizer":
         return value == "byte" or Path(value).is_dir()
     return Path(value).is_dir() if field == "replay_dirs" else Path(value).exists()
@@ -131,7 +133,8 @@ def read_phase2_config(path, overridden: set[str] = frozenset()) -> tuple[dict, 
     values = configfile.checked_fields(path, fields, config_fields(), "Phase 2 config")
     for field, allowed in CHOICES.items():
         if field in values and values[field] not in allowed:
-            raise ValueError(f"--config {path}: field {field!r}: expected one of {list(allowed)}, got {values[field]!r}")
+            raise ValueError(f"--config {path}: field {field!r}: expected one of {list(allowed)}, "
+                             f"got {values[field]!r}")
     recorded = _mapping(data.get("config_paths")) if is_run else {}
     for field in PATH_FIELDS:
         if field not in values or field in overridden:
@@ -146,8 +149,9 @@ def read_phase2_config(path, overridden: set[str] = frozenset()) -> tuple[dict, 
         if field in values and field not in overridden and digests.get(field) is not None:
             pairs = (zip(values[field], _items(digests, field, values)) if field == "replay_dirs"
                      else [(values[field], digests[field])])
-            warnings += [f"warning: --config {path}: {field} {p} changed since the run (content digest differs): "
-                         f"the rerun will not reproduce it" for p, d in pairs if d is not None and content_digest(p) != d]
+            warnings += [f"warning: --config {path}: {field} {p} changed since the run (content digest "
+                         f"differs): the rerun will not reproduce it"
+                         for p, d in pairs if d is not None and content_digest(p) != d]
     return values, warnings
 
 
