@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 
 from jaxhack.commands import script_main
-from jaxhack.commands.phase2 import add_probe_arguments, check_probe_args, load_pools, probe_settings, probe_setup
+from jaxhack.commands.phase2 import (PROBE_DEFAULTS, add_probe_arguments, check_probe_args, load_pools, probe_settings,
+                                     probe_setup, probe_values)
 from jaxhack.io import atomic_directory
 from jaxhack.probes.phase1 import format_split, split_pure_vs_correct
 from jaxhack.probes.phase2 import run_replay
@@ -30,11 +31,12 @@ def add_arguments(ap) -> None:
 
 
 def run(args) -> int:
-    check_probe_args(args, "--per-step", args.per_step)
-    pools, notes = load_pools("--pool", [args.pool], args.allow_partial)
-    params, config, tokenizer, desc, trainable, frozen, v_hack = probe_setup(args, "svd")
-    settings = probe_settings(args, args.arm, "nll", args.per_step)
-    info = {"model": desc, "v_hack": str(args.v_hack), "phase": 1, **({"partial_inputs": notes} if notes else {})}
+    values = probe_values(args, {**PROBE_DEFAULTS, "loss_mode": "nll"}, renamed={"per_pool": "per_step"})
+    check_probe_args(values, "--per-step", args.out, args.force)
+    pools, notes = load_pools("--pool", [args.pool], values["allow_partial"])
+    params, config, tokenizer, desc, trainable, frozen, v_hack, _ = probe_setup(values, "svd")
+    settings = probe_settings(values)
+    info = {"model": desc, "v_hack": str(values["v_hack"]), "phase": 1, **({"partial_inputs": notes} if notes else {})}
     with atomic_directory(args.out) as work:
         records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, work,
                              run_info=info)

@@ -16,6 +16,7 @@ import dataclasses
 import typing
 from typing import Any
 
+from jaxhack import configfile
 from jaxhack.env.hints import MODES
 from jaxhack.parallel.mesh import parse_mesh_spec
 from jaxhack.projection.arms import ARM_NAMES, ARMS  # noqa: F401  (re-exported)
@@ -195,12 +196,6 @@ def make_config(preset: str = "smoke", **overrides) -> TrainConfig:
 
 # ---------------------------------------------------------------- CLI
 
-def _base_type(tp) -> type:
-    """int / float / str / bool from a (possibly Optional) resolved annotation."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
 def _parse_bool(text: str) -> bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
@@ -240,7 +235,7 @@ def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset" or f.name in skip:
             continue
-        kind = _base_type(hints[f.name])
+        kind = configfile.base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         help_text = f"(default: preset value, else {default!r})"
@@ -253,52 +248,14 @@ def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
 
 
 def read_config_file(path, fields: set[str] | None = None) -> dict[str, Any]:
-    """TrainConfig values from a file: a run.json (its "config" object) or a flat JSON / YAML mapping
-    of field names. Fields outside `fields` (e.g. arm / seed / run_dir for the sweep, which sets them)
-    are dropped. ValueError naming the file and field for unknown fields or wrong value types."""
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config {path}: invalid YAML ({' '.join(str(e).split())})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config {path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        data = data["config"]  # a run's run.json
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of training config fields")
-    hints = typing.get_type_hints(TrainConfig)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise ValueError(f"--config {path}: unknown field(s) {unknown} (expected TrainConfig fields)")
-    out = {}
-    for name, value in data.items():
-        kind = _base_type(hints[name])
-        optional = type(None) in typing.get_args(hints[name])
-        ok = ((value is None and optional) or (kind is bool and isinstance(value, bool))
-              or (kind is int and isinstance(value, int) and not isinstance(value, bool))
-              or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-              or (kind is str and isinstance(value, str)))
-        if not ok:
-            raise ValueError(f"--config {path}: field {name!r}: expected {kind.__name__}"
-                             f"{' or null' if optional else ''}, got {value!r}")
-        if fields is None or name in fields or name == "preset":
-            out[name] = float(value) if kind is float and value is not None else value
-    return out
+    """TrainConfig values from a file (`jaxhack.configfile`, the one reader): a Phase 3 run.json (its
+    "config" object) or a flat JSON / YAML mapping of field names; a Phase 1 / 2 run.json is refused,
+    naming its command. Fields outside `fields` (e.g. arm / seed / run_dir for the sweep, which sets
+    them) are dropped. ValueError naming the file and field for unknown fields or wrong value types."""
+    data = configfile.read_mapping(path)
+    data, _ = configfile.config_object(path, data, "train")
+    values = configfile.checked_fields(path, data, typing.get_type_hints(TrainConfig), "TrainConfig")
+    return {n: v for n, v in values.items() if fields is None or n in fields or n == "preset"}
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
