@@ -1,5 +1,5 @@
 """Run configs as files (`--config FILE`): the one reader behind every command that takes one
-(train / sweep: `rl.config.read_config_file`; phase2: `probes.replay_config.read_phase2_config`).
+(train / sweep: `rl.config.read_config_file`; phase1 / phase2: `probes.replay_config.read_phase2_config`).
 
 A config file is a run's run.json (its "config" object) or a flat JSON / YAML (.yaml / .yml, through
 PyYAML) mapping of the command's fields. A run.json says which command wrote it (`run_json_command`):
@@ -70,8 +70,7 @@ def config_object(path, data: dict, command: str, flag: str = "--config") -> tup
         return data, False
     mine = PHASE_NAMES[command]
     if PHASE_NAMES[owner] != mine:
-        rerun = (f"rerun it with `jaxhack {owner} --config {path}`" if owner != "phase1"
-                 else "`jaxhack phase1` takes no --config")
+        rerun = f"rerun it with `jaxhack {owner} --config {path}`"
         raise ValueError(f"{flag} {path}: a {PHASE_NAMES[owner]} run.json (written by `jaxhack {owner}`), "
                          f"not a {mine} one: {rerun}")
     if not isinstance(data.get("config"), dict):

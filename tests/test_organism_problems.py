@@ -116,7 +116,7 @@ def test_h1_validity_and_verdict_on_synthetic_curves():
     excludes 0."""
     import numpy as np
 
-    from jaxhack.organism.experiment import h1_test, verdict
+    from jaxhack.organism.report import h1_test, verdict
 
     steps = 40
     rise = np.minimum(0.08 + 0.08 * np.arange(steps), 0.8)  # 0.08 at step 0, > 0.5 by step 6

@@ -152,3 +152,36 @@ def test_bad_configs_are_one_error_line(probe_inputs, tmp_path, capsys):
     assert sorted(p.name for p in probe_inputs["p2"].iterdir()) == before
     with pytest.raises(UserError, match="--replay-dirs is required"):
         values_of(["--out", str(tmp_path / "c")])
+
+
+def test_phase1_run_json_reruns_the_run(probe_inputs, tmp_path, capsys):
+    """`jaxhack phase1 --config RUN/run.json` (the same config fields: replay_dirs holds the one pool,
+    per_pool is --per-step) reproduces the run; a Phase 1 config with two pools or a GRPO loss is one
+    error line, and so is a Phase 2 run.json."""
+    old_dir, new_dir = tmp_path / "p1", tmp_path / "p1_again"
+    assert main(["phase1", "--pool", str(probe_inputs["teacher"]), "--v-hack", str(probe_inputs["v_hack"]),
+                 "--steps", "1", "--per-step", "4", "--out", str(old_dir), *probe_inputs["small"]]) == 0
+    old_records, old = read_run(old_dir)
+    assert old["phase"] == 1 and old["config"]["replay_dirs"] == [str(probe_inputs["teacher"])]
+    assert (old["config"]["per_pool"], old["config"]["loss_mode"], old["config"]["arm"]) == (4, "nll", "projected")
+    assert main(["phase1", "--config", str(old_dir / "run.json"), "--out", str(new_dir)]) == 0
+    new_records, new = read_run(new_dir)
+    assert json.dumps(new_records, sort_keys=True) == json.dumps(old_records, sort_keys=True)
+    assert new["config"] == old["config"] and new["settings"] == old["settings"]
+    assert (new_dir / "phase1_split.json").read_text() == (old_dir / "phase1_split.json").read_text()
+
+    def write(name: str, data: dict) -> str:
+        (tmp_path / name).write_text(json.dumps(data))
+        return str(tmp_path / name)
+
+    out = ["--out", str(tmp_path / "x")]
+    two = write("two.json", {**old, "config": {**old["config"], "replay_dirs": [str(probe_inputs["teacher"])] * 2},
+                             "config_paths": {}})
+    assert "Phase 1 takes one (teacher) pool, got 2" in error_line(capsys, ["phase1", "--config", two, *out])
+    grpo = write("grpo.json", {**old, "config": {**old["config"], "loss_mode": "grpo"}})
+    assert "Phase 1 is the NLL probe" in error_line(capsys, ["phase1", "--config", grpo, *out])
+    line = error_line(capsys, ["phase1", "--config", str(probe_inputs["p2"] / "run.json"), *out])
+    assert "a Phase 2 run.json" in line and "jaxhack phase2 --config" in line
+    line = error_line(capsys, ["phase2", "--config", str(old_dir / "run.json"), *out])
+    assert "a Phase 1 run.json" in line and "jaxhack phase1 --config" in line
+    assert "--pool is required" in error_line(capsys, ["phase1", "--v-hack", str(probe_inputs["v_hack"]), *out])

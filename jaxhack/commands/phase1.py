@@ -6,15 +6,20 @@
 
 Per-sample cos(NLL grad, v_hack), split pure-hack vs hack+correct (Welch t-test); the projected arm
 reports cos_in / cos_out / frac_fired per step. Writes the slim probe records, run.json and
-phase1_split.json (read by `jaxhack analyze --phase1 OUT`). Same run-directory rule as phase2.
+phase1_split.json (read by `jaxhack analyze --phase1 OUT`). Same run-directory rule as phase2, and the
+same run configs: run.json's "config" records every input, `--config RUN/run.json --out NEW` reruns it
+(flags given explicitly override the file; docs/analysis.md, "Run configs").
 """
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
-from jaxhack.commands import script_main
+from jaxhack.commands import checks, script_main
 from jaxhack.commands.phase2 import (PROBE_DEFAULTS, add_probe_arguments, check_probe_args, load_pools, probe_settings,
                                      probe_setup, probe_values)
+from jaxhack.probes import replay_config
 from jaxhack.io import atomic_directory
 from jaxhack.probes.phase1 import format_split, split_pure_vs_correct
 from jaxhack.probes.phase2 import run_replay
@@ -23,20 +28,58 @@ from jaxhack.projection.arms import PHASE1_ARMS
 SPLIT_FILE = "phase1_split.json"
 
 
+PHASE1_DEFAULTS = {**PROBE_DEFAULTS, "loss_mode": "nll", "arm": "projected", "per_pool": 8}
+
+
 def add_arguments(ap) -> None:
-    ap.add_argument("--pool", required=True, help="teacher pool directory")
-    ap.add_argument("--per-step", type=int, default=8, help="samples per probe step")
-    ap.add_argument("--arm", default="projected", choices=PHASE1_ARMS, help="probe arm")
+    ap.add_argument("--config", default=None, metavar="FILE",
+                    help="a Phase 1 run's run.json (rerun it; give a new --out) or a JSON / YAML file of its "
+                         "\"config\" fields; flags given explicitly override the file")
+    ap.add_argument("--pool", default=None, help="teacher pool directory (required unless --config gives it)")
+    ap.add_argument("--per-step", type=int, default=None,
+                    help=f"samples per probe step (default: {PHASE1_DEFAULTS['per_pool']})")
+    ap.add_argument("--arm", default=None, choices=PHASE1_ARMS,
+                    help=f"probe arm (default: {PHASE1_DEFAULTS['arm']})")
     add_probe_arguments(ap)
 
 
+def phase1_values(args) -> dict:
+    """Every input of the run: defaults <- the --config file <- flags given explicitly. The config's
+    fields are Phase 2's (`probes.replay_config`): replay_dirs holds the one pool, per_pool is
+    --per-step, loss_mode is nll."""
+    renamed = {"per_pool": "per_step"}
+    args.replay_dirs = [args.pool] if args.pool else None
+    from_file = None
+    if args.config:
+        typed = {n for n in replay_config.config_fields() if getattr(args, renamed.get(n, n), None) is not None}
+        try:
+            from_file, warnings = replay_config.read_phase2_config(args.config, overridden=typed, command="phase1")
+        except ValueError as err:
+            raise checks.UserError(str(err)) from None
+        for line in warnings:
+            print(line, file=sys.stderr)
+    values = probe_values(args, PHASE1_DEFAULTS, from_file, renamed=renamed)
+    dirs = values.get("replay_dirs") or []
+    if len(dirs) != 1:
+        raise checks.UserError("--pool is required (or --config FILE that gives replay_dirs)" if not dirs else
+                               f"--config {args.config}: replay_dirs: Phase 1 takes one (teacher) pool, got {len(dirs)}")
+    if values["loss_mode"] != "nll" or values["arm"] not in PHASE1_ARMS:
+        raise checks.UserError(f"--config {args.config}: Phase 1 is the NLL probe with arm one of {list(PHASE1_ARMS)}; "
+                               f"got loss_mode {values['loss_mode']!r}, arm {values['arm']!r}")
+    return values
+
+
 def run(args) -> int:
-    values = probe_values(args, {**PROBE_DEFAULTS, "loss_mode": "nll"}, renamed={"per_pool": "per_step"})
+    values = phase1_values(args)
     check_probe_args(values, "--per-step", args.out, args.force)
-    pools, notes = load_pools("--pool", [args.pool], values["allow_partial"])
-    params, config, tokenizer, desc, trainable, frozen, v_hack, _ = probe_setup(values, "svd")
+    pools, notes = load_pools("--pool", values["replay_dirs"], values["allow_partial"])
+    params, config, tokenizer, desc, trainable, frozen, v_hack, adapter = probe_setup(values, "svd")
     settings = probe_settings(values)
-    info = {"model": desc, "v_hack": str(values["v_hack"]), "phase": 1, **({"partial_inputs": notes} if notes else {})}
+    info = {"model": desc, "v_hack": str(values["v_hack"]), "phase": 1,
+            **replay_config.run_config(values, settings), "adapter": adapter,
+            "out": {"given": str(args.out), "resolved": str(Path(args.out).resolve())},
+            **({"config_file": str(Path(args.config).resolve())} if args.config else {}),
+            **({"partial_inputs": notes} if notes else {})}
     with atomic_directory(args.out) as work:
         records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, work,
                              run_info=info)

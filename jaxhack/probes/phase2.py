@@ -257,7 +257,8 @@ def run_replay(pools: Sequence[ReplayPool], params, config: Qwen3Config, tokeniz
     info["n_completions_truncated"] = encode.truncated
     if encode.truncated:
         import warnings
-        warnings.warn(f"phase2: {encode.truncated} pool completion(s) cut at --max-completion-tokens "
+        phase = (run_info or {}).get("phase", 2)
+        warnings.warn(f"phase{phase}: {encode.truncated} pool completion(s) cut at --max-completion-tokens "
                       f"{settings.max_completion_tokens}; the end of a completion (where a run_tests hack sits) "
                       "is lost. Leave the flag unset to keep the pool's own length.", stacklevel=2)
     write_run_info(out_dir, {**info, "status": "running"})

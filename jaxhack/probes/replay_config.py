@@ -1,5 +1,5 @@
-"""Phase 2's run config: every input of a run recorded in its run.json, so that
-`jaxhack phase2 --config RUN/run.json --out NEW` reruns it exactly (docs/analysis.md, "Run configs").
+"""The probes' run config: every input of a Phase 2 (or Phase 1) run recorded in its run.json, so that
+`jaxhack phase2 --config RUN/run.json --out NEW` (phase1 alike) reruns it exactly (docs/analysis.md, "Run configs").
 The file reading, the run.json kinds and the type checks are `jaxhack.configfile`'s (shared with
 `jaxhack train --config`).
 
@@ -119,18 +119,19 @@ def _pick(path, field: str, given, recorded):
     raise ValueError(f"--config {path}: {field}: {what} {given}{also} no longer exists")
 
 
-def read_phase2_config(path, overridden: set[str] = frozenset()) -> tuple[dict, list[str]]:
-    """(the Phase 2 config fields in `path`, warnings): `path` is a Phase 2 run.json or a flat JSON /
-    YAML mapping; the path fields are checked to exist (those in `overridden`, replaced by flags, are
-    not), and a run.json's pools and v_hack are compared with its "input_digests" (a warning for each
-    one that changed). ValueError (one line naming the file, and the line or field): see
-    `jaxhack.configfile`."""
+def read_phase2_config(path, overridden: set[str] = frozenset(), command: str = "phase2"
+                       ) -> tuple[dict, list[str]]:
+    """(the config fields in `path`, warnings): `path` is a run.json of `command` (phase2, or phase1:
+    the same fields, one pool) or a flat JSON / YAML mapping; the path fields are checked to exist
+    (those in `overridden`, replaced by flags, are not), and a run.json's pools and v_hack are compared
+    with its "input_digests" (a warning for each one that changed). ValueError (one line naming the
+    file, and the line or field): see `jaxhack.configfile`."""
     data = configfile.read_mapping(path)
-    fields, is_run = configfile.config_object(path, data, "phase2")
+    fields, is_run = configfile.config_object(path, data, command)
     fields = dict(fields)
     if isinstance(fields.get("replay_dirs"), str):  # a hand-written "A,B" as on the command line
         fields["replay_dirs"] = [d for d in fields["replay_dirs"].split(",") if d]
-    values = configfile.checked_fields(path, fields, config_fields(), "Phase 2 config")
+    values = configfile.checked_fields(path, fields, config_fields(), f"{configfile.PHASE_NAMES[command]} config")
     for field, allowed in CHOICES.items():
         if field in values and values[field] not in allowed:
             raise ValueError(f"--config {path}: field {field!r}: expected one of {list(allowed)}, "
