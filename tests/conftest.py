@@ -8,12 +8,28 @@ All are session-scoped and written under pytest's tmp_path_factory (built once p
 """
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import jaxhack without an install
+
+# One JAX persistent compilation cache for the test session, set before jax is imported, in the
+# environment, so the subprocesses the tests start (tests/mesh_runs.py, the two-process run, Ray
+# workers, CLI runs) share it: the trainer builds its update and reference-pass functions anew in
+# every train() call, so each test's run of an already-compiled program would otherwise compile it
+# again. A cache hit is the executable a fresh compile of the same program (same XLA flags, devices)
+# builds, so no test checks anything different. A user's own JAX_COMPILATION_CACHE_DIR is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _jax_cache = tempfile.mkdtemp(prefix="jaxhack-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    atexit.register(shutil.rmtree, _jax_cache, True)
 
 
 @pytest.fixture(scope="session")
