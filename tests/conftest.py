@@ -5,6 +5,7 @@ All are session-scoped and written under pytest's tmp_path_factory (built once p
 - tiny_hf_dir_tied:     tied embeddings, fp32, single file (seed 1)
 - tiny_hf_dir_sharded:  same weights as tiny_hf_dir, saved in several shards + index json
 - tiny_params:          (params, config) converted from tiny_hf_dir, fp32 jax arrays
+Also: one JAX persistent compilation cache for the session (below), removed at exit.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import jaxhack without an install
 
-# One JAX persistent compilation cache for the test session, set before jax is imported, in the
-# environment, so the subprocesses the tests start (tests/mesh_runs.py, the two-process run, Ray
-# workers, CLI runs) share it: the trainer builds its update and reference-pass functions anew in
-# every train() call, so each test's run of an already-compiled program would otherwise compile it
-# again. A cache hit is the executable a fresh compile of the same program (same XLA flags, devices)
-# builds, so no test checks anything different. A user's own JAX_COMPILATION_CACHE_DIR is kept.
+# One JAX persistent compilation cache for the test session, set in the environment before jax is
+# imported, so the subprocesses the tests start (tests/mesh_runs.py, the two-process run, Ray workers,
+# scripts) use it too. In-process jit caches only serve calls of the same function object (the
+# trainer's update is cached per run settings, learner.cached_update_fn; scripts/bench_phase3.py builds
+# one per mesh line); an equal program built again (other settings that do not change it, another
+# call, another process) is loaded from here instead of compiled. A hit is the executable a compile of
+# the same program (same XLA flags and devices) gives, so no test checks anything different.
+# A JAX_COMPILATION_CACHE_DIR already set is used as it is.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _jax_cache = tempfile.mkdtemp(prefix="jaxhack-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
