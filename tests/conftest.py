@@ -5,15 +5,34 @@ All are session-scoped and written under pytest's tmp_path_factory (built once p
 - tiny_hf_dir_tied:     tied embeddings, fp32, single file (seed 1)
 - tiny_hf_dir_sharded:  same weights as tiny_hf_dir, saved in several shards + index json
 - tiny_params:          (params, config) converted from tiny_hf_dir, fp32 jax arrays
+Also: one JAX persistent compilation cache for the session (below), removed at exit.
 """
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import jaxhack without an install
+
+# One JAX persistent compilation cache for the test session, set in the environment before jax is
+# imported, so the subprocesses the tests start (tests/mesh_runs.py, the two-process run, Ray workers,
+# scripts) use it too. In-process jit caches only serve calls of the same function object (the
+# trainer's update is cached per run settings, learner.cached_update_fn; scripts/bench_phase3.py builds
+# one per mesh line); an equal program built again (other settings that do not change it, another
+# call, another process) is loaded from here instead of compiled. A hit is the executable a compile of
+# the same program (same XLA flags and devices) gives, so no test checks anything different.
+# A JAX_COMPILATION_CACHE_DIR already set is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _jax_cache = tempfile.mkdtemp(prefix="jaxhack-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    atexit.register(shutil.rmtree, _jax_cache, True)
 
 
 @pytest.fixture(scope="session")

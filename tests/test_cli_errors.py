@@ -116,6 +116,16 @@ def test_bad_numbers_are_refused_before_work(probe_inputs, tmp_path, capsys):
     assert not any((tmp_path / name).exists() for name in ("p2", "p1", "v", "s", "d", "pool", "t"))
 
 
+def test_train_config_errors_name_the_flags_group_size_first(tmp_path, capsys):
+    """TrainConfig's rules on the CLI: each field-named error names its flag, in the config's order
+    (--group-size 1 also breaks the smoke preset's mix rule; the group size is the cause, so first)."""
+    line = run_bad(capsys, ["train", "--group-size", "1", "--run-dir", str(tmp_path / "t")])
+    assert 0 < line.index("--group-size must be >= 2, got 1") < line.index("--mix-per-group must be in [0, group_size)")
+    line = run_bad(capsys, ["train", "--steps", "0", "--ckpt-every", "-1", "--run-dir", str(tmp_path / "t")])
+    assert "--steps must be >= 1, got 0; ckpt_every and eval_every must be >= 0" in line
+    assert not (tmp_path / "t").exists()
+
+
 def test_malformed_pairs_and_text(bad_files, tmp_path, capsys):
     out = str(tmp_path / "v")
     assert "missing field 'clean'" in run_bad(capsys, ["extract", "--pairs-from", "file", "--pairs",

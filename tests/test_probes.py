@@ -71,11 +71,27 @@ def _settings(arm, **kw):
                           max_completion_tokens=COMPLETION_TOKENS, pad_multiple=32, **kw)
 
 
-def test_phase2_records_match_an_independent_computation(tiny_setup):
+@pytest.fixture(scope="module")
+def replay_run(tiny_setup):
+    """run(arm, lr) -> (records, out dir): the Phase 2 run of _settings(arm, lr=lr) on the tiny setup,
+    each (arm, lr) run once for the module (lr 0 is ReplaySettings' default: the pure probe, whose
+    vanilla and projected runs several tests check)."""
     root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
-    out = root / "vanilla"
-    records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, _settings("vanilla"),
-                         out, progress=False)
+    done = {}
+
+    def run(arm, lr=0.0):
+        if (arm, lr) not in done:
+            out = root / f"lr{lr}_{arm}"
+            done[arm, lr] = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack,
+                                       _settings(arm, lr=lr), out, progress=False), out
+        return done[arm, lr]
+    return run
+
+
+def test_phase2_records_match_an_independent_computation(tiny_setup, replay_run):
+    root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
+    assert _settings("vanilla").lr == 0.0  # the default: the shared lr-0 run is this test's run
+    records, out = replay_run("vanilla")
     stored, info = read_run(out)
     assert info["arm"] == "vanilla" and info["status"] == "done" and info["group_size"] == 4
     assert len(stored) == len(records) == 8
@@ -99,10 +115,8 @@ def test_phase2_records_match_an_independent_computation(tiny_setup):
     assert all(r["mean_cos_out"] == r["mean_cos_in"] and r["frac_fired"] == 0.0 for r in stored)
 
 
-def test_phase2_projected_arm_removes_hackward_part(tiny_setup):
-    root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
-    records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, _settings("projected"),
-                         root / "projected", progress=False)
+def test_phase2_projected_arm_removes_hackward_part(replay_run):
+    records, _ = replay_run("projected")
     for r in records:
         assert r["mean_cos_out"] <= 1e-6 and r["mean_cos_out"] <= r["mean_cos_in"] + 1e-9
         assert 0.0 <= r["frac_fired"] <= 1.0
@@ -110,16 +124,13 @@ def test_phase2_projected_arm_removes_hackward_part(tiny_setup):
     assert all(r["frac_fired"] > 0 for r in fired_steps)
 
 
-def test_phase2_lr_moves_the_arms_apart_and_lr0_does_not(tiny_setup):
+def test_phase2_lr_moves_the_arms_apart_and_lr0_does_not(replay_run):
     """lr > 0: the Phase 3 chain steps delta_s, so the projected arm's cos_in leaves the vanilla one
     after step 0 (issue 13); lr = 0 (the pure probe) keeps them identical. run.json says which ran."""
-    root, params, config, tokenizer, pools, trainable, frozen, v_hack = tiny_setup
     cos_in = {}
     for lr in (0.0, 0.05):
         for arm in ("vanilla", "projected"):
-            out = root / f"lr{lr}_{arm}"
-            records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack,
-                                 _settings(arm, lr=lr), out, progress=False)
+            records, out = replay_run(arm, lr)
             cos_in[lr, arm] = [next(r["mean_cos_in"] for r in records if r["step"] == s) for s in (0, 1)]
             _, info = read_run(out)
             assert info["optimizer"] == ("projected_adamw" if lr > 0 else "none (lr=0: pure probe)")

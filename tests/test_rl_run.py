@@ -9,7 +9,7 @@ import pytest
 
 from jaxhack.env.problems import load_problems
 from jaxhack.projection.v_hack import random_v_hack, save_v_hack
-from jaxhack.rl.config import TrainConfig, make_config
+from jaxhack.rl.config import ConfigError, TrainConfig, make_config
 from jaxhack.rl.rollout import Rollout
 from jaxhack.rl.run import lora_seed_for
 
@@ -22,6 +22,19 @@ def test_invalid_train_config_cannot_exist():
         dataclasses.replace(cfg, mix_per_group=cfg.group_size)  # replace re-validates
     with pytest.raises(ValueError, match="steps must be >= 1"):
         make_config("smoke", steps=0)
+
+
+def test_group_size_rule_comes_before_the_mix_rule():
+    """G = 1 breaks the mix rule too (smoke mixes 1 teacher row per group); the root cause, the
+    group size, is reported first, and alone when nothing is mixed."""
+    with pytest.raises(ConfigError) as err:
+        make_config("smoke", group_size=1)
+    errors = err.value.errors
+    assert errors[0].startswith("group_size must be >= 2, got 1") and errors[1].startswith("mix_per_group must be")
+    with pytest.raises(ConfigError) as err:
+        make_config("smoke", group_size=1, mix_per_group=0)
+    assert len(err.value.errors) == 1 and "group_size must be >= 2" in str(err.value)
+    assert make_config("smoke", group_size=2).group_size == 2
 
 
 def _save(tmp_path, bundle, meta):

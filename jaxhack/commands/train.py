@@ -20,6 +20,7 @@ TensorBoard events (tensorboardX installed; --tensorboard false: none) and a W&B
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from jaxhack.commands import checks, script_main
 from jaxhack.io import UserError, check_writable, claim_run_dir, read_jsonl, remove_stale_temp_dirs
 from jaxhack.parallel import mesh as meshlib
 from jaxhack.rl.checkpoints import CKPT_DIR
-from jaxhack.rl.config import add_config_args, config_from_args
+from jaxhack.rl.config import ConfigError, TrainConfig, add_config_args, config_from_args, flag_name
 from jaxhack.rl.data import TEMPLATE_TEACHER
 from jaxhack.rl.run import DONE_FILE, METRICS_FILE, RUN_FILE
 from jaxhack.rl.trainer import train
@@ -104,18 +105,28 @@ def one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+def config_error_line(err: ConfigError) -> str:
+    """TrainConfig's errors on one line, in its order, a leading field name written as its flag
+    ("group_size must be >= 2, ..." -> "--group-size must be >= 2, ..."; a rule on several fields,
+    "ckpt_every and eval_every ...", is left as it is)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    lines = []
+    for line in err.errors:
+        name = line.split(" ", 1)[0]
+        if name in fields and not line.startswith(f"{name} and "):
+            line = flag_name(name) + line[len(name):]
+        lines.append(one_line(line))
+    return "invalid training config: " + "; ".join(lines)
+
+
 def config_checked(args, **extra):
     """TrainConfig from the flags; UserError (one line) for an invalid one or a missing input."""
-    def check_group_size(group_size):
-        if group_size is not None and group_size < 2:
-            raise UserError(f"--group-size must be >= 2, got {group_size}: GRPO advantages are centred within a "
-                            f"group, so one rollout per prompt always has advantage 0")
-    check_group_size(getattr(args, "group_size", None))  # before the config's other rules that involve it
     try:
         cfg = config_from_args(args, **extra)
+    except ConfigError as err:
+        raise UserError(config_error_line(err)) from None
     except ValueError as err:
         raise UserError(one_line(err)) from None
-    check_group_size(cfg.group_size)
     checks.check_ckpt(cfg.ckpt)
     for flag, path in (("--problems", cfg.problems), ("--eval-problems", cfg.eval_problems)):
         if path and path != "bundled":

@@ -24,6 +24,20 @@ from jaxhack.projection.arms import ARM_NAMES, ARMS  # noqa: F401  (re-exported)
 OLD_LOGP_SOURCES = ("current", "sampler")
 
 
+class ConfigError(ValueError):
+    """An invalid TrainConfig: `errors` holds one line per broken rule, in the order they are checked;
+    a line about one field starts with the field's name (the CLI writes it as the flag, `flag_name`)."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("invalid training config:\n  " + "\n  ".join(self.errors))
+
+
+def flag_name(field: str) -> str:
+    """The CLI flag of a TrainConfig field: group_size -> --group-size."""
+    return "--" + field.replace("_", "-")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # ---- model / data
@@ -114,10 +128,13 @@ class TrainConfig:
             errors.append(f"old_logp {self.old_logp!r}: expected one of {OLD_LOGP_SOURCES}")
         if self.placement not in ("gradient", "update"):
             errors.append(f"placement {self.placement!r}: expected gradient or update")
-        for name in ("steps", "group_size", "prompts_per_step", "max_new", "k", "keep_ckpts",
+        for name in ("steps", "prompts_per_step", "max_new", "k", "keep_ckpts",
                      "eval_samples", "vhack_batch", "lora_rank"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:  # before the mix rule, which a too-small group also breaks
+            errors.append(f"group_size must be >= 2, got {self.group_size}: GRPO advantages are centred within a "
+                          f"group, so one rollout per prompt always has advantage 0")
         if not 0 <= self.mix_per_group < self.group_size:
             errors.append(f"mix_per_group must be in [0, group_size), got {self.mix_per_group} "
                           f"(group_size {self.group_size}): at least one rollout must be sampled")
@@ -142,7 +159,7 @@ class TrainConfig:
         except ValueError as err:
             errors.append(str(err))
         if errors:
-            raise ValueError("invalid training config:\n  " + "\n  ".join(errors))
+            raise ConfigError(errors)
 
     def check(self) -> "TrainConfig":
         """Kept for callers of the old API: validation runs in __post_init__."""
@@ -236,7 +253,7 @@ def add_config_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         if f.name == "preset" or f.name in skip:
             continue
         kind = configfile.base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         default = f.default
         help_text = f"(default: preset value, else {default!r})"
         if kind is bool:
