@@ -183,8 +183,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The organism experiment's Phase 3 (jaxhack/organism/experiment.py `phase3_config` fills the organism's
     # checkpoint, problems, v_hack and its size's GRPO settings): the policy's own rollouts only, hinted
     # run_tests prompts, held-out eval sampled at temperature 1, one checkpoint kept.
-    "organism": dict(mode="run_tests", hint=True, max_new=40, warmup_steps=2, beta=0.0, min_lr_ratio=1.0,
-                     eval_samples=2, eval_temperature=1.0, keep_ckpts=1, save_rollouts=True, prompt_multiple=16),
+    "organism": dict(mode="run_tests", hint=True, eval_samples=2, eval_temperature=1.0, keep_ckpts=1,
+                     save_rollouts=True, prompt_multiple=16),
     # One GPU, minutes: Qwen3-4B, 20 steps.
     "fast": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=8, steps=20, max_new=512,
                  lr=7e-5, beta=1e-3, warmup_steps=2, eval_every=10, ckpt_every=10, n_eval=4,
