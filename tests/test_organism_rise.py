@@ -46,10 +46,15 @@ def test_phase3_runs_in_worker_processes_match_in_process(test_organism, tmp_pat
                                                  None), v_hack="random")
 
     said = []
-    run_phase3([("vanilla", 0, cfg(0, "workers")), ("vanilla", 1, cfg(1, "workers"))], test_organism, jobs=2,
-               say=said.append)
+    broken = dataclasses.replace(cfg(2, "workers"), problems=str(tmp_path / "no_such_problems.jsonl"))
+    with pytest.raises(RuntimeError, match=r"1 of 3 Phase 3 run\(s\) failed .*vanilla seed 2: .*no_such_problems"):
+        run_phase3([("vanilla", 0, cfg(0, "workers")), ("vanilla", 2, broken), ("vanilla", 1, cfg(1, "workers"))],
+                   test_organism, jobs=2, say=said.append)
+    # the failed run is said at once; the others still finish
+    assert any(line.startswith("[phase3] vanilla seed 2: ") and line.endswith("(FAILED)") for line in said), said
     run_phase3([("vanilla", 0, cfg(0, "inline"))], test_organism, jobs=1, say=said.append)
-    assert len(said) == 3 and all(line.startswith("[phase3] vanilla seed") for line in said)
+    assert sum(line.startswith("[phase3] vanilla seed 0: hack") for line in said) == 2
+    assert sum(line.startswith("[phase3] vanilla seed 1: hack") for line in said) == 1
     worker = read_jsonl(tmp_path / "workers" / "0" / METRICS_FILE)
     inline = read_jsonl(tmp_path / "inline" / "0" / METRICS_FILE)
     other = read_jsonl(tmp_path / "workers" / "1" / METRICS_FILE)

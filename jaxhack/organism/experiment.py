@@ -142,6 +142,10 @@ def _gpu_ids() -> list[str]:
     return ids or [str(i) for i in range(len(jax.local_devices()))]
 
 
+class Phase3RunsFailed(RuntimeError):
+    """Some `run_phase3` workers' runs raised (each said when it happened, its traceback on stderr)."""
+
+
 def run_phase3(runs: list[tuple[str, int, object]], d: Path, jobs: int = 1, say=print) -> None:
     """Train every (arm, seed, TrainConfig) of `runs` on the organism in `d`.
 
@@ -166,6 +170,8 @@ def run_phase3(runs: list[tuple[str, int, object]], d: Path, jobs: int = 1, say=
         return
     import concurrent.futures
     import multiprocessing
+    import sys
+    import traceback
 
     ctx = multiprocessing.get_context("spawn")  # a fresh jax per worker (never fork a live backend)
     gpus, devices = _gpu_ids(), None
@@ -176,9 +182,20 @@ def run_phase3(runs: list[tuple[str, int, object]], d: Path, jobs: int = 1, say=
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                                 initargs=(devices,)) as pool:
         futures = {pool.submit(_train_one, cfg, str(d)): (arm, seed, cfg) for arm, seed, cfg in runs}
+        failed = []
         for f in concurrent.futures.as_completed(futures):
-            f.result()  # a worker's error stops the experiment here, with its traceback
-            done(*futures[f])
+            arm, seed, cfg = futures[f]
+            err = f.exception()
+            if err is None:
+                done(arm, seed, cfg)
+                continue
+            # said at once (the other runs go on), the worker's traceback on stderr, all failures at the end
+            failed.append(f"{arm} seed {seed}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+            say(f"[phase3] {failed[-1]} (FAILED)")
+            print("".join(traceback.format_exception(err)), file=sys.stderr)
+    if failed:
+        raise Phase3RunsFailed(f"{len(failed)} of {len(runs)} Phase 3 run(s) failed (the others finished; the same "
+                           f"command retries them, resuming from their checkpoints): " + "; ".join(failed))
 
 
 def _without_empty(pool):
@@ -401,5 +418,9 @@ def organism_main(args) -> int:
     if args.action == "build":
         build_organism(out / "organism", s.build, progress=not args.quiet)
     else:
-        run_experiment(out, s, progress=not args.quiet)
+        try:
+            run_experiment(out, s, progress=not args.quiet)
+        except Phase3RunsFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     return 0
