@@ -35,8 +35,9 @@ def test_vanilla_grpo_raises_hack_rate(test_organism, tmp_path):
 
 
 def test_phase3_runs_in_worker_processes_match_in_process(test_organism, tmp_path):
-    """`run_phase3(jobs=2)` (spawned workers, as the GPU size runs its 12 runs) trains each run exactly as
-    the in-process loop does: same per-step metrics for the same config."""
+    """`run_phase3(jobs=2)` (spawned workers, as the GPU size runs its 12 runs) trains a run exactly as the
+    in-process loop does (same per-step metrics for the same config), and a run that fails in its worker
+    is said at once while the other finishes, then named in the one error at the end."""
     from jaxhack.organism.experiment import run_phase3
 
     s = dataclasses.replace(SIZES["test"], steps=2)
@@ -47,22 +48,16 @@ def test_phase3_runs_in_worker_processes_match_in_process(test_organism, tmp_pat
 
     said = []
     broken = dataclasses.replace(cfg(2, "workers"), problems=str(tmp_path / "no_such_problems.jsonl"))
-    with pytest.raises(RuntimeError, match=r"1 of 3 Phase 3 run\(s\) failed .*vanilla seed 2: .*no_such_problems"):
-        run_phase3([("vanilla", 0, cfg(0, "workers")), ("vanilla", 2, broken), ("vanilla", 1, cfg(1, "workers"))],
-                   test_organism, jobs=2, say=said.append)
-    # the failed run is said at once; the others still finish
+    with pytest.raises(RuntimeError, match=r"1 of 2 Phase 3 run\(s\) failed .*vanilla seed 2: .*no_such_problems"):
+        run_phase3([("vanilla", 2, broken), ("vanilla", 0, cfg(0, "workers"))], test_organism, jobs=2,
+                   say=said.append)
     assert any(line.startswith("[phase3] vanilla seed 2: ") and line.endswith("(FAILED)") for line in said), said
     run_phase3([("vanilla", 0, cfg(0, "inline"))], test_organism, jobs=1, say=said.append)
-    assert sum(line.startswith("[phase3] vanilla seed 0: hack") for line in said) == 2
-    assert sum(line.startswith("[phase3] vanilla seed 1: hack") for line in said) == 1
+    assert sum(line.startswith("[phase3] vanilla seed 0: hack") for line in said) == 2, said
     worker = read_jsonl(tmp_path / "workers" / "0" / METRICS_FILE)
     inline = read_jsonl(tmp_path / "inline" / "0" / METRICS_FILE)
-    other = read_jsonl(tmp_path / "workers" / "1" / METRICS_FILE)
-    assert len(worker) == len(inline) == len(other) == 2
+    assert len(worker) == len(inline) == 2
     for w, i in zip(worker, inline):
         keys = sorted(k for k, v in i.items() if isinstance(v, (int, float)) and not k.startswith("time_"))
         assert keys and sorted(k for k in w if k in keys) == keys
         np.testing.assert_allclose([w[k] for k in keys], [i[k] for k in keys], rtol=1e-6, err_msg=str(keys))
-    # seed 1 is another run (its own samples), not a copy of seed 0's
-    assert any(o["reward_mean"] != w["reward_mean"] for o, w in zip(other, worker)) or \
-        any(o["loss"] != w["loss"] for o, w in zip(other, worker))
