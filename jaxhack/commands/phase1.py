@@ -13,13 +13,10 @@ same run configs: run.json's "config" records every input, `--config RUN/run.jso
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 from jaxhack.commands import checks, script_main
-from jaxhack.commands.phase2 import (PROBE_DEFAULTS, add_probe_arguments, check_probe_args, load_pools, probe_settings,
-                                     probe_setup, probe_values)
-from jaxhack.probes import replay_config
+from jaxhack.commands.phase2 import (PROBE_DEFAULTS, add_probe_arguments, check_probe_args, config_file_fields,
+                                     load_pools, probe_run_info, probe_settings, probe_setup, probe_values)
 from jaxhack.io import atomic_directory
 from jaxhack.probes.phase1 import format_split, split_pure_vs_correct
 from jaxhack.probes.phase2 import run_replay
@@ -49,16 +46,7 @@ def phase1_values(args) -> dict:
     --per-step, loss_mode is nll."""
     renamed = {"per_pool": "per_step"}
     args.replay_dirs = [args.pool] if args.pool else None
-    from_file = None
-    if args.config:
-        typed = {n for n in replay_config.config_fields() if getattr(args, renamed.get(n, n), None) is not None}
-        try:
-            from_file, warnings = replay_config.read_phase2_config(args.config, overridden=typed, command="phase1")
-        except ValueError as err:
-            raise checks.UserError(str(err)) from None
-        for line in warnings:
-            print(line, file=sys.stderr)
-    values = probe_values(args, PHASE1_DEFAULTS, from_file, renamed=renamed)
+    values = probe_values(args, PHASE1_DEFAULTS, config_file_fields(args, "phase1", renamed), renamed=renamed)
     dirs = values.get("replay_dirs") or []
     if len(dirs) != 1:
         raise checks.UserError("--pool is required (or --config FILE that gives replay_dirs)" if not dirs else
@@ -75,11 +63,7 @@ def run(args) -> int:
     pools, notes = load_pools("--pool", values["replay_dirs"], values["allow_partial"])
     params, config, tokenizer, desc, trainable, frozen, v_hack, adapter = probe_setup(values, "svd")
     settings = probe_settings(values)
-    info = {"model": desc, "v_hack": str(values["v_hack"]), "phase": 1,
-            **replay_config.run_config(values, settings), "adapter": adapter,
-            "out": {"given": str(args.out), "resolved": str(Path(args.out).resolve())},
-            **({"config_file": str(Path(args.config).resolve())} if args.config else {}),
-            **({"partial_inputs": notes} if notes else {})}
+    info = probe_run_info(args, 1, desc, values, settings, adapter, notes)
     with atomic_directory(args.out) as work:
         records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, work,
                              run_info=info)

@@ -138,6 +138,34 @@ def load_pools(flag: str, dirs: list[str], allow_partial: bool) -> tuple[list, l
         raise checks.UserError(f"{flag}: {err}") from None
 
 
+def config_file_fields(args, command: str, renamed: dict | None = None) -> dict | None:
+    """The --config file's fields for `command` (phase1 / phase2), None without --config; its warnings
+    (an input changed since the run) on stderr. renamed: config field -> the flag's dest where they
+    differ (a typed flag's field is not checked to exist: the flag replaces it)."""
+    if not args.config:
+        return None
+    renamed = renamed or {}
+    typed = {n for n in replay_config.config_fields() if getattr(args, renamed.get(n, n), None) is not None}
+    try:
+        fields, warnings = replay_config.read_phase2_config(args.config, overridden=typed, command=command)
+    except ValueError as err:
+        raise checks.UserError(str(err)) from None
+    for line in warnings:
+        print(line, file=sys.stderr)
+    return fields
+
+
+def probe_run_info(args, phase: int, desc: str, values: dict, settings: ReplaySettings, adapter: dict,
+                   notes: list[str], **extra) -> dict:
+    """run.json's keys of a Phase 1 / Phase 2 run: model, v_hack, the run config (`replay_config`),
+    the adapter, the run directory, the --config file and the partial inputs accepted."""
+    return {"model": desc, "v_hack": str(values["v_hack"]), "phase": phase, **extra,
+            **replay_config.run_config(values, settings), "adapter": adapter,
+            "out": {"given": str(args.out), "resolved": str(Path(args.out).resolve())},
+            **({"config_file": str(Path(args.config).resolve())} if args.config else {}),
+            **({"partial_inputs": notes} if notes else {})}
+
+
 def add_arguments(ap) -> None:
     ap.add_argument("--config", default=None, metavar="FILE",
                     help="a Phase 2 run's run.json (rerun it; give a new --out) or a JSON / YAML file of its "
@@ -160,16 +188,7 @@ def phase2_values(args) -> dict:
         if not dirs:
             raise checks.UserError("--replay-dirs: give at least one pool directory")
         args.replay_dirs = dirs
-    from_file = None
-    if args.config:
-        typed = {n for n in replay_config.config_fields() if getattr(args, n, None) is not None}
-        try:
-            from_file, warnings = replay_config.read_phase2_config(args.config, overridden=typed)
-        except ValueError as err:
-            raise checks.UserError(str(err)) from None
-        for line in warnings:
-            print(line, file=sys.stderr)
-    values = probe_values(args, PHASE2_DEFAULTS, from_file)
+    values = probe_values(args, PHASE2_DEFAULTS, config_file_fields(args, "phase2"))
     if not values.get("replay_dirs"):
         raise checks.UserError("--replay-dirs is required (or --config FILE that gives replay_dirs)")
     return values
@@ -186,12 +205,8 @@ def run(args) -> int:
     pools, notes = load_pools("--replay-dirs", values["replay_dirs"], values["allow_partial"])
     params, config, tokenizer, desc, trainable, frozen, v_hack, adapter = probe_setup(values, kind)
     settings = probe_settings(values)
-    info = {"model": desc, "v_hack": str(values["v_hack"]), "phase": 2,
-            "v_hack_control": v_hack_control(values["v_hack"]),
-            **replay_config.run_config(values, settings), "adapter": adapter,
-            "out": {"given": str(args.out), "resolved": str(Path(args.out).resolve())},
-            **({"config_file": str(Path(args.config).resolve())} if args.config else {}),
-            **({"partial_inputs": notes} if notes else {})}
+    info = probe_run_info(args, 2, desc, values, settings, adapter, notes,
+                          v_hack_control=v_hack_control(values["v_hack"]))
     with atomic_directory(args.out) as work:
         records = run_replay(pools, params, config, tokenizer, trainable, frozen, v_hack, settings, work,
                              run_info=info, tracking=tracking.with_tags(name=args.out.name))
