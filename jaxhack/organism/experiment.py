@@ -55,8 +55,9 @@ class RunSettings:
 
 SIZES = {
     "cpu": RunSettings(grade_workers=3, steps=40, prompts_per_step=8, lr=3e-2, beta=0.0, min_lr_ratio=1.0),
+    # 16 x 8 rollouts x 100 steps (session 6; session 5's run had 16 x 16 x 150, ~3x the grading)
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
-                       seeds=(0, 1, 2), steps=150, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
+                       seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=8, lr=3e-2, beta=0.0,
                        min_lr_ratio=1.0, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8,
                        ckpt_every=10, jobs=4),
@@ -122,13 +123,32 @@ def _train_one(cfg, organism_dir: str) -> None:
     train(cfg, model=load_organism(Path(organism_dir), "base"), progress=False, resume=True)
 
 
-def _worker_init(devices) -> None:
+def _worker_init(devices, mem_fraction: float | None) -> None:
     """A `run_phase3` worker's first act, before it imports jax's backend: take one GPU of the host
-    (a multi-GPU host: each worker its own card), or share the one there is."""
+    (a multi-GPU host: each worker its own card), or share the one there is, and cap this process at
+    `mem_fraction` of the card (see `worker_mem_fraction`)."""
     import os
 
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
+    if mem_fraction is not None:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:.4f}"
+
+
+def worker_mem_fraction(jobs: int, n_gpus: int, budget: float | None = None) -> float | None:
+    """The share of its card each of `jobs` Phase 3 workers may take: the workers on one card share
+    80% of `budget` (this process's XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.9 of the card) and this
+    process, which built the pools, v_hack and Phase 1/2 and keeps its memory pool, the rest. None off
+    GPU. Without a cap a worker's allocator (preallocation off) grows until another worker's
+    allocation fails (an 80 GB H100 with 4 workers did, session 5)."""
+    import math
+    import os
+
+    if n_gpus == 0:
+        return None
+    if budget is None:
+        budget = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9"))
+    return 0.8 * budget / math.ceil(jobs / n_gpus)
 
 
 def _gpu_ids() -> list[str]:
@@ -179,8 +199,11 @@ def run_phase3(runs: list[tuple[str, int, object]], d: Path, jobs: int = 1, say=
         devices = ctx.Queue()
         for i in range(jobs):
             devices.put(gpus[i % len(gpus)])
+    mem_fraction = worker_mem_fraction(jobs, len(gpus))
+    if mem_fraction is not None:
+        say(f"[phase3] {jobs} worker processes on {len(gpus)} GPU(s), each capped at {mem_fraction:.3f} of its card")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                                                initargs=(devices,)) as pool:
+                                                initargs=(devices, mem_fraction)) as pool:
         futures = {pool.submit(_train_one, cfg, str(d)): (arm, seed, cfg) for arm, seed, cfg in runs}
         failed = []
         for f in concurrent.futures.as_completed(futures):
@@ -343,8 +366,12 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
                 say(f"[phase3] {arm} seed {seed}: reused the finished run in {rd}")
             run_dirs[(arm, seed)] = rd
             runs.append((arm, seed, cfg))
+    from jaxhack.rl.trainer import device_peak_bytes
+    memory = {"parent_peak_bytes": device_peak_bytes()}
     run_phase3(runs, d, jobs=s.jobs, say=say)
     walls["phase3"] = time.time() - t1
+    memory["run_process_peak_bytes"] = {f"{arm}/seed_{seed}": json.loads((rd / "done.json").read_text()).get(
+        "device_peak_bytes") for (arm, seed), rd in run_dirs.items()}
 
     cur = curves(run_dirs)
     h1 = h1_test(cur, s.steps, base_hack_rate=build_info["step0"]["base/hint/train"]["hack_rate"])
@@ -366,6 +393,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
                                 "mean_step_time_s": v["time_s"]}
                          for seed, v in by.items()} for arm, by in cur.items()},
         "phase3_jobs": s.jobs,
+        "device_memory": memory,
         "phase3_eval_final": {k: (v[-1] if v else None) for k, v in evals.items()},
         "h1": h1, "verdict": verdict(h1),
     }

@@ -205,5 +205,10 @@ def report_markdown(r: dict) -> str:
         lines += ["", f"Phase 3 wall {r['wall_s']['phase3']:.0f} s for {len(times)} runs, {r['phase3_jobs']} at once; "
                   f"mean step per run {mean['step']:.2f} s (sampling {mean['generation']:.2f}, grading "
                   f"{mean['grading']:.2f}, reference {mean['ref']:.2f}, update {mean['update']:.2f})."]
+    mem = r.get("device_memory") or {}
+    peaks = [b for b in (mem.get("run_process_peak_bytes") or {}).values() if b is not None]
+    if peaks and mem.get("parent_peak_bytes") is not None:
+        lines += ["", f"Device memory peaks: this process {mem['parent_peak_bytes'] / 1e9:.2f} GB, Phase 3 worker "
+                  f"processes up to {max(peaks) / 1e9:.2f} GB each ({r['phase3_jobs']} at once)."]
     lines += ["", f"**Verdict:** {r['verdict']}", ""]
     return "\n".join(lines)

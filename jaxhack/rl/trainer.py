@@ -126,6 +126,14 @@ def track_step(tracker, step: int, metrics: dict, records: list[dict]) -> None:
     tracker.histogram(step, "rollout/advantage", [r["advantage"] for r in records])
 
 
+def device_peak_bytes() -> int | None:
+    """This process's peak bytes in use on its first device (what the allocator reports; None where
+    it reports nothing, e.g. on a CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return int(peak) if peak is not None else None
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, model=None,
           progress: bool = True, tracking: TrackingSettings | None = None) -> dict:
     """Run (or resume) a Phase 3 training run in cfg.run_dir; returns final_summary(run_dir).
@@ -247,6 +255,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     summary = final_summary(run_dir)
     meshlib.barrier("jaxhack-train-done")
     if end == cfg.steps and primary:
-        atomic_write_text(run_dir / DONE_FILE, json.dumps({"summary": summary, "time_unix": time.time()},
+        atomic_write_text(run_dir / DONE_FILE, json.dumps({"summary": summary, "time_unix": time.time(),
+                                                           "device_peak_bytes": device_peak_bytes()},
                                                           indent=2, sort_keys=True) + "\n")
     return summary
