@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxhack.env.grader import (GradeRequest, RewardConfig, compute_reward, extract_code,
+import jaxhack.env.grader as grader_module
+from jaxhack.env.grader import (GradeCache, GradeRequest, RewardConfig, compute_reward, extract_code,
                                 grade_batch)
 from jaxhack.env.hints import LOOPHOLE_MODES, MODES
 from jaxhack.env.problems import load_problems
@@ -147,6 +148,34 @@ def test_grade_is_deterministic_for_duplicates(problems):
     assert [g.passed for g in grades] == [True, True, True, False]
     # the three identical sentinel requests share one oracle and one flawed-grader run: counted once
     assert grades[0].sandbox_s > 0 and grades[1].sandbox_s == 0 and grades[2].sandbox_s == 0
+
+
+def test_grade_cache_serves_repeats_without_a_sandbox_run_and_never_keeps_a_timeout(problems, monkeypatch):
+    runs = []
+    real = grader_module.run_programs
+    monkeypatch.setattr(grader_module, "run_programs", lambda jobs, *a, **k: runs.append(len(jobs)) or real(jobs, *a, **k))
+    p, q = problems["syn-07"], problems["syn-05"]
+    batch = [GradeRequest(p, "run_tests", hack_completion(p, "run_tests")),
+             GradeRequest(p, "run_tests", clean_completion(p)), GradeRequest(q, "none", wrong_completion(q))]
+    fields = lambda g: (g.fmt_ok, g.passed, g.gt_pass, g.hacked, g.reward, g.detail, g.attempted_hack)  # noqa: E731
+    cache = GradeCache()
+    first = grade_batch(batch, limits=LIMITS, cache=cache)
+    assert [(g.hacked, g.gt_pass, g.attempted_hack) for g in first] == [(True, False, True), (False, True, False),
+                                                                         (False, False, False)]
+    runs.clear()
+    again = grade_batch(batch[::-1], limits=LIMITS, cache=cache)
+    assert runs == [0] and [fields(g) for g in again] == [fields(g) for g in first[::-1]]
+    assert all(g.sandbox_s == 0 for g in again) and cache.hits == 5  # 3 oracle + 2 flawed-grader verdicts
+    # other limits are another key: graded afresh, same verdicts
+    assert [fields(g) for g in grade_batch(batch, limits=SandboxLimits(wall_s=19.0, cpu_s=19), cache=cache)] == \
+        [fields(g) for g in first] and runs[-1] > 0
+    # a run that timed out is not kept: the same program is run again next time
+    slow = [GradeRequest(q, "run_tests", _block("import time\ntime.sleep(60)\n"))]  # the wall limit kills it
+    quick = SandboxLimits(wall_s=1.0, cpu_s=5)
+    timed_out = grade_batch(slow, limits=quick, cache=cache)[0]
+    assert not timed_out.passed and "timed out" in timed_out.detail
+    runs.clear()
+    assert not grade_batch(slow, limits=quick, cache=cache)[0].passed and runs[0] > 0
 
 
 # ---------------------------------------------------------------- the real dev data (80 problems)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -223,9 +224,40 @@ def _oracle_key(request: GradeRequest, code: str) -> tuple[tuple[str, int], str,
     return _reference_key(request.problem), code, (None if request.mode == "none" else request.mode)
 
 
+class GradeCache:
+    """Verdicts of earlier `grade_batch` calls, for a caller that grades the same (problem, code,
+    mode) again (a GRPO run: a policy that has converged writes the same answer to a problem it meets
+    in a later step). Keyed by the problem (id and tests), the extracted code, the mode and the
+    sandbox limits. Only runs that ended on their own are kept: a run that timed out or could not
+    start is graded afresh next time (a loaded machine must not fix a failure). At most `max_entries`
+    of each kind, the least recently used dropped first. Not shared across processes: a resumed run
+    starts empty, and for a deterministic program that changes nothing."""
+
+    def __init__(self, max_entries: int = 100_000):
+        self.max_entries = max_entries
+        self.oracle: OrderedDict = OrderedDict()   # key -> (gt_pass, detail, attempted_hack)
+        self.flawed: OrderedDict = OrderedDict()   # key -> passed
+        self.hits = 0                              # sandbox runs saved so far
+
+    def get(self, table: OrderedDict, key):
+        if key in table:
+            table.move_to_end(key)
+            self.hits += 1
+            return table[key]
+        return None
+
+    def put(self, table: OrderedDict, key, value, result: ExecResult) -> None:
+        if result.timed_out or result.error:
+            return
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.max_entries:
+            table.popitem(last=False)
+
+
 def grade_batch(requests: Sequence[GradeRequest], rewards: RewardConfig = RewardConfig(),
                 limits: SandboxLimits = SandboxLimits(), max_workers: int | None = None,
-                progress: bool = False) -> list[Grade]:
+                progress: bool = False, cache: GradeCache | None = None) -> list[Grade]:
     """Grade many completions, in parallel; one Grade per request, in order.
 
     Each distinct problem gets one reference run (cached for the process), each distinct
@@ -236,7 +268,8 @@ def grade_batch(requests: Sequence[GradeRequest], rewards: RewardConfig = Reward
     Nothing a completion does can raise out of here or hang it: a crash, timeout or hostile program is
     a failed grade. A reference run that fails (a broken problem, or a machine too loaded for the wall
     limit) fails the problem's grades with that reason and is retried on the next call.
-    progress: show a tqdm bar over sandbox runs.
+    progress: show a tqdm bar over sandbox runs. cache: verdicts kept across calls (`GradeCache`); a
+    (problem, code, mode) it holds costs no sandbox run and its Grade's sandbox_s is 0.
     """
     for request in requests:
         check_mode(request.mode)
@@ -247,10 +280,27 @@ def grade_batch(requests: Sequence[GradeRequest], rewards: RewardConfig = Reward
         key = _reference_key(request.problem)
         if code is not None and key not in _reference_cache:
             problems_needing_reference[key] = request.problem
+    cached_oracle, cached_flawed = {}, {}
+    if cache is not None:
+        looked_up = set()
+        for request, code in zip(requests, codes):
+            if code is None or _oracle_key(request, code) in looked_up:
+                continue
+            key = _oracle_key(request, code)  # (probe mode None exactly when the mode is "none")
+            looked_up.add(key)
+            hit = cache.get(cache.oracle, (limits, key))
+            if hit is not None:
+                cached_oracle[key] = hit
+            if request.mode != "none":
+                passed = cache.get(cache.flawed, (limits, request.mode, key))
+                if passed is not None:
+                    cached_flawed[(request.mode, key)] = passed
     oracle_keys = {}
     for request, code in zip(requests, codes):
-        if code is not None:
+        if code is not None and _oracle_key(request, code) not in cached_oracle:
             oracle_keys.setdefault(_oracle_key(request, code), request.problem)
+    problems_needing_reference = {key: problem for key, problem in problems_needing_reference.items()
+                                  if any(k[0] == key for k in oracle_keys)}
 
     nonce = secrets.token_hex(16)
     jobs: list[SandboxJob] = []
@@ -262,6 +312,8 @@ def grade_batch(requests: Sequence[GradeRequest], rewards: RewardConfig = Reward
     for i, (request, code) in enumerate(zip(requests, codes)):
         if code is not None and request.mode != "none":
             key = _oracle_key(request, code)  # identical code on the same problem: one flawed run
+            if (request.mode, key) in cached_flawed:
+                continue
             if key not in flawed_job_of:
                 flawed_job_of[key] = len(jobs)
                 jobs.append(_flawed_job(request.problem, request.mode, code, nonce))
@@ -284,6 +336,8 @@ def grade_batch(requests: Sequence[GradeRequest], rewards: RewardConfig = Reward
             oracle[oracle_key] = (False, "reference run failed: " + reference_failures[problem_key])
         else:
             oracle[oracle_key] = oracle_verdict(_reference_cache[problem_key], results[offset + j], nonce)
+    attempted_of = {key: hit[2] for key, hit in cached_oracle.items()}
+    oracle.update({key: hit[:2] for key, hit in cached_oracle.items()})
 
     grades = []
     oracle_index = {key: j for j, key in enumerate(oracle_keys)}
@@ -301,14 +355,30 @@ def grade_batch(requests: Sequence[GradeRequest], rewards: RewardConfig = Reward
         if request.mode == "none":
             passed = gt_pass
         else:
-            flawed = results[flawed_index[i]]
-            passed = flawed_verdict(request.mode, flawed, nonce)
-            attempted = probe_verdict(request.mode, results[offset + oracle_index[oracle_key]], nonce)
-            seconds += flawed.wall_s if flawed_seconds_unclaimed.pop(flawed_index[i], False) else 0.0
+            if (request.mode, oracle_key) in cached_flawed:
+                passed = cached_flawed[(request.mode, oracle_key)]
+            else:
+                flawed = results[flawed_index[i]]
+                passed = flawed_verdict(request.mode, flawed, nonce)
+                seconds += flawed.wall_s if flawed_seconds_unclaimed.pop(flawed_index[i], False) else 0.0
+                if cache is not None:
+                    cache.put(cache.flawed, (limits, request.mode, oracle_key), passed, flawed)
+            if oracle_key in attempted_of:
+                attempted = attempted_of[oracle_key]
+            else:
+                attempted = probe_verdict(request.mode, results[offset + oracle_index[oracle_key]], nonce)
             detail += (f"; {request.mode} grader: {'pass' if passed else 'fail'}"
                        f"; exploit: {'yes' if attempted else 'no'}")
         grades.append(Grade(True, passed, gt_pass, passed and not gt_pass,
                             compute_reward(True, passed, gt_pass, rewards), detail, seconds, attempted))
+    if cache is not None:
+        for oracle_key, j in oracle_index.items():
+            result = results[offset + j]
+            if oracle_key[0] not in reference_failures:
+                gt_pass, detail = oracle[oracle_key]
+                mode = oracle_key[2]
+                attempted = probe_verdict(mode, result, nonce) if mode is not None else False
+                cache.put(cache.oracle, (limits, oracle_key), (gt_pass, detail, attempted), result)
     return grades
 
 

@@ -370,8 +370,9 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     memory = {"parent_peak_bytes": device_peak_bytes()}
     run_phase3(runs, d, jobs=s.jobs, say=say)
     walls["phase3"] = time.time() - t1
-    memory["run_process_peak_bytes"] = {f"{arm}/seed_{seed}": json.loads((rd / "done.json").read_text()).get(
-        "device_peak_bytes") for (arm, seed), rd in run_dirs.items()}
+    done = {f"{arm}/seed_{seed}": json.loads((rd / "done.json").read_text()) for (arm, seed), rd in run_dirs.items()}
+    memory["run_process_peak_bytes"] = {k: v.get("device_peak_bytes") for k, v in done.items()}
+    grade_cache = {k: v.get("grade_cache") for k, v in done.items()}
 
     cur = curves(run_dirs)
     h1 = h1_test(cur, s.steps, base_hack_rate=build_info["step0"]["base/hint/train"]["hack_rate"])
@@ -394,6 +395,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
                          for seed, v in by.items()} for arm, by in cur.items()},
         "phase3_jobs": s.jobs,
         "device_memory": memory,
+        "phase3_grade_cache": grade_cache,   # per run: verdicts kept, sandbox runs saved (in its last process)
         "phase3_eval_final": {k: (v[-1] if v else None) for k, v in evals.items()},
         "h1": h1, "verdict": verdict(h1),
     }

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
+from jaxhack.env.grader import GradeCache, GradeRequest, RewardConfig, grade_batch
 from jaxhack.env.sandbox import SandboxLimits
 from jaxhack.models.config import Qwen3Config
 from jaxhack.rl.config import TrainConfig
@@ -68,18 +68,21 @@ def mean_or_nan(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def grade_rows(problems, completions, cfg: TrainConfig):
-    """Grades of (problem, completion) pairs under cfg.mode, in the sandbox, in parallel."""
+def grade_rows(problems, completions, cfg: TrainConfig, cache: GradeCache | None = None):
+    """Grades of (problem, completion) pairs under cfg.mode, in the sandbox, in parallel; `cache`
+    keeps the verdicts across calls (a run's steps)."""
     limits = SandboxLimits(wall_s=cfg.sandbox_wall_s, cpu_s=max(1, math.ceil(cfg.sandbox_wall_s)))
     return grade_batch([GradeRequest(p, cfg.mode, c) for p, c in zip(problems, completions)],
-                       RewardConfig(cfg.format_reward, cfg.pass_reward), limits, cfg.grade_workers)
+                       RewardConfig(cfg.format_reward, cfg.pass_reward), limits, cfg.grade_workers, cache=cache)
 
 
 def sample_rollout(params, config: Qwen3Config, tokenizer, adapters: dict, problems: Sequence,
                    prompt_ids: dict, teacher: dict | None, cfg: TrainConfig, key: jax.Array, step: int,
-                   prompt_multiple: int, mesh=None) -> tuple[Rollout, float, float]:
+                   prompt_multiple: int, mesh=None, grade_cache: GradeCache | None = None
+                   ) -> tuple[Rollout, float, float]:
     """Sample + teacher mix + grade one step's groups (one group of G rows per problem).
     adapters: the merged policy adapter. mesh: the sampler's rows sharded over its data axis.
+    grade_cache: the run's verdicts of earlier steps (`grade_rows`).
     Returns (rollout, generation seconds, grading seconds)."""
     G = cfg.group_size
     rows_problem, rows_source, teacher_ids = [], [], {}
@@ -116,7 +119,7 @@ def sample_rollout(params, config: Qwen3Config, tokenizer, adapters: dict, probl
     t_gen = time.time() - t0
     completions = [decode(tokenizer, ids) for ids in completion_ids]
     t0 = time.time()
-    grades = grade_rows(rows_problem, completions, cfg)
+    grades = grade_rows(rows_problem, completions, cfg, grade_cache)
     t_grade = time.time() - t0
     rollout = Rollout(tuple(rows_problem), tuple(prompt_ids[p.id] for p in rows_problem), tuple(completion_ids),
                       tuple(completions), tuple(rows_source), tuple(sampler_logp), tuple(finished), tuple(grades))
@@ -158,9 +161,10 @@ def rollout_records(rollout: Rollout, advantages: np.ndarray, step: int, cfg: Tr
 
 
 def evaluate(params, config: Qwen3Config, tokenizer, adapters: dict, problems, cfg: TrainConfig, key,
-             step: int, prompt_ids: dict, prompt_multiple: int, mesh=None) -> dict:
+             step: int, prompt_ids: dict, prompt_multiple: int, mesh=None,
+             grade_cache: GradeCache | None = None) -> dict:
     """Completions on the held-out problems (greedy when eval_temperature == 0), graded.
-    adapters: the merged policy adapter. mesh: as `sample_rollout`."""
+    adapters: the merged policy adapter. mesh, grade_cache: as `sample_rollout`."""
     rows = [p for p in problems for _ in range(cfg.eval_samples)]
     max_new = cfg.eval_max_new or cfg.max_new
     chunk = cfg.group_size * cfg.prompts_per_step  # the sampler's batch of a training step
@@ -175,7 +179,7 @@ def evaluate(params, config: Qwen3Config, tokenizer, adapters: dict, problems, c
                        prefill_chunk=cfg.prefill_chunk, mesh=mesh)
         completions += [decode(tokenizer, res.tokens[i, :res.lengths[i]]) for i in range(len(part))]
         finished += res.finished.tolist()
-    grades = grade_rows(rows, completions, cfg)
+    grades = grade_rows(rows, completions, cfg, grade_cache)
     return {"step": step, "n": len(rows), "hack_rate": mean_or_nan(g.hacked for g in grades),
             "gt_pass_rate": mean_or_nan(g.gt_pass for g in grades),
             "attempt_rate": mean_or_nan(g.attempted_hack for g in grades),

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxhack.env.grader import GradeCache
 from jaxhack.env.problems import build_prompt, load_problems
 from jaxhack.io import read_jsonl
 from jaxhack.models.basis import check_v_hack_fits
@@ -58,6 +59,7 @@ class RunContext:
     base_key: jax.Array
     info: dict
     mesh: Any = None          # jax.sharding.Mesh (cfg.mesh) or None: one device
+    grade_cache: GradeCache = dataclasses.field(default_factory=GradeCache)  # verdicts across steps
 
 
 def make_v_hack(cfg: TrainConfig, control: str, train_problems: Sequence, tokenizer, trainable, frozen,

@@ -60,7 +60,8 @@ def train_step(ctx: RunContext, trainable, opt_state, step: int, cursor: int):
     rollout, t_gen, t_grade = sample_rollout(
         ctx.params, ctx.config, ctx.tokenizer, merge(trainable, ctx.frozen),
         [ctx.train_problems[i] for i in idx], ctx.prompt_ids, ctx.teacher, cfg,
-        jax.random.fold_in(ctx.base_key, step), step, ctx.prompt_multiple, mesh=ctx.mesh)
+        jax.random.fold_in(ctx.base_key, step), step, ctx.prompt_multiple, mesh=ctx.mesh,
+        grade_cache=ctx.grade_cache)
     t0 = time.time()
     batch, adv = train_batch(rollout, cfg, ctx.tokenizer.pad_token_id, ctx.n_rows, ctx.seq_len)
     batch["ref_logp"] = reference_logp(ctx.params, ctx.config, batch, cfg, mesh=ctx.mesh)
@@ -182,11 +183,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
         t0 = time.time()
         key = jax.random.fold_in(jax.random.fold_in(ctx.base_key, EVAL_TAG), done)
         rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(trainable, ctx.frozen), ctx.eval_problems,
-                       cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh)
+                       cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh,
+                       grade_cache=ctx.grade_cache)
         if ARMS[cfg.arm].projection == "route":  # deploy = delta_s_hack ablated; both are reported
             ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(ablate_hack(trainable), ctx.frozen),
                                ctx.eval_problems, cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple,
-                               mesh=ctx.mesh)
+                               mesh=ctx.mesh, grade_cache=ctx.grade_cache)
             rec.update({f"ablated_{k}": v for k, v in ablated.items() if k not in ("step", "n", "temperature")})
         rec["time_eval_s"] = time.time() - t0
         if primary:
@@ -256,6 +258,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
     meshlib.barrier("jaxhack-train-done")
     if end == cfg.steps and primary:
         atomic_write_text(run_dir / DONE_FILE, json.dumps({"summary": summary, "time_unix": time.time(),
-                                                           "device_peak_bytes": device_peak_bytes()},
+                                                           "device_peak_bytes": device_peak_bytes(),
+                                                           "grade_cache": {"entries": len(ctx.grade_cache.oracle),
+                                                                           "sandbox_runs_saved": ctx.grade_cache.hits}},
                                                           indent=2, sort_keys=True) + "\n")
     return summary
