@@ -358,7 +358,9 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "sampler_batch": batch[schedule], "refill_rows": args.refill_rows if schedule == "refill" else None,
             "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
             "remat": cfg.remat, "floor": floor, "steps": recs, "peak_tflops": args.peak_tflops,
-            "hbm_tbps": args.hbm_tbps, "mesh": None if mesh is None else f"data={n_dev}", "n_devices": n_dev})
+            "hbm_tbps": args.hbm_tbps, "mesh": None if mesh is None else f"data={n_dev}", "n_devices": n_dev,
+            # the allocator's cap (e.g. 0.54 on a 141 GB H200 gives an 80 GB H100's ~76 GiB)
+            "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")})
         out.append(rec)
     return out
 

@@ -105,7 +105,7 @@ def test_organism_phase3_runs_sample_only_the_policy(tmp_path):
     it builds on (they were mixed in by mistake once and changed the runs)."""
     from jaxhack.organism.experiment import SIZES, phase3_config
 
-    for size in ("cpu", "gpu", "test"):
+    for size in SIZES:
         cfg = phase3_config(SIZES[size], tmp_path, "vanilla", 0, tmp_path / "run", None)
         assert cfg.mix_teacher is None and cfg.mix_per_group == 0
 

@@ -280,3 +280,43 @@ def test_vhack_refresh_from_own_rollouts_with_overlap_guard(env):
     v = {"q": np.eye(4, dtype=np.float32)[None, :2]}  # [L=1, k=2, dim=4]
     assert RF.basis_overlap(v, v) == pytest.approx(1.0)
     assert RF.basis_overlap(v, {"q": np.eye(4, dtype=np.float32)[None, 2:]}) == pytest.approx(0.0)
+
+
+def test_eval_pads_its_last_chunk_to_the_training_batch_and_keeps_every_real_row(tiny_params, monkeypatch):
+    """evaluate() samples in chunks of the training step's rows; the remainder chunk is padded to that
+    size (one sampler program, not two) and the padding changes no real row: each row equals what an
+    unpadded call of the same chunk draws (row i's key depends on i only)."""
+    from jaxhack.rl import rollout
+    from jaxhack.tokenizer import ByteTokenizer
+
+    params, config = tiny_params
+    tok = ByteTokenizer()
+    problems = load_problems("bundled")[:5]
+    cfg = make_config("smoke", group_size=2, prompts_per_step=2, eval_samples=1, max_new=6,
+                      eval_temperature=1.0, mode="run_tests")
+    prompt_ids = {p.id: tok.encode(build_prompt(p, "run_tests")[-24:]) for p in problems}
+    grade = lambda rows, completions, cfg, cache=None: [  # noqa: E731  (no sandbox: text only)
+        type("G", (), dict(hacked=False, gt_pass=False, attempted_hack=False, passed=False, fmt_ok=False,
+                           reward=0.0))() for _ in rows]
+    monkeypatch.setattr(rollout, "grade_rows", grade)
+    calls, texts = [], []
+    real = rollout.generate
+
+    def spy(params_, config_, prompts, **kw):
+        calls.append(len(prompts))
+        res = real(params_, config_, prompts, **kw)
+        texts.append([rollout.decode(tok, res.tokens[i, :res.lengths[i]]) for i in range(len(prompts))])
+        return res
+
+    monkeypatch.setattr(rollout, "generate", spy)
+    key = jax.random.PRNGKey(3)
+    rec = rollout.evaluate(params, config, tok, None, problems, cfg, key, 0, prompt_ids, 16)
+    assert calls == [4, 4] and rec["n"] == 5
+    # the remainder chunk (row 4) drawn alone, unpadded, gives the same text as inside the padded chunk
+    alone = real(params, config, [prompt_ids[problems[4].id]], max_new_tokens=6, key=jax.random.fold_in(key, 4),
+                 temperature=1.0, eos_token_ids=tok.eos_token_ids, pad_id=tok.pad_token_id, prompt_multiple=16)
+    assert rollout.decode(tok, alone.tokens[0, :alone.lengths[0]]) == texts[1][0]
+    # fewer eval rows than the training batch: one short call, no padding
+    calls.clear()
+    rollout.evaluate(params, config, tok, None, problems[:3], cfg, key, 0, prompt_ids, 16)
+    assert calls == [3]

@@ -1,8 +1,8 @@
 """A model organism of reward hacking: a small Qwen3 policy trained in-repo that learns to hack under
 GRPO, and the experiment around it (docs/organism.md).
 
-    jaxhack organism build --out DIR [--size cpu|gpu|test]
-    jaxhack organism run --out DIR [--size cpu|gpu|test] [--seeds 0,1,2] [--arms vanilla,projected]
+    jaxhack organism build --out DIR [--size cpu|gpu|gpu-16x16|test]
+    jaxhack organism run --out DIR [--size cpu|gpu|gpu-16x16|test] [--seeds 0,1,2] [--arms vanilla,projected]
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("action", choices=("build", "run"), help="build the organism (cached), or run "
                         "the experiment on it (builds first when needed)")
     parser.add_argument("--out", default="runs/organism", help="output directory (default: %(default)s)")
-    parser.add_argument("--size", default="cpu", choices=("cpu", "gpu", "test"),
+    parser.add_argument("--size", default="cpu", choices=("cpu", "gpu", "gpu-16x16", "test"),
                         help="organism and experiment size (default: %(default)s)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (run; default: the size's)")
     parser.add_argument("--arms", default=None, help="comma-separated arms (run; default: the size's)")

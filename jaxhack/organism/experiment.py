@@ -61,6 +61,11 @@ SIZES = {
                        min_lr_ratio=1.0, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8,
                        ckpt_every=10, jobs=4),
+    # session 5's experiment (docs/results/organism_gpu.json): 16 x 16 rollouts x 150 steps
+    "gpu-16x16": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
+                             seeds=(0, 1, 2), steps=150, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
+                             min_lr_ratio=1.0, vhack_pairs=128, lora_lr=2e-3, pool_steps=16, pool_per_step=64,
+                             phase_steps=20, per_pool=8, ckpt_every=10, jobs=4),
     "test": RunSettings(build=dataclasses.replace(BUILD_SIZES["test"], hack_share=0.3), arms=("vanilla", "projected"),
                         steps=12, prompts_per_step=4, group_size=8, lr=3e-2, beta=0.0, min_lr_ratio=1.0,
                         vhack_pairs=8, pool_steps=2, pool_per_step=8,

@@ -171,14 +171,19 @@ def evaluate(params, config: Qwen3Config, tokenizer, adapters: dict, problems, c
     completions, finished = [], []
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
-        res = generate(params, config, [prompt_ids[p.id] for p in part], max_new_tokens=max_new,
+        # the last of several chunks is padded to `chunk` rows (copies of its last row, dropped below):
+        # one sampler program for the eval (the training step's when max_new and the temperature are its)
+        # instead of a second one for the remainder; a lone short chunk stays short (no wasted rows).
+        # Row i's randomness depends on i only (`generate`), so the padding changes no real row's draw.
+        padded = part + [part[-1]] * (chunk - len(part) if len(rows) > chunk else 0)
+        res = generate(params, config, [prompt_ids[p.id] for p in padded], max_new_tokens=max_new,
                        key=jax.random.fold_in(key, start), adapters=adapters,
                        temperature=cfg.eval_temperature, top_p=cfg.top_p,
                        eos_token_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id,
                        prompt_multiple=prompt_multiple, max_rows=cfg.sample_rows,
                        prefill_chunk=cfg.prefill_chunk, mesh=mesh)
         completions += [decode(tokenizer, res.tokens[i, :res.lengths[i]]) for i in range(len(part))]
-        finished += res.finished.tolist()
+        finished += res.finished[:len(part)].tolist()
     grades = grade_rows(rows, completions, cfg, grade_cache)
     return {"step": step, "n": len(rows), "hack_rate": mean_or_nan(g.hacked for g in grades),
             "gt_pass_rate": mean_or_nan(g.gt_pass for g in grades),
