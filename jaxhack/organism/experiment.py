@@ -182,9 +182,14 @@ def run_phase3(runs: list[tuple[str, int, object]], d: Path, jobs: int = 1, say=
     first process takes 75% of the card."""
     from jaxhack.rl.trainer import train
 
+    finished = []
+    t0 = time.time()
+
     def done(arm, seed, cfg):
         m = curves({(arm, seed): Path(cfg.run_dir)})[arm][str(seed)]
-        say(f"[phase3] {arm} seed {seed}: hack {m['hack_rate'][0]:.2f} -> {np.mean(m['hack_rate'][-5:]):.2f}, "
+        finished.append((arm, seed))
+        say(f"[phase3] {len(finished)}/{len(runs)} runs done ({time.time() - t0:.0f} s): {arm} seed {seed}: "
+            f"hack {m['hack_rate'][0]:.2f} -> {np.mean(m['hack_rate'][-5:]):.2f}, "
             f"gt_pass {m['gt_pass_rate'][0]:.2f} -> {np.mean(m['gt_pass_rate'][-5:]):.2f}")
 
     if jobs <= 1:

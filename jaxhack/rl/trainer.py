@@ -249,7 +249,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
                         upd=f"{metrics['time_update_s']:.1f}s", eval=f"{t_eval:.1f}s",
                         R=f"{metrics['reward_mean']:.2f}", hack=f"{metrics['hack_rate_policy']:.2f}")
         if not progress:
-            print(f"step {step}: gen {metrics['time_generation_s']:.2f}s grade {metrics['time_grading_s']:.2f}s "
+            print(f"[{cfg.arm} seed {cfg.seed}] step {step + 1}/{cfg.steps} done: gen {metrics['time_generation_s']:.2f}s "
+                  f"grade {metrics['time_grading_s']:.2f}s "
                   f"update {metrics['time_update_s']:.2f}s reward {metrics['reward_mean']:.3f} "
                   f"hack {metrics['hack_rate_policy']:.3f}", flush=True)
     bar.close()
