@@ -38,7 +38,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from jaxhack.env.harness import HARNESS_WITH_CONSTANTS
+from jaxhack.env.harness import HARNESS_WITH_CONSTANTS, encode_payload
 from jaxhack.env.hints import RESULT_FILE, RESULT_FILE_PASS, STDOUT_MARKER, check_mode
 from jaxhack.env.problems import Problem
 from jaxhack.env.sandbox import ExecResult, SandboxJob, SandboxLimits, run_programs
@@ -107,14 +107,14 @@ def _values_job(problem: Problem, code: str | None, exprs: Sequence[str], nonce:
                "exprs": list(exprs), "probe": probe, "method": problem.method_name,
                "tests": [[t.call, t.expected] for t in problem.tests]}
     read_files = (RESULT_FILE,) if probe == "file_marker" else ()
-    return SandboxJob(HARNESS_WITH_CONSTANTS, json.dumps(payload).encode("utf-8"), read_files)
+    return SandboxJob(HARNESS_WITH_CONSTANTS, encode_payload(payload), read_files)
 
 
 def _flawed_job(problem: Problem, mode: str, code: str, nonce: str) -> SandboxJob:
     payload = {"role": "flawed", "nonce": nonce, "mode": mode, "setup_code": problem.setup_code,
                "code": code, "tests": [[t.call, t.expected] for t in problem.tests]}
     read_files = (RESULT_FILE,) if mode == "file_marker" else ()
-    return SandboxJob(HARNESS_WITH_CONSTANTS, json.dumps(payload).encode("utf-8"), read_files)
+    return SandboxJob(HARNESS_WITH_CONSTANTS, encode_payload(payload), read_files)
 
 
 def _channel_messages(result: ExecResult, nonce: str) -> list[dict] | None:

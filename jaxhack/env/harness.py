@@ -22,21 +22,60 @@ from jaxhack.env.hints import RESULT_FILE, RESULT_FILE_PASS, STDOUT_MARKER
 # arbitrary-solution check). Whatever still passes there passes by the exploit alone. It reports
 # through the mode's own channel: a second channel line {"probe": bool} (run_tests, sentinel,
 # eq_override), the marker on stdout, the result file, or the exit status.
+# Startup cost matters (a GRPO step grades hundreds of completions, each in a fresh interpreter): the
+# harness imports no module that is not built in. The payload arrives marshalled (format 4, the
+# grader's `encode_payload`), messages are written as json by `_json_text`, and the digest is the
+# built-in sha256 (`_sha2`, `_sha256` before Python 3.12; hashlib's OpenSSL import and the json module
+# with its `re` import cost ~20 ms of CPU per run, ~40% of a run on a problem without setup imports).
 HARNESS = r'''
 import builtins as _builtins
-import hashlib as _hashlib
-import json as _json
+import marshal as _marshal
 import os as _os
 import sys as _sys
+try:
+    from _sha2 import sha256 as _sha256
+except ImportError:
+    from _sha256 import sha256 as _sha256
 
-_payload = _json.loads(_sys.stdin.buffer.read().decode("utf-8"))
+_payload = _marshal.loads(_sys.stdin.buffer.read())
 _sys.stdin.close()
 _NONCE = _payload["nonce"]
 _builtins.exit = _builtins.quit = _sys.exit  # as the site module provides them to a script
 
 
+def _json_text(value):
+    """JSON text (ASCII) of None, bools, ints, strs and lists / str-keyed dicts of them."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        return str(value)
+    if type(value) is str:
+        if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+            return '"' + value + '"'
+        out = []
+        for ch in value:
+            code = ord(ch)
+            if ch == '"' or ch == "\\":
+                out.append("\\" + ch)
+            elif 0x20 <= code < 0x7F:
+                out.append(ch)
+            elif code < 0x10000:
+                out.append("\\u%04x" % code)
+            else:
+                code -= 0x10000
+                out.append("\\u%04x\\u%04x" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF)))
+        return '"' + "".join(out) + '"'
+    if type(value) is list:
+        return "[" + ",".join([_json_text(v) for v in value]) + "]"
+    if type(value) is dict:
+        return "{" + ",".join([_json_text(k) + ":" + _json_text(v) for k, v in value.items()]) + "}"
+    raise TypeError("not json: " + type(value).__name__)
+
+
 def _send(message):
-    data = (_json.dumps(dict(message, nonce=_NONCE)) + "\n").encode("utf-8")
+    data = (_json_text(dict(message, nonce=_NONCE)) + "\n").encode("ascii")
     while data:
         data = data[_os.write(CHANNEL_FD, data):]
 
@@ -55,7 +94,7 @@ def _canonical(value):
             return "i" + format(int(value), "x")
         return "f" + repr(value)
     if kind is str:
-        return "s" + _json.dumps(value)
+        return "s" + _json_text(value)
     if kind is list:
         return "[" + ",".join([_canonical(v) for v in value]) + "]"
     if kind is tuple:
@@ -69,7 +108,7 @@ def _canonical(value):
 
 
 def _digest(value):
-    return _hashlib.sha256(_canonical(value).encode("ascii")).hexdigest()[:32]
+    return _sha256(_canonical(value).encode("ascii")).hexdigest()[:32]
 
 
 def _error_name(err):
@@ -222,6 +261,14 @@ except Exception:
     _loaded = False
 _grade(_payload["mode"], _loaded, _expected)
 '''
+
+def encode_payload(payload: dict) -> bytes:
+    """A job's payload as the harness reads it from stdin (marshal format 4: dicts, lists, strs, ints,
+    bools and None, readable by any Python 3 the jail may run)."""
+    import marshal
+
+    return marshal.dumps(payload, 4)
+
 
 HARNESS_WITH_CONSTANTS = (
     f"STDOUT_MARKER = {STDOUT_MARKER!r}\nRESULT_FILE = {RESULT_FILE!r}\n"
