@@ -28,10 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import jaxhac
 # call, another process) is loaded from here instead of compiled. A hit is the executable a compile of
 # the same program (same XLA flags and devices) gives, so no test checks anything different.
 # A JAX_COMPILATION_CACHE_DIR already set is used as it is.
+#
+# Under pytest-xdist (pyproject.toml's addopts: -n 2) the controller process imports this file first and
+# its workers inherit its environment, so the workers and their subprocesses share this one cache, made
+# once per test run (mkdtemp: never one left by an earlier run) and removed when the controller exits.
+# Several processes then read and write it at once. JAX writes an entry in place (no temporary file and
+# rename): a reader can see it half-written, which JAX reports as a warning and compiles again. A size
+# bound makes JAX hold a file lock (<cache>/.lockfile) around every read and write, so no process ever
+# reads a half-written entry; 4 GiB is far above what the suite writes, so nothing is evicted.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _jax_cache = tempfile.mkdtemp(prefix="jaxhack-tests-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     atexit.register(shutil.rmtree, _jax_cache, True)
 
 
