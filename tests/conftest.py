@@ -43,6 +43,41 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     atexit.register(shutil.rmtree, _jax_cache, True)
 
+# ---- pytest-xdist: pyproject.toml's addopts run the suite on 2 worker processes ----------------------
+# (-n 2 --dist loadgroup --no-loadscope-reorder; `-n 0` runs it in this one process, where nothing of
+# this section applies.) Each worker builds its own session and module fixtures, so each test file is one
+# xdist group (its module fixtures are built once), and the files whose tests use an expensive session
+# fixture of this file (SHARED_SESSION_FIXTURES) form one group (it is built once). The groups go to the
+# workers in the order of SLOW_FILES (the slowest files, measured, first: the two workers then end about
+# together), then in file order.
+SHARED_SESSION_FIXTURES = ("probe_inputs",)
+SLOW_FILES = ("test_run_dirs.py", "test_organism_rise.py", "test_trainer.py", "test_bench_phase3.py",
+              "test_sweep_ray.py", "test_mesh_runs.py", "test_losses.py", "test_sampler.py", "test_probes.py",
+              "test_env_grader.py", "test_per_sample.py", "test_projection.py", "test_export.py")
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    # on a GPU machine each worker would otherwise preallocate most of the GPU's memory for itself
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    if not XDIST_WORKER:
+        return
+    group = {item.path: item.path.name for item in items}
+    for item in items:
+        for name in SHARED_SESSION_FIXTURES:
+            if name in item.fixturenames:
+                group[item.path] = name
+    rank = {}
+    for path, name in group.items():
+        rank[name] = min(rank.get(name, len(SLOW_FILES)),
+                         SLOW_FILES.index(path.name) if path.name in SLOW_FILES else len(SLOW_FILES))
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(group[item.path]))
+    items.sort(key=lambda item: rank[group[item.path]])  # stable: in file order within a rank
+
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
