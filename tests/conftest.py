@@ -1,11 +1,13 @@
 """Shared test fixtures: tiny random Hugging Face Qwen3 checkpoints built with transformers.
 
-All are session-scoped and written under pytest's tmp_path_factory (built once per test run, ~1 s each).
+All are session-scoped and written under pytest's tmp_path_factory (built once per test run and xdist
+worker, ~1 s each).
 - tiny_hf_dir:          untied, fp32, single model.safetensors (config.TINY shapes, seed 0)
 - tiny_hf_dir_tied:     tied embeddings, fp32, single file (seed 1)
 - tiny_hf_dir_sharded:  same weights as tiny_hf_dir, saved in several shards + index json
 - tiny_params:          (params, config) converted from tiny_hf_dir, fp32 jax arrays
-Also: one JAX persistent compilation cache for the session (below), removed at exit.
+Also (below): one JAX persistent compilation cache for the run, shared by the xdist workers, removed at
+exit; compile-time-only XLA flags; the xdist groups and the order the workers take the test files in.
 """
 from __future__ import annotations
 
