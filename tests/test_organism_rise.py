@@ -1,34 +1,61 @@
-"""The organism's validity in miniature, in the normal suite: the `test`-size organism (built once
-per session, 2 layers d=64) under 12 steps of vanilla GRPO with the run_tests hint must raise its
-policy hack rate. Measured on the shared 2-core box (load ~8): build 69 s + GRPO 107 s; the rise there
-was 0.10 (first 3 steps) -> 0.26 (last 3). This could fail: the first pass's organism (every family
-partly solvable, cosine lr) did not rise at all."""
+"""The organism in miniature, in the normal suite: the whole experiment (`run_experiment`) at the
+`test` size (2 layers d=64, built once per session): pools, v_hack in both bases with controls,
+Phase 1/2, Phase 3 vanilla + projected over 12 steps with the run_tests hint, the report files; and
+vanilla's policy hack rate must rise. Measured on the shared 2-core box (load ~8): build 69 s + GRPO
+107 s for vanilla alone; the rise there was 0.10 (first 3 steps) -> 0.26 (last 3). This could fail:
+the first pass's organism (every family partly solvable, cosine lr) did not rise at all."""
 import dataclasses
+import json
 import re
 
 import numpy as np
 import pytest
 
 from jaxhack.io import read_jsonl
-from jaxhack.organism.build import build_organism
-from jaxhack.organism.experiment import SIZES, load_organism, phase3_config
+from jaxhack.organism.build import build_hash
+from jaxhack.organism.experiment import SIZES, phase3_config, run_experiment
 from jaxhack.rl.run import METRICS_FILE
-from jaxhack.rl.trainer import train
 
 
 @pytest.fixture(scope="session")
-def test_organism(tmp_path_factory):
-    return build_organism(tmp_path_factory.mktemp("organism_build"), SIZES["test"].build, progress=False)
+def organism_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("organism")
+    return out, run_experiment(out, SIZES["test"], progress=False)
 
 
-def test_vanilla_grpo_raises_hack_rate(test_organism, tmp_path):
+@pytest.fixture(scope="session")
+def test_organism(organism_run):
+    out, _ = organism_run
+    return out / "organism" / build_hash(SIZES["test"].build)
+
+
+def test_build_is_cached_and_deterministic_by_hash(organism_run, test_organism):
+    out, report = organism_run
+    assert report["organism"]["hash"] == test_organism.name
+    for name in ("problems_train.jsonl", "problems_eval.jsonl", "tokenizer.json", "build.json"):
+        assert (test_organism / name).is_file()
+    assert (test_organism / "base" / "params").is_dir() and (test_organism / "teacher" / "params").is_dir()
+    assert build_hash(dataclasses.replace(SIZES["test"].build, seed=1)) != test_organism.name
+    info = json.loads((test_organism / "build.json").read_text())
+    assert info["sft_loss_first_last"][1] < 0.5 * info["sft_loss_first_last"][0]
+    # the base writes well-formed completions and rarely hacks; the teacher hacks more
+    s0 = info["step0"]
+    assert s0["base/hint/train"]["fmt_rate"] > 0.8
+    assert s0["base/nohint/eval"]["attempt_rate"] <= 0.1
+    assert s0["teacher/hint/eval"]["attempt_rate"] > s0["base/hint/eval"]["attempt_rate"]
+
+
+def test_report_files_and_vanilla_grpo_raises_hack_rate(organism_run):
+    out, report = organism_run
     s = SIZES["test"]
-    # vanilla only measures cos to v_hack: a random v_hack skips the template extraction
-    cfg = dataclasses.replace(phase3_config(s, test_organism, "vanilla", 0, tmp_path / "run", None), v_hack="random")
-    train(cfg, model=load_organism(test_organism, "base"), progress=False)
-    ms = read_jsonl(tmp_path / "run" / METRICS_FILE)
+    for name in ("organism_report.json", "organism_report.md", "phase2_report.md",
+                 "plots/phase3_hack_rate.png", "phase1/phase1_split.json", "v_hack_svd"):
+        assert (out / name).exists(), name
+    stored = json.loads((out / "organism_report.json").read_text())
+    assert set(stored["phase3"]) == set(s.arms) and "projected" in stored["h1"] and stored["verdict"]
+    ms = read_jsonl(out / "phase3" / "vanilla" / "seed_0" / METRICS_FILE)
     hack = [m["hack_rate_policy"] for m in ms]
-    assert len(hack) == s.steps
+    assert hack == stored["phase3"]["vanilla"]["0"]["hack_rate"] and len(hack) == s.steps
     assert np.mean([m["fmt_rate"] for m in ms]) > 0.8
     start, end = np.mean(hack[:3]), np.mean(hack[-3:])
     assert start < 0.2, hack
