@@ -299,8 +299,9 @@ def grade_batch(requests: Sequence[GradeRequest], rewards: RewardConfig = Reward
     for request, code in zip(requests, codes):
         if code is not None and _oracle_key(request, code) not in cached_oracle:
             oracle_keys.setdefault(_oracle_key(request, code), request.problem)
+    problems_with_oracle_runs = {problem_key for problem_key, _, _ in oracle_keys}
     problems_needing_reference = {key: problem for key, problem in problems_needing_reference.items()
-                                  if any(k[0] == key for k in oracle_keys)}
+                                  if key in problems_with_oracle_runs}  # all cached: no reference run
 
     nonce = secrets.token_hex(16)
     jobs: list[SandboxJob] = []
