@@ -140,3 +140,43 @@ def test_h1_validity_and_verdict_on_synthetic_curves():
     assert verdict(h1_test(flat, steps, base_hack_rate=0.07)).startswith("INVALID SETUP")
     # without the build's figure the seeds' pooled step 0 is the start (0.09 here)
     assert abs(h1_test(cur, steps)["vanilla"]["hack_untrained"] - 0.09) < 1e-9
+
+
+def test_experiment_dir_resumes_its_settings_refuses_others_and_force_replaces(tmp_path, capsys):
+    """Rerunning `organism run` into an experiment dir: the same settings (or other seeds, arms, jobs)
+    go on; other settings are refused in one line naming the fields, before any work; --force removes
+    the old results and keeps the builds."""
+    import dataclasses
+    import json
+
+    from jaxhack.cli import main
+    from jaxhack.organism.experiment import SIZES
+    from jaxhack.organism.rundir import MANIFEST, ExperimentDirError, claim_experiment_dir
+
+    s = SIZES["test"]
+    out = tmp_path / "exp"
+    claim_experiment_dir(out, s)
+    claim_experiment_dir(out, dataclasses.replace(s, seeds=(0, 1), jobs=3))  # adds runs: fine
+    assert json.loads((out / MANIFEST).read_text())["settings"]["seeds"] == [0, 1]
+    for d in ("organism/abc", "jax_cache", "phase3/vanilla/seed_0", "teacher_pool"):
+        (out / d).mkdir(parents=True)
+    (out / "organism_report.json").write_text("{}")
+    other = dataclasses.replace(s, steps=5, build=dataclasses.replace(s.build, layers=3))
+    with pytest.raises(ExperimentDirError, match=r"build\.layers: 2 -> 3, steps: 12 -> 5\); rerun with its"):
+        claim_experiment_dir(out, other)
+    assert (out / "phase3" / "vanilla" / "seed_0").is_dir()  # nothing removed
+    # the CLI: one line, exit 2, before any build (the dir holds no organism of this size)
+    line = run_cli_bad(capsys, main, ["organism", "run", "--out", str(out), "--size", "test", "--steps", "5"])
+    assert "steps: 12 -> 5" in line and "--force" in line and not (out / "organism" / "latest").exists()
+    claim_experiment_dir(out, other, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["experiment.json", "jax_cache", "organism"]
+    assert json.loads((out / MANIFEST).read_text())["settings"]["steps"] == 5
+
+
+def run_cli_bad(capsys, main, argv):
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]

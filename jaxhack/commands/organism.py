@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grade-workers", type=int, default=None, help="parallel grader runs (default: CPUs)")
     parser.add_argument("--tiny", action="store_true", help="the size's code path at tiny scale (smoke check)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--force", action="store_true", help="run: replace the results of an experiment in --out "
+                        "that has other settings (rerunning with the same settings resumes it)")
 
 
 def run(args) -> int:

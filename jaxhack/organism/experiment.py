@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxhack.organism.build import SIZES as BUILD_SIZES, BuildSettings, build_organism
+from jaxhack.organism.rundir import ExperimentDirError, claim_experiment_dir
 from jaxhack.organism.report import control_cosines, curves, h1_test, plot_curves, report_markdown, verdict
 
 
@@ -259,7 +260,10 @@ def _resumable(rd: Path, cfg) -> bool:
 
 
 def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progress: bool = True,
-                   organism_dir: str | Path | None = None) -> dict:
+                   organism_dir: str | Path | None = None, force: bool = False) -> dict:
+    """The whole experiment into OUT (docs/organism.md): build (reused), pools, v_hack with controls,
+    Phase 1/2, Phase 3 for every arm and seed, the report; returns the report dict. OUT resumes an
+    experiment of the same settings and refuses one of other settings unless `force` (`rundir`)."""
     from jaxhack.env.pools import build_pool
     from jaxhack.env.problems import load_problems
     from jaxhack.models.adapters import init_svd_adapter
@@ -274,7 +278,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     t0 = time.time()
     s = settings
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_experiment_dir(out, s, force=force)  # same settings resume; others are refused (or, force, replaced)
     say = print if progress else (lambda *a, **k: None)
     walls: dict[str, float] = {}
     d = build_organism(organism_dir or out / "organism", s.build, progress=progress)
@@ -459,7 +463,10 @@ def organism_main(args) -> int:
         build_organism(out / "organism", s.build, progress=not args.quiet)
     else:
         try:
-            run_experiment(out, s, progress=not args.quiet)
+            run_experiment(out, s, progress=not args.quiet, force=args.force)
+        except ExperimentDirError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         except Phase3RunsFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
