@@ -180,3 +180,12 @@ def run_cli_bad(capsys, main, argv):
     lines = [x for x in err.splitlines() if x.strip()]
     assert rc == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
+
+
+def test_worker_mem_fraction_splits_80_percent_of_the_budget_over_each_cards_workers():
+    from jaxhack.organism.experiment import worker_mem_fraction
+
+    assert worker_mem_fraction(4, 1, budget=0.55) == pytest.approx(0.11)   # 4 workers on one card
+    assert worker_mem_fraction(12, 2, budget=0.9) == pytest.approx(0.12)   # 6 per card on 2 cards
+    assert worker_mem_fraction(5, 2, budget=0.9) == pytest.approx(0.24)    # 3 on the busier card
+    assert worker_mem_fraction(4, 0) is None                               # no GPU: no cap
