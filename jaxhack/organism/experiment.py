@@ -415,7 +415,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     }
     (out / "organism_report.json").write_text(json.dumps(json_safe(report), indent=2, default=str))
     (out / "organism_report.md").write_text(report_markdown(report))
-    say(f"[report] {out / 'organism_report.md'}  ({walls['total']:.0f} s)\n[verdict] {report['verdict']}")
+    print(f"[report] {out / 'organism_report.md'}  ({walls['total']:.0f} s)\n[verdict] {report['verdict']}")
     return report
 
 
@@ -438,13 +438,13 @@ def organism_main(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.tiny:  # first, so that the flags below apply to the tiny settings too
+        s = shrink(s)
     if args.steps is not None:
         if args.steps < 1:
             print("error: --steps must be >= 1", file=sys.stderr)
             return 2
         s = dataclasses.replace(s, steps=args.steps)
-    if args.tiny:
-        s = shrink(s)
     if args.grade_workers is not None:
         s = dataclasses.replace(s, grade_workers=args.grade_workers)
     if args.jobs is not None:
