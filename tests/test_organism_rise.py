@@ -1,9 +1,10 @@
 """The organism in miniature, in the normal suite: the whole experiment (`run_experiment`) at the
 `test` size (2 layers d=64, built once per session): pools, v_hack in both bases with controls,
 Phase 1/2, Phase 3 vanilla + projected over 12 steps with the run_tests hint, the report files; and
-vanilla's policy hack rate must rise. Measured on the shared 2-core box (load ~8): build 69 s + GRPO
-107 s for vanilla alone; the rise there was 0.10 (first 3 steps) -> 0.26 (last 3). This could fail:
-the first pass's organism (every family partly solvable, cosine lr) did not rise at all."""
+vanilla's policy hack rate must rise. The whole experiment takes 103 s on the idle 2-core box with the
+suite's compile flags; vanilla's rise was 0.10 (first 3 steps) -> 0.26 (last 3) when measured alone on
+the shared box. This could fail: the first pass's organism (every family partly solvable, cosine lr)
+did not rise at all."""
 import dataclasses
 import json
 import re
