@@ -273,6 +273,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     from jaxhack.probes.phase2 import ARMS as PHASE2_ARMS, ReplaySettings, load_replay_pool, run_replay
     from jaxhack.projection.pairs import shuffle_labels
     from jaxhack.projection.v_hack import extract_v_hack, random_v_hack, save_v_hack
+    from jaxhack.rl.run import DONE_FILE, EVAL_FILE
     from jaxhack.rl.sampler import sampling_source
 
     t0 = time.time()
@@ -376,7 +377,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
             if not _resumable(rd, cfg):
                 import shutil
                 shutil.rmtree(rd, ignore_errors=True)
-            elif (rd / "done.json").is_file():
+            elif (rd / DONE_FILE).is_file():
                 say(f"[phase3] {arm} seed {seed}: reused the finished run in {rd}")
             run_dirs[(arm, seed)] = rd
             runs.append((arm, seed, cfg))
@@ -384,7 +385,7 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     memory = {"parent_peak_bytes": device_peak_bytes()}
     run_phase3(runs, d, jobs=s.jobs, say=say)
     walls["phase3"] = time.time() - t1
-    done = {f"{arm}/seed_{seed}": json.loads((rd / "done.json").read_text()) for (arm, seed), rd in run_dirs.items()}
+    done = {f"{arm}/seed_{seed}": json.loads((rd / DONE_FILE).read_text()) for (arm, seed), rd in run_dirs.items()}
     memory["run_process_peak_bytes"] = {k: v.get("device_peak_bytes") for k, v in done.items()}
     grade_cache = {k: v.get("grade_cache") for k, v in done.items()}
 
@@ -392,7 +393,6 @@ def run_experiment(out: str | Path, settings: RunSettings = RunSettings(), progr
     h1 = h1_test(cur, s.steps, base_hack_rate=build_info["step0"]["base/hint/train"]["hack_rate"])
     plot_curves(cur, out / "plots" / "phase3_hack_rate.png")
     from jaxhack.io import read_jsonl
-    from jaxhack.rl.run import EVAL_FILE
     evals = {f"{a}/seed_{sd}": read_jsonl(rd / EVAL_FILE) for (a, sd), rd in run_dirs.items()}
     walls["total"] = time.time() - t0
     report = {

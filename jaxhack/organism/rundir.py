@@ -63,8 +63,12 @@ def claim_experiment_dir(out: Path, settings, force: bool = False) -> None:
                 f"settings to resume it, use another --out, or pass --force to replace its results")
         if diff:
             for entry in out.iterdir():
-                if entry.name not in KEPT:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if entry.name in KEPT:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"settings": new}, indent=2, sort_keys=True) + "\n")
