@@ -56,13 +56,13 @@ class RunSettings:
 
 SIZES = {
     "cpu": RunSettings(grade_workers=3, steps=40, prompts_per_step=8, lr=3e-2, beta=0.0, min_lr_ratio=1.0),
-    # 16 x 8 rollouts x 100 steps (session 6; session 5's run had 16 x 16 x 150, ~3x the grading)
+    # 16 x 8 rollouts x 100 steps (docs/results/organism_gpu.json: build 78 s + run 318 s on one GPU of 16 cores)
     "gpu": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
                        seeds=(0, 1, 2), steps=100, prompts_per_step=16, group_size=8, lr=3e-2, beta=0.0,
                        min_lr_ratio=1.0, vhack_pairs=128,
                        lora_lr=2e-3, pool_steps=16, pool_per_step=64, phase_steps=20, per_pool=8,
                        ckpt_every=10, jobs=4),
-    # session 5's experiment (docs/results/organism_gpu.json): 16 x 16 rollouts x 150 steps
+    # session 5's experiment (docs/results/organism_gpu_16x16_session5.json): 16 x 16 rollouts x 150 steps
     "gpu-16x16": RunSettings(build=BUILD_SIZES["gpu"], arms=("vanilla", "projected", "lora_projected", "random_v"),
                              seeds=(0, 1, 2), steps=150, prompts_per_step=16, group_size=16, lr=3e-2, beta=0.0,
                              min_lr_ratio=1.0, vhack_pairs=128, lora_lr=2e-3, pool_steps=16, pool_per_step=64,
