@@ -15,8 +15,8 @@ grads.losses.grpo_batch_loss and rl.learner.make_optimizer with the v_hack proje
   completion is replaced by a bundled problem's canonical solution in a python block (a real sandbox
   run per row, as a policy that writes code would cost). --grade none skips it.
 - reference log-probs and update: length-bucketed micro-batches (jaxhack.grads.microbatch): rows sorted
-  by real length, `microbatch` rows at a time, each micro-batch cut to its longest row rounded up to
-  512; reference = base model forward (vocab-chunked log-probs); update = value_and_grad of the
+  by real length, `microbatch` rows at a time (at most microbatch_tokens // T rows at T positions:
+  the preset's token budget), each micro-batch cut to its longest row rounded up to 512; reference = base model forward (vocab-chunked log-probs); update = value_and_grad of the
   Dr.GRPO loss summed over micro-batches, then clip -> v_hack projection -> AdamW (jitted).
   These are the trainer's own functions (rl/learner.reference_logp, rl/learner.make_update_fn).
   --update fixed instead pads every micro-batch to prompt + max_new (the trainer before bucketing).
@@ -138,10 +138,11 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
 
 
 def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int, max_len: int,
-                    prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2) -> dict:
+                    prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2, tokens: int | None = None) -> dict:
     """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
     decode copies + the group's KV cache + prefill scores; update: params + bases + one micro-batch's
-    saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head."""
+    saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
+    policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.)"""
     p = linear_params(config)
     L, D, V, F = config.num_hidden_layers, config.hidden_size, config.vocab_size, config.intermediate_size
     weights = (p["p_lin"] + V * D) * bytes_per_el
@@ -149,7 +150,7 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
     kv = 2 * L * n_rows_group * cache_slots * config.num_key_value_heads * config.head_dim * bytes_per_el
     scores = n_rows_group * config.num_attention_heads * prefill_chunk * prompt_bucket * 4 * 2
     sample = 2 * (weights + bases) + kv + scores
-    tokens = microbatch * max_len
+    tokens = microbatch * max_len if tokens is None else tokens  # one micro-batch (or its token budget)
     update = (weights + bases + L * tokens * D * bytes_per_el  # saved layer inputs
               + tokens * (2 * F + 4 * D) * bytes_per_el * 3  # one layer's recompute and its gradient
               + microbatch * 256 * V * 4 * 2)  # one LM-head chunk of fp32 logits and its cotangent
@@ -184,7 +185,8 @@ def build(args):
     else:
         config = QWEN3_4B
         dtype = jnp.bfloat16
-    overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step)) if v}
+    overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
+                                   ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens)) if v}
     cfg = dataclasses.replace(cfg, **overrides)
     kp, ka = jax.random.split(jax.random.PRNGKey(0))
     params = random_params(config, kp, dtype)
@@ -222,7 +224,8 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     # prompt + max_new (a length multiple no row reaches), "bucketed": cut to length_multiple
     multiple = args.length_multiple if args.update == "bucketed" else 1 << 30
     cfg = dataclasses.replace(cfg, length_multiple=multiple)
-    update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack, cfg.length_multiple, mesh)
+    update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack, cfg.length_multiple, mesh,
+                                       cfg.microbatch_tokens)
     N = cfg.group_size * cfg.prompts_per_step
     rng = np.random.default_rng(1)
     half = min(100, args.prompt_len // 4)
@@ -230,7 +233,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in prompt_lens for _ in range(cfg.group_size)]
     comp_lens = completion_lengths(regime, N, cfg.max_new)
     grade_items = None
-    if args.grade == "canonical":
+    if args.grade == "canonical" and not args.learner_only:
         from jaxhack.env.problems import load_problems
         problems = load_problems("bundled")
         grade_items = [problems[i % len(problems)] for i in range(N)]
@@ -240,13 +243,18 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     groups, B_groups = sampler.row_groups(N, args.sample_rows * n_dev)  # sample_rows: per device, as generate(mesh=)
     B_groups = -(-B_groups // n_dev) * n_dev
     schedules = ("groups", "refill") if args.sampler == "both" else (args.sampler,)
+    if args.learner_only:  # no sampler: completions of the regime's lengths, random tokens
+        schedules = ("none",)
     if mesh is not None and "refill" in schedules:
         raise ValueError("the refill sampler is single-device: pass --sampler groups with --mesh / --meshes")
     # refill: sample_rows slots (at most the padded batch); groups: B_groups rows per group
     B_slots = min(args.sample_rows, sampler.batch_bucket(N))
-    batch = {"groups": B_groups, "refill": B_slots}
+    batch = {"groups": B_groups, "refill": B_slots, "none": 0}
+    mb_tokens = cfg.microbatch * max_len if cfg.microbatch_tokens is None else min(cfg.microbatch_tokens,
+                                                                                   cfg.microbatch * max_len)
     mem = {sched: memory_estimate(config, batch[sched] // n_dev, S, cfg.microbatch, max_len,
-                                  min(args.prefill_chunk, P), P, 2 if not args.tiny else 4) for sched in schedules}
+                                  min(args.prefill_chunk, P), P, 2 if not args.tiny else 4, tokens=mb_tokens)
+           for sched in schedules}
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
                        args.hbm_tbps * 1e12, slots=B_slots)
     log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, mean completion {comp_lens.mean():.0f}, "
@@ -268,7 +276,14 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
 
     def one_step(step: int, trainable, opt_state, schedule: str):
         times = {}
-        res, times["sample_s"] = sample(step, schedule, comp_lens, trainable)
+        if schedule == "none":
+            toks = rng.integers(3, config.vocab_size, (N, cfg.max_new)).astype(np.int32)
+            res = sampler.SampleResult(tokens=toks, lengths=comp_lens.copy(), logprobs=np.zeros(toks.shape, np.float32),
+                                       prompt_lengths=np.repeat(prompt_lens, cfg.group_size).astype(np.int32),
+                                       finished=np.zeros(N, bool), decode_steps=0)
+            times["sample_s"] = 0.0
+        else:
+            res, times["sample_s"] = sample(step, schedule, comp_lens, trainable)
         assert (res.lengths == comp_lens).all(), "forced completion lengths not honoured"
         t0 = time.perf_counter()
         if grade_items is not None:
@@ -307,7 +322,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
         return times, trainable, opt_state
 
     compile_s = {}
-    for schedule in schedules:  # compile: every row capped at 1 token (prefill of all rows, 1 decode step)
+    for schedule in [s for s in schedules if s != "none"]:  # compile: every row capped at 1 token (prefill, 1 step)
         _, compile_s[schedule] = sample(0, schedule, np.ones_like(comp_lens), trainable)
         log(f"{regime} {schedule}: compiled (+ prefill, 1 token per row) in {compile_s[schedule]:.1f} s")
     records = {schedule: [] for schedule in schedules}
@@ -340,7 +355,12 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
         split = {k: float(np.median([r[k] for r in recs])) for k in parts}
         rec = {"preset": "full" if not args.tiny else "full-tiny", "regime": regime, "device": dev.device_kind,
                "sampler": schedule, "sample_only": args.sample_only, **split}
-        if not args.sample_only:
+        if schedule == "none":  # the learner's own floor: reference pass + update
+            learner_floor = floor["ref_s"] + floor["update_s"]
+            rec.update(learner_floor_s=learner_floor,
+                       fraction_of_learner_floor=learner_floor / (split["ref_s"] + split["update_s"]),
+                       tokens_per_s=recs[-1]["n_tokens"] / (split["ref_s"] + split["update_s"]))
+        elif not args.sample_only:
             rec.update(floor_s=floor["floor_s"], fraction_of_floor=floor["floor_s"] / split["step_s"],
                        floor_slots_s=floor["floor_slots_s"],
                        tokens_per_s=recs[-1]["n_tokens"] / split["step_s"],
@@ -351,12 +371,13 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
                        completion_tokens_per_s=recs[-1]["n_completion_tokens"] / split["sample_s"])
         rec.update({
             "peak_bytes": stats.get("peak_bytes_in_use"), "memory_estimate_gb": mem[schedule],
-            "decode_steps": recs[-1]["decode_steps"], "compile_s": compile_s[schedule],
+            "decode_steps": recs[-1]["decode_steps"], "compile_s": compile_s.get(schedule),
             "rows": N, "max_new": cfg.max_new, "mean_completion": float(comp_lens.mean()),
             "max_completion": int(comp_lens.max()), "prompt_len_mean": float(prompt_lens.mean()),
             "sample_rows": args.sample_rows, "sampler_groups": len(groups) if schedule == "groups" else None,
             "sampler_batch": batch[schedule], "refill_rows": args.refill_rows if schedule == "refill" else None,
             "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
+            "microbatch_tokens": cfg.microbatch_tokens, "learner_only": schedule == "none",
             "remat": cfg.remat, "floor": floor, "steps": recs, "peak_tflops": args.peak_tflops,
             "hbm_tbps": args.hbm_tbps, "mesh": None if mesh is None else f"data={n_dev}", "n_devices": n_dev,
             # the allocator's cap (e.g. 0.54 on a 141 GB H200 gives an 80 GB H100's ~76 GiB)
@@ -405,6 +426,12 @@ def main(argv=None) -> int:
     ap.add_argument("--length-multiple", type=int, default=512, help="micro-batch lengths round up to this")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (full) for the update")
+    ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (8)")
+    ap.add_argument("--microbatch-tokens", type=int, default=None,
+                    help="token budget of a micro-batch: at T positions at most this // T rows (TrainConfig)")
+    ap.add_argument("--learner-only", action="store_true",
+                    help="time the reference pass and the update alone: no sampler, no grading; completions of "
+                         "the regime's lengths with random tokens (sampler 'none' in the record)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM 989)")
     ap.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM bandwidth (H100 SXM 3.35, H200 4.8)")
     ap.add_argument("--mesh", default=None, help="one mesh, e.g. data=4 (rows sharded over 4 devices)")
@@ -468,7 +495,12 @@ def main(argv=None) -> int:
         for rec in recs:
             peak = (rec.get("peak_bytes") or 0) / 1e9
             where = rec.get("mesh") or "one device"
-            if "step_s" in rec:
+            if "learner_floor_s" in rec:
+                print(f"{regime} [learner only, remat {rec['remat']}, microbatch {rec['microbatch']}, tokens "
+                      f"{rec['microbatch_tokens']}]: ref {rec['ref_s']:.1f} s, update {rec['update_s']:.1f} s; "
+                      f"learner floor {rec['learner_floor_s']:.1f} s = {100 * rec['fraction_of_learner_floor']:.0f}% "
+                      f"reached; process peak {peak:.1f} GB", flush=True)
+            elif "step_s" in rec:
                 print(f"{regime} [{rec['sampler']}, {where}]: step {rec['step_s']:.1f} s (sample {rec['sample_s']:.1f}, "
                       f"grade {rec['grade_s']:.1f}, ref {rec['ref_s']:.1f}, update {rec['update_s']:.1f}); floor "
                       f"{rec['floor_s']:.1f} s = {100 * rec['fraction_of_floor']:.0f}% reached; "

@@ -85,3 +85,19 @@ def test_scaling_efficiency():
     four = {"n_devices": 4, "step_s": 3.125, "sample_s": 1.5, "ref_s": 0.25, "update_s": 0.5}
     bench.add_scaling(four, one)
     assert four["scaling_efficiency"] == pytest.approx(0.8) and four["device_scaling_efficiency"] == pytest.approx(1.0)
+
+
+def test_tiny_learner_only_with_token_budget(tmp_path):
+    """--learner-only times the reference pass and the update alone (no sampler, no grading) and reports
+    them against their own floor; --microbatch / --microbatch-tokens reach the trainer's update."""
+    bench = load()
+    out = tmp_path / "p3.jsonl"
+    assert bench.main(["--tiny", "--regime", "realistic", "--learner-only", "--steps", "1", "--microbatch", "4",
+                       "--microbatch-tokens", "32", "--remat", "linear", "--out", str(out)]) == 0
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "error" not in rec, rec.get("error")
+    assert rec["sampler"] == "none" and rec["learner_only"] and rec["sample_s"] == 0.0 and rec["decode_steps"] == 0
+    assert rec["grade_s"] < 0.01  # nothing graded
+    assert rec["microbatch"] == 4 and rec["microbatch_tokens"] == 32 and rec["remat"] == "linear"
+    assert rec["learner_floor_s"] == rec["floor"]["ref_s"] + rec["floor"]["update_s"] > 0
+    assert rec["ref_s"] > 0 and rec["update_s"] > 0 and 0 < rec["fraction_of_learner_floor"] < 1

@@ -281,3 +281,7 @@ def test_reference_logprobs_microbatched_equals_whole_batch(params):
     m = np.asarray(batch["attention_mask"])
     assert len({int(np.ceil(n / 4)) for n in m.sum(1)}) > 1  # rows of really different lengths
     np.testing.assert_allclose(np.asarray(bucketed)[m], np.asarray(whole)[m], rtol=1e-5, atol=1e-6)
+    # with a token budget of 8: 2 rows at 4 positions, one at a time beyond
+    budget = losses.reference_logprobs(params, CONFIG, batch["tokens"], batch["attention_mask"], chunk=4,
+                                       attention="causal", microbatch=4, length_multiple=4, max_tokens=8)
+    np.testing.assert_allclose(np.asarray(budget)[m], np.asarray(whole)[m], rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ from jaxhack.models.adapters import init_svd_adapter
 from jaxhack.models.config import TINY
 from jaxhack.grads.batch import make_batch
 from jaxhack.grads.losses import grpo_batch_loss, sequence_logprobs
-from jaxhack.grads.microbatch import length_microbatches, take_rows
+from jaxhack.grads.microbatch import length_microbatches, rows_at, take_rows
 
 CONFIG = dataclasses.replace(TINY, vocab_size=128)
 
@@ -29,6 +29,31 @@ def test_plan_covers_every_row_once_sorted_by_length():
         assert len(r) == 3 and T % 8 == 0 or T == 40
         assert lengths[real].max() <= T < lengths[real].max() + 8
     assert [T for _, T in plan] == [16, 40, 40]  # (2, 5, 9) -> 16; (17, 30, 33) -> 40 (capped); (40) -> 40
+
+
+def test_token_budget_plan_holds_many_short_rows_and_few_long_ones():
+    """max_tokens: a micro-batch of T positions holds min(microbatch, max_tokens // T) rows (at least 1),
+    padded with -1 to that count, so there is one shape per T; every row is covered once."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 41, 50)
+    plan = length_microbatches(lengths, microbatch=4, multiple=8, max_len=40, max_tokens=32)
+    rows = np.concatenate([r for r, _ in plan])
+    assert sorted(rows[rows >= 0].tolist()) == list(range(50))
+    shapes = {}
+    for r, T in plan:
+        real = r[r >= 0]
+        assert len(real) >= 1 and lengths[real].max() <= T < lengths[real].max() + 8 or T == 40
+        assert len(r) == rows_at(T, 4, 32) == max(1, min(4, 32 // T))
+        assert len(r) * T <= 32 or len(r) == 1
+        shapes.setdefault(T, set()).add(len(r))
+    assert all(len(v) == 1 for v in shapes.values())
+    assert shapes[8] == {4} and shapes[16] == {2} and shapes[40] == {1}  # short rows 4 at a time, long ones alone
+    # only the last micro-batch of each T can have padding rows
+    for T in shapes:
+        parts = [r for r, t in plan if t == T]
+        assert all((r >= 0).all() for r in parts[:-1])
+    # without a budget: always 4 rows
+    assert {len(r) for r, _ in length_microbatches(lengths, microbatch=4, multiple=8, max_len=40)} == {4}
 
 
 def test_bucketed_reference_and_gradient_equal_the_padded_batch():
@@ -57,11 +82,35 @@ def test_bucketed_reference_and_gradient_equal_the_padded_batch():
     loss_fn = functools.partial(grpo_batch_loss, group_size=2, max_new=10, prompts_per_step=3)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss_whole, _), g_whole = grad_fn(trainable, frozen, params, CONFIG, jax.tree.map(jnp.asarray, batch))
-    loss, g = 0.0, jax.tree.map(jnp.zeros_like, trainable)
-    for rows, T in plan:
-        (l, _), gi = grad_fn(trainable, frozen, params, CONFIG, jax.tree.map(jnp.asarray, take_rows(batch, rows, T)))
-        loss, g = loss + l, jax.tree.map(jnp.add, g, gi)
-    np.testing.assert_allclose(loss, loss_whole, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_whole)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
+    budget = length_microbatches(batch["attention_mask"].sum(1), microbatch=4, multiple=4, max_len=16, max_tokens=16)
+    assert {len(r) for r, _ in budget} == {2, 1}  # 2 rows at 8 positions, 1 at 16
+    for p in (plan, budget):
+        loss, g = 0.0, jax.tree.map(jnp.zeros_like, trainable)
+        for rows, T in p:
+            (l, _), gi = grad_fn(trainable, frozen, params, CONFIG,
+                                 jax.tree.map(jnp.asarray, take_rows(batch, rows, T)))
+            loss, g = loss + l, jax.tree.map(jnp.add, g, gi)
+        np.testing.assert_allclose(loss, loss_whole, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_whole)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))
     assert float(np.abs(g_whole["q_proj"]["delta_s"]).max()) > 0
+
+
+def test_row_plan_token_budget_is_per_device_and_splits_evenly(monkeypatch):
+    """rl.learner.row_plan on D devices: microbatch and the token budget are per device (D times the
+    rows and tokens of one device), and every micro-batch's row count is a multiple of D."""
+    from jaxhack.parallel import mesh as meshlib
+    from jaxhack.rl import learner
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 41, 37)
+    batch = {"tokens": np.zeros((37, 40), np.int32), "attention_mask": np.arange(40)[None, :] < lengths[:, None]}
+    one = learner.row_plan(batch, 4, 8, None, microbatch_tokens=32)
+    assert [len(r) for r, _ in one] == [rows_at(T, 4, 32) for _, T in one]
+    monkeypatch.setattr(meshlib, "data_size", lambda mesh: 3)
+    three = learner.row_plan(batch, 4, 8, "mesh", microbatch_tokens=32)
+    rows = np.concatenate([r for r, _ in three])
+    assert sorted(rows[rows >= 0].tolist()) == list(range(37))
+    for r, T in three:
+        assert len(r) % 3 == 0 and len(r) >= rows_at(T, 12, 96)  # 3 devices: 12 rows, 96 tokens
+        assert len(r) - 2 <= rows_at(T, 12, 96)                  # padded up to a multiple of 3 at most

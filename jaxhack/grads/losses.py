@@ -54,13 +54,15 @@ def sequence_logprobs(params, config: Qwen3Config, adapters, tokens: jax.Array, 
 
 def reference_logprobs(params, config: Qwen3Config, tokens, attention_mask,
                        remat: str = "none", chunk: int = 256, attention: str = "masked", *,
-                       microbatch: int | None = None, length_multiple: int | None = None) -> jax.Array:
+                       microbatch: int | None = None, length_multiple: int | None = None,
+                       max_tokens: int | None = None) -> jax.Array:
     """[N,T] log-probs of the zero-adapter reference, i.e. the base model (exact, DESIGN.md).
 
     microbatch: rows per forward (None: all N at once); the rows are put back in order.
     length_multiple (needs right-padded rows and microbatch): length-bucketed micro-batches
     (`grads.microbatch.length_microbatches`): rows sorted by real length, each micro-batch cut to its
-    longest row rounded up to this multiple; positions past a row's cut are 0 (they are padding)."""
+    longest row rounded up to this multiple; positions past a row's cut are 0 (they are padding).
+    max_tokens (with length_multiple): a micro-batch of T positions holds at most max_tokens // T rows."""
     n, T = tokens.shape
     step = n if microbatch is None else microbatch
     if length_multiple is None or microbatch is None:
@@ -71,7 +73,7 @@ def reference_logprobs(params, config: Qwen3Config, tokens, attention_mask,
     host = {"tokens": np.asarray(tokens), "attention_mask": np.asarray(attention_mask)}
     out = np.zeros((n, T), np.float32)
     for rows, t in length_microbatches(host["attention_mask"].sum(1), microbatch, multiple=length_multiple,
-                                       max_len=T):
+                                       max_len=T, max_tokens=max_tokens):
         mb = take_rows(host, rows, t)
         logp = np.asarray(sequence_logprobs(params, config, None, jnp.asarray(mb["tokens"]),
                                             jnp.asarray(mb["attention_mask"]), remat=remat, chunk=chunk,

@@ -5,7 +5,9 @@ to the longest possible length (prompt + max_new) makes the reference pass and t
 tokens that do not exist: at the full preset (max_new 1536) with completions of ~500 tokens that is
 about half the work. Instead the rows are sorted by real length and cut into micro-batches of M
 rows; each micro-batch is cut to its own longest row, rounded up to `multiple` (so only a few
-distinct shapes compile). Memory is that of one micro-batch of at most M x max_len tokens, whatever N.
+distinct shapes compile). Memory is that of one micro-batch of at most M x max_len tokens, whatever N;
+with a token budget (`max_tokens`) a micro-batch of T positions holds at most max_tokens // T rows, so
+short rows are not held to the row count that the longest rows need.
 
 Exactness: rows are right-padded and the model is causal, so dropping trailing pad positions does not
 change any real token's log-prob; the loss and gradient are sums over rows, so the grouping of rows
@@ -16,31 +18,51 @@ from __future__ import annotations
 import numpy as np
 
 
-def length_microbatches(lengths, microbatch: int, multiple: int = 512,
-                        max_len: int | None = None) -> list[tuple[np.ndarray, int]]:
-    """Plan micro-batches: [(rows [microbatch] int, T)] covering every row exactly once.
+def rows_at(T: int, microbatch: int, max_tokens: int | None) -> int:
+    """Rows of a micro-batch cut to T positions: `microbatch`, or fewer so that rows * T <= max_tokens
+    (at least 1)."""
+    return microbatch if max_tokens is None else max(1, min(microbatch, max_tokens // T))
+
+
+def length_microbatches(lengths, microbatch: int, multiple: int = 512, max_len: int | None = None,
+                        max_tokens: int | None = None) -> list[tuple[np.ndarray, int]]:
+    """Plan micro-batches: [(rows [R] int, T)] covering every row exactly once.
 
     lengths: [N] real tokens per row (prompt + completion). Rows are taken in order of length
-    (stable), `microbatch` at a time; the last micro-batch is filled with -1 (an empty row for the
-    caller). T = the micro-batch's longest row rounded up to `multiple`, capped at max_len.
+    (stable). T = the micro-batch's longest row rounded up to `multiple`, capped at max_len. A
+    micro-batch holds R = `microbatch` rows, or with `max_tokens` (a token budget: memory is about
+    rows x T) R = rows_at(T) = min(microbatch, max_tokens // T) (at least 1): short rows go many at a
+    time, long rows few. Each micro-batch is filled up to R with -1 (an empty row for the caller), so
+    there is one shape (R, T) per T.
     """
     lengths = np.asarray(lengths, np.int64)
     if lengths.ndim != 1 or len(lengths) == 0:
         raise ValueError(f"lengths must be a non-empty 1-D array, got shape {lengths.shape}")
     if microbatch < 1 or multiple < 1:
         raise ValueError(f"microbatch and multiple must be >= 1, got {microbatch}, {multiple}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if max_len is not None and lengths.max() > max_len:
+        raise ValueError(f"a row of {int(lengths.max())} tokens exceeds max_len {max_len}")
+
+    def cut(n: int) -> int:  # positions of a micro-batch whose longest row has n tokens
+        T = int(-(-max(int(n), 1) // multiple) * multiple)
+        return T if max_len is None else min(T, max_len)
+
     order = np.argsort(lengths, kind="stable")
-    plan = []
-    for start in range(0, len(order), microbatch):
-        rows = order[start:start + microbatch]
-        T = int(-(-max(int(lengths[rows].max()), 1) // multiple) * multiple)
-        if max_len is not None:
-            if lengths[rows].max() > max_len:
-                raise ValueError(f"a row of {int(lengths[rows].max())} tokens exceeds max_len {max_len}")
-            T = min(T, max_len)
-        rows = np.concatenate([rows, np.full(microbatch - len(rows), -1, rows.dtype)])
-        plan.append((rows, T))
-    return plan
+    plan, current = [], []
+    for row in order:  # ascending length: adding a row can only raise T (and lower R)
+        if current and len(current) + 1 > rows_at(cut(lengths[row]), microbatch, max_tokens):
+            plan.append(current)
+            current = []
+        current.append(row)
+    plan.append(current)
+    out = []
+    for rows in plan:
+        T = cut(lengths[rows[-1]])
+        R = rows_at(T, microbatch, max_tokens)
+        out.append((np.concatenate([np.asarray(rows, order.dtype), np.full(R - len(rows), -1, order.dtype)]), T))
+    return out
 
 
 def take_rows(batch: dict, rows: np.ndarray, T: int) -> dict:

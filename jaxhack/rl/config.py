@@ -99,6 +99,8 @@ class TrainConfig:
     microbatch: int | None = None      # rows per gradient / reference micro-batch (None: whole batch)
     length_multiple: int = 512         # micro-batches: rows sorted by length, each cut to its longest row
                                        # rounded up to this (grads.microbatch); fewer compiled shapes
+    microbatch_tokens: int | None = None  # token budget of a micro-batch: at T positions at most this // T
+                                          # rows (and at most `microbatch`); None: `microbatch` rows always
     sample_rows: int | None = None     # rows the sampler decodes together (refill slots when fewer than the rows; None: all)
     prefill_chunk: int = 256           # prompt tokens per sampler prefill forward
     remat: str = "none"
@@ -148,6 +150,9 @@ class TrainConfig:
             errors.append(f"vhack_refresh_every must be >= 0, got {self.vhack_refresh_every}")
         if self.microbatch is not None and self.microbatch < 1:
             errors.append(f"microbatch must be >= 1, got {self.microbatch}")
+        if self.microbatch_tokens is not None and (self.microbatch_tokens < 1 or self.microbatch is None):
+            errors.append(f"microbatch_tokens must be >= 1 and needs microbatch, got {self.microbatch_tokens} "
+                          f"(microbatch {self.microbatch})")
         if self.sample_rows is not None and self.sample_rows < 1:
             errors.append(f"sample_rows must be >= 1, got {self.sample_rows}")
         if self.length_multiple < 1:
@@ -191,11 +196,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                  microbatch=8, remat="full", vhack_pairs=64, sandbox_wall_s=10.0),
     # The seed's Phase 3 run (spec2.md): ~7 h per run on one 96 GB GPU. sample_rows=96: the 258 rollouts
     # decode through 96 refill slots (continuous batching, rl/refill.py), KV cache ~29 GB at 2048
-    # positions, so the step fits an 80 GB H100 (docs/benchmarks.md, scripts/bench_phase3.py).
+    # positions, so the step fits an 80 GB H100 (docs/benchmarks.md, scripts/bench_phase3.py). The
+    # reference pass and update: micro-batches of 12288 tokens (24 rows of 512 ... 6 of 2048), remat
+    # "linear" (no matmul recomputed): update 26.9 -> 20.6 s, learner peak 62.9 GB (H200 at 80 GB, session 7)
     "full": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=43, n_problems=992, beta=1e-3,
                  lr=7e-5, steps=200, max_new=1536, warmup_steps=10, eval_every=20, ckpt_every=10,
-                 n_eval=64, microbatch=8, remat="full", vhack_pairs=128, sandbox_wall_s=10.0,
-                 sample_rows=96),
+                 n_eval=64, microbatch=32, microbatch_tokens=12288, remat="linear", vhack_pairs=128,
+                 sandbox_wall_s=10.0, sample_rows=96),
 }
 
 

@@ -106,23 +106,29 @@ def reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig, m
         return sharded_reference_logp(params, config, batch, cfg, mesh)
     return np.asarray(reference_logprobs(params, config, batch["tokens"], batch["attention_mask"],
                                          chunk=cfg.logp_chunk, attention="causal",
-                                         microbatch=cfg.microbatch, length_multiple=cfg.length_multiple))
+                                         microbatch=cfg.microbatch, length_multiple=cfg.length_multiple,
+                                         max_tokens=cfg.microbatch_tokens))
 
 
 # ----------------------------------------------------------------------------------------------
 # data parallel (a mesh with a `data` axis of D devices; jaxhack.parallel.mesh)
 
-def row_plan(batch: dict, microbatch: int | None, length_multiple: int, mesh) -> list[tuple[np.ndarray, int]]:
+def row_plan(batch: dict, microbatch: int | None, length_multiple: int, mesh,
+             microbatch_tokens: int | None = None) -> list[tuple[np.ndarray, int]]:
     """Micro-batches of a host batch for D devices: microbatch * D rows each (each device gets
-    `microbatch` rows: the same memory per device as one device with `microbatch`), length-bucketed as
-    on one device; None: every row at once (N must be a multiple of D). Rows -1 are empty padding."""
+    `microbatch` rows: the same memory per device as one device with `microbatch`; a token budget is
+    per device too), length-bucketed as on one device; None: every row at once (N must be a multiple
+    of D). Rows -1 are empty padding."""
     n, T = np.asarray(batch["tokens"]).shape
     if microbatch is None:
         if n % meshlib.data_size(mesh):
             raise ValueError(f"{n} rows are not a multiple of the mesh's data axis ({meshlib.data_size(mesh)})")
         return [(np.arange(n), T)]
-    return length_microbatches(np.asarray(batch["attention_mask"]).sum(1), microbatch * meshlib.data_size(mesh),
-                               multiple=length_multiple, max_len=T)
+    d = meshlib.data_size(mesh)
+    plan = length_microbatches(np.asarray(batch["attention_mask"]).sum(1), microbatch * d, multiple=length_multiple,
+                               max_len=T, max_tokens=None if microbatch_tokens is None else microbatch_tokens * d)
+    # every device gets the same number of rows
+    return [(np.concatenate([r, np.full(-len(r) % d, -1, r.dtype)]), t) for r, t in plan]
 
 
 @functools.lru_cache(maxsize=8)
@@ -142,7 +148,7 @@ def sharded_reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainC
     n, T = host["tokens"].shape
     out = np.zeros((n, T), np.float32)
     fn, rows_sharding = _sharded_logprobs(mesh, config, cfg.logp_chunk), meshlib.row_sharded(mesh)
-    for rows, t in row_plan(host, cfg.microbatch, cfg.length_multiple, mesh):
+    for rows, t in row_plan(host, cfg.microbatch, cfg.length_multiple, mesh, cfg.microbatch_tokens):
         mb = take_rows(host, rows, t)
         logp = meshlib.to_host(fn(params, meshlib.to_global(mb["tokens"], rows_sharding),
                                   meshlib.to_global(mb["attention_mask"], rows_sharding)))  # [rows, t]
@@ -173,14 +179,16 @@ class LossHyper:
 
 
 def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config, hyper: LossHyper,
-                   microbatch: int | None, v_hack: dict, length_multiple: int = 512, mesh=None):
+                   microbatch: int | None, v_hack: dict, length_multiple: int = 512, mesh=None,
+                   microbatch_tokens: int | None = None):
     """update(trainable, opt_state, frozen, params, batch) -> (trainable, opt_state, metrics).
 
     The loss is `grpo_batch_loss` (causal attention: the rows are right-padded). With `microbatch`
     M the N rows run as length-bucketed micro-batches (`grads.microbatch.length_microbatches`: rows
     sorted by real length, M at a time, each cut to its longest row rounded up to `length_multiple`),
     one jitted forward + backward each, losses and gradients summed (the sum is the full-batch loss;
-    memory is that of one micro-batch of at most M rows, whatever N). Then one jitted step applies the
+    memory is that of one micro-batch of at most M rows, whatever N); `microbatch_tokens` B caps a
+    micro-batch of T positions at B // T rows (short rows go many at a time, long rows few). Then one jitted step applies the
     optimizer chain (projection, clip, AdamW) and computes the metrics. `batch`: numpy or jax arrays
     [N, T] (host copies are taken for the micro-batch plan); optional is_teacher [N] bool adds the
     student / teacher split of cos_in (the reference's cin_s / cin_t): the loss is a sum over rows, so
@@ -218,7 +226,7 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
         if mesh is not None:
             host = {k: np.asarray(v) for k, v in batch.items()}
             total = None
-            for rows_, t in row_plan(host, microbatch, length_multiple, mesh):
+            for rows_, t in row_plan(host, microbatch, length_multiple, mesh, microbatch_tokens):
                 part = meshlib.tree_to_global(take_rows(host, rows_, t), rows)
                 (loss, aux), grads = sharded_grad_fn(trainable, frozen, params, part)
                 total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
@@ -229,7 +237,7 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
             host = {k: np.asarray(v) for k, v in batch.items()}
             n, T = host["tokens"].shape
             plan = length_microbatches(host["attention_mask"].sum(1), microbatch, multiple=length_multiple,
-                                       max_len=T)
+                                       max_len=T, max_tokens=microbatch_tokens)
             parts = (jax.tree.map(jnp.asarray, take_rows(host, rows, t)) for rows, t in plan)
         total = None
         for part in parts:
@@ -285,7 +293,8 @@ def v_hack_digest(v_hack: dict) -> str:
 _UPDATE_CACHE: dict = {}
 # TrainConfig fields the optimizer chain and the update's structure depend on (with LossHyper)
 OPTIMIZER_FIELDS = ("arm", "lr", "warmup_steps", "steps", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps",
-                    "max_grad_norm", "gate", "overshoot", "placement", "microbatch", "length_multiple")
+                    "max_grad_norm", "gate", "overshoot", "placement", "microbatch", "length_multiple",
+                    "microbatch_tokens")
 
 
 def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, config: Qwen3Config, mesh=None
@@ -299,7 +308,7 @@ def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, confi
     if key not in _UPDATE_CACHE:
         optimizer = make_optimizer(cfg, v_hack, projection_mode)
         _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack,
-                                                        cfg.length_multiple, mesh))
+                                                        cfg.length_multiple, mesh, cfg.microbatch_tokens))
         while len(_UPDATE_CACHE) > 4:
             _UPDATE_CACHE.pop(next(iter(_UPDATE_CACHE)))
     return _UPDATE_CACHE[key]
