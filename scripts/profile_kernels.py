@@ -7,6 +7,8 @@ with the HLO instruction that launched it when the trace records one, and writes
 
     PYTHONPATH=. python scripts/profile_kernels.py probe --variant dots:causal --out prof_probe.json
     PYTHONPATH=. python scripts/profile_kernels.py decode --batch 64 --cache-len 1152
+    PYTHONPATH=. python scripts/profile_kernels.py generate --adapter svd --batch 96 --prompt-len 384   # Phase 3 sampler
+    PYTHONPATH=. python scripts/profile_kernels.py update --batch 12 --prompt-len 400 --completion-len 624  # one micro-batch
     PYTHONPATH=. python scripts/profile_kernels.py probe --small     # CPU smoke test (no GPU planes)
 """
 from __future__ import annotations
@@ -141,19 +143,59 @@ def build_generate(args):
 
     config = config_for(args.small)
     B, P, N = (4, 16, 8) if args.small else (args.batch, args.prompt_len, args.new_tokens)
-    params = random_params(config, jax.random.PRNGKey(0), jnp.bfloat16)
+    dtype = jnp.float32 if args.small else jnp.bfloat16
+    params = random_params(config, jax.random.PRNGKey(0), dtype)
     prompts = np.random.default_rng(0).integers(3, config.vocab_size, (B, P)).tolist()
+    adapters = None
+    if args.adapter == "svd":  # as the Phase 3 sampler: full-rank SVD adapter, sampling at temperature 1
+        from jaxhack.models.adapters import merge
+        from jaxhack.models.random_init import random_svd_adapter
+        trainable, frozen = random_svd_adapter(params, jax.random.PRNGKey(1), dtype)
+        adapters = merge(trainable, frozen)
 
     def run():
-        return sampler.generate(params, config, prompts, max_new_tokens=N, temperature=0.0,
-                                key=jax.random.PRNGKey(0), eos_token_ids=[]).tokens
+        return sampler.generate(params, config, prompts, max_new_tokens=N, temperature=1.0 if adapters else 0.0,
+                                key=jax.random.PRNGKey(0), eos_token_ids=[], adapters=adapters).tokens
 
-    return run, {"batch": B, "prompt_len": P, "new_tokens": N}
+    return run, {"batch": B, "prompt_len": P, "new_tokens": N, "adapter": args.adapter}
+
+
+def build_update(args):
+    """(fn, inputs) of one micro-batch of the Phase 3 update: value_and_grad of the trainer's Dr.GRPO loss
+    (`grads.losses.grpo_batch_loss`, causal attention) over `--batch` rows of `--prompt-len` +
+    `--completion-len` tokens with the full-rank SVD adapter, remat `--remat` (rl/learner.make_update_fn
+    runs this once per micro-batch)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxhack.bench import config_for
+    from jaxhack.grads.batch import make_batch
+    from jaxhack.grads.losses import grpo_batch_loss
+    from jaxhack.models.random_init import random_params, random_svd_adapter
+
+    config = config_for(args.small)
+    R, P, C = (2, 8, 8) if args.small else (args.batch, args.prompt_len, args.completion_len)
+    dtype = jnp.float32 if args.small else jnp.bfloat16
+    params = random_params(config, jax.random.PRNGKey(0), dtype)
+    trainable, frozen = random_svd_adapter(params, jax.random.PRNGKey(1), dtype)
+    rng = np.random.default_rng(0)
+    batch = make_batch([rng.integers(3, config.vocab_size, P).tolist() for _ in range(R)],
+                       [rng.integers(3, config.vocab_size, C).tolist() for _ in range(R)], pad_id=0,
+                       padding="right", length=P + C)
+    batch.update(advantage=rng.standard_normal(R).astype(np.float32), old_logp=np.zeros((R, P + C), np.float32),
+                 use_current=np.ones(R, bool), ref_logp=np.zeros((R, P + C), np.float32))
+    batch = jax.tree.map(jnp.asarray, batch)
+    loss = functools.partial(grpo_batch_loss, group_size=R, max_new=C, prompts_per_step=1, attention="causal",
+                             remat=args.remat, chunk=256)
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(3,))
+    return (lambda: grad_fn(trainable, frozen, params, config, batch)), {
+        "rows": R, "tokens": R * (P + C), "remat": args.remat}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("probe", "decode", "generate"))
+    ap.add_argument("what", choices=("probe", "decode", "generate", "update"))
     ap.add_argument("--variant", default="dots:causal", help="probe REMAT:ATTENTION")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -162,6 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-len", type=int, default=1152)
     ap.add_argument("--new-tokens", type=int, default=256, help="generate: tokens per call")
     ap.add_argument("--attention", default="decode", help="decode: masked | decode")
+    ap.add_argument("--adapter", choices=("none", "svd"), default="none",
+                    help="generate: sample through a full-rank SVD adapter at temperature 1 (the Phase 3 sampler)")
+    ap.add_argument("--remat", default="linear", help="update: remat policy (the full preset: linear)")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--small", action="store_true")
@@ -170,7 +215,8 @@ def main(argv=None) -> int:
 
     import jax
 
-    run, meta = {"probe": build_probe, "decode": build_decode, "generate": build_generate}[args.what](args)
+    run, meta = {"probe": build_probe, "decode": build_decode, "generate": build_generate,
+                 "update": build_update}[args.what](args)
     jax.block_until_ready(run())  # compile + warm up
     t0 = time.perf_counter()
     for _ in range(args.steps):
