@@ -158,6 +158,18 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
             "peak_gb": max(sample, update) / 1e9}
 
 
+def slot_plan(config, comp_lens, cache_slots: int, refill_rows: int, bytes_per_el: int = 2,
+              slots=(64, 96, 128, 160, 192, 256)) -> dict:
+    """For each refill slot count: the decode steps the schedule runs for these completion lengths
+    (`rl.refill.schedule_decode_steps`, exact) and the KV cache it holds (GB), to weigh slots against
+    memory."""
+    from jaxhack.rl.refill import schedule_decode_steps
+
+    per_slot = 2 * config.num_hidden_layers * cache_slots * config.num_key_value_heads * config.head_dim * bytes_per_el
+    return {str(b): {"decode_steps": schedule_decode_steps(comp_lens, b, refill_rows), "kv_gb": b * per_slot / 1e9}
+            for b in slots}
+
+
 def completion_lengths(regime: str, n: int, max_new: int, seed: int = 0) -> np.ndarray:
     if regime == "worst":
         return np.full((n,), max_new, np.int32)
@@ -257,6 +269,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
            for sched in schedules}
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
                        args.hbm_tbps * 1e12, slots=B_slots)
+    refill_plan = slot_plan(config, comp_lens, S, args.refill_rows, 2 if not args.tiny else 4)
     log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, mean completion {comp_lens.mean():.0f}, "
         f"max {comp_lens.max()}; groups: {len(groups)} of {B_groups} rows; refill: {B_slots} slots, "
         f"{args.refill_rows} rows per refill; memory estimate "
@@ -371,7 +384,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
                        completion_tokens_per_s=recs[-1]["n_completion_tokens"] / split["sample_s"])
         rec.update({
             "peak_bytes": stats.get("peak_bytes_in_use"), "memory_estimate_gb": mem[schedule],
-            "decode_steps": recs[-1]["decode_steps"], "compile_s": compile_s.get(schedule),
+            "decode_steps": recs[-1]["decode_steps"], "compile_s": compile_s.get(schedule), "refill_plan": refill_plan,
             "rows": N, "max_new": cfg.max_new, "mean_completion": float(comp_lens.mean()),
             "max_completion": int(comp_lens.max()), "prompt_len_mean": float(prompt_lens.mean()),
             "sample_rows": args.sample_rows, "sampler_groups": len(groups) if schedule == "groups" else None,

@@ -362,6 +362,10 @@ def test_refill_gives_the_same_rows_as_row_groups_in_fewer_steps(params, tempera
         np.testing.assert_array_equal(res.finished, whole.finished)
         np.testing.assert_allclose(res.logprobs, whole.logprobs, atol=1e-4)
     assert -(-int(whole.lengths.sum()) // 4) <= refill.decode_steps < groups.decode_steps
+    # the schedule's step count follows from the rows' lengths alone (for planning slots against memory)
+    from jaxhack.rl.refill import schedule_decode_steps
+    assert schedule_decode_steps(refill.lengths, slots=4, refill_rows=3) == refill.decode_steps
+    assert schedule_decode_steps(refill.lengths, slots=2, refill_rows=2) > refill.decode_steps  # fewer slots
 
 
 def test_refill_does_not_recompile_across_calls(params, trace_count):

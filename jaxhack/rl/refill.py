@@ -147,6 +147,44 @@ def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, 
 _round_jit = jax.jit(_round, static_argnames=("config", "P"), donate_argnums=0)
 
 
+def schedule_decode_steps(lengths, slots: int, refill_rows: int) -> int:
+    """Decode steps `generate_slots` runs for rows of these completion lengths (in row order), without a
+    model: the same host loop (refill min(R, pending) free slots at a time, once that many are free;
+    a round stops when `trigger` slots are free), with each slot's row taking `length` steps. For
+    planning `sample_rows` (slots) against memory: every slot holds P + max_new cache positions.
+    lengths: [N] ints >= 1 (a row's real length: at its EOS or its cap)."""
+    lengths = np.asarray(lengths, np.int64)
+    if lengths.ndim != 1 or (lengths < 1).any():
+        raise ValueError("lengths must be a 1-D array of ints >= 1")
+    N, B, R = len(lengths), slots, min(refill_rows, slots)
+    if R < 1:
+        raise ValueError(f"refill_rows and slots must be >= 1, got {refill_rows}, {slots}")
+    remaining = np.zeros((B,), np.int64)
+    done = np.ones((B,), bool)
+    next_row = steps = 0
+    while True:
+        pending = N - next_row
+        free = np.flatnonzero(done)
+        if pending and len(free) >= min(R, pending):
+            k = min(R, pending)
+            remaining[free[:k]] = lengths[next_row:next_row + k]
+            done[free[:k]] = False
+            next_row += k
+            continue
+        if not pending and done.all():
+            return steps
+        trigger = min(R, pending) if pending else B + 1
+        live = np.flatnonzero(~done)
+        # the round runs until `trigger` slots are free (or all are): jump to that step
+        need = trigger - int(done.sum())
+        left = np.sort(remaining[live])
+        t = int(left[min(need, len(left)) - 1]) if need > 0 else 0
+        t = max(t, 1)
+        remaining[live] -= t
+        steps += t
+        done[live[remaining[live] <= 0]] = True
+
+
 def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, caps: np.ndarray,
                    eos: np.ndarray, pad_id: int, key, mode: int, temperature: float, top_p: float, *,
                    config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
