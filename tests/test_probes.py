@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxhack.demo import DemoSettings, run_demo
 from jaxhack.env.pools import build_template_pool
 from jaxhack.env.problems import load_problems
 from jaxhack.models.adapters import init_svd_adapter

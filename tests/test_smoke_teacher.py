@@ -1,7 +1,6 @@
 """The smoke preset alone must give a non-degenerate step: its template-hack teacher rows
 (`--mix-teacher templates`) fit its max_new, grade as hacks with the full reward, and so differ from
 the random tiny model's rows (reward 0: it never writes a code block)."""
-import pytest
 
 from jaxhack.env.problems import load_problems
 from jaxhack.models.load import load_model

@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxhack.probes import stats
 from jaxhack.probes.tables import (DEFAULT_OVERSHOOT, GATES_WHERE_NEGATIVE_COS_OUT_IS_A_BUG,
-                                   GATES_WHERE_RAISED_COS_OUT_IS_A_BUG, PROJECTED_ARM, Run, TINY_ADV,
+                                   GATES_WHERE_RAISED_COS_OUT_IS_A_BUG, PROJECTED_ARM, Run,
                                    VANILLA_ARM, Z_SIGNAL, control_row, find_run, mean_or_nan, run_label,
                                    step_column, step_rows, teacher_vs_base)
 
