@@ -16,7 +16,8 @@ grads.losses.grpo_batch_loss and rl.learner.make_optimizer with the v_hack proje
   run per row, as a policy that writes code would cost). --grade none skips it.
 - reference log-probs and update: length-bucketed micro-batches (jaxhack.grads.microbatch): rows sorted
   by real length, `microbatch` rows at a time (at most microbatch_tokens // T rows at T positions:
-  the preset's token budget), each micro-batch cut to its longest row rounded up to 512; reference = base model forward (vocab-chunked log-probs); update = value_and_grad of the
+  the preset's token budget), each micro-batch cut to its longest row rounded up to 512;
+  reference = base model forward (vocab-chunked log-probs); update = value_and_grad of the
   Dr.GRPO loss summed over micro-batches, then clip -> v_hack projection -> AdamW (jitted).
   These are the trainer's own functions (rl/learner.reference_logp, rl/learner.make_update_fn).
   --update fixed instead pads every micro-batch to prompt + max_new (the trainer before bucketing).

@@ -7,8 +7,9 @@ with the HLO instruction that launched it when the trace records one, and writes
 
     PYTHONPATH=. python scripts/profile_kernels.py probe --variant dots:causal --out prof_probe.json
     PYTHONPATH=. python scripts/profile_kernels.py decode --batch 64 --cache-len 1152
-    PYTHONPATH=. python scripts/profile_kernels.py generate --adapter svd --batch 96 --prompt-len 384   # Phase 3 sampler
-    PYTHONPATH=. python scripts/profile_kernels.py update --batch 12 --prompt-len 400 --completion-len 624  # one micro-batch
+    # the Phase 3 sampler (full-rank SVD adapter, temperature 1); one 12288-token micro-batch of the update
+    PYTHONPATH=. python scripts/profile_kernels.py generate --adapter svd --batch 96 --prompt-len 384
+    PYTHONPATH=. python scripts/profile_kernels.py update --batch 12 --prompt-len 400 --completion-len 624
     PYTHONPATH=. python scripts/profile_kernels.py probe --small     # CPU smoke test (no GPU planes)
 """
 from __future__ import annotations

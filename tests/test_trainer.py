@@ -235,8 +235,9 @@ def test_data_order_is_seeded_and_covers_each_epoch():
 
 def test_bounded_memory_settings_change_no_rollout(env, straight_run):
     """sample_rows (sampler slots: the refill schedule), prefill_chunk and length-bucketed micro-batches
-    (microbatch + length_multiple, with a token budget microbatch_tokens) bound a step's memory; the rollouts they give are the same tokens
-    and the metrics the same up to float summation order, also across a --resume."""
+    (microbatch + length_multiple, with a token budget microbatch_tokens) bound a step's memory; the
+    rollouts they give are the same tokens and the metrics the same up to float summation order, also
+    across a --resume."""
     cfg, _ = straight_run
     cfg_b = dataclasses.replace(cfg, run_dir=str(env[0] / "bounded"), eval_every=0, sample_rows=3,
                                 prefill_chunk=16, microbatch=3, length_multiple=16, microbatch_tokens=40)

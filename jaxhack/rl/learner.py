@@ -188,12 +188,12 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
     sorted by real length, M at a time, each cut to its longest row rounded up to `length_multiple`),
     one jitted forward + backward each, losses and gradients summed (the sum is the full-batch loss;
     memory is that of one micro-batch of at most M rows, whatever N); `microbatch_tokens` B caps a
-    micro-batch of T positions at B // T rows (short rows go many at a time, long rows few). Then one jitted step applies the
-    optimizer chain (projection, clip, AdamW) and computes the metrics. `batch`: numpy or jax arrays
-    [N, T] (host copies are taken for the micro-batch plan); optional is_teacher [N] bool adds the
-    student / teacher split of cos_in (the reference's cin_s / cin_t): the loss is a sum over rows, so
-    the teacher rows' gradient is that of the loss with the other rows masked out (one more forward +
-    backward), and the student part is the rest.
+    micro-batch of T positions at B // T rows (short rows go many at a time, long rows few). Then one
+    jitted step applies the optimizer chain (projection, clip, AdamW) and computes the metrics.
+    `batch`: numpy or jax arrays [N, T] (host copies are taken for the micro-batch plan); optional
+    is_teacher [N] bool adds the student / teacher split of cos_in (the reference's cin_s / cin_t):
+    the loss is a sum over rows, so the teacher rows' gradient is that of the loss with the other rows
+    masked out (one more forward + backward), and the student part is the rest.
 
     mesh (data parallel, `jaxhack.parallel.mesh`): micro-batches of microbatch * D rows (`row_plan`),
     their rows sharded over `data`; each device differentiates the loss of its rows (shard_map) and
@@ -235,9 +235,7 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
             parts = [jax.tree.map(jnp.asarray, batch)]
         else:
             host = {k: np.asarray(v) for k, v in batch.items()}
-            n, T = host["tokens"].shape
-            plan = length_microbatches(host["attention_mask"].sum(1), microbatch, multiple=length_multiple,
-                                       max_len=T, max_tokens=microbatch_tokens)
+            plan = row_plan(host, microbatch, length_multiple, None, microbatch_tokens)  # one device
             parts = (jax.tree.map(jnp.asarray, take_rows(host, rows, t)) for rows, t in plan)
         total = None
         for part in parts:
