@@ -179,6 +179,21 @@ def completion_lengths(regime: str, n: int, max_new: int, seed: int = 0) -> np.n
 
 
 # ------------------------------------------------------------------------------------------ the step
+def train_config(args):
+    """The `full` preset's TrainConfig with the command line's overrides (validated: a bad value raises
+    rl.config.ConfigError before any work)."""
+    from jaxhack.rl.config import make_config
+
+    cfg = make_config("full", arm="projected", ckpt="random-4b", svd_random_bases=True, v_hack="random",
+                      remat=args.remat)
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, group_size=2, prompts_per_step=3, max_new=24, microbatch=2)
+    overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
+                                   ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens))
+                 if v is not None}
+    return dataclasses.replace(cfg, **overrides)
+
+
 def build(args):
     import jax
     import jax.numpy as jnp
@@ -187,20 +202,14 @@ def build(args):
     from jaxhack.models.random_init import random_params, random_svd_adapter
     from jaxhack.projection.v_hack import random_v_hack
     from jaxhack.rl import learner
-    from jaxhack.rl.config import make_config
 
-    cfg = make_config("full", arm="projected", ckpt="random-4b", svd_random_bases=True, v_hack="random",
-                      remat=args.remat)
+    cfg = train_config(args)
     if args.tiny:
-        cfg = dataclasses.replace(cfg, group_size=2, prompts_per_step=3, max_new=24, microbatch=2)
         config = dataclasses.replace(QWEN3_4B, **TINY_SHAPE)
         dtype = jnp.float32
     else:
         config = QWEN3_4B
         dtype = jnp.bfloat16
-    overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
-                                   ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens)) if v}
-    cfg = dataclasses.replace(cfg, **overrides)
     kp, ka = jax.random.split(jax.random.PRNGKey(0))
     params = random_params(config, kp, dtype)
     trainable, frozen = random_svd_adapter(params, ka, dtype)
@@ -439,7 +448,7 @@ def main(argv=None) -> int:
                          "to prompt + max_new (the trainer before length bucketing)")
     ap.add_argument("--length-multiple", type=int, default=512, help="micro-batch lengths round up to this")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
-    ap.add_argument("--remat", default=None, help="override the preset's remat policy (full) for the update")
+    ap.add_argument("--remat", default=None, help="override the preset's remat policy (linear) for the update")
     ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (8)")
     ap.add_argument("--microbatch-tokens", type=int, default=None,
                     help="token budget of a micro-batch: at T positions at most this // T rows (TrainConfig)")
@@ -476,6 +485,13 @@ def main(argv=None) -> int:
         meshes = [make_mesh(spec) for spec in specs]
     except ValueError as err:
         print(f"error: --meshes: {err}", file=sys.stderr)
+        return 2
+    from jaxhack.commands.train import config_error_line
+    from jaxhack.rl.config import ConfigError
+    try:
+        train_config(args)
+    except ConfigError as err:
+        print(f"error: {config_error_line(err)}", file=sys.stderr)
         return 2
     log("building random Qwen3-4B-shaped weights, SVD adapter, v_hack ..." if not args.tiny else "building tiny model ...")
     built = build(args)

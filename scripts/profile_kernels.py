@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default="decode", help="decode: masked | decode")
     ap.add_argument("--adapter", choices=("none", "svd"), default="none",
                     help="generate: sample through a full-rank SVD adapter at temperature 1 (the Phase 3 sampler)")
-    ap.add_argument("--remat", default="linear", help="update: remat policy (the full preset: linear)")
+    ap.add_argument("--remat", default="linear", choices=("none", "full", "dots", "linear"),
+                    help="update: remat policy (the full preset: linear)")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--small", action="store_true")

@@ -107,6 +107,9 @@ def test_bad_numbers_are_refused_before_work(probe_inputs, tmp_path, capsys):
          "--steps must be >= 1"),
         (["train", "--group-size", "1", "--run-dir", str(tmp_path / "t")], "--group-size must be >= 2"),
         (["train", "--lr", "-1", "--run-dir", str(tmp_path / "t")], "lr, beta and warmup_steps must be >= 0"),
+        (["train", "--remat", "bogus", "--run-dir", str(tmp_path / "t")], "--remat 'bogus': expected one of"),
+        (["train", "--preset", "fast", "--microbatch-tokens", "0", "--run-dir", str(tmp_path / "t")],
+         "--microbatch-tokens must be >= 1 and needs microbatch"),
     ]
     for argv, needle in cases:
         t0 = time.time()

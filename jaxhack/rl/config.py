@@ -18,6 +18,7 @@ from typing import Any
 
 from jaxhack import configfile
 from jaxhack.env.hints import MODES
+from jaxhack.models.qwen3 import REMAT_POLICIES
 from jaxhack.parallel.mesh import parse_mesh_spec
 from jaxhack.projection.arms import ARM_NAMES, ARMS  # noqa: F401  (re-exported)
 
@@ -153,6 +154,8 @@ class TrainConfig:
         if self.microbatch_tokens is not None and (self.microbatch_tokens < 1 or self.microbatch is None):
             errors.append(f"microbatch_tokens must be >= 1 and needs microbatch, got {self.microbatch_tokens} "
                           f"(microbatch {self.microbatch})")
+        if self.remat not in REMAT_POLICIES:
+            errors.append(f"remat {self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.sample_rows is not None and self.sample_rows < 1:
             errors.append(f"sample_rows must be >= 1, got {self.sample_rows}")
         if self.length_multiple < 1:
