@@ -173,6 +173,22 @@ def test_experiment_dir_resumes_its_settings_refuses_others_and_force_replaces(t
     assert json.loads((out / MANIFEST).read_text())["settings"]["steps"] == 5
 
 
+def test_organism_cli_refuses_bad_flags_before_any_work(tmp_path, capsys):
+    """Each bad flag: one `error:` line naming the flag, exit 2, and no output directory."""
+    from jaxhack.cli import main
+
+    out = tmp_path / "exp"
+    base = ["organism", "run", "--out", str(out), "--size", "test"]
+    for extra, needle in ((["--seeds", "a"], "--seeds 'a': expected comma-separated integers"),
+                          (["--seeds", ""], "--seeds: give at least one value"),
+                          (["--arms", "vanilla,bogus"], "--arms: unknown arm(s) ['bogus']"),
+                          (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+                          (["--grade-workers", "0"], "--grade-workers must be >= 1, got 0"),
+                          (["--steps", "-1"], "--steps must be >= 1, got -1")):
+        assert needle in run_cli_bad(capsys, main, base + extra)
+    assert not out.exists()
+
+
 def run_cli_bad(capsys, main, argv):
     capsys.readouterr()
     rc = main(argv)

@@ -43,6 +43,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def parse_list(flag: str, text: str, kind=str) -> list:
+    """A comma-separated flag value as a list of `kind`; UserError naming the flag when it is empty
+    or an item does not convert."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UserError(f"{flag}: give at least one value (comma-separated)")
+    try:
+        return [kind(x) for x in items]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
 def make_parser(module, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=module.__doc__, formatter_class=HelpFormatter)
     module.add_arguments(parser)

@@ -26,6 +26,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from jaxhack.commands import parse_list
+    from jaxhack.io import UserError
     from jaxhack.organism.experiment import organism_main
+    from jaxhack.rl.config import ARM_NAMES
 
+    if args.seeds is not None:
+        args.seeds = tuple(parse_list("--seeds", args.seeds, int))
+    if args.arms is not None:
+        args.arms = tuple(parse_list("--arms", args.arms))
+        bad = [a for a in args.arms if a not in ARM_NAMES]
+        if bad:
+            raise UserError(f"--arms: unknown arm(s) {bad}; expected some of {list(ARM_NAMES)}")
+    for flag, value in (("--steps", args.steps), ("--jobs", args.jobs), ("--grade-workers", args.grade_workers)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     return organism_main(args)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jaxhack.commands import checks, script_main
+from jaxhack.commands import checks, parse_list, script_main
 from jaxhack.commands.train import config_checked, describe_preset, one_line, tracking_checked
 from jaxhack.io import UserError, check_writable
 from jaxhack.rl.config import ARM_NAMES, add_config_args
@@ -61,16 +61,6 @@ def add_arguments(parser) -> None:
     add_config_args(parser, skip=("arm", "seed", "run_dir"))
     describe_preset(parser)
     add_tracking_args(parser)
-
-
-def parse_list(flag: str, text: str, kind=str) -> list:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise UserError(f"{flag}: give at least one value (comma-separated)")
-    try:
-        return [kind(x) for x in items]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected comma-separated integers") from None
 
 
 def run(args) -> int:
