@@ -443,6 +443,10 @@ def organism_main(args) -> int:
     # one persistent compilation cache for this experiment: each Phase 3 run (same shapes) compiles once
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(args.out).resolve() / "jax_cache"))
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    if args.size.startswith("gpu") and not args.tiny and jax.default_backend() != "gpu":
+        print(f"note: --size {args.size} is sized for one GPU (build + run about 7 minutes there); on "
+              f"{jax.default_backend()} it takes hours. --size cpu is the CPU experiment, --tiny checks this "
+              f"size's code path in minutes.", file=sys.stderr)
     out = Path(args.out)
     if args.action == "build":
         build_organism(out / "organism", s.build, progress=not args.quiet)
