@@ -194,7 +194,9 @@ def train_config(args):
     return dataclasses.replace(cfg, **overrides)
 
 
-def build(args):
+def build(args, cfg):
+    """Random Qwen3-4B-shaped (or tiny) weights, SVD adapter, v_hack and optimizer for `cfg`
+    (`train_config(args)`)."""
     import jax
     import jax.numpy as jnp
 
@@ -203,7 +205,6 @@ def build(args):
     from jaxhack.projection.v_hack import random_v_hack
     from jaxhack.rl import learner
 
-    cfg = train_config(args)
     if args.tiny:
         config = dataclasses.replace(QWEN3_4B, **TINY_SHAPE)
         dtype = jnp.float32
@@ -489,12 +490,12 @@ def main(argv=None) -> int:
     from jaxhack.commands.train import config_error_line
     from jaxhack.rl.config import ConfigError
     try:
-        train_config(args)
+        cfg = train_config(args)
     except ConfigError as err:
         print(f"error: {config_error_line(err)}", file=sys.stderr)
         return 2
     log("building random Qwen3-4B-shaped weights, SVD adapter, v_hack ..." if not args.tiny else "building tiny model ...")
-    built = build(args)
+    built = build(args, cfg)
     if args.meshes or args.mesh:  # host copies: each mesh places its own replicas (no extra copy on device 0)
         import jax
         cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = built

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxhack.organism.build import SIZES as BUILD_SIZES, BuildSettings, build_organism
-from jaxhack.organism.rundir import ExperimentDirError, claim_experiment_dir
+from jaxhack.organism.rundir import claim_experiment_dir
 from jaxhack.organism.report import control_cosines, curves, h1_test, plot_curves, report_markdown, verdict
 
 
@@ -451,11 +451,8 @@ def organism_main(args) -> int:
     if args.action == "build":
         build_organism(out / "organism", s.build, progress=not args.quiet)
     else:
-        try:
+        try:  # an ExperimentDirError is a UserError: one line, exit 2 (commands.guarded)
             run_experiment(out, s, progress=not args.quiet, force=args.force)
-        except ExperimentDirError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
         except Phase3RunsFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -15,13 +15,16 @@ import json
 import shutil
 from pathlib import Path
 
+from jaxhack.io import UserError
+
 MANIFEST = "experiment.json"
 FREE_FIELDS = ("jobs", "grade_workers", "seeds", "arms")   # differences that lose no result
 KEPT = ("organism", "jax_cache", MANIFEST)                 # what `force` leaves in place
 
 
-class ExperimentDirError(ValueError):
-    """OUT holds an organism experiment with other settings (one line: the fields that differ)."""
+class ExperimentDirError(UserError):
+    """OUT holds an organism experiment with other settings (one line: the fields that differ); the CLI
+    prints it as its `error:` line, exit 2 (jaxhack.commands.guarded)."""
 
 
 def _settings_dict(settings) -> dict:
