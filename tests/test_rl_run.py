@@ -113,3 +113,45 @@ def test_none_on_the_cli_clears_only_optional_fields():
     cfg = config_from_args(parser.parse_args(["--preset", "fast", "--remat", "none", "--microbatch", "none"]))
     assert cfg.remat == "none" and cfg.microbatch is None
     assert config_from_args(parser.parse_args(["--preset", "fast"])).remat == "full"
+
+
+def test_factored_sampler_check_refuses_foreign_bases_and_records_the_residual():
+    """sampler_form "factored" samples through U, S, Vh: the run starts only when the adapter's bases
+    are the weights' SVD (residual recorded in run.json), refuses foreign bases in one line unless they
+    are the benchmark's --svd-random-bases, and leaves LoRA arms exact; a bad form is a config error."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxhack.io import UserError
+    from jaxhack.models import qwen3
+    from jaxhack.models.adapters import init_svd_adapter
+    from jaxhack.models.config import TINY
+    from jaxhack.models.random_init import random_svd_adapter
+    from jaxhack.rl.run import FACTOR_RESIDUAL_LIMIT, factored_sampler_check
+
+    params = qwen3.init_params(TINY, jax.random.PRNGKey(0), jnp.float32)
+    cfg = make_config("smoke", sampler_form="factored")
+    trainable, frozen = init_svd_adapter(params, TINY, progress=False)
+    info = factored_sampler_check(cfg, "svd", params, frozen, trainable)
+    assert info["form"] == "factored" and info["factor_residual_max"] < 1e-4
+    trainable, frozen = random_svd_adapter(params, jax.random.PRNGKey(1), jnp.float32)
+    with pytest.raises(UserError, match=r"not the SVD of the weights .*> 0.02.*--sampler-form exact"):
+        factored_sampler_check(cfg, "svd", params, frozen, trainable)
+    bench = dataclasses.replace(cfg, svd_random_bases=True)
+    assert factored_sampler_check(bench, "svd", params, frozen, trainable)["factor_residual_max"] > FACTOR_RESIDUAL_LIMIT
+    assert factored_sampler_check(cfg, "lora", params, None, None)["form"] == "exact"
+    assert factored_sampler_check(make_config("smoke"), "svd", params, None, None) == {"form": "exact"}
+    with pytest.raises(ConfigError, match="sampler_form 'fused': expected one of"):
+        make_config("smoke", sampler_form="fused")
+
+
+def test_resume_check_reads_a_field_the_run_predates_as_its_default(tmp_path):
+    """A run.json written before a config field existed resumes when the new config keeps that field's
+    default (sampler_form), and is refused when it changes it."""
+    from jaxhack.rl.run import check_resume_config
+
+    new = make_config("smoke").to_dict()
+    old = {k: v for k, v in new.items() if k != "sampler_form"}
+    check_resume_config(old, new, tmp_path / "run.json")
+    with pytest.raises(ValueError, match="sampler_form: None -> 'factored'|sampler_form: 'exact' -> 'factored'"):
+        check_resume_config(old, {**new, "sampler_form": "factored"}, tmp_path / "run.json")

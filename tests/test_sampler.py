@@ -377,3 +377,68 @@ def test_refill_does_not_recompile_across_calls(params, trace_count):
                          temperature=0.0, max_lengths=[1, 2, 3, 4, 5], **kwargs)
     assert trace_count() == count
     np.testing.assert_array_equal(r.lengths, [1, 2, 3, 4, 5])
+
+
+def true_svd_adapters(params, key, targets=None, delta_scale=0.3):
+    """SVD adapters whose u / vh are the weights' own SVD factors (as `adapters.init_svd_adapter`),
+    with a random non-zero delta_s of about delta_scale x S: the factored form must equal the exact one."""
+    out = {}
+    for i, name in enumerate(targets or qwen3.module_shapes(CONFIG)):
+        w_torch = jnp.swapaxes(params["layers"][name], 1, 2)  # [L,out,in] = U diag(S) Vh
+        u, s, vh = jnp.linalg.svd(w_torch, full_matrices=False)
+        delta = jax.random.normal(jax.random.fold_in(key, i), s.shape) * delta_scale * s
+        out[name] = {"u": u, "vh": vh, "delta_s": delta, "delta_s_hack": -0.5 * delta}
+    return out
+
+
+@pytest.mark.parametrize("targets", [None, ("q_proj", "up_proj", "down_proj")], ids=["all", "some"])
+def test_factored_form_gives_the_exact_forms_tokens(params, targets):
+    """The factored sampler ((x Vh^T)(S + delta)) U^T from the weights' own SVD samples the same tokens
+    as the exact x W + adapter form (fp32: the two differ by float rounding only), in both schedules,
+    greedy and at temperature 1; with some modules factored, the q/k/v and gate/up groups mix the
+    factored and the exact path. The adapter is large enough to change the tokens."""
+    adapters = true_svd_adapters(params, jax.random.PRNGKey(5), targets)
+    kw = dict(max_new_tokens=MAX_NEW, key=jax.random.PRNGKey(1), eos_token_ids=[], adapters=adapters)
+    base = sampler.generate(params, CONFIG, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0,
+                            key=jax.random.PRNGKey(1), eos_token_ids=[])
+    for temperature, extra in ((0.0, {}), (1.0, dict(max_rows=2, refill_rows=1))):
+        exact = sampler.generate(params, CONFIG, PROMPTS, temperature=temperature, form="exact", **kw, **extra)
+        factored = sampler.generate(params, CONFIG, PROMPTS, temperature=temperature, form="factored", **kw,
+                                    **extra)
+        np.testing.assert_array_equal(factored.tokens, exact.tokens)
+        np.testing.assert_allclose(factored.logprobs, exact.logprobs, atol=2e-4)
+        if temperature == 0.0:
+            assert (exact.tokens != base.tokens).any()
+    # greedy parity with the full (training) forward, as for the exact form
+    ref_tokens, ref_logp = reference_greedy(params, PROMPTS[1], MAX_NEW, adapters=adapters)
+    greedy = sampler.generate(params, CONFIG, PROMPTS, temperature=0.0, form="factored", **kw)
+    np.testing.assert_array_equal(greedy.tokens[1], ref_tokens)
+    np.testing.assert_allclose(greedy.logprobs[1], ref_logp, atol=2e-4, rtol=1e-4)
+
+
+def test_factored_scales_are_the_singular_values_and_flag_foreign_bases(params):
+    """factored_scales recovers S from the SVD factors (residual ~0) and reports a residual near 1 for
+    bases that are not the weights' (the random bases of svd_adapters): the check the trainer runs."""
+    real = true_svd_adapters(params, jax.random.PRNGKey(5))
+    scales, residual = qwen3.factored_scales(params, real, residual=True)
+    for name, a in real.items():
+        s_true = jnp.linalg.svd(jnp.swapaxes(params["layers"][name], 1, 2), compute_uv=False)
+        np.testing.assert_allclose(scales[name], s_true, rtol=1e-4, atol=1e-6)
+        assert float(jnp.max(residual[name])) < 1e-4
+    _, foreign = qwen3.factored_scales(params, svd_adapters(CONFIG, jax.random.PRNGKey(2)), residual=True)
+    assert min(float(jnp.min(r)) for r in foreign.values()) > 0.5
+
+
+def test_bad_sampler_form_is_refused(params):
+    with pytest.raises(ValueError, match="form must be one of"):
+        sampler.generate(params, CONFIG, PROMPTS, max_new_tokens=2, key=jax.random.PRNGKey(0), form="fused")
+
+
+def test_factored_form_leaves_lora_exact(params):
+    """Only SVD adapters have factors: with LoRA the factored form is the exact computation."""
+    adapters = lora_adapters(CONFIG, jax.random.PRNGKey(11))
+    kw = dict(max_new_tokens=8, temperature=1.0, key=jax.random.PRNGKey(4), eos_token_ids=[], adapters=adapters)
+    exact = sampler.generate(params, CONFIG, PROMPTS, form="exact", **kw)
+    factored = sampler.generate(params, CONFIG, PROMPTS, form="factored", **kw)
+    np.testing.assert_array_equal(factored.tokens, exact.tokens)
+    np.testing.assert_array_equal(factored.logprobs, exact.logprobs)

@@ -23,6 +23,7 @@ from jaxhack.parallel.mesh import parse_mesh_spec
 from jaxhack.projection.arms import ARM_NAMES, ARMS  # noqa: F401  (re-exported)
 
 OLD_LOGP_SOURCES = ("current", "sampler")
+SAMPLER_FORMS = ("exact", "factored")  # = rl.sampler.SAMPLER_FORMS (config imports no model code)
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,9 @@ class TrainConfig:
                                           # rows (and at most `microbatch`); None: `microbatch` rows always
     sample_rows: int | None = None     # rows the sampler decodes together (refill slots when fewer than the rows; None: all)
     prefill_chunk: int = 256           # prompt tokens per sampler prefill forward
+    sampler_form: str = "exact"        # "exact": sample through x W + the adapter, as trained; "factored":
+                                       # SVD-adapted Linears from their factors (fewer bytes per decode step,
+                                       # bf16-rounding-level logit changes; rl/sampler.generate, docs/sampler.md)
     remat: str = "none"
     logp_chunk: int = 256
     prompt_multiple: int = 64

@@ -79,7 +79,7 @@ def _init(config: Qwen3Config, B: int, S: int, max_new: int, cache_dtype, pad_id
 
 
 _init_jit = jax.jit(_init, static_argnames=("config", "B", "S", "max_new", "cache_dtype"))
-_decode_layers_jit = jax.jit(qwen3.decode_layers)
+_decode_layers_jit = jax.jit(qwen3.decode_layers, static_argnames=("factored",))
 
 
 def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, slots, rows, caps, pad_id, *,
@@ -188,9 +188,9 @@ def schedule_decode_steps(lengths, slots: int, refill_rows: int) -> int:
 def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, caps: np.ndarray,
                    eos: np.ndarray, pad_id: int, key, mode: int, temperature: float, top_p: float, *,
                    config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
-                   refill_rows: int):
+                   refill_rows: int, factored: bool = False):
     """The host loop. prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
-    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B).
+    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored: `qwen3.decode_layers(factored=)`.
     Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order, and
     the number of decode steps run (each a forward over all B slots)."""
     N, P = prompt_tokens.shape
@@ -198,7 +198,7 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
     if R < 1:
         raise ValueError(f"refill_rows must be >= 1, got {refill_rows}")
     S = -(-(P + max_new) // SPLIT) * SPLIT  # as the row-group schedule: positions past P + max_new unused
-    layers, layer_adapters = _decode_layers_jit(params, adapters)  # per-layer copies, once per call
+    layers, layer_adapters = _decode_layers_jit(params, adapters, factored=factored)  # per-layer copies, once per call
     dparams = {**params, "layers": layers}
     state = _init_jit(config, B, S, max_new, cache_dtype, jnp.int32(pad_id))
     scalars = (key, jnp.asarray(eos), jnp.int32(pad_id), jnp.int32(mode), jnp.float32(temperature),

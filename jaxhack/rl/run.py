@@ -4,6 +4,7 @@ built once by `setup_run`; the run directory's file names; resume checks; the fi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -14,7 +15,9 @@ import optax
 
 from jaxhack.env.grader import GradeCache
 from jaxhack.env.problems import build_prompt, load_problems
-from jaxhack.io import read_jsonl
+from jaxhack.io import UserError, read_jsonl
+from jaxhack.models import qwen3
+from jaxhack.models.adapters import merge as adapters_merge
 from jaxhack.models.basis import check_v_hack_fits
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.load import load_model, make_adapter
@@ -115,6 +118,29 @@ def _jsonable(x):
     return str(x)
 
 
+FACTOR_RESIDUAL_LIMIT = 0.02  # the factored sampler's largest ||W - U S Vh|| / ||W|| (bf16 SVD factors: ~3e-3)
+
+
+def factored_sampler_check(cfg: TrainConfig, adapter: str, params, frozen, trainable0) -> dict:
+    """The sampler's form for run.json. For sampler_form "factored" with an SVD adapter: the largest
+    relative residual ||W - U diag(S) Vh||_F / ||W||_F over the target Linears (`qwen3.factored_scales`),
+    measured once; above FACTOR_RESIDUAL_LIMIT the factors are not the weights' SVD and sampling from
+    them would not be the policy, so the run is refused (UserError), unless the bases are the
+    benchmark's random ones (--svd-random-bases), which are timed, not trained."""
+    if cfg.sampler_form != "factored" or adapter != "svd":
+        return {"form": cfg.sampler_form if adapter == "svd" else "exact",
+                **({"note": "the factored form applies to SVD adapters; a LoRA arm samples exactly"}
+                   if cfg.sampler_form == "factored" else {})}
+    _, residuals = jax.jit(functools.partial(qwen3.factored_scales, residual=True))(
+        params, adapters_merge(trainable0, frozen))
+    worst_name, worst = max(((name, float(np.max(r))) for name, r in residuals.items()), key=lambda kv: kv[1])
+    if worst > FACTOR_RESIDUAL_LIMIT and not cfg.svd_random_bases:
+        raise UserError(f"--sampler-form factored: the adapter's u/vh are not the SVD of the weights "
+                        f"({worst_name}: ||W - U S Vh|| / ||W|| = {worst:.3g} > {FACTOR_RESIDUAL_LIMIT}); "
+                        f"use --sampler-form exact")
+    return {"form": "factored", "factor_residual_max": worst, "factor_residual_module": worst_name}
+
+
 def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext:
     """Load the model / problems / pool, build the adapter (the one factory, `models.load.make_adapter`:
     SVD cache dir and LoRA seed rules), the v_hack (extracted or loaded from RUN/v_hack) and the
@@ -160,6 +186,7 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
     trainable0, frozen = make_adapter(arm.adapter, params, config, ckpt=cfg.ckpt, lora_rank=cfg.lora_rank,
                                       lora_alpha=cfg.lora_alpha, lora_seed=lora_seed,
                                       random_bases_key=bases_key, progress=progress)
+    sampler_info = factored_sampler_check(cfg, arm.adapter, params, frozen, trainable0)
     if cfg.v_hack and cfg.v_hack != "random":  # before any work: shape, adapter kind, basis factors
         check_v_hack_fits(*load_v_hack(cfg.v_hack), trainable0, frozen, f"--v-hack {cfg.v_hack}")
     if have_vdir:
@@ -184,6 +211,7 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
         "svd_bases": ("RANDOM ORTHONORMAL (benchmark only, --svd-random-bases)" if cfg.svd_random_bases
                       and arm.adapter == "svd" else ("svd of W" if arm.adapter == "svd" else "n/a (lora)")),
         "lora_seed": lora_seed if arm.adapter == "lora" else None,
+        "sampler": sampler_info,
         "v_hack": v_meta, "n_train_problems": len(train_problems), "n_eval_problems": len(eval_problems),
         "train_problem_ids": [p.id for p in train_problems], "eval_problem_ids": [p.id for p in eval_problems],
         "seq_len": seq_len, "batch_rows": n_rows, "max_prompt_tokens": max_prompt,
@@ -199,8 +227,9 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
 
 def check_resume_config(old: dict, new: dict, path: Path) -> None:
     """Raise unless the two config dicts agree outside RESUME_FREE_FIELDS."""
-    diff = {k: (old.get(k), v) for k, v in new.items()
-            if k not in RESUME_FREE_FIELDS and old.get(k) != v}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # a field newer than the run
+    diff = {k: (old.get(k, defaults.get(k)), v) for k, v in new.items()
+            if k not in RESUME_FREE_FIELDS and old.get(k, defaults.get(k)) != v}
     if diff:
         raise ValueError(f"{path}: cannot resume, config differs from the run's: "
                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
