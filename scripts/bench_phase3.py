@@ -85,7 +85,7 @@ def linear_params(config) -> dict:
 
 
 def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2,
-               slots: int | None = None) -> dict:
+               slots: int | None = None, sampler_form: str = "exact") -> dict:
     """Seconds of one step at the card's peaks (see the module docstring).
 
     prefill: 2 (p_lin + p_vh + p_u) per prompt token + causal attention 2 P^2 Hq hd per layer.
@@ -100,6 +100,9 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     perfectly packed (refill without idle slots): ceil(sum(lengths) / slots) steps reading weights +
     bases, plus every row's own KV reads (independent of the packing): `decode_slots_s`, and
     `floor_slots_s` = floor_s with that decode term.
+    sampler_form "factored" (`sampler.generate(form="factored")`): prefill and decode compute each Linear
+    from its SVD factors, p_vh + p_u instead of p_lin + p_vh + p_u, and decode reads the bases but not
+    the Linear weights (the embedding / LM head and norms still).
     """
     p = linear_params(config)
     p_all = p["p_lin"] + p["p_vh"] + p["p_u"]
@@ -109,19 +112,20 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     comp_lens = np.asarray(comp_lens, np.float64)
     total = prompt_lens + comp_lens
     attn_fwd = lambda T: float(np.sum(2.0 * T * T * Hq * hd * L))  # causal: half of 4 T^2 Hq hd
-    prefill = 2 * p_all * prompt_lens.sum() + attn_fwd(prompt_lens)
+    p_sample = p["p_vh"] + p["p_u"] if sampler_form == "factored" else p_all  # per token, prefill and decode
+    prefill = 2 * p_sample * prompt_lens.sum() + attn_fwd(prompt_lens)
     reference = 2 * p["p_lin"] * total.sum() + attn_fwd(total) + 2 * D * V * comp_lens.sum()
     update = 4 * p_all * total.sum() + 3 * attn_fwd(total) + 4 * D * V * comp_lens.sum()
     # decode: weights (tied embedding once) + adapter bases, every step; KV of each live row
     n_weights = p["p_lin"] + V * D + L * (4 * D + 2 * hd) + D
-    fixed_bytes = (n_weights + p["p_vh"] + p["p_u"]) * bytes_per_el
+    fixed_bytes = (n_weights + p["p_vh"] + p["p_u"] - (p["p_lin"] if sampler_form == "factored" else 0)) * bytes_per_el
     kv_per_slot = 2 * L * config.num_key_value_heads * hd * bytes_per_el
     decode_s = 0.0
     for t in range(int(comp_lens.max())):
         live = comp_lens > t
         n_live = int(live.sum())
         kv_bytes = float(np.sum(prompt_lens[live] + t + 1)) * kv_per_slot
-        flops = 2 * (p_all + D * V) * n_live
+        flops = 2 * (p_sample + D * V) * n_live
         decode_s += max((fixed_bytes + kv_bytes) / hbm_bps, flops / peak_flops)
     out = {"prefill_s": prefill / peak_flops, "decode_s": decode_s, "ref_s": reference / peak_flops,
            "update_s": update / peak_flops}
@@ -129,7 +133,7 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     if slots is not None:
         steps = -(-int(comp_lens.sum()) // slots)
         kv_reads = float(np.sum(comp_lens * prompt_lens + comp_lens * (comp_lens + 1) / 2)) * kv_per_slot
-        flops = 2 * (p_all + D * V) * comp_lens.sum()
+        flops = 2 * (p_sample + D * V) * comp_lens.sum()
         out["decode_slots_s"] = max((steps * fixed_bytes + kv_reads) / hbm_bps, flops / peak_flops)
         out["decode_slots_steps"] = steps
         out["floor_slots_s"] = out["floor_s"] - out["decode_s"] + out["decode_slots_s"]
@@ -189,7 +193,8 @@ def train_config(args):
     if args.tiny:
         cfg = dataclasses.replace(cfg, group_size=2, prompts_per_step=3, max_new=24, microbatch=2)
     overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
-                                   ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens))
+                                   ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens),
+                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple))
                  if v is not None}
     return dataclasses.replace(cfg, **overrides)
 
@@ -245,7 +250,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     n_dev = 1 if mesh is None else int(mesh.shape["data"])
     # the trainer's own reference pass and update (rl/learner.py); "fixed": every micro-batch padded to
     # prompt + max_new (a length multiple no row reaches), "bucketed": cut to length_multiple
-    multiple = args.length_multiple if args.update == "bucketed" else 1 << 30
+    multiple = (args.length_multiple or cfg.length_multiple) if args.update == "bucketed" else 1 << 30
     cfg = dataclasses.replace(cfg, length_multiple=multiple)
     update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack, cfg.length_multiple, mesh,
                                        cfg.microbatch_tokens)
@@ -279,7 +284,10 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
                                   min(args.prefill_chunk, P), P, 2 if not args.tiny else 4, tokens=mb_tokens)
            for sched in schedules}
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
-                       args.hbm_tbps * 1e12, slots=B_slots)
+                       args.hbm_tbps * 1e12, slots=B_slots, sampler_form=cfg.sampler_form)
+    floor_exact = floor if cfg.sampler_form == "exact" else step_floor(
+        config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12, args.hbm_tbps * 1e12,
+        slots=B_slots)
     refill_plan = slot_plan(config, comp_lens, S, args.refill_rows, 2 if not args.tiny else 4)
     log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, mean completion {comp_lens.mean():.0f}, "
         f"max {comp_lens.max()}; groups: {len(groups)} of {B_groups} rows; refill: {B_slots} slots, "
@@ -295,7 +303,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
                                temperature=cfg.temperature, eos_token_ids=[], pad_id=0,
                                max_rows=args.sample_rows, prefill_chunk=args.prefill_chunk,
                                max_lengths=caps.tolist(), schedule=schedule, refill_rows=args.refill_rows,
-                               mesh=mesh)
+                               mesh=mesh, form=cfg.sampler_form)
         return res, time.perf_counter() - t0
 
     def one_step(step: int, trainable, opt_state, schedule: str):
@@ -386,6 +394,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
                        tokens_per_s=recs[-1]["n_tokens"] / (split["ref_s"] + split["update_s"]))
         elif not args.sample_only:
             rec.update(floor_s=floor["floor_s"], fraction_of_floor=floor["floor_s"] / split["step_s"],
+                       fraction_of_exact_form_floor=floor_exact["floor_s"] / split["step_s"],
                        floor_slots_s=floor["floor_slots_s"],
                        tokens_per_s=recs[-1]["n_tokens"] / split["step_s"],
                        completion_tokens_per_s=recs[-1]["n_completion_tokens"] / split["step_s"])
@@ -402,7 +411,10 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "sampler_batch": batch[schedule], "refill_rows": args.refill_rows if schedule == "refill" else None,
             "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
             "microbatch_tokens": cfg.microbatch_tokens, "learner_only": schedule == "none",
-            "remat": cfg.remat, "floor": floor, "steps": recs, "peak_tflops": args.peak_tflops,
+            "remat": cfg.remat, "floor": floor, "sampler_form": cfg.sampler_form,
+            "length_multiple": cfg.length_multiple,
+            # the exact form's floor too: a factored sampler does less work than the issue's floor assumes
+            "floor_exact_form_s": floor_exact["floor_s"], "steps": recs, "peak_tflops": args.peak_tflops,
             "hbm_tbps": args.hbm_tbps, "mesh": None if mesh is None else f"data={n_dev}", "n_devices": n_dev,
             # the allocator's cap (e.g. 0.54 on a 141 GB H200 gives an 80 GB H100's ~76 GiB)
             "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")})
@@ -447,7 +459,11 @@ def main(argv=None) -> int:
     ap.add_argument("--update", choices=("bucketed", "fixed"), default="bucketed",
                     help="bucketed: length-sorted micro-batches cut to their length; fixed: every row padded "
                          "to prompt + max_new (the trainer before length bucketing)")
-    ap.add_argument("--length-multiple", type=int, default=512, help="micro-batch lengths round up to this")
+    ap.add_argument("--length-multiple", type=int, default=None,
+                    help="micro-batch lengths round up to this (default: the preset's length_multiple)")
+    ap.add_argument("--sampler-form", choices=("exact", "factored"), default=None,
+                    help="exact (default): x W + the adapter, as trained; factored: SVD-adapted Linears from "
+                         "their factors (fewer bytes per decode step; rl/sampler.generate)")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (linear) for the update")
     ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (8)")
@@ -471,7 +487,7 @@ def main(argv=None) -> int:
     if args.tiny:
         args.prompt_len = args.prompt_len or 12
         args.sample_rows = args.sample_rows or 4
-        args.length_multiple = min(args.length_multiple, 16)
+        args.length_multiple = min(args.length_multiple or 16, 16)
         args.prefill_chunk = min(args.prefill_chunk, 16)
     args.prompt_len = args.prompt_len or 400
     args.sample_rows = args.sample_rows or 96

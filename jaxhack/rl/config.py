@@ -164,6 +164,8 @@ class TrainConfig:
             errors.append(f"sample_rows must be >= 1, got {self.sample_rows}")
         if self.length_multiple < 1:
             errors.append(f"length_multiple must be >= 1, got {self.length_multiple}")
+        if self.sampler_form not in SAMPLER_FORMS:
+            errors.append(f"sampler_form {self.sampler_form!r}: expected one of {SAMPLER_FORMS}")
         if self.prefill_chunk < 1:
             errors.append(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         try:
@@ -205,10 +207,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # decode through 96 refill slots (continuous batching, rl/refill.py), KV cache ~29 GB at 2048
     # positions, so the step fits an 80 GB H100 (docs/benchmarks.md, scripts/bench_phase3.py). The
     # reference pass and update: micro-batches of 12288 tokens (24 rows of 512 ... 6 of 2048), remat
-    # "linear" (no matmul recomputed): update 26.9 -> 20.6 s, learner peak 62.9 GB (H200 at 80 GB, session 7)
+    # "linear" (no matmul recomputed): update 26.9 -> 20.6 s, learner peak 62.9 GB (H200 at 80 GB, session 7);
+    # lengths cut to multiples of 128 (not 512): 15% fewer padded tokens at the realistic lengths, at most
+    # 16 compiled shapes per program (session 8). --sampler-form factored --sample-rows 128: 40.6 s against
+    # 54.5 s per realistic step (docs/benchmarks.md), not the default: it samples from the bf16 factors.
     "full": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=43, n_problems=992, beta=1e-3,
                  lr=7e-5, steps=200, max_new=1536, warmup_steps=10, eval_every=20, ckpt_every=10,
-                 n_eval=64, microbatch=32, microbatch_tokens=12288, remat="linear", vhack_pairs=128,
+                 n_eval=64, microbatch=32, microbatch_tokens=12288, length_multiple=128, remat="linear", vhack_pairs=128,
                  sandbox_wall_s=10.0, sample_rows=96),
 }
 
