@@ -7,7 +7,8 @@ does to the sampled tokens' log-probabilities, against the mismatch the exact sa
 (its KV-cache decode against the learner's full-sequence forward):
 
 - a random Qwen3-4B-shaped model whose every target Linear is W = bf16(Vh^T diag(S) U^T) for random
-  orthonormal fp32 U, Vh (QR) and S of a plausible spectrum, with the adapter's u / vh = bf16(U),
+  orthonormal fp32 U, Vh (one QR per module, permuted and sign-flipped per layer) and S of a plausible
+  spectrum, with the adapter's u / vh = bf16(U),
   bf16(Vh): the situation of a real checkpoint (bf16 weights, bf16 SVD factors). delta_s ~ N(0, 0.01^2),
   about what 200 Adam steps at lr 7e-5 can reach (|delta| <= steps x lr = 0.014);
 - both forms sample the same prompts with the same key at temperature 1;
@@ -52,11 +53,18 @@ def svd_consistent_model(config, key, dtype):
         # a decaying spectrum with the weight's rms at 0.02 (random_params' scale): sum S^2 = 0.02^2 d_in d_out
         shape = np.linspace(2.0, 0.2, r)
         s = jnp.asarray(shape * 0.02 * np.sqrt(d_in * d_out / np.sum(shape ** 2)), jnp.float32)
+        # one QR per module and side; each layer permutes and sign-flips the factor pairs, which keeps
+        # U and Vh orthonormal and S's pairing (a QR per layer and module took minutes at 4B)
+        ku, kv = jax.random.split(jax.random.fold_in(key, m))
+        u0 = _random_orthonormal(ku, d_out, r, jnp.float32)  # [out,r]
+        vh0 = _random_orthonormal(kv, d_in, r, jnp.float32).T  # [r,in]
         ws, us, vhs = [], [], []
         for layer in range(L):
-            ku, kv = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, m), layer))
-            u = _random_orthonormal(ku, d_out, r, jnp.float32)  # [out,r]
-            vh = _random_orthonormal(kv, d_in, r, jnp.float32).T  # [r,in]
+            kp, ks = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 500 + m), layer))
+            perm = jax.random.permutation(kp, r)
+            sign = jnp.where(jax.random.bernoulli(ks, 0.5, (r,)), 1.0, -1.0)
+            u = u0[:, perm] * sign  # [out,r]: column k of u pairs with row k of vh and S_k
+            vh = vh0[perm] * sign[:, None]  # [r,in]
             ws.append(weight(u, s, vh))
             us.append(u.astype(dtype))
             vhs.append(vh.astype(dtype))
