@@ -143,18 +143,24 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
 
 
 def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int, max_len: int,
-                    prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2, tokens: int | None = None) -> dict:
+                    prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2, tokens: int | None = None,
+                    sampler_form: str = "exact", prefill_rows: int | None = None) -> dict:
     """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
-    decode copies + the group's KV cache + prefill scores; update: params + bases + one micro-batch's
+    decode copies (`qwen3.decode_layers`: the Linear weights and the bases; the factored form copies the
+    bases only) + the group's KV cache + the prefill scores of `prefill_rows` rows (default: the group;
+    the refill schedule prefills refill_rows at a time); update: params + bases + one micro-batch's
     saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
-    policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.)"""
+    policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
+    not modelled either: the measured sampler peaks were 4.5 GB (exact, 96 slots) and 1.1 GB (factored,
+    128 slots) above this estimate (H200, session 8)."""
     p = linear_params(config)
     L, D, V, F = config.num_hidden_layers, config.hidden_size, config.vocab_size, config.intermediate_size
     weights = (p["p_lin"] + V * D) * bytes_per_el
     bases = (p["p_vh"] + p["p_u"]) * bytes_per_el
     kv = 2 * L * n_rows_group * cache_slots * config.num_key_value_heads * config.head_dim * bytes_per_el
-    scores = n_rows_group * config.num_attention_heads * prefill_chunk * prompt_bucket * 4 * 2
-    sample = 2 * (weights + bases) + kv + scores
+    scores = (n_rows_group if prefill_rows is None else prefill_rows) * config.num_attention_heads * prefill_chunk * prompt_bucket * 4 * 2
+    copies = bases + (0 if sampler_form == "factored" else p["p_lin"] * bytes_per_el)
+    sample = weights + bases + copies + kv + scores
     tokens = microbatch * max_len if tokens is None else tokens  # one micro-batch (or its token budget)
     update = (weights + bases + L * tokens * D * bytes_per_el  # saved layer inputs
               + tokens * (2 * F + 4 * D) * bytes_per_el * 3  # one layer's recompute and its gradient
@@ -281,7 +287,9 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     mb_tokens = cfg.microbatch * max_len if cfg.microbatch_tokens is None else min(cfg.microbatch_tokens,
                                                                                    cfg.microbatch * max_len)
     mem = {sched: memory_estimate(config, batch[sched] // n_dev, S, cfg.microbatch, max_len,
-                                  min(args.prefill_chunk, P), P, 2 if not args.tiny else 4, tokens=mb_tokens)
+                                  min(args.prefill_chunk, P), P, 2 if not args.tiny else 4, tokens=mb_tokens,
+                                  sampler_form=cfg.sampler_form,
+                                  prefill_rows=args.refill_rows if sched == "refill" else None)
            for sched in schedules}
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
                        args.hbm_tbps * 1e12, slots=B_slots, sampler_form=cfg.sampler_form)
