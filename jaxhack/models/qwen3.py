@@ -196,7 +196,7 @@ def decode_layers(params: Params, adapters: dict | None = None, factored: bool =
     as ((x Vh^T) * (S + delta_s + delta_s_hack)) U^T from its factors, with S = `factored_scales`, and
     its weight is not copied: 2 matmuls reading |U| + |Vh| instead of 3 reading |W| + |U| + |Vh|
     (Qwen3-4B: 9.8 instead of 17.1 GB per decode step). Equal to the exact form when u / vh are the
-    weight's SVD, up to the rounding of the factors to their dtype (bf16: a relative ~1e-3 change of
+    weight's SVD, up to the rounding of the factors to their dtype (bf16: a relative ~3e-3 change of
     every weight, the size of bf16 quantisation itself). A factored module's dict is {"u", "vh",
     "factor_scale"} (the q/k/v and gate/up Vh factors concatenated once into "qkv_proj_vh" /
     "gate_up_proj_vh" when all of a group is factored). LoRA modules stay exact."""
