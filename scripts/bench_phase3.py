@@ -45,7 +45,8 @@ mesh with `mesh`, `n_devices` and `scaling_efficiency` = step_s(1 device) / (N s
 the data=1 line of the same call (`device_scaling_efficiency`: the same without the host-side grading,
 which does not shard). On a mesh the sampler's rows, the reference pass and the update's micro-batches
 are sharded over the devices exactly as `jaxhack train --mesh` does: sample_rows and microbatch are per
-device, params / adapter / optimizer state replicated.
+device, params / adapter / optimizer state replicated; the refill sampler cuts the rows into one part
+per device and each device refills its own sample_rows slots (`refill.generate_slots_on_devices`).
 
     PYTHONPATH=. python scripts/bench_phase3.py --regime realistic --meshes data=1 data=2 data=4  # 4 GPUs
     PYTHONPATH=. python scripts/bench_phase3.py --tiny --regime worst --grade none --cpu-devices 4 \
@@ -279,11 +280,9 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     schedules = ("groups", "refill") if args.sampler == "both" else (args.sampler,)
     if args.learner_only:  # no sampler: completions of the regime's lengths, random tokens
         schedules = ("none",)
-    if mesh is not None and "refill" in schedules:
-        raise ValueError("the refill sampler is single-device: pass --sampler groups with --mesh / --meshes")
     # refill: sample_rows slots (at most the padded batch); groups: B_groups rows per group
-    B_slots = min(args.sample_rows, sampler.batch_bucket(N))
-    batch = {"groups": B_groups, "refill": B_slots, "none": 0}
+    B_slots = min(args.sample_rows, sampler.batch_bucket(-(-N // n_dev)))  # refill: slots per device
+    batch = {"groups": B_groups, "refill": B_slots * n_dev, "none": 0}
     mb_tokens = cfg.microbatch * max_len if cfg.microbatch_tokens is None else min(cfg.microbatch_tokens,
                                                                                    cfg.microbatch * max_len)
     mem = {sched: memory_estimate(config, batch[sched] // n_dev, S, cfg.microbatch, max_len,
@@ -455,9 +454,9 @@ def main(argv=None) -> int:
                          "slots, groups 3 of 86 rows (88 padded); KV cache ~27-29 GB; tiny 4")
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--sampler", choices=("refill", "groups", "both"), default=None,
-                    help="sampler schedule: refill (slots refilled as rows finish; the trainer's for the full "
-                         "preset on one device), groups (row groups, each until its longest row: the old path, "
-                         "and the one that shards over a mesh), both (default: refill; groups with --mesh(es))")
+                    help="sampler schedule: refill (slots refilled as rows finish, each device its own slots "
+                         "on a mesh: the trainer's for the full preset), groups (row groups, each until its "
+                         "longest row: the old path), both (default: refill)")
     ap.add_argument("--refill-rows", type=int, default=8, help="refill: rows prefilled per refill")
     ap.add_argument("--max-new", type=int, default=None, help="override max_new (preset 1536; tiny 24); the "
                     "realistic lengths scale with it (Gamma scale 125 max_new / 1536)")
@@ -491,7 +490,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="append JSON lines here (default docs/results/bench_phase3.jsonl; "
                                                 "tiny: not written unless given)")
     args = ap.parse_args(argv)
-    args.sampler = args.sampler or ("groups" if args.mesh or args.meshes else "refill")
+    args.sampler = args.sampler or "refill"
     if args.tiny:
         args.prompt_len = args.prompt_len or 12
         args.sample_rows = args.sample_rows or 4

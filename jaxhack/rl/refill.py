@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import chex
 import jax
@@ -188,9 +189,10 @@ def schedule_decode_steps(lengths, slots: int, refill_rows: int) -> int:
 def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, caps: np.ndarray,
                    eos: np.ndarray, pad_id: int, key, mode: int, temperature: float, top_p: float, *,
                    config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
-                   refill_rows: int, factored: bool = False):
+                   refill_rows: int, factored: bool = False, row_offset: int = 0):
     """The host loop. prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
-    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored: `qwen3.decode_layers(factored=)`.
+    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored: `qwen3.decode_layers(factored=)`; row_offset: row i draws with the key of row
+    row_offset + i (a device's part of the rows, `generate_slots_on_devices`).
     Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order, and
     the number of decode steps run (each a forward over all B slots)."""
     N, P = prompt_tokens.shape
@@ -223,7 +225,7 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
             row_caps = np.ones((R,), np.int32)
             row_caps[:k] = caps[next_row:next_row + k]
             state, previous = _refill_jit(state, dparams, layer_adapters, jnp.asarray(toks), jnp.asarray(msk),
-                                          jnp.asarray(idx), jnp.asarray(rows), jnp.asarray(row_caps),
+                                          jnp.asarray(idx), jnp.asarray(rows + row_offset), jnp.asarray(row_caps),
                                           jnp.int32(pad_id), config=config, prefill_chunk=prefill_chunk)
             evicted = slot_row[chosen]
             if (evicted >= 0).any():
@@ -252,3 +254,40 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
         collect(rows, previous, where)
     collect(slot_row, (state.tokens, state.logprobs, state.step, state.eos), np.flatnonzero(slot_row >= 0))
     return out_tokens, out_logp, lengths, finished, int(state.n_steps)
+
+
+def _on_device(x, device):
+    """x on `device`: the shard a replicated jax.Array already holds there (no copy), else a device_put."""
+    if isinstance(x, jax.Array):
+        for shard in x.addressable_shards:
+            if shard.device == device and shard.data.shape == x.shape:
+                return shard.data
+    return jax.device_put(x, device)
+
+
+def generate_slots_on_devices(devices, params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
+                              caps: np.ndarray, eos: np.ndarray, pad_id: int, key, mode: int, temperature: float,
+                              top_p: float, *, slots: int, **kwargs):
+    """Data-parallel refill: the N rows are cut into len(devices) consecutive parts of near-equal size and
+    device d runs `generate_slots` on its part (its own `slots` decode slots, its own host loop, in a
+    thread of its own) with its copy of params / adapters (the replicated arrays' shards on d). Row i
+    keeps its key (row_offset), so the tokens are one device's. One process's devices only (threads).
+    Returns as `generate_slots`, the rows in order; the decode steps are the largest device's count."""
+    N = len(prompt_tokens)
+    bounds = np.linspace(0, N, len(devices) + 1).round().astype(int)  # [D+1] part boundaries
+
+    def run(d: int):
+        start, stop = int(bounds[d]), int(bounds[d + 1])
+        if start == stop:
+            return None
+        device = devices[d]
+        local = lambda tree: jax.tree.map(lambda x: _on_device(x, device), tree)  # noqa: E731
+        with jax.default_device(device):
+            return generate_slots(local(params), local(adapters), prompt_tokens[start:stop], prompt_mask[start:stop],
+                                  caps[start:stop], eos, pad_id, _on_device(key, device), mode, temperature, top_p,
+                                  slots=slots, row_offset=start, **kwargs)
+
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        parts = [part for part in pool.map(run, range(len(devices))) if part is not None]
+    tokens, logprobs, lengths, finished = (np.concatenate([part[i] for part in parts]) for i in range(4))
+    return tokens, logprobs, lengths, finished, max(part[4] for part in parts)

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
-from jaxhack.rl.refill import generate_slots
+from jaxhack.rl.refill import generate_slots, generate_slots_on_devices
 from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, TEMPERATURE, next_tokens, prefill, row_keys,  # noqa: F401
                                  sample_from_logits)
 from jaxhack.parallel import mesh as meshlib
@@ -203,12 +203,14 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     schedule: "groups" (row groups of <= max_rows, each decoding until its longest row is done),
     "refill" (`refill.py`: max_rows decode slots, a finished row's slot takes the next pending row,
     refill_rows rows prefilled at a time) or "auto": refill when max_rows is set and there are more
-    prompts than max_rows, else groups. The schedule changes the cost, not the tokens.
+    prompts than max_rows per device, else groups. The schedule changes the cost, not the tokens.
     mesh: a `jax.sharding.Mesh` with a `data` axis of D devices (`jaxhack.parallel.mesh`): the rows of
     each group are sharded over it (`_sharded_generate`); max_rows is then per device (a group has at
     most max_rows * D rows) and the group's batch is padded to a multiple of D. params / adapters
-    should already be replicated on the mesh. None: one device, as before. The refill schedule is
-    single-device for now: with a mesh "auto" means groups, and "refill" is refused.
+    should already be replicated on the mesh. None: one device, as before. The refill schedule on a
+    mesh (one process's devices): the rows are cut into D consecutive parts and each device refills its
+    own max_rows slots from its part (`refill.generate_slots_on_devices`); with several processes the
+    mesh runs row groups ("auto") and "refill" is refused.
     form: "exact" (every Linear as in training: x W + the adapter's delta) or "factored" (each
     SVD-adapted Linear from its factors, ((x Vh^T) * (S + delta)) U^T: 43% fewer weight bytes per
     decode step at Qwen3-4B; equal to "exact" when u / vh are the weights' SVD, up to the rounding of
@@ -253,19 +255,25 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     # token ids are traced: drop them from the static config so changing them never recompiles
     model_config = dataclasses.replace(config, eos_token_ids=(), bos_token_id=None, pad_token_id=None)
     mode = GREEDY if temperature == 0.0 else (NUCLEUS if top_p < 1.0 else TEMPERATURE)
-    if schedule == "refill" and mesh is not None:
-        raise ValueError("generate: the refill schedule is single-device; with a mesh use schedule 'groups' "
-                         "or 'auto'")
+    one_process = jax.process_count() == 1
+    if schedule == "refill" and mesh is not None and not one_process:
+        raise ValueError("generate: the refill schedule runs on one process's devices; with several processes "
+                         "use schedule 'groups' or 'auto'")
     if schedule == "auto":
-        schedule = "refill" if max_rows is not None and n > max_rows and mesh is None else "groups"
+        schedule = "refill" if max_rows is not None and n > max_rows * D and one_process else "groups"
     if schedule == "refill":
-        slots = batch_bucket(n) if max_rows is None else min(max_rows, batch_bucket(n))
+        per_device = -(-n // D)  # rows of the largest device part
+        slots = batch_bucket(per_device) if max_rows is None else min(max_rows, batch_bucket(per_device))
         tokens, mask = left_pad(prompts, P, n, pad_id)
-        out_tokens, out_logp, lengths, finished, steps = generate_slots(
-            params, adapters, tokens, mask, np.minimum(caps, max_new_tokens), eos, pad_id, key, mode,
-            1.0 if mode == GREEDY else temperature, top_p, config=model_config, max_new=int(max_new_tokens),
-            cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=chunk, slots=slots, refill_rows=refill_rows,
-            factored=form == "factored")
+        args = (params, adapters, tokens, mask, np.minimum(caps, max_new_tokens), eos, pad_id, key, mode,
+                1.0 if mode == GREEDY else temperature, top_p)
+        kwargs = dict(config=model_config, max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype),
+                      prefill_chunk=chunk, slots=slots, refill_rows=refill_rows, factored=form == "factored")
+        if mesh is None:
+            out_tokens, out_logp, lengths, finished, steps = generate_slots(*args, **kwargs)
+        else:
+            out_tokens, out_logp, lengths, finished, steps = generate_slots_on_devices(list(mesh.devices.flat),
+                                                                                        *args, **kwargs)
         return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
                             finished=finished, decode_steps=steps)
     outs, steps = [], 0
