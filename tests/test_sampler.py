@@ -442,3 +442,39 @@ def test_factored_form_leaves_lora_exact(params):
     factored = sampler.generate(params, CONFIG, PROMPTS, form="factored", **kw)
     np.testing.assert_array_equal(factored.tokens, exact.tokens)
     np.testing.assert_array_equal(factored.logprobs, exact.logprobs)
+
+
+def test_refill_on_devices_raises_a_parts_error_and_stops_the_others(params, monkeypatch):
+    """generate_slots_on_devices (here twice the one CPU device): an error in one device's part reaches
+    the caller, the other parts' loops stop at their next round (the stop flag: SamplingStopped), and
+    without an error the parts give generate_slots' rows."""
+    import threading
+
+    from jaxhack.rl import refill
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 200, n).tolist() for n in rng.integers(1, 30, 6)]
+    tokens, mask = sampler.left_pad(prompts, 64, 6, 0)
+    eos = np.full((sampler.MAX_EOS_IDS,), -1, np.int32)
+    args = (params, None, tokens, mask, np.full((6,), 5, np.int32), eos, 0, jax.random.PRNGKey(2), sampler.TEMPERATURE,
+            1.0, 1.0)
+    kw = dict(config=CONFIG, max_new=5, cache_dtype=jnp.float32, prefill_chunk=32, slots=2, refill_rows=1)
+    device = jax.devices()[0]
+    whole = refill.generate_slots(*args, **kw)
+    split = refill.generate_slots_on_devices([device, device], *args, **kw)
+    for a, b in zip(whole[:4], split[:4]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(refill.SamplingStopped):
+        refill.generate_slots(*args, stop=stop, **kw)
+    inner = refill.generate_slots
+
+    def failing(*a, row_offset=0, **k):
+        if row_offset == 0:
+            raise ValueError("boom on the first part")
+        return inner(*a, row_offset=row_offset, **k)
+
+    monkeypatch.setattr(refill, "generate_slots", failing)
+    with pytest.raises(ValueError, match="boom on the first part"):
+        refill.generate_slots_on_devices([device, device], *args, **kw)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import chex
@@ -189,10 +190,12 @@ def schedule_decode_steps(lengths, slots: int, refill_rows: int) -> int:
 def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, caps: np.ndarray,
                    eos: np.ndarray, pad_id: int, key, mode: int, temperature: float, top_p: float, *,
                    config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
-                   refill_rows: int, factored: bool = False, row_offset: int = 0):
+                   refill_rows: int, factored: bool = False, row_offset: int = 0, stop=None):
     """The host loop. prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
     (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored: `qwen3.decode_layers(factored=)`; row_offset: row i draws with the key of row
-    row_offset + i (a device's part of the rows, `generate_slots_on_devices`).
+    row_offset + i (a device's part of the rows, `generate_slots_on_devices`); stop: a threading.Event
+    checked between refills and rounds (set: raise `SamplingStopped`; the other devices' loops after one
+    device failed or Ctrl-C).
     Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order, and
     the number of decode steps run (each a forward over all B slots)."""
     N, P = prompt_tokens.shape
@@ -210,6 +213,8 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
     handed_back = []  # (rows [k], device outputs of R slots, k): outputs of rows whose slot was refilled
     next_row = 0
     while True:
+        if stop is not None and stop.is_set():
+            raise SamplingStopped("sampling stopped: another device's part failed or was interrupted")
         pending = N - next_row
         free = np.flatnonzero(done)
         if pending and len(free) >= min(R, pending):
@@ -256,6 +261,10 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
     return out_tokens, out_logp, lengths, finished, int(state.n_steps)
 
 
+class SamplingStopped(RuntimeError):
+    """A device's refill loop stopped because another device's part failed (or Ctrl-C)."""
+
+
 def _on_device(x, device):
     """x on `device`: the shard a replicated jax.Array already holds there (no copy), else a device_put."""
     if isinstance(x, jax.Array):
@@ -277,17 +286,22 @@ def generate_slots_on_devices(devices, params, adapters, prompt_tokens: np.ndarr
     bounds = np.linspace(0, N, len(devices) + 1).round().astype(int)  # [D+1] part boundaries
 
     def run(d: int):
-        start, stop = int(bounds[d]), int(bounds[d + 1])
-        if start == stop:
+        start, end = int(bounds[d]), int(bounds[d + 1])
+        if start == end:
             return None
         device = devices[d]
         local = lambda tree: jax.tree.map(lambda x: _on_device(x, device), tree)  # noqa: E731
         with jax.default_device(device):
-            return generate_slots(local(params), local(adapters), prompt_tokens[start:stop], prompt_mask[start:stop],
-                                  caps[start:stop], eos, pad_id, _on_device(key, device), mode, temperature, top_p,
-                                  slots=slots, row_offset=start, **kwargs)
+            return generate_slots(local(params), local(adapters), prompt_tokens[start:end], prompt_mask[start:end],
+                                  caps[start:end], eos, pad_id, _on_device(key, device), mode, temperature, top_p,
+                                  slots=slots, row_offset=start, stop=stop, **kwargs)
 
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=len(devices)) as pool:
-        parts = [part for part in pool.map(run, range(len(devices))) if part is not None]
+        try:
+            parts = [part for part in pool.map(run, range(len(devices))) if part is not None]
+        except BaseException:  # a device's error or Ctrl-C: the other loops stop at their next round
+            stop.set()
+            raise
     tokens, logprobs, lengths, finished = (np.concatenate([part[i] for part in parts]) for i in range(4))
     return tokens, logprobs, lengths, finished, max(part[4] for part in parts)
