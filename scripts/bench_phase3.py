@@ -257,7 +257,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     n_dev = 1 if mesh is None else int(mesh.shape["data"])
     # the trainer's own reference pass and update (rl/learner.py); "fixed": every micro-batch padded to
     # prompt + max_new (a length multiple no row reaches), "bucketed": cut to length_multiple
-    multiple = (args.length_multiple or cfg.length_multiple) if args.update == "bucketed" else 1 << 30
+    multiple = cfg.length_multiple if args.update == "bucketed" else 1 << 30  # train_config applied --length-multiple
     cfg = dataclasses.replace(cfg, length_multiple=multiple)
     update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack, cfg.length_multiple, mesh,
                                        cfg.microbatch_tokens)

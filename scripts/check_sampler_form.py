@@ -39,7 +39,7 @@ def svd_consistent_model(config, key, dtype):
     import jax.numpy as jnp
 
     from jaxhack.models.adapters import module_dims
-    from jaxhack.models.random_init import _random_orthonormal, random_params
+    from jaxhack.models.random_init import random_orthonormal, random_params
 
     params = random_params(config, key, dtype)
 
@@ -56,8 +56,8 @@ def svd_consistent_model(config, key, dtype):
         # one QR per module and side; each layer permutes and sign-flips the factor pairs, which keeps
         # U and Vh orthonormal and S's pairing (a QR per layer and module took minutes at 4B)
         ku, kv = jax.random.split(jax.random.fold_in(key, m))
-        u0 = _random_orthonormal(ku, d_out, r, jnp.float32)  # [out,r]
-        vh0 = _random_orthonormal(kv, d_in, r, jnp.float32).T  # [r,in]
+        u0 = random_orthonormal(ku, d_out, r, jnp.float32)  # [out,r]
+        vh0 = random_orthonormal(kv, d_in, r, jnp.float32).T  # [r,in]
         ws, us, vhs = [], [], []
         for layer in range(L):
             kp, ks = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 500 + m), layer))

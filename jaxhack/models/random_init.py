@@ -54,7 +54,7 @@ def random_svd_adapter(params: dict, key: jax.Array, dtype=jnp.bfloat16, targets
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "cols", "dtype"))
-def _random_orthonormal(key, rows: int, cols: int, dtype) -> jax.Array:
+def random_orthonormal(key, rows: int, cols: int, dtype) -> jax.Array:
     """[rows, cols] with orthonormal columns (rows >= cols), QR of a Gaussian, cast to dtype."""
     q, _ = jnp.linalg.qr(jax.random.normal(key, (rows, cols), jnp.float32))
     return q.astype(dtype)
@@ -73,8 +73,8 @@ def random_orthonormal_svd_adapter(params: dict, key: jax.Array, targets=TARGET_
         for layer in range(L):
             k = jax.random.fold_in(jax.random.fold_in(key, m_index), layer)
             ku, kv = jax.random.split(k)
-            us.append(_random_orthonormal(ku, d_out, r, dtype))  # [out, r]
-            vhs.append(_random_orthonormal(kv, d_in, r, dtype).T)  # [r, in]
+            us.append(random_orthonormal(ku, d_out, r, dtype))  # [out, r]
+            vhs.append(random_orthonormal(kv, d_in, r, dtype).T)  # [r, in]
         frozen[name] = {"u": jnp.stack(us), "vh": jnp.stack(vhs)}
         trainable[name] = {"delta_s": jnp.zeros((L, r), jnp.float32),
                            "delta_s_hack": jnp.zeros((L, r), jnp.float32)}

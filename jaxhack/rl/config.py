@@ -21,9 +21,9 @@ from jaxhack.env.hints import MODES
 from jaxhack.models.qwen3 import REMAT_POLICIES
 from jaxhack.parallel.mesh import parse_mesh_spec
 from jaxhack.projection.arms import ARM_NAMES, ARMS  # noqa: F401  (re-exported)
+from jaxhack.rl.sampler import SAMPLER_FORMS
 
 OLD_LOGP_SOURCES = ("current", "sampler")
-SAMPLER_FORMS = ("exact", "factored")  # = rl.sampler.SAMPLER_FORMS (config imports no model code)
 
 
 class ConfigError(ValueError):
