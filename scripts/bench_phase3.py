@@ -490,6 +490,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="append JSON lines here (default docs/results/bench_phase3.jsonl; "
                                                 "tiny: not written unless given)")
     args = ap.parse_args(argv)
+    for flag in ("sample_rows", "refill_rows", "prefill_chunk", "steps", "prompt_len", "max_new", "prompts_per_step"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.warmup < 0:
+        print(f"error: --warmup must be >= 0, got {args.warmup}", file=sys.stderr)
+        return 2
     args.sampler = args.sampler or "refill"
     if args.tiny:
         args.prompt_len = args.prompt_len or 12

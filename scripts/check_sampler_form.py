@@ -113,6 +113,10 @@ def main(argv=None) -> int:
                     help="Qwen3-4B's widths at this depth (bf16; e.g. 2 on a CPU: the rounding of 2 of 36 layers)")
     ap.add_argument("--out", default=None, help="append the JSON line here")
     args = ap.parse_args(argv)
+    for flag in ("rows", "prompt_len", "new_tokens", "layers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
     import jax
     import jax.numpy as jnp

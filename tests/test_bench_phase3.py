@@ -103,3 +103,19 @@ def test_tiny_learner_only_with_token_budget(tmp_path):
     assert rec["microbatch"] == 4 and rec["microbatch_tokens"] == 32 and rec["remat"] == "linear"
     assert rec["learner_floor_s"] == rec["floor"]["ref_s"] + rec["floor"]["update_s"] > 0
     assert rec["ref_s"] > 0 and rec["update_s"] > 0 and 0 < rec["fraction_of_learner_floor"] < 1
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--sample-rows", "0"], "--sample-rows must be >= 1, got 0"),
+    (["--refill-rows", "-1"], "--refill-rows must be >= 1, got -1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--sampler-form", "exact", "--microbatch-tokens", "0"], "--microbatch-tokens must be >= 1"),
+])
+def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv, words):
+    """A bad number is refused in one line, exit 2, before any weights are built and with nothing
+    written (it used to be silently replaced by the default: --sample-rows 0 ran 96 slots)."""
+    out = tmp_path / "p3.jsonl"
+    assert load().main(["--tiny", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()
