@@ -65,6 +65,13 @@ def test_meshes_1_and_8_give_the_same_metrics(runs):
     assert runs["run_json_mesh"]["data8"]["axes"] == {"data": 8}
 
 
+def test_refill_sampler_on_a_mesh_trains_like_one_device(runs):
+    """The trainer on mesh data=2 with 1 refill slot per device (4 sampled rows per step: the rows split
+    over the devices, each refilling its own slot) gives the one-device run's metrics."""
+    assert runs["refill_calls_data2"] == [2, 2]  # both steps sampled through the per-device refill
+    assert_same_metrics(runs["none"], runs["data2_refill"], "data=2, refill sampler")
+
+
 def test_checkpoints_resume_across_meshes(runs):
     assert_same_metrics(runs["none"], runs["8to1"], "saved on data=8, resumed without a mesh")
     assert_same_metrics(runs["none"], runs["1to8"], "saved without a mesh, resumed on data=8")
