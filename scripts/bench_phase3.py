@@ -16,7 +16,8 @@ grads.losses.grpo_batch_loss and rl.learner.make_optimizer with the v_hack proje
   run per row, as a policy that writes code would cost). --grade none skips it.
 - reference log-probs and update: length-bucketed micro-batches (jaxhack.grads.microbatch): rows sorted
   by real length, `microbatch` rows at a time (at most microbatch_tokens // T rows at T positions:
-  the preset's token budget), each micro-batch cut to its longest row rounded up to 512;
+  the preset's token budget), each micro-batch cut to its longest row rounded up to the preset's
+  length_multiple (128);
   reference = base model forward (vocab-chunked log-probs); update = value_and_grad of the
   Dr.GRPO loss summed over micro-batches, then clip -> v_hack projection -> AdamW (jitted).
   These are the trainer's own functions (rl/learner.reference_logp, rl/learner.make_update_fn).
@@ -468,12 +469,12 @@ def main(argv=None) -> int:
                          "to prompt + max_new (the trainer before length bucketing)")
     ap.add_argument("--length-multiple", type=int, default=None,
                     help="micro-batch lengths round up to this (default: the preset's length_multiple)")
-    ap.add_argument("--sampler-form", choices=("exact", "factored"), default=None,
+    ap.add_argument("--sampler-form", default=None,
                     help="exact (default): x W + the adapter, as trained; factored: SVD-adapted Linears from "
                          "their factors (fewer bytes per decode step; rl/sampler.generate)")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (linear) for the update")
-    ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (8)")
+    ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (32)")
     ap.add_argument("--microbatch-tokens", type=int, default=None,
                     help="token budget of a micro-batch: at T positions at most this // T rows (TrainConfig)")
     ap.add_argument("--learner-only", action="store_true",
@@ -490,7 +491,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="append JSON lines here (default docs/results/bench_phase3.jsonl; "
                                                 "tiny: not written unless given)")
     args = ap.parse_args(argv)
-    for flag in ("sample_rows", "refill_rows", "prefill_chunk", "steps", "prompt_len", "max_new", "prompts_per_step"):
+    # flags that bypass TrainConfig (max_new, prompts_per_step, sampler_form ... are checked by it: train_config)
+    for flag in ("sample_rows", "refill_rows", "prefill_chunk", "steps", "prompt_len"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             print(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)

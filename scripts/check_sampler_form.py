@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -76,16 +77,13 @@ def svd_consistent_model(config, key, dtype):
     return params, trainable, frozen
 
 
-def learner_logprobs(params, config, adapters, prompts, result):
-    """The learner's log-prob of each sampled completion token: [N, max_new] (0 past the length)."""
+@functools.lru_cache(maxsize=None)
+def _logp_fn(config):
+    """The learner's jitted per-token log-probs for `config`, built once (both forms' tokens use it)."""
     import jax
     import jax.numpy as jnp
 
-    from jaxhack.grads.batch import make_batch
     from jaxhack.models import qwen3
-
-    comps = [result.tokens[i, :n].tolist() for i, n in enumerate(result.lengths)]
-    batch = make_batch(prompts, comps, pad_id=0, padding="right", pad_multiple=64)
 
     @jax.jit
     def logp(params, adapters, tokens, mask):  # weights as arguments: a closure would embed them as constants
@@ -93,6 +91,19 @@ def learner_logprobs(params, config, adapters, prompts, result):
                                   attention="causal" if jax.default_backend() == "gpu" else "masked")
         return qwen3.token_logprobs(params, config, hidden, jnp.roll(tokens, -1, axis=1))  # [N,T]: of token t+1
 
+    return logp
+
+
+def learner_logprobs(params, config, adapters, prompts, result):
+    """The learner's log-prob of each sampled completion token: [N, max_new] (0 past the length)."""
+    import jax.numpy as jnp
+
+    from jaxhack.grads.batch import make_batch
+
+    comps = [result.tokens[i, :n].tolist() for i, n in enumerate(result.lengths)]
+    batch = make_batch(prompts, comps, pad_id=0, padding="right", pad_multiple=64)
+
+    logp = _logp_fn(config)
     out = np.zeros(result.tokens.shape, np.float32)
     for start in range(0, len(prompts), 16):  # 16 rows at a time
         sl = slice(start, start + 16)
@@ -116,7 +127,8 @@ def main(argv=None) -> int:
     for flag in ("rows", "prompt_len", "new_tokens", "layers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+            print(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+            return 2
 
     import jax
     import jax.numpy as jnp
