@@ -6,8 +6,9 @@ contiguous. Reading only those slots is what makes decoding fast: at step t the 
 never read, where a masked einsum over the whole static cache reads all of them.
 
 - GPU, bf16/fp16: JAX's Pallas flash-decoding kernel (`jax.experimental.pallas.ops.gpu.decode_attention
-  .gqa`): the key axis is split into blocks of 128 slots, one program per (row, KV head, block); blocks
-  past `end` exit at once.
+  .gqa`): the key axis is split into parts of `split` slots, one program per (row, KV head, part); parts
+  past `end` exit at once. The tiles come from `decode_tiles` (measured:
+  scripts/bench_decode_kernels.py, docs/benchmarks.md).
 - elsewhere: the same function as a masked softmax over all S slots (`decode_attention_reference`).
 """
 from __future__ import annotations
@@ -16,8 +17,22 @@ import chex
 import jax
 import jax.numpy as jnp
 
-SPLIT = 128  # cache slots per Pallas program; the cache length must be a multiple (sampler pads to it)
+SPLIT = 128  # the cache length must be a multiple of this (the sampler pads to it)
 BLOCK_K = 64  # slots per inner iteration of a program
+ONE_PART_MIN_PROGRAMS = 512  # (row, KV head) pairs from which one program each fills the GPU
+
+
+def decode_tiles(cache_len: int, programs: int) -> dict:
+    """The Pallas kernel's tiles for a cache of cache_len slots and `programs` = rows x KV heads.
+
+    With at least ONE_PART_MIN_PROGRAMS pairs (batch >= 64 at Qwen3's 8 KV heads) each pair is one
+    program over all its live slots (k_splits = 1), so no partial outputs are combined afterwards:
+    generation at batch 64 / 256 ran 4.6% / 5.6% faster than with parts of 128 slots (H200, same
+    call, docs/benchmarks.md "Session 9"). With fewer pairs a program per pair would leave SMs idle,
+    so the key axis is cut into parts of SPLIT slots (flash-decoding)."""
+    if programs >= ONE_PART_MIN_PROGRAMS:
+        return {"split": cache_len, "block_k": BLOCK_K, "num_warps": 4, "num_stages": 2}
+    return {"split": SPLIT, "block_k": BLOCK_K, "num_warps": 4, "num_stages": 2}
 
 
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
@@ -45,11 +60,12 @@ def default_implementation(dtype, cache_len: int) -> str:
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, end: jax.Array,
-                     implementation: str | None = None) -> jax.Array:
+                     implementation: str | None = None, tiles: dict | None = None) -> jax.Array:
     """q: [B,Hq,hd]; k, v: [B,Hkv,S,hd]; start, end: [B] int32 -> [B,Hq,hd] in q's dtype.
 
     implementation: None (default_implementation), 'pallas' (GPU kernel), 'interpret' (the same
     Pallas kernel run by the interpreter: any backend, slow; for tests) or 'xla' (the reference).
+    tiles: the kernel's {"split", "block_k", "num_warps", "num_stages"} (default `decode_tiles`).
     """
     B, Hq, hd = q.shape
     chex.assert_rank([k, v], 4)
@@ -69,7 +85,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
     from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
     # gqa takes [B,S,Hkv,hd] and swaps to [B,Hkv,S,hd] inside: the two transposes cancel in XLA
+    tiles = decode_tiles(S, B * Hkv) if tiles is None else tiles
+    if S % tiles["split"] or tiles["split"] % tiles["block_k"]:
+        raise ValueError(f"tiles {tiles}: the cache length {S} must be a multiple of split, and split of block_k")
     out = pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start.astype(jnp.int32),
-                            end.astype(jnp.int32), block_k=BLOCK_K, k_splits=S // SPLIT,
+                            end.astype(jnp.int32), block_k=tiles["block_k"], k_splits=S // tiles["split"],
+                            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
                             interpret=implementation == "interpret")
     return out.astype(q.dtype)

@@ -1,0 +1,337 @@
+"""The decode step's two bandwidth-bound kernels in isolation, against the bytes they must read (GPU).
+
+`matmul`: every Linear of a Qwen3-4B decode step at M rows (exact form: the fused weights q/k/v,
+o, gate/up, down in [K, N]; factored form: the SVD bases in [N, K]), XLA's einsum against a split-K
+Pallas kernel (`skinny_matmul`, below) over a small grid of tile settings. Each timing runs
+L copies of the matmul on L distinct weights in one jitted call (L * |W| >= 512 MB, so nothing is
+served from the 50-60 MB L2), reported per matmul.
+
+`attention`: the decode attention (`jaxhack.models.decode_attention`: JAX's Pallas flash-decoding
+kernel) at B rows over a cache of S slots, each row live over [start, end) with start < 64 and end
+uniform in (start, S] (what a sampler mid-way through a batch holds), over a grid of split / block_k /
+warps / stages. Bytes = the live slots' K and V.
+
+Each line: `fraction_of_bandwidth` = bytes / (time * --hbm-tbps). JSON lines to --out, a table on stdout.
+
+    PYTHONPATH=. python scripts/bench_decode_kernels.py --part matmul attention --hbm-tbps 4.8 \
+        --out docs/results/bench_decode_kernels_h200.jsonl
+    PYTHONPATH=. python scripts/bench_decode_kernels.py --part matmul --rows 16 --small --implementation interpret  # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# name: (K, N, layout) at Qwen3-4B (hidden 2560, q 4096, kv 1024, intermediate 9728)
+MATMULS_4B = {
+    "qkv_proj": (2560, 6144, "kn"), "o_proj": (4096, 2560, "kn"),
+    "gate_up_proj": (2560, 19456, "kn"), "down_proj": (9728, 2560, "kn"),
+    "qkv_vh": (2560, 4608, "nk"), "q_u": (2560, 4096, "nk"), "kv_u": (1024, 1024, "nk"),
+    "o_vh": (4096, 2560, "nk"), "o_u": (2560, 2560, "nk"), "gate_up_vh": (2560, 5120, "nk"),
+    "gate_u": (2560, 9728, "nk"), "down_vh": (9728, 2560, "nk"), "down_u": (2560, 2560, "nk"),
+}
+MATMULS_SMALL = {"kn": (256, 512, "kn"), "nk": (256, 384, "nk")}
+
+
+# ---- the alternative to XLA's matmuls measured here: a split-K Pallas (Triton) kernel --------------
+# y[M, N] = x[M, K] @ W for small M: W streamed in column strips of block_n, the K axis cut into
+# k_splits parts so that a narrow W still gives every SM programs; the parts' fp32 partial sums are
+# added by XLA. Measured against XLA's einsum in session 9 (docs/benchmarks.md); the model does not
+# use it (no consistent gain).
+LAYOUTS = ("kn", "nk")
+
+
+def skinny_matmul_reference(x, w, layout: str = "kn"):
+    """x [M,K] @ W -> [M,N] fp32 (W [K,N] for "kn", [N,K] for "nk")."""
+    import jax.numpy as jnp
+    spec = "mk,kn->mn" if layout == "kn" else "mk,nk->mn"
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _kernel(x_ref, w_ref, o_ref, *, layout: str, block_k: int, k_part: int):
+    """One program: rows [M], output columns [block_n], K slots [split * k_part, (split+1) * k_part).
+    x_ref [M, K]; w_ref [K, block_n] ("kn") or [block_n, K] ("nk"); o_ref [M, block_n] fp32."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    split = pl.program_id(1)
+    M, block_n = o_ref.shape
+
+    def body(i, acc):
+        ks = pl.ds(split * k_part + i * block_k, block_k)
+        xb = x_ref[:, ks]  # [M, block_k]
+        if layout == "kn":
+            wb = w_ref[ks, :]  # [block_k, block_n]
+            return acc + jnp.dot(xb, wb, preferred_element_type=jnp.float32)
+        wb = w_ref[:, ks]  # [block_n, block_k]
+        return acc + jax.lax.dot_general(xb, wb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, k_part // block_k, body, jnp.zeros((M, block_n), jnp.float32))
+    o_ref[...] = acc
+
+
+def skinny_matmul(x, w, layout: str = "kn", *, block_n: int = 64, block_k: int = 128, k_splits: int = 4,
+                  num_warps: int = 4, num_stages: int = 3, implementation: str = "pallas"):
+    """x [M,K] (M a power of two >= 16) @ W -> [M,N] fp32. W [K,N] ("kn") or [N,K] ("nk"); N a
+    multiple of block_n; K a multiple of k_splits * block_k. implementation: "pallas" (GPU),
+    "interpret" (the same kernel by Pallas' interpreter; any backend, for tests) or "xla"."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
+    if implementation == "xla":
+        return skinny_matmul_reference(x, w, layout)
+    if implementation not in ("pallas", "interpret"):
+        raise ValueError(f"implementation={implementation!r}; expected 'pallas', 'interpret' or 'xla'")
+    import chex
+    import jax
+    import jax.numpy as jnp
+
+    chex.assert_rank([x, w], 2)
+    M, K = x.shape
+    N = w.shape[1] if layout == "kn" else w.shape[0]
+    if (w.shape[0] if layout == "kn" else w.shape[1]) != K:
+        raise ValueError(f"x is [M, {K}] but W is {w.shape} with layout {layout!r}")
+    if M & (M - 1) or M < 16:
+        raise ValueError(f"{M} rows: the kernel needs a power of two >= 16 (pad the rows)")
+    if N % block_n or K % (k_splits * block_k):
+        raise ValueError(f"W {w.shape}: N must be a multiple of block_n={block_n} and K of "
+                         f"k_splits*block_k={k_splits * block_k}")
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    k_part = K // k_splits
+    w_block = (K, block_n) if layout == "kn" else (block_n, K)
+    w_index = (lambda n, s: (0, n)) if layout == "kn" else (lambda n, s: (n, 0))
+    partial = pl.pallas_call(
+        functools.partial(_kernel, layout=layout, block_k=block_k, k_part=k_part),
+        grid=(N // block_n, k_splits),
+        in_specs=[pl.BlockSpec((M, K), lambda n, s: (0, 0)), pl.BlockSpec(w_block, w_index)],
+        out_specs=pl.BlockSpec((None, M, block_n), lambda n, s: (s, 0, n)),
+        out_shape=jax.ShapeDtypeStruct((k_splits, M, N), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=implementation == "interpret",
+        name="skinny_matmul",
+    )(x, w.astype(x.dtype))  # [k_splits, M, N]
+    return partial.sum(axis=0)
+
+
+def _time(fn, *args, runs: int) -> float:
+    """Seconds per call of fn(*args): `runs` calls enqueued back to back and waited for once, so the
+    GPU never idles on the host's dispatch between them (throughput, not dispatch latency)."""
+    import jax
+    jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(runs)]
+    jax.block_until_ready(outs)
+    return (time.perf_counter() - t0) / runs
+
+
+def matmul_tiles(K: int, N: int, min_programs: int):
+    """Stage 1 of the tile search: block_n x block_k x k_splits where the shapes divide and the
+    grid has at least min_programs programs (fewer leave SMs idle)."""
+    for block_n, block_k, k_splits in itertools.product((32, 64, 128), (64, 128), (1, 2, 4, 8)):
+        if N % block_n or K % (k_splits * block_k) or (N // block_n) * k_splits < min_programs:
+            continue
+        yield {"block_n": block_n, "block_k": block_k, "k_splits": k_splits, "num_warps": 4, "num_stages": 3}
+
+
+def refinements(config: dict):
+    """Stage 2: the best tile with other warps / pipeline stages."""
+    for num_warps, num_stages in ((4, 4), (8, 3), (8, 4), (4, 2)):
+        yield {**config, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def bench_matmul(args, emit):
+    import jax
+    import jax.numpy as jnp
+
+    shapes = MATMULS_SMALL if args.small else MATMULS_4B
+    names = args.matmuls or list(shapes)
+    rng = jax.random.PRNGKey(0)
+    for name in names:
+        K, N, layout = shapes[name]
+        w_bytes = K * N * 2
+        L = max(1, min(128, math.ceil(args.l2_defeat_mb * 1e6 / w_bytes)))
+        keys = jax.random.split(rng, L)
+        wshape = (K, N) if layout == "kn" else (N, K)
+        ws = [jax.random.normal(k, wshape, jnp.bfloat16) * 0.02 for k in keys]
+        for M in args.rows:
+            xs = [jax.random.normal(k, (M, K), jnp.bfloat16) for k in jax.random.split(keys[0], L)]
+            ref = skinny_matmul_reference(xs[0], ws[0], layout)
+            base = {"part": "matmul", "matmul": name, "M": M, "K": K, "N": N, "layout": layout,
+                    "weights_bytes": w_bytes, "copies": L}
+
+            def run(fn, impl, config):
+                many = jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
+                try:
+                    got = many(xs[:1], ws[:1])[0]
+                    err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+                    s = _time(many, xs, ws, runs=args.runs) / L
+                except Exception as e:  # a tile setting Triton refuses: record it and go on
+                    emit({**base, "impl": impl, "config": config, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    return None
+                rec = {**base, "impl": impl, "config": config, "us": round(s * 1e6, 2), "rel_err": err,
+                       "fraction_of_bandwidth": round(w_bytes / (s * args.hbm_tbps * 1e12), 3)}
+                emit(rec)
+                return rec
+
+            xla = run(lambda x, w: skinny_matmul_reference(x, w, layout), "xla", None)
+            best = None
+            t_end = time.perf_counter() + args.budget_per_shape_s
+            min_programs = 1 if args.small else 128
+            for stage in (1, 2):
+                configs = matmul_tiles(K, N, min_programs) if stage == 1 else refinements(best["config"]) if best else ()
+                for config in configs:
+                    if time.perf_counter() > t_end:
+                        break
+                    rec = run(lambda x, w, c=config: skinny_matmul(x, w, layout, implementation=args.implementation, **c),
+                              "pallas", config)
+                    if rec and (best is None or rec["us"] < best["us"]):
+                        best = rec
+            summary = {"part": "matmul_best", "matmul": name, "M": M, "xla_us": xla and xla["us"],
+                       "xla_fraction": xla and xla["fraction_of_bandwidth"],
+                       "pallas_us": best and best["us"], "pallas_fraction": best and best["fraction_of_bandwidth"],
+                       "pallas_config": best and best["config"]}
+            emit(summary)
+            print(f"{name:>14} M={M:<4} xla {summary['xla_us']} us ({summary['xla_fraction']})  "
+                  f"pallas {summary['pallas_us']} us ({summary['pallas_fraction']}) {summary['pallas_config']}",
+                  flush=True)
+
+
+def attention_tiles(S: int):
+    """Stage 1: split x block_k at 4 warps, 2 stages (JAX's defaults)."""
+    for split, block_k in itertools.product((128, 256, 512, S), (32, 64, 128)):
+        if S % split == 0 and split % block_k == 0:
+            yield {"split": split, "block_k": block_k, "num_warps": 4, "num_stages": 2}
+
+
+def attention_refinements(config: dict):
+    for num_warps, num_stages in ((2, 2), (8, 2), (4, 1), (4, 3), (8, 3)):
+        yield {**config, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def bench_attention(args, emit):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
+
+    from jaxhack.models import decode_attention as da
+
+    Hq, Hkv, hd = (8, 2, 16) if args.small else (32, 8, 128)
+    for B, S in itertools.product(args.batch, args.cache_len):
+        rng = np.random.default_rng(0)
+        start = rng.integers(0, 64, B)
+        end = np.minimum(S, start + 1 + rng.integers(0, S - start))
+        start, end = jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32)
+        live_bytes = int(np.sum(np.asarray(end - start))) * Hkv * hd * 2 * 2
+        k = jax.random.normal(jax.random.PRNGKey(1), (B, Hkv, S, hd), jnp.bfloat16)
+        v = jax.random.normal(jax.random.PRNGKey(2), (B, Hkv, S, hd), jnp.bfloat16)
+        qs = [jax.random.normal(jax.random.PRNGKey(3 + i), (B, Hq, hd), jnp.bfloat16) for i in range(args.attention_calls)]
+        ref = da.decode_attention_reference(qs[0], k, v, start, end).astype(jnp.float32)
+        base = {"part": "attention", "batch": B, "cache_len": S, "live_bytes": live_bytes,
+                "mean_live": float(np.mean(np.asarray(end - start)))}
+
+        def run(fn, impl, config):
+            many = jax.jit(lambda qs, k, v: [fn(q, k, v) for q in qs])
+            try:
+                got = many(qs[:1], k, v)[0].astype(jnp.float32)
+                err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+                s = _time(many, qs, k, v, runs=args.runs) / len(qs)
+            except Exception as e:
+                emit({**base, "impl": impl, "config": config, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                return None
+            rec = {**base, "impl": impl, "config": config, "us": round(s * 1e6, 2), "rel_err": err,
+                   "fraction_of_bandwidth": round(live_bytes / (s * args.hbm_tbps * 1e12), 3)}
+            emit(rec)
+            return rec
+
+        current = run(lambda q, k, v: da.decode_attention(q, k, v, start, end, implementation=args.implementation),
+                      "current", da.decode_tiles(S, B * Hkv))
+        previous = run(lambda q, k, v: pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start, end,
+                                                         block_k=da.BLOCK_K, k_splits=S // da.SPLIT,
+                                                         interpret=args.implementation == "interpret"),
+                       "split128", {"split": da.SPLIT, "block_k": da.BLOCK_K, "num_warps": 4, "num_stages": 2})
+        best = None
+        t_end = time.perf_counter() + args.budget_per_shape_s
+        for stage in (1, 2):
+            configs = attention_tiles(S) if stage == 1 else attention_refinements(best["config"]) if best else ()
+            for c in configs:
+                if time.perf_counter() > t_end:
+                    break
+
+                def fn(q, k, v, c=c):
+                    return pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start, end, block_k=c["block_k"],
+                                             k_splits=S // c["split"], num_warps=c["num_warps"],
+                                             num_stages=c["num_stages"], interpret=args.implementation == "interpret")
+                rec = run(fn, "pallas", c)
+                if rec and (best is None or rec["us"] < best["us"]):
+                    best = rec
+        summary = {"part": "attention_best", "batch": B, "cache_len": S, "split128_us": previous and previous["us"],
+                   "current_us": current and current["us"],
+                   "current_fraction": current and current["fraction_of_bandwidth"],
+                   "best_us": best and best["us"], "best_fraction": best and best["fraction_of_bandwidth"],
+                   "best_config": best and best["config"]}
+        emit(summary)
+        print(f"attention B={B} S={S}: split128 {summary['split128_us']} us, current {summary['current_us']} us ({summary['current_fraction']})  "
+              f"best {summary['best_us']} us ({summary['best_fraction']}) {summary['best_config']}", flush=True)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
+    return value
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", nargs="+", choices=("matmul", "attention"), default=["matmul", "attention"])
+    ap.add_argument("--rows", type=_positive, nargs="+", default=[64, 128], help="matmul rows M (powers of two >= 16)")
+    ap.add_argument("--matmuls", nargs="+", default=None, help=f"subset of {list(MATMULS_4B)}")
+    ap.add_argument("--batch", type=_positive, nargs="+", default=[64, 256], help="attention rows")
+    ap.add_argument("--cache-len", type=_positive, nargs="+", default=[1152, 2048], help="attention cache slots")
+    ap.add_argument("--attention-calls", type=_positive, default=8)
+    ap.add_argument("--runs", type=_positive, default=10)
+    ap.add_argument("--budget-per-shape-s", type=float, default=12.0, help="stop a shape's tile search after this")
+    ap.add_argument("--l2-defeat-mb", type=float, default=2048.0)
+    ap.add_argument("--hbm-tbps", type=float, default=3.35, help="card bandwidth (H100 3.35, H200 4.8)")
+    ap.add_argument("--implementation", choices=("pallas", "interpret"), default="pallas")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test with --implementation interpret)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    shapes = MATMULS_SMALL if args.small else MATMULS_4B
+    bad = [m for m in args.matmuls or [] if m not in shapes]
+    if bad:
+        ap.error(f"--matmuls {bad}: expected some of {list(shapes)}")
+    bad_rows = [m for m in args.rows if m & (m - 1) or m < 16]
+    if bad_rows:
+        ap.error(f"--rows {bad_rows}: expected powers of two >= 16")
+
+    import jax
+    device = jax.devices()[0].device_kind
+    print(f"device: {device}", file=sys.stderr)
+
+    def emit(rec):
+        rec = {**rec, "device": device, "hbm_tbps": args.hbm_tbps}
+        if args.out:
+            from jaxhack.io import append_jsonl
+            append_jsonl(args.out, rec)
+
+    if "matmul" in args.part:
+        bench_matmul(args, emit)
+    if "attention" in args.part:
+        bench_attention(args, emit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
