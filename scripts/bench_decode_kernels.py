@@ -8,8 +8,11 @@ served from the 50-60 MB L2), reported per matmul.
 
 `attention`: the decode attention (`jaxhack.models.decode_attention`: JAX's Pallas flash-decoding
 kernel) at B rows over a cache of S slots, each row live over [start, end) with start < 64 and end
-uniform in (start, S] (what a sampler mid-way through a batch holds), over a grid of split / block_k /
-warps / stages. Bytes = the live slots' K and V.
+uniform in (start, S]: the model's two tilings (`decode_tiles`: parts of 128 slots, and one program
+per (row, KV head), which the model uses when rows decode in lockstep), then a grid of split /
+block_k / warps / stages. Bytes = the live slots' K and V. A kernel-level tie can still differ inside
+the sampler (the refill schedule's rows are at different steps): decide with bench_generate /
+bench_phase3.
 
 Each line: `fraction_of_bandwidth` = bytes / (time * --hbm-tbps). JSON lines to --out, a table on stdout.
 
@@ -254,8 +257,9 @@ def bench_attention(args, emit):
             emit(rec)
             return rec
 
-        current = run(lambda q, k, v: da.decode_attention(q, k, v, start, end, implementation=args.implementation),
-                      "current", da.decode_tiles(S, B * Hkv))
+        one_part = run(lambda q, k, v: da.decode_attention(q, k, v, start, end, implementation=args.implementation,
+                                                           lockstep=True),
+                       "one_part", da.decode_tiles(S, B * Hkv, lockstep=True))
         previous = run(lambda q, k, v: pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start, end,
                                                          block_k=da.BLOCK_K, k_splits=S // da.SPLIT,
                                                          interpret=args.implementation == "interpret"),
@@ -276,12 +280,12 @@ def bench_attention(args, emit):
                 if rec and (best is None or rec["us"] < best["us"]):
                     best = rec
         summary = {"part": "attention_best", "batch": B, "cache_len": S, "split128_us": previous and previous["us"],
-                   "current_us": current and current["us"],
-                   "current_fraction": current and current["fraction_of_bandwidth"],
+                   "one_part_us": one_part and one_part["us"],
+                   "one_part_fraction": one_part and one_part["fraction_of_bandwidth"],
                    "best_us": best and best["us"], "best_fraction": best and best["fraction_of_bandwidth"],
                    "best_config": best and best["config"]}
         emit(summary)
-        print(f"attention B={B} S={S}: split128 {summary['split128_us']} us, current {summary['current_us']} us ({summary['current_fraction']})  "
+        print(f"attention B={B} S={S}: split128 {summary['split128_us']} us, one part {summary['one_part_us']} us ({summary['one_part_fraction']})  "
               f"best {summary['best_us']} us ({summary['best_fraction']}) {summary['best_config']}", flush=True)
 
 

@@ -42,21 +42,22 @@ def test_reference_is_softmax_over_the_live_slots_only():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("programs", [1, ONE_PART_MIN_PROGRAMS])
-def test_pallas_kernel_matches_reference(dtype, programs):
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_pallas_kernel_matches_reference(dtype, lockstep):
     """Both tilings decode_tiles picks: parts of SPLIT slots, and one part per (row, KV head)."""
     q, k, v = _inputs(1, dtype=dtype)
     start, end = jnp.array([0, 3, 129]), jnp.array([200, 129, 256])  # spans, starts and ends inside splits
-    tiles = decode_tiles(k.shape[2], programs)
+    tiles = decode_tiles(k.shape[2], ONE_PART_MIN_PROGRAMS, lockstep)
     ref = np.asarray(decode_attention_reference(q, k, v, start, end), np.float32)
     out = np.asarray(decode_attention(q, k, v, start, end, implementation="interpret", tiles=tiles), np.float32)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert np.linalg.norm(out - ref) <= tol * np.linalg.norm(ref), np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
-def test_tiles_cut_the_keys_only_when_there_are_few_programs():
-    assert decode_tiles(2048, 8 * 8)["split"] == SPLIT  # batch 8 x 8 KV heads: flash-decoding parts
-    assert decode_tiles(2048, 64 * 8)["split"] == 2048  # batch 64: one program per (row, head)
+def test_tiles_keep_the_key_parts_unless_many_rows_decode_in_lockstep():
+    assert decode_tiles(2048, 64 * 8, lockstep=True)["split"] == 2048  # one program per (row, head)
+    assert decode_tiles(2048, 8 * 8, lockstep=True)["split"] == SPLIT  # batch 8: too few programs
+    assert decode_tiles(2048, 128 * 8, lockstep=False)["split"] == SPLIT  # refill: rows at different steps
     q, k, v = _inputs(3)
     with pytest.raises(ValueError, match="multiple of split"):
         decode_attention(q, k, v, jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.int32), implementation="interpret",

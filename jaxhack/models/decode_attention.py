@@ -22,15 +22,18 @@ BLOCK_K = 64  # slots per inner iteration of a program
 ONE_PART_MIN_PROGRAMS = 512  # (row, KV head) pairs from which one program each fills the GPU
 
 
-def decode_tiles(cache_len: int, programs: int) -> dict:
+def decode_tiles(cache_len: int, programs: int, lockstep: bool) -> dict:
     """The Pallas kernel's tiles for a cache of cache_len slots and `programs` = rows x KV heads.
 
-    With at least ONE_PART_MIN_PROGRAMS pairs (batch >= 64 at Qwen3's 8 KV heads) each pair is one
-    program over all its live slots (k_splits = 1), so no partial outputs are combined afterwards:
-    generation at batch 64 / 256 ran 4.6% / 5.6% faster than with parts of 128 slots (H200, same
-    call, docs/benchmarks.md "Session 9"). With fewer pairs a program per pair would leave SMs idle,
-    so the key axis is cut into parts of SPLIT slots (flash-decoding)."""
-    if programs >= ONE_PART_MIN_PROGRAMS:
+    lockstep: every row decodes the same step (one cache_index for all rows, the row-group
+    schedule), so the rows' live lengths differ only by their prompts' padding. Then, with at least
+    ONE_PART_MIN_PROGRAMS pairs (batch >= 64 at Qwen3's 8 KV heads), each pair is one program over
+    all its live slots (k_splits = 1) and no partial outputs are combined afterwards: generation at
+    batch 64 / 256 ran 4.6% / 5.6% faster (H200, same call). Otherwise (the refill schedule, whose
+    rows are at different steps, or few pairs) the key axis is cut into parts of SPLIT slots
+    (flash-decoding), which balances rows of unequal length: one program per pair made the refill
+    sampler 13% slower (22.3 against 19.8 s, H200, same call; docs/benchmarks.md "Session 9")."""
+    if lockstep and programs >= ONE_PART_MIN_PROGRAMS:
         return {"split": cache_len, "block_k": BLOCK_K, "num_warps": 4, "num_stages": 2}
     return {"split": SPLIT, "block_k": BLOCK_K, "num_warps": 4, "num_stages": 2}
 
@@ -60,12 +63,14 @@ def default_implementation(dtype, cache_len: int) -> str:
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, end: jax.Array,
-                     implementation: str | None = None, tiles: dict | None = None) -> jax.Array:
+                     implementation: str | None = None, tiles: dict | None = None,
+                     lockstep: bool = False) -> jax.Array:
     """q: [B,Hq,hd]; k, v: [B,Hkv,S,hd]; start, end: [B] int32 -> [B,Hq,hd] in q's dtype.
 
     implementation: None (default_implementation), 'pallas' (GPU kernel), 'interpret' (the same
     Pallas kernel run by the interpreter: any backend, slow; for tests) or 'xla' (the reference).
-    tiles: the kernel's {"split", "block_k", "num_warps", "num_stages"} (default `decode_tiles`).
+    tiles: the kernel's {"split", "block_k", "num_warps", "num_stages"} (default `decode_tiles`);
+    lockstep: all rows are at the same decode step (see `decode_tiles`).
     """
     B, Hq, hd = q.shape
     chex.assert_rank([k, v], 4)
@@ -85,7 +90,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
     from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
     # gqa takes [B,S,Hkv,hd] and swaps to [B,Hkv,S,hd] inside: the two transposes cancel in XLA
-    tiles = decode_tiles(S, B * Hkv) if tiles is None else tiles
+    tiles = decode_tiles(S, B * Hkv, lockstep) if tiles is None else tiles
     if S % tiles["split"] or tiles["split"] % tiles["block_k"]:
         raise ValueError(f"tiles {tiles}: the cache length {S} must be a multiple of split, and split of block_k")
     out = pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start.astype(jnp.int32),

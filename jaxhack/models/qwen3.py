@@ -264,7 +264,9 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
         else:
             new_kv = None
         if attention_kind == "decode":  # one query per row over its live cache slots only
-            attn = decode_attention(q[:, 0], k_heads, v_heads, *decode_range).reshape(B, T, Hq * hd)
+            # one cache_index for all rows: they decode in lockstep (the kernel's tiles depend on it)
+            attn = decode_attention(q[:, 0], k_heads, v_heads, *decode_range,
+                                    lockstep=jnp.ndim(cache_index) == 0).reshape(B, T, Hq * hd)
         elif key_len is not None:  # static prefix of the slots: scores [B,Hkv,g,T,key_len], not [..,S]
             attn = attention(q, k_heads[:, :, :key_len], v_heads[:, :, :key_len], query_slots,
                              key_mask[:, :key_len], config)
