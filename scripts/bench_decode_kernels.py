@@ -8,10 +8,10 @@ served from the 50-60 MB L2), reported per matmul.
 
 `attention`: the decode attention (`jaxhack.models.decode_attention`: JAX's Pallas flash-decoding
 kernel) at B rows over a cache of S slots, each row live over [start, end) with start < 64 and end
-uniform in (start, S]: the model's two tilings (`decode_tiles`: parts of 128 slots, and one program
-per (row, KV head), which the model uses when rows decode in lockstep), then a grid of split /
-block_k / warps / stages. Bytes = the live slots' K and V. A kernel-level tie can still differ inside
-the sampler (the refill schedule's rows are at different steps): decide with bench_generate /
+uniform in (start, S]: the model's two tilings (`decode_tiles` for rows at different steps, the refill
+schedule: parts of 128 slots; and for rows in lockstep: one program per (row, KV head) from 512 such
+pairs), then a grid of split / block_k / warps / stages. Bytes = the live slots' K and V. A tie here
+can still differ inside the sampler (its rows' lengths are not uniform): decide with bench_generate /
 bench_phase3.
 
 Each line: `fraction_of_bandwidth` = bytes / (time * --hbm-tbps). JSON lines to --out, a table on stdout.
@@ -225,7 +225,6 @@ def bench_attention(args, emit):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
     from jaxhack.models import decode_attention as da
 
@@ -257,13 +256,15 @@ def bench_attention(args, emit):
             emit(rec)
             return rec
 
-        one_part = run(lambda q, k, v: da.decode_attention(q, k, v, start, end, implementation=args.implementation,
-                                                           lockstep=True),
-                       "one_part", da.decode_tiles(S, B * Hkv, lockstep=True))
-        previous = run(lambda q, k, v: pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start, end,
-                                                         block_k=da.BLOCK_K, k_splits=S // da.SPLIT,
-                                                         interpret=args.implementation == "interpret"),
-                       "split128", {"split": da.SPLIT, "block_k": da.BLOCK_K, "num_warps": 4, "num_stages": 2})
+        def attend(tiles):
+            return lambda q, k, v: da.decode_attention(q, k, v, start, end, implementation=args.implementation,
+                                                       tiles=tiles)
+
+        # the model's two tilings (decode_tiles: rows at different steps, rows in lockstep), then the grid
+        model = {}
+        for lockstep, name in ((False, "refill"), (True, "lockstep")):
+            tiles = da.decode_tiles(S, B * Hkv, lockstep)
+            model[name] = run(attend(tiles), f"model_{name}", tiles)
         best = None
         t_end = time.perf_counter() + args.budget_per_shape_s
         for stage in (1, 2):
@@ -271,21 +272,17 @@ def bench_attention(args, emit):
             for c in configs:
                 if time.perf_counter() > t_end:
                     break
-
-                def fn(q, k, v, c=c):
-                    return pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start, end, block_k=c["block_k"],
-                                             k_splits=S // c["split"], num_warps=c["num_warps"],
-                                             num_stages=c["num_stages"], interpret=args.implementation == "interpret")
-                rec = run(fn, "pallas", c)
+                rec = run(attend(c), "pallas", c)
                 if rec and (best is None or rec["us"] < best["us"]):
                     best = rec
-        summary = {"part": "attention_best", "batch": B, "cache_len": S, "split128_us": previous and previous["us"],
-                   "one_part_us": one_part and one_part["us"],
-                   "one_part_fraction": one_part and one_part["fraction_of_bandwidth"],
+        summary = {"part": "attention_best", "batch": B, "cache_len": S,
+                   **{f"{name}_{key}": rec and rec[field] for name, rec in model.items()
+                      for key, field in (("us", "us"), ("fraction", "fraction_of_bandwidth"))},
                    "best_us": best and best["us"], "best_fraction": best and best["fraction_of_bandwidth"],
                    "best_config": best and best["config"]}
         emit(summary)
-        print(f"attention B={B} S={S}: split128 {summary['split128_us']} us, one part {summary['one_part_us']} us ({summary['one_part_fraction']})  "
+        print(f"attention B={B} S={S}: model tiles, rows at different steps {summary['refill_us']} us "
+              f"({summary['refill_fraction']}), in lockstep {summary['lockstep_us']} us ({summary['lockstep_fraction']}); "
               f"best {summary['best_us']} us ({summary['best_fraction']}) {summary['best_config']}", flush=True)
 
 
@@ -319,6 +316,9 @@ def main(argv=None) -> int:
     bad_rows = [m for m in args.rows if m & (m - 1) or m < 16]
     if bad_rows:
         ap.error(f"--rows {bad_rows}: expected powers of two >= 16")
+    bad_lengths = [S for S in args.cache_len if S % 128]
+    if bad_lengths:
+        ap.error(f"--cache-len {bad_lengths}: expected multiples of 128 (the decode kernel's smallest part)")
 
     import jax
     device = jax.devices()[0].device_kind

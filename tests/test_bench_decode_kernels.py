@@ -43,3 +43,7 @@ def test_bad_shapes_and_arguments_are_refused(capsys):
         bench.main(["--rows", "24"])
     assert exit_info.value.code == 2
     assert "--rows [24]: expected powers of two" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--cache-len", "100"])
+    assert exit_info.value.code == 2
+    assert "--cache-len [100]: expected multiples of 128" in capsys.readouterr().err

@@ -89,10 +89,10 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
         raise ValueError(f"cache length {S} is not a multiple of {SPLIT} (the Pallas decode kernel's split)")
     from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
-    # gqa takes [B,S,Hkv,hd] and swaps to [B,Hkv,S,hd] inside: the two transposes cancel in XLA
     tiles = decode_tiles(S, B * Hkv, lockstep) if tiles is None else tiles
     if S % tiles["split"] or tiles["split"] % tiles["block_k"]:
         raise ValueError(f"tiles {tiles}: the cache length {S} must be a multiple of split, and split of block_k")
+    # gqa takes [B,S,Hkv,hd] and swaps to [B,Hkv,S,hd] inside: the two transposes cancel in XLA
     out = pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start.astype(jnp.int32),
                             end.astype(jnp.int32), block_k=tiles["block_k"], k_splits=S // tiles["split"],
                             num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
