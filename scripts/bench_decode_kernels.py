@@ -137,6 +137,25 @@ def _time(fn, *args, runs: int) -> float:
     return (time.perf_counter() - t0) / runs
 
 
+def measure(many, full_args, one_args, calls: int, ref, record: dict, bytes_read: int, args, emit):
+    """Time many(*full_args) (`calls` kernel calls in one jitted program) and check many(*one_args)[0]
+    against ref. Emits and returns the record (us per call, rel_err, fraction_of_bandwidth), or emits
+    an error record and returns None when the kernel does not compile or run (a tile setting Triton
+    refuses): the search goes on."""
+    import jax.numpy as jnp
+    try:
+        got = many(*one_args)[0].astype(jnp.float32)
+        err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+        s = _time(many, *full_args, runs=args.runs) / calls
+    except Exception as e:
+        emit({**record, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        return None
+    record = {**record, "us": round(s * 1e6, 2), "rel_err": err,
+              "fraction_of_bandwidth": round(bytes_read / (s * args.hbm_tbps * 1e12), 3)}
+    emit(record)
+    return record
+
+
 def matmul_tiles(K: int, N: int, min_programs: int):
     """Stage 1 of the tile search: block_n x block_k x k_splits where the shapes divide and the
     grid has at least min_programs programs (fewer leave SMs idle)."""
@@ -174,17 +193,8 @@ def bench_matmul(args, emit):
 
             def run(fn, impl, config):
                 many = jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
-                try:
-                    got = many(xs[:1], ws[:1])[0]
-                    err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-                    s = _time(many, xs, ws, runs=args.runs) / L
-                except Exception as e:  # a tile setting Triton refuses: record it and go on
-                    emit({**base, "impl": impl, "config": config, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-                    return None
-                rec = {**base, "impl": impl, "config": config, "us": round(s * 1e6, 2), "rel_err": err,
-                       "fraction_of_bandwidth": round(w_bytes / (s * args.hbm_tbps * 1e12), 3)}
-                emit(rec)
-                return rec
+                return measure(many, (xs, ws), (xs[:1], ws[:1]), L, ref, {**base, "impl": impl, "config": config},
+                               w_bytes, args, emit)
 
             xla = run(lambda x, w: skinny_matmul_reference(x, w, layout), "xla", None)
             best = None
@@ -244,17 +254,8 @@ def bench_attention(args, emit):
 
         def run(fn, impl, config):
             many = jax.jit(lambda qs, k, v: [fn(q, k, v) for q in qs])
-            try:
-                got = many(qs[:1], k, v)[0].astype(jnp.float32)
-                err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
-                s = _time(many, qs, k, v, runs=args.runs) / len(qs)
-            except Exception as e:
-                emit({**base, "impl": impl, "config": config, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-                return None
-            rec = {**base, "impl": impl, "config": config, "us": round(s * 1e6, 2), "rel_err": err,
-                   "fraction_of_bandwidth": round(live_bytes / (s * args.hbm_tbps * 1e12), 3)}
-            emit(rec)
-            return rec
+            return measure(many, (qs, k, v), (qs[:1], k, v), len(qs), ref, {**base, "impl": impl, "config": config},
+                           live_bytes, args, emit)
 
         def attend(tiles):
             return lambda q, k, v: da.decode_attention(q, k, v, start, end, implementation=args.implementation,

@@ -1,6 +1,9 @@
 """Helpers shared by several test files."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,3 +22,12 @@ def random_params(config, seed=0, std=0.05):
         return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def load_script(name: str):
+    """The module scripts/<name>.py, loaded from its file (scripts/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,21 +2,15 @@
 in both weight layouts, and bad arguments are one-line errors."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode_kernels.py"
+from helpers import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_decode_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_decode_kernels")
 
 
 @pytest.mark.parametrize("layout", ["kn", "nk"])

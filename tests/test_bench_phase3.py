@@ -1,21 +1,16 @@
 """scripts/bench_phase3.py runs end to end at tiny size on CPU and writes its JSON line."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_phase3.py"
+from helpers import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_phase3", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_phase3")
 
 
 def test_tiny_worst_case_step_both_samplers(tmp_path):

@@ -193,18 +193,10 @@ def test_phase1_split_uses_attempted_hack():
 
 def test_phase_scripts_end_to_end(tmp_path, capsys):
     """The per-phase scripts chained as the README shows, on the embedded default."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
-    sys.path.insert(0, str(scripts))
+    from helpers import load_script
 
     def script(name):
-        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.main
+        return load_script(name).main
 
     small = ["--max-prompt-tokens", "32", "--max-completion-tokens", "32", "--remat", "none"]
     for kind in ("teacher", "base"):
