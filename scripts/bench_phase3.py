@@ -46,8 +46,8 @@ mesh with `mesh`, `n_devices` and `scaling_efficiency` = step_s(1 device) / (N s
 the data=1 line of the same call (`device_scaling_efficiency`: the same without the host-side grading,
 which does not shard). On a mesh the sampler's rows, the reference pass and the update's micro-batches
 are sharded over the devices exactly as `jaxhack train --mesh` does: sample_rows and microbatch are per
-device, params / adapter / optimizer state replicated; with the refill sampler each device refills its
-own sample_rows slots from one shared queue of the rows (`refill.generate_slots_on_devices`).
+device, params / adapter / optimizer state replicated; the refill sampler cuts the rows into one part
+per device and each device refills its own sample_rows slots (`refill.generate_slots_on_devices`).
 
     PYTHONPATH=. python scripts/bench_phase3.py --regime realistic --meshes data=1 data=2 data=4  # 4 GPUs
     PYTHONPATH=. python scripts/bench_phase3.py --tiny --regime worst --grade none --cpu-devices 4 \
@@ -253,7 +253,6 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     from jaxhack.grads.losses import centered_advantages
     from jaxhack.models.adapters import merge
     from jaxhack.rl import learner, sampler
-    from jaxhack.rl.refill import schedule_decode_steps
 
     cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = place(built, mesh)
     n_dev = 1 if mesh is None else int(mesh.shape["data"])
@@ -414,10 +413,6 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
         rec.update({
             "peak_bytes": stats.get("peak_bytes_in_use"), "memory_estimate_gb": mem[schedule],
             "decode_steps": recs[-1]["decode_steps"], "compile_s": compile_s.get(schedule), "refill_plan": refill_plan,
-            # the refill schedule's own count for these lengths on this many devices (one shared row
-            # queue, equal step times): measured decode_steps above it mean a device's loop lagged
-            "planned_decode_steps": schedule_decode_steps(comp_lens, B_slots, args.refill_rows, devices=n_dev)
-            if schedule == "refill" else None,
             "rows": N, "max_new": cfg.max_new, "mean_completion": float(comp_lens.mean()),
             "max_completion": int(comp_lens.max()), "prompt_len_mean": float(prompt_lens.mean()),
             "sample_rows": args.sample_rows, "sampler_groups": len(groups) if schedule == "groups" else None,

@@ -46,7 +46,7 @@ def main(out: Path) -> None:
     results = {}
     for name, mesh in (("none", None), ("data8", "data=8")):
         run(name, mesh)
-    # 4 sampled rows per step > 1 slot x 2 devices: the refill schedule, one shared row queue
+    # 4 sampled rows per step > 1 slot x 2 devices: the refill schedule, one part per device
     from jaxhack.rl import sampler
     on_devices, calls = sampler.generate_slots_on_devices, []
 

@@ -1,5 +1,5 @@
 """The refill sampler on a mesh (tests/mesh_sampler_run.py in a subprocess with 4 fake CPU devices):
-each device refills its own slots from one shared queue of the rows and the tokens are one device's."""
+each device refills its own slots from its part of the rows and the tokens are one device's."""
 from __future__ import annotations
 
 import json
@@ -42,8 +42,8 @@ def test_mesh_refill_gives_one_devices_rows_in_fewer_steps_than_groups(results):
     assert refill["decode_steps"] < groups["decode_steps"]
 
 
-def test_each_device_refills_from_its_own_weights(results):
-    """The two refill calls on the mesh (exact and factored) ran one host loop per device, each on the
+def test_each_device_refills_its_part_on_its_own_weights(results):
+    """The two refill calls on the mesh (exact and factored) ran one part per device, each on the
     weights' shard of that device and with that device as the default for new arrays."""
     expected = [[d, d] for d in results["devices"]] * 2  # JSON: pairs come back as lists
     assert results["placed"] == sorted(expected)

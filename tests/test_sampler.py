@@ -368,23 +368,6 @@ def test_refill_gives_the_same_rows_as_row_groups_in_fewer_steps(params, tempera
     assert schedule_decode_steps(refill.lengths, slots=2, refill_rows=2) > refill.decode_steps  # fewer slots
 
 
-def test_schedule_plans_devices_sharing_one_row_queue():
-    """schedule_decode_steps(devices=D): D loops of `slots` slots take the pending rows in order,
-    the loop earliest in time first. Long rows first then short ones: fixed halves would give one
-    device all the long rows (4 x 8 = 32 steps); sharing the queue balances them (18)."""
-    from jaxhack.rl.refill import schedule_decode_steps
-
-    lengths = [8, 8, 8, 8, 1, 1, 1, 1]
-    fixed = max(schedule_decode_steps(part, slots=1, refill_rows=1) for part in (lengths[:4], lengths[4:]))
-    assert fixed == 32
-    assert schedule_decode_steps(lengths, slots=1, refill_rows=1, devices=2) == 18
-    assert schedule_decode_steps(lengths, slots=1, refill_rows=1, devices=1) == 36
-    assert schedule_decode_steps(lengths, slots=1, refill_rows=1, devices=8) == 8  # one row each
-    assert schedule_decode_steps(lengths, slots=1, refill_rows=1, devices=20) == 8  # idle devices cost nothing
-    with pytest.raises(ValueError, match="devices must be >= 1"):
-        schedule_decode_steps(lengths, slots=1, refill_rows=1, devices=0)
-
-
 def test_refill_does_not_recompile_across_calls(params, trace_count):
     kwargs = dict(max_new_tokens=MAX_NEW, eos_token_ids=[], max_rows=2, schedule="refill")
     sampler.generate(params, CONFIG, [[3, 4, 5], [6, 7], [8]], key=jax.random.PRNGKey(0), **kwargs)
@@ -461,37 +444,10 @@ def test_factored_form_leaves_lora_exact(params):
     np.testing.assert_array_equal(factored.logprobs, exact.logprobs)
 
 
-def test_refill_loops_share_one_row_queue(params):
-    """Two host loops on one RowQueue: the second takes only the rows the first left, each row's
-    tokens are those of the single loop (its own key), and `owner` says which loop took which row."""
-    from jaxhack.rl import refill
-
-    queue = refill.RowQueue(5)
-    assert queue.take(2, who=1).tolist() == [0, 1] and queue.pending() == 3
-    assert queue.take(9, who=0).tolist() == [2, 3, 4] and queue.take(1).tolist() == [] and queue.pending() == 0
-    assert queue.owner.tolist() == [1, 1, 0, 0, 0]
-
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(3, 200, n).tolist() for n in rng.integers(1, 30, 7)]
-    tokens, mask = sampler.left_pad(prompts, 64, 7, 0)
-    eos = np.full((sampler.MAX_EOS_IDS,), -1, np.int32)
-    args = (params, None, tokens, mask, np.arange(1, 8, dtype=np.int32), eos, 0, jax.random.PRNGKey(2),
-            sampler.TEMPERATURE, 1.0, 1.0)
-    kw = dict(config=CONFIG, max_new=7, cache_dtype=jnp.float32, prefill_chunk=32, slots=2, refill_rows=1)
-    whole = refill.generate_slots(*args, **kw)
-    shared = refill.RowQueue(7)
-    shared.take(3, who=1)  # another loop took rows 0-2 first
-    mine = refill.generate_slots(*args, queue=shared, who=0, **kw)
-    assert shared.owner.tolist() == [1, 1, 1, 0, 0, 0, 0] and shared.pending() == 0
-    for a, b in zip(whole[:4], mine[:4]):
-        np.testing.assert_allclose(np.asarray(a)[3:], np.asarray(b)[3:], atol=1e-5)  # its rows: the same
-        assert not np.asarray(b)[:3].any()  # the other loop's rows: left empty
-
-
 def test_refill_on_devices_raises_a_parts_error_and_stops_the_others(params, monkeypatch):
-    """generate_slots_on_devices (here twice the one CPU device): an error in one device's loop reaches
-    the caller, the other loops stop at their next round (the stop flag: SamplingStopped), and
-    without an error the loops give generate_slots' rows."""
+    """generate_slots_on_devices (here twice the one CPU device): an error in one device's part reaches
+    the caller, the other parts' loops stop at their next round (the stop flag: SamplingStopped), and
+    without an error the parts give generate_slots' rows."""
     import threading
 
     from jaxhack.rl import refill
@@ -514,10 +470,10 @@ def test_refill_on_devices_raises_a_parts_error_and_stops_the_others(params, mon
         refill.generate_slots(*args, stop=stop, **kw)
     inner = refill.generate_slots
 
-    def failing(*a, who=0, **k):
-        if who == 0:
+    def failing(*a, row_offset=0, **k):
+        if row_offset == 0:
             raise ValueError("boom on the first part")
-        return inner(*a, who=who, **k)
+        return inner(*a, row_offset=row_offset, **k)
 
     monkeypatch.setattr(refill, "generate_slots", failing)
     with pytest.raises(ValueError, match="boom on the first part"):

@@ -149,88 +149,55 @@ def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, 
 _round_jit = jax.jit(_round, static_argnames=("config", "P"), donate_argnums=0)
 
 
-def schedule_decode_steps(lengths, slots: int, refill_rows: int, devices: int = 1) -> int:
+def schedule_decode_steps(lengths, slots: int, refill_rows: int) -> int:
     """Decode steps `generate_slots` runs for rows of these completion lengths (in row order), without a
     model: the same host loop (refill min(R, pending) free slots at a time, once that many are free;
     a round stops when `trigger` slots are free), with each slot's row taking `length` steps. For
     planning `sample_rows` (slots) against memory: every slot holds P + max_new cache positions.
-    devices: D host loops of `slots` slots each sharing the pending rows (`generate_slots_on_devices`),
-    every decode step taking the same time on every device; the loop that is earliest in time acts
-    first (ties: the lower device). Returns the largest device's count.
     lengths: [N] ints >= 1 (a row's real length: at its EOS or its cap)."""
     lengths = np.asarray(lengths, np.int64)
     if lengths.ndim != 1 or (lengths < 1).any():
         raise ValueError("lengths must be a 1-D array of ints >= 1")
     N, B, R = len(lengths), slots, min(refill_rows, slots)
-    if R < 1 or devices < 1:
-        raise ValueError(f"refill_rows, slots and devices must be >= 1, got {refill_rows}, {slots}, {devices}")
-    remaining = np.zeros((devices, B), np.int64)
-    done = np.ones((devices, B), bool)
-    steps = np.zeros((devices,), np.int64)  # each device's decode steps so far (its clock)
-    finished = np.zeros((devices,), bool)
-    next_row = 0
-    while not finished.all():
-        d = min(np.flatnonzero(~finished), key=lambda i: (steps[i], i))  # the earliest loop acts
+    if R < 1:
+        raise ValueError(f"refill_rows and slots must be >= 1, got {refill_rows}, {slots}")
+    remaining = np.zeros((B,), np.int64)
+    done = np.ones((B,), bool)
+    next_row = steps = 0
+    while True:
         pending = N - next_row
-        free = np.flatnonzero(done[d])
+        free = np.flatnonzero(done)
         if pending and len(free) >= min(R, pending):
             k = min(R, pending)
-            remaining[d, free[:k]] = lengths[next_row:next_row + k]
-            done[d, free[:k]] = False
+            remaining[free[:k]] = lengths[next_row:next_row + k]
+            done[free[:k]] = False
             next_row += k
             continue
-        if not pending and done[d].all():
-            finished[d] = True
-            continue
+        if not pending and done.all():
+            return steps
         trigger = min(R, pending) if pending else B + 1
-        live = np.flatnonzero(~done[d])
+        live = np.flatnonzero(~done)
         # the round runs until `trigger` slots are free (or all are): jump to that step
-        need = trigger - int(done[d].sum())
-        left = np.sort(remaining[d, live])
+        need = trigger - int(done.sum())
+        left = np.sort(remaining[live])
         t = int(left[min(need, len(left)) - 1]) if need > 0 else 0
         t = max(t, 1)
-        remaining[d, live] -= t
-        steps[d] += t
-        done[d, live[remaining[d, live] <= 0]] = True
-    return int(steps.max())
-
-
-class RowQueue:
-    """The pending rows 0..N-1, handed out in order, R at a time, to one or more host loops (the
-    devices of `generate_slots_on_devices` share one, so a device whose rows finish early takes the
-    next pending rows instead of idling). `owner[i]`: the loop (device index) that took row i."""
-
-    def __init__(self, n: int):
-        self._n, self._next = n, 0
-        self._lock = threading.Lock()
-        self.owner = np.full((n,), -1, np.int64)
-
-    def pending(self) -> int:
-        with self._lock:
-            return self._n - self._next
-
-    def take(self, k: int, who: int = 0) -> np.ndarray:
-        """Up to k next rows (fewer, or none, when other loops took them first)."""
-        with self._lock:
-            start, end = self._next, min(self._n, self._next + k)
-            self._next = end
-            self.owner[start:end] = who
-            return np.arange(start, end)
+        remaining[live] -= t
+        steps += t
+        done[live[remaining[live] <= 0]] = True
 
 
 def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, caps: np.ndarray,
                    eos: np.ndarray, pad_id: int, key, mode: int, temperature: float, top_p: float, *,
                    config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
-                   refill_rows: int, factored: bool = False, stop=None,
-                   queue: RowQueue | None = None, who: int = 0):
+                   refill_rows: int, factored: bool = False, row_offset: int = 0, stop=None):
     """The host loop. prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
-    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored:
-    `qwen3.decode_layers(factored=)`; stop: a threading.Event checked between refills and rounds (set: raise `SamplingStopped`; the
-    other devices' loops after one device failed or Ctrl-C); queue: the pending rows, shared with
-    other loops (`generate_slots_on_devices`; default: all N rows, this loop's alone); who: this
-    loop's index in `queue.owner`.
-    Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order (rows
-    another loop took stay empty), and the number of decode steps run (each a forward over all B slots)."""
+    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored: `qwen3.decode_layers(factored=)`; row_offset: row i draws with the key of row
+    row_offset + i (a device's part of the rows, `generate_slots_on_devices`); stop: a threading.Event
+    checked between refills and rounds (set: raise `SamplingStopped`; the other devices' loops after one
+    device failed or Ctrl-C).
+    Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order, and
+    the number of decode steps run (each a forward over all B slots)."""
     N, P = prompt_tokens.shape
     B, R = slots, min(refill_rows, slots)
     if R < 1:
@@ -244,35 +211,33 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
     slot_row = np.full((B,), -1)  # host copy: which row each slot holds (-1: none yet)
     done = np.ones((B,), bool)
     handed_back = []  # (rows [k], device outputs of R slots, k): outputs of rows whose slot was refilled
-    queue = RowQueue(N) if queue is None else queue
+    next_row = 0
     while True:
         if stop is not None and stop.is_set():
             raise SamplingStopped("sampling stopped: another device's part failed or was interrupted")
-        pending = queue.pending()
+        pending = N - next_row
         free = np.flatnonzero(done)
         if pending and len(free) >= min(R, pending):
-            taken = queue.take(min(R, pending), who)  # [k] row ids
-            k = len(taken)
-            if k == 0:  # another loop took them: look again (nothing pending now)
-                continue
+            k = min(R, pending)
             chosen = free[:k]
             idx = np.full((R,), B, np.int32)
             idx[:k] = chosen
             rows = np.zeros((R,), np.int32)
-            rows[:k] = taken
+            rows[:k] = np.arange(next_row, next_row + k)
             toks = np.full((R, P), pad_id, np.int32)
             msk = np.zeros((R, P), bool)
-            toks[:k], msk[:k] = prompt_tokens[taken], prompt_mask[taken]
+            toks[:k], msk[:k] = prompt_tokens[next_row:next_row + k], prompt_mask[next_row:next_row + k]
             row_caps = np.ones((R,), np.int32)
-            row_caps[:k] = caps[taken]
+            row_caps[:k] = caps[next_row:next_row + k]
             state, previous = _refill_jit(state, dparams, layer_adapters, jnp.asarray(toks), jnp.asarray(msk),
-                                          jnp.asarray(idx), jnp.asarray(rows), jnp.asarray(row_caps),
+                                          jnp.asarray(idx), jnp.asarray(rows + row_offset), jnp.asarray(row_caps),
                                           jnp.int32(pad_id), config=config, prefill_chunk=prefill_chunk)
             evicted = slot_row[chosen]
             if (evicted >= 0).any():
                 handed_back.append((evicted, previous, np.flatnonzero(evicted >= 0)))
             slot_row[chosen] = rows[:k]
             done[chosen] = False
+            next_row += k
             continue
         if not pending and done.all():
             break
@@ -312,35 +277,31 @@ def _on_device(x, device):
 def generate_slots_on_devices(devices, params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
                               caps: np.ndarray, eos: np.ndarray, pad_id: int, key, mode: int, temperature: float,
                               top_p: float, *, slots: int, **kwargs):
-    """Data-parallel refill: device d runs `generate_slots` (its own `slots` decode slots, its own host
-    loop, in a thread of its own) with its copy of params / adapters (the replicated arrays' shards on
-    d), and all devices refill from one shared `RowQueue` of the N rows: a device whose rows finish
-    early takes the next pending rows instead of idling while another device still has a backlog
-    (fixed parts of N / D rows each made every device wait for the slowest part). Row i draws with
-    its own key whichever device takes it, so the tokens are one device's. One process's devices only
-    (threads). Returns as `generate_slots`, the rows in order; the decode steps are the largest
-    device's count."""
+    """Data-parallel refill: the N rows are cut into len(devices) consecutive parts of near-equal size and
+    device d runs `generate_slots` on its part (its own `slots` decode slots, its own host loop, in a
+    thread of its own) with its copy of params / adapters (the replicated arrays' shards on d). Row i
+    keeps its key (row_offset), so the tokens are one device's. One process's devices only (threads).
+    Returns as `generate_slots`, the rows in order; the decode steps are the largest device's count."""
     N = len(prompt_tokens)
-    queue = RowQueue(N)
+    bounds = np.linspace(0, N, len(devices) + 1).round().astype(int)  # [D+1] part boundaries
 
     def run(d: int):
+        start, end = int(bounds[d]), int(bounds[d + 1])
+        if start == end:
+            return None
         device = devices[d]
         local = lambda tree: jax.tree.map(lambda x: _on_device(x, device), tree)  # noqa: E731
         with jax.default_device(device):
-            return generate_slots(local(params), local(adapters), prompt_tokens, prompt_mask, caps, eos, pad_id,
-                                  _on_device(key, device), mode, temperature, top_p, slots=slots, stop=stop,
-                                  queue=queue, who=d, **kwargs)
+            return generate_slots(local(params), local(adapters), prompt_tokens[start:end], prompt_mask[start:end],
+                                  caps[start:end], eos, pad_id, _on_device(key, device), mode, temperature, top_p,
+                                  slots=slots, row_offset=start, stop=stop, **kwargs)
 
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=len(devices)) as pool:
         try:
-            parts = list(pool.map(run, range(len(devices))))
+            parts = [part for part in pool.map(run, range(len(devices))) if part is not None]
         except BaseException:  # a device's error or Ctrl-C: the other loops stop at their next round
             stop.set()
             raise
-    tokens, logprobs, lengths, finished = (np.array(parts[0][i]) for i in range(4))
-    for d, part in enumerate(parts[1:], start=1):
-        mine = queue.owner == d  # [N] the rows device d took
-        for out, got in zip((tokens, logprobs, lengths, finished), part[:4]):
-            out[mine] = got[mine]
+    tokens, logprobs, lengths, finished = (np.concatenate([part[i] for part in parts]) for i in range(4))
     return tokens, logprobs, lengths, finished, max(part[4] for part in parts)

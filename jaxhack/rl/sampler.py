@@ -208,9 +208,9 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     each group are sharded over it (`_sharded_generate`); max_rows is then per device (a group has at
     most max_rows * D rows) and the group's batch is padded to a multiple of D. params / adapters
     should already be replicated on the mesh. None: one device, as before. The refill schedule on a
-    mesh (one process's devices): each device refills its own max_rows slots from one shared queue of
-    the rows (`refill.generate_slots_on_devices`); with several processes the mesh runs row groups
-    ("auto") and "refill" is refused.
+    mesh (one process's devices): the rows are cut into D consecutive parts and each device refills its
+    own max_rows slots from its part (`refill.generate_slots_on_devices`); with several processes the
+    mesh runs row groups ("auto") and "refill" is refused.
     form: "exact" (every Linear as in training: x W + the adapter's delta) or "factored" (each
     SVD-adapted Linear from its factors, ((x Vh^T) * (S + delta)) U^T: 43% fewer weight bytes per
     decode step at Qwen3-4B; equal to "exact" when u / vh are the weights' SVD, up to the rounding of
