@@ -253,6 +253,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     from jaxhack.grads.losses import centered_advantages
     from jaxhack.models.adapters import merge
     from jaxhack.rl import learner, sampler
+    from jaxhack.rl.refill import schedule_decode_steps
 
     cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = place(built, mesh)
     n_dev = 1 if mesh is None else int(mesh.shape["data"])
@@ -413,6 +414,10 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
         rec.update({
             "peak_bytes": stats.get("peak_bytes_in_use"), "memory_estimate_gb": mem[schedule],
             "decode_steps": recs[-1]["decode_steps"], "compile_s": compile_s.get(schedule), "refill_plan": refill_plan,
+            # the refill schedule's own count for these lengths on this many devices: a measured
+            # decode_steps above it would mean the sampler ran rounds the schedule does not need
+            "planned_decode_steps": schedule_decode_steps(comp_lens, B_slots, args.refill_rows, devices=n_dev)
+            if schedule == "refill" else None,
             "rows": N, "max_new": cfg.max_new, "mean_completion": float(comp_lens.mean()),
             "max_completion": int(comp_lens.max()), "prompt_len_mean": float(prompt_lens.mean()),
             "sample_rows": args.sample_rows, "sampler_groups": len(groups) if schedule == "groups" else None,

@@ -32,6 +32,7 @@ def test_tiny_worst_case_step_both_samplers(tmp_path):
     # 6 rows of 24 tokens: 2 groups of 4 rows (48 steps); 4 slots refilled when free (48 steps too)
     assert groups["sampler_groups"] == 2 and groups["decode_steps"] == 48
     assert refill["sampler_batch"] == 4 and refill["decode_steps"] == 48
+    assert refill["planned_decode_steps"] == 48 and groups["planned_decode_steps"] is None
     assert refill["refill_plan"]["96"]["decode_steps"] == 24  # every row at once: its 24 tokens
     assert refill["refill_plan"]["192"]["kv_gb"] == 2 * refill["refill_plan"]["96"]["kv_gb"]
 

@@ -368,6 +368,20 @@ def test_refill_gives_the_same_rows_as_row_groups_in_fewer_steps(params, tempera
     assert schedule_decode_steps(refill.lengths, slots=2, refill_rows=2) > refill.decode_steps  # fewer slots
 
 
+def test_schedule_plans_the_devices_parts():
+    """schedule_decode_steps(devices=D): the largest of generate_slots_on_devices' D parts."""
+    from jaxhack.rl.refill import device_parts, schedule_decode_steps
+
+    lengths = [8, 8, 8, 8, 1, 1, 1, 1]
+    assert device_parts(8, 2).tolist() == [0, 4, 8] and device_parts(3, 4).tolist() == [0, 1, 2, 2, 3]
+    assert schedule_decode_steps(lengths, slots=1, refill_rows=1) == 36
+    assert schedule_decode_steps(lengths, slots=1, refill_rows=1, devices=2) == 32  # the long half
+    assert schedule_decode_steps(lengths, slots=1, refill_rows=1, devices=8) == 8  # a row each
+    assert schedule_decode_steps(lengths[:3], slots=1, refill_rows=1, devices=4) == 8  # an empty part
+    with pytest.raises(ValueError, match="devices must be >= 1"):
+        schedule_decode_steps(lengths, slots=1, refill_rows=1, devices=0)
+
+
 def test_refill_does_not_recompile_across_calls(params, trace_count):
     kwargs = dict(max_new_tokens=MAX_NEW, eos_token_ids=[], max_rows=2, schedule="refill")
     sampler.generate(params, CONFIG, [[3, 4, 5], [6, 7], [8]], key=jax.random.PRNGKey(0), **kwargs)

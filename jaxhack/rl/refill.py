@@ -149,15 +149,29 @@ def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, 
 _round_jit = jax.jit(_round, static_argnames=("config", "P"), donate_argnums=0)
 
 
-def schedule_decode_steps(lengths, slots: int, refill_rows: int) -> int:
+def device_parts(n: int, devices: int) -> np.ndarray:
+    """[devices + 1] boundaries cutting n rows into `devices` consecutive parts of near-equal size
+    (`generate_slots_on_devices`: device d samples rows bounds[d]:bounds[d + 1])."""
+    return np.linspace(0, n, devices + 1).round().astype(int)
+
+
+def schedule_decode_steps(lengths, slots: int, refill_rows: int, devices: int = 1) -> int:
     """Decode steps `generate_slots` runs for rows of these completion lengths (in row order), without a
     model: the same host loop (refill min(R, pending) free slots at a time, once that many are free;
     a round stops when `trigger` slots are free), with each slot's row taking `length` steps. For
     planning `sample_rows` (slots) against memory: every slot holds P + max_new cache positions.
+    devices: `generate_slots_on_devices`' D parts (`device_parts`), each with `slots` slots; the
+    largest part's count.
     lengths: [N] ints >= 1 (a row's real length: at its EOS or its cap)."""
     lengths = np.asarray(lengths, np.int64)
     if lengths.ndim != 1 or (lengths < 1).any():
         raise ValueError("lengths must be a 1-D array of ints >= 1")
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    if devices > 1:
+        bounds = device_parts(len(lengths), devices)
+        return max((schedule_decode_steps(lengths[a:b], slots, refill_rows) for a, b in zip(bounds, bounds[1:])
+                    if b > a), default=0)
     N, B, R = len(lengths), slots, min(refill_rows, slots)
     if R < 1:
         raise ValueError(f"refill_rows and slots must be >= 1, got {refill_rows}, {slots}")
@@ -282,8 +296,7 @@ def generate_slots_on_devices(devices, params, adapters, prompt_tokens: np.ndarr
     thread of its own) with its copy of params / adapters (the replicated arrays' shards on d). Row i
     keeps its key (row_offset), so the tokens are one device's. One process's devices only (threads).
     Returns as `generate_slots`, the rows in order; the decode steps are the largest device's count."""
-    N = len(prompt_tokens)
-    bounds = np.linspace(0, N, len(devices) + 1).round().astype(int)  # [D+1] part boundaries
+    bounds = device_parts(len(prompt_tokens), len(devices))  # [D+1]
 
     def run(d: int):
         start, end = int(bounds[d]), int(bounds[d + 1])
