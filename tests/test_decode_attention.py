@@ -93,6 +93,29 @@ def test_forward_decode_equals_masked_decode():
         qwen3.forward(params, TINY, ids, mask, cache=cache, cache_index=0, attention="decode")
 
 
+
+def test_forward_tells_the_kernel_whether_rows_decode_in_lockstep(monkeypatch):
+    """One cache_index for all rows (row groups) is lockstep, one per row (refill) is not: the flag
+    decode_tiles chooses the kernel's tiles by."""
+    seen = []
+
+    def recording(q, k, v, start, end, lockstep=False):
+        seen.append(lockstep)
+        return decode_attention_reference(q, k, v, start, end)
+
+    monkeypatch.setattr(qwen3, "decode_attention", recording)
+    params = random_params(TINY, seed=4)
+    B, S = 2, SPLIT
+    mask = jnp.zeros((B, S), bool).at[:, :4].set(True)
+    cache = qwen3.init_cache(TINY, B, S, jnp.float32)
+    token = jnp.zeros((B, 1), jnp.int32)
+    qwen3.forward(params, TINY, token, mask, cache=cache, cache_index=3, attention="decode")
+    assert seen and all(seen)
+    seen.clear()
+    qwen3.forward(params, TINY, token, mask, cache=cache, cache_index=jnp.array([3, 2]), attention="decode")
+    assert seen and not any(seen)
+
+
 def test_decode_layers_fused_weights_equal_stacked_weights():
     """decode_layers (per-layer copies, fused q/k/v and gate/up) gives the stacked forward's hidden
     states and cache, with an SVD adapter applied per module."""
