@@ -322,6 +322,9 @@ def main(argv=None) -> int:
         ap.error(f"--cache-len {bad_lengths}: expected multiples of 128 (the decode kernel's smallest part)")
 
     import jax
+    if args.implementation == "pallas" and jax.default_backend() != "gpu":
+        ap.error(f"the Pallas kernels need a GPU (backend: {jax.default_backend()}); on a CPU pass "
+                 "--implementation interpret --small")
     device = jax.devices()[0].device_kind
     print(f"device: {device}", file=sys.stderr)
 

@@ -41,3 +41,7 @@ def test_bad_shapes_and_arguments_are_refused(capsys):
         bench.main(["--cache-len", "100"])
     assert exit_info.value.code == 2
     assert "--cache-len [100]: expected multiples of 128" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the suite runs on a CPU
+        bench.main([])
+    assert exit_info.value.code == 2
+    assert "the Pallas kernels need a GPU (backend: cpu)" in capsys.readouterr().err
