@@ -283,7 +283,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     if args.learner_only:  # no sampler: completions of the regime's lengths, random tokens
         schedules = ("none",)
     # refill: sample_rows slots (at most the padded batch); groups: B_groups rows per group
-    B_slots = min(args.sample_rows, sampler.batch_bucket(-(-N // n_dev)))  # refill: slots per device
+    B_slots = sampler.refill_slots(N, args.sample_rows, n_dev)  # refill: slots per device, as generate picks
     batch = {"groups": B_groups, "refill": B_slots * n_dev, "none": 0}
     mb_tokens = cfg.microbatch * max_len if cfg.microbatch_tokens is None else min(cfg.microbatch_tokens,
                                                                                    cfg.microbatch * max_len)

@@ -368,6 +368,21 @@ def test_refill_gives_the_same_rows_as_row_groups_in_fewer_steps(params, tempera
     assert schedule_decode_steps(refill.lengths, slots=2, refill_rows=2) > refill.decode_steps  # fewer slots
 
 
+def test_refill_slots_fit_the_largest_device_part():
+    """refill_slots: max_rows slots per device, fewer when the largest of device_parts' parts fits a
+    smaller batch bucket (the generate call and bench_phase3 both size the slots with it)."""
+    from jaxhack.rl.refill import device_parts
+
+    assert sampler.refill_slots(258, 96) == 96 and sampler.refill_slots(258, 96, devices=4) == 96
+    assert sampler.refill_slots(11, 8, devices=4) == 4  # parts of 3 rows: bucket 4
+    assert sampler.refill_slots(6, None) == 8
+    for n in range(1, 40):
+        for d in (1, 2, 3, 4, 8):
+            largest = int(np.diff(device_parts(n, d)).max())
+            assert largest == -(-n // d)  # consecutive parts differ by at most one row
+            assert sampler.refill_slots(n, 16, d) == min(16, sampler.batch_bucket(largest))
+
+
 def test_schedule_plans_the_devices_parts():
     """schedule_decode_steps(devices=D): the largest of generate_slots_on_devices' D parts."""
     from jaxhack.rl.refill import device_parts, schedule_decode_steps

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
-from jaxhack.rl.refill import generate_slots, generate_slots_on_devices
+from jaxhack.rl.refill import device_parts, generate_slots, generate_slots_on_devices
 from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, TEMPERATURE, next_tokens, prefill, row_keys,  # noqa: F401
                                  sample_from_logits)
 from jaxhack.parallel import mesh as meshlib
@@ -66,6 +66,13 @@ def batch_bucket(batch: int) -> int:
     if batch <= 64:
         return 1 << max(0, (batch - 1).bit_length())
     return -(-batch // 64) * 64
+
+
+def refill_slots(n: int, max_rows: int | None, devices: int = 1) -> int:
+    """Decode slots per device of the refill schedule for n rows on `devices` devices: max_rows, or
+    fewer when the largest device part (`refill.device_parts`) fits in a smaller batch bucket."""
+    largest = int(np.diff(device_parts(n, devices)).max())
+    return batch_bucket(largest) if max_rows is None else min(max_rows, batch_bucket(largest))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int, pad_id: int):
@@ -262,8 +269,7 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     if schedule == "auto":
         schedule = "refill" if max_rows is not None and n > max_rows * D and one_process else "groups"
     if schedule == "refill":
-        per_device = -(-n // D)  # rows of the largest device part
-        slots = batch_bucket(per_device) if max_rows is None else min(max_rows, batch_bucket(per_device))
+        slots = refill_slots(n, max_rows, D)
         tokens, mask = left_pad(prompts, P, n, pad_id)
         args = (params, adapters, tokens, mask, np.minimum(caps, max_new_tokens), eos, pad_id, key, mode,
                 1.0 if mode == GREEDY else temperature, top_p)
