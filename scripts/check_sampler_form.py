@@ -167,11 +167,10 @@ def main(argv=None) -> int:
     first = np.where(same.all(axis=1), args.new_tokens, np.argmin(same, axis=1))
     record.update(identical_rows=int(same.all(axis=1).sum()),
                   tokens_before_first_divergence_median=float(np.median(first)))
-    line = json.dumps(record)
-    print(line)
+    print(json.dumps(record))
     if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+        from jaxhack.io import append_jsonl
+        append_jsonl(args.out, record)
     return 0
 
 
