@@ -116,13 +116,17 @@ def test_forward_tells_the_kernel_whether_rows_decode_in_lockstep(monkeypatch):
     assert seen and not any(seen)
 
 
-def test_decode_layers_fused_weights_equal_stacked_weights():
-    """decode_layers (per-layer copies, fused q/k/v and gate/up) gives the stacked forward's hidden
-    states and cache, with an SVD adapter applied per module."""
+@pytest.mark.parametrize("targets", [("k_proj", "up_proj", "o_proj"), None])
+def test_decode_layers_fused_weights_equal_stacked_weights(targets):
+    """decode_layers (per-layer copies: one matmul per group of Linears reading one input, for the
+    weights and the adapted modules' Vh together, then the U factors of equal-shape modules batched)
+    gives the stacked forward's hidden states and cache, with an SVD adapter on some (the group's
+    other modules unadapted) or all of the target modules."""
     from jaxhack.models import adapters
 
     params = random_params(TINY, seed=6)
-    tr, fr = adapters.init_svd_adapter(params, TINY, targets=("k_proj", "up_proj", "o_proj"), progress=False)
+    kw = {} if targets is None else {"targets": targets}
+    tr, fr = adapters.init_svd_adapter(params, TINY, progress=False, **kw)
     tr = jax.tree.map(lambda x: x + 0.1, tr)
     merged = adapters.merge(tr, fr)
     B, P, S = 2, 5, SPLIT
@@ -131,7 +135,21 @@ def test_decode_layers_fused_weights_equal_stacked_weights():
     mask = jnp.zeros((B, S), bool).at[:, :P].set(True)
     cache = qwen3.init_cache(TINY, B, S, jnp.float32)
     layers, layer_adapters = qwen3.decode_layers(params, merged)
-    assert len(layers) == TINY.num_hidden_layers and "qkv_proj" in layers[0] and "q_proj" not in layers[0]
+    assert len(layers) == TINY.num_hidden_layers
+    layer, la = layers[0], layer_adapters[0]
+    D, Q, KV, F = TINY.hidden_size, TINY.q_dim, TINY.kv_dim, TINY.intermediate_size
+    if targets is None:  # every group: weights and every Vh^T in one matrix; k/v and gate/up U batched
+        assert sorted(layer) == sorted(["input_norm", "post_attn_norm", "q_norm", "k_norm", "qkv_proj_w_vh",
+                                        "qkv_proj_u", "o_proj_w_vh", "o_proj_u", "gate_up_proj_w_vh",
+                                        "gate_up_proj_u", "down_proj_w_vh", "down_proj_u"])
+        assert layer["qkv_proj_w_vh"].shape == (D, Q + 2 * KV + min(D, Q) + 2 * min(D, KV))
+        assert [u.shape for u in layer["gate_up_proj_u"]] == [(2, F, min(D, F))]
+        assert "u" not in la["gate_proj"] and "vh" not in la["gate_proj"]
+    else:  # k only in q/k/v; down_proj unadapted keeps its plain weight
+        assert layer["qkv_proj_w_vh"].shape == (D, Q + 2 * KV + min(D, KV))
+        assert [u.shape for u in layer["qkv_proj_u"]] == [(1, KV, min(D, KV))]
+        assert layer["gate_up_proj_w_vh"].shape == (D, 2 * F + min(D, F))
+        assert "down_proj" in layer and "q_proj" not in layer
     h_ref, c_ref = qwen3.forward(params, TINY, ids, mask, adapters=merged, cache=cache, cache_index=0)
     h_dec, c_dec = qwen3.forward({**params, "layers": layers}, TINY, ids, mask, adapters=layer_adapters,
                                  cache=cache, cache_index=0)
@@ -139,5 +157,8 @@ def test_decode_layers_fused_weights_equal_stacked_weights():
     for a, b in zip(jax.tree.leaves(c_dec), jax.tree.leaves(c_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     # the adapter matters (so the check above is not vacuous)
-    h_base, _ = qwen3.forward({**params, "layers": layers}, TINY, ids, mask, cache=cache, cache_index=0)
+    h_base, _ = qwen3.forward({**params, "layers": qwen3.decode_layers(params)[0]}, TINY, ids, mask, cache=cache,
+                              cache_index=0)
     assert np.max(np.abs(np.asarray(h_base) - np.asarray(h_ref))) > 1e-3
+    with pytest.raises(ValueError, match="run with the adapters they were built with"):
+        qwen3.forward({**params, "layers": layers}, TINY, ids, mask, cache=cache, cache_index=0)

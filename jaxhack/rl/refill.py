@@ -49,7 +49,7 @@ import numpy as np
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
-from jaxhack.rl.sampling import MAX_EOS_IDS, next_tokens, prefill, row_keys
+from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill, row_keys
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -114,7 +114,8 @@ def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, slot
     return new, previous
 
 
-_refill_jit = jax.jit(_refill, static_argnames=("config", "prefill_chunk"), donate_argnums=0)
+_refill_jit = jax.jit(_refill, static_argnames=("config", "prefill_chunk"), donate_argnums=0,
+                      compiler_options=SAMPLER_COMPILER_OPTIONS)
 
 
 def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, temperature, top_p, *,
@@ -146,7 +147,8 @@ def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, 
     return jax.lax.while_loop(cond, body, state)
 
 
-_round_jit = jax.jit(_round, static_argnames=("config", "P"), donate_argnums=0)
+_round_jit = jax.jit(_round, static_argnames=("config", "P"), donate_argnums=0,
+                    compiler_options=SAMPLER_COMPILER_OPTIONS)
 
 
 def device_parts(n: int, devices: int) -> np.ndarray:

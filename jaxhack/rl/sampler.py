@@ -34,8 +34,8 @@ from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
 from jaxhack.rl.refill import device_parts, generate_slots, generate_slots_on_devices
-from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, TEMPERATURE, next_tokens, prefill, row_keys,  # noqa: F401
-                                 sample_from_logits)
+from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, SAMPLER_COMPILER_OPTIONS, TEMPERATURE,  # noqa: F401
+                                 next_tokens, prefill, row_keys, sample_from_logits)
 from jaxhack.parallel import mesh as meshlib
 
 SAMPLER_FORMS = ("exact", "factored")  # generate(form=...): how SVD-adapted Linears are computed
@@ -149,7 +149,7 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
 
 
 _STATIC = ("config", "max_new", "cache_dtype", "prefill_chunk", "factored")
-_generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
+_generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC, compiler_options=SAMPLER_COMPILER_OPTIONS)
 
 
 @functools.lru_cache(maxsize=8)
@@ -169,7 +169,7 @@ def _sharded_generate(mesh):
                              out_specs=(rows,) * 5, check_vma=False)(
             params, adapters, tokens, mask, active, ids, caps, eos, pad_id, key, mode, temperature, top_p)
 
-    return jax.jit(run, static_argnames=_STATIC)
+    return jax.jit(run, static_argnames=_STATIC, compiler_options=SAMPLER_COMPILER_OPTIONS)
 
 
 def row_groups(n: int, max_rows: int | None) -> tuple[list[tuple[int, int]], int]:

@@ -14,6 +14,14 @@ from jaxhack.models.config import Qwen3Config
 GREEDY, TEMPERATURE, NUCLEUS = 0, 1, 2  # sampling modes (a traced int: one program serves all three)
 MAX_EOS_IDS = 8  # EOS ids are passed as a fixed-size array padded with -1 (changing them never recompiles)
 
+# XLA options for the sampler's compiled programs (prefill and decode loop; `jax.jit(compiler_options=)`,
+# so they hold for these programs only, whatever XLA_FLAGS says). With a few rows per matmul, XLA's
+# Triton gemm fusions stream the weights more slowly than cuBLAS: on an H200 the Phase 3 sampler took
+# 23.8 against 24.9 s (exact form) and 18.0 against 19.2 s (factored), generation at batch 64 reached
+# 59.2% against 57.7% of the bandwidth ceiling. The learner keeps XLA's default: with Triton gemm off
+# its update took 20.5-20.9 against 17.7 s (docs/benchmarks.md, session 10). Ignored off GPUs.
+SAMPLER_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
 
 def sample_from_logits(logits: jax.Array, keys: jax.Array, mode: jax.Array, temperature: jax.Array,
                        top_p: jax.Array) -> jax.Array:
