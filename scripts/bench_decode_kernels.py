@@ -32,6 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxhack.commands import checks  # noqa: E402
+from jaxhack.io import UserError  # noqa: E402
+
 # name: (K, N, layout) at Qwen3-4B (hidden 2560, q 4096, kv 1024, intermediate 9728)
 MATMULS_4B = {
     "qkv_proj": (2560, 6144, "kn"), "o_proj": (4096, 2560, "kn"),
@@ -39,6 +42,9 @@ MATMULS_4B = {
     "qkv_vh": (2560, 4608, "nk"), "q_u": (2560, 4096, "nk"), "kv_u": (1024, 1024, "nk"),
     "o_vh": (4096, 2560, "nk"), "o_u": (2560, 2560, "nk"), "gate_up_vh": (2560, 5120, "nk"),
     "gate_u": (2560, 9728, "nk"), "down_vh": (9728, 2560, "nk"), "down_u": (2560, 2560, "nk"),
+    # the exact form's decode layout since session 10 (decode_layout.decode_layers): weights and Vh^T side by side
+    "qkv_w_vh": (2560, 6144 + 4608, "kn"), "o_w_vh": (4096, 2 * 2560, "kn"),
+    "gate_up_w_vh": (2560, 19456 + 5120, "kn"), "down_w_vh": (9728, 2 * 2560, "kn"),
 }
 MATMULS_SMALL = {"kn": (256, 512, "kn"), "nk": (256, 384, "nk")}
 
@@ -287,22 +293,15 @@ def bench_attention(args, emit):
               f"best {summary['best_us']} us ({summary['best_fraction']}) {summary['best_config']}", flush=True)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected a positive integer")
-    return value
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", nargs="+", choices=("matmul", "attention"), default=["matmul", "attention"])
-    ap.add_argument("--rows", type=_positive, nargs="+", default=[64, 128], help="matmul rows M (powers of two >= 16)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 128], help="matmul rows M (powers of two >= 16)")
     ap.add_argument("--matmuls", nargs="+", default=None, help=f"subset of {list(MATMULS_4B)}")
-    ap.add_argument("--batch", type=_positive, nargs="+", default=[64, 256], help="attention rows")
-    ap.add_argument("--cache-len", type=_positive, nargs="+", default=[1152, 2048], help="attention cache slots")
-    ap.add_argument("--attention-calls", type=_positive, default=8)
-    ap.add_argument("--runs", type=_positive, default=10)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="attention rows")
+    ap.add_argument("--cache-len", type=int, nargs="+", default=[1152, 2048], help="attention cache slots")
+    ap.add_argument("--attention-calls", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--budget-per-shape-s", type=float, default=12.0, help="stop a shape's tile search after this")
     ap.add_argument("--l2-defeat-mb", type=float, default=2048.0)
     ap.add_argument("--hbm-tbps", type=float, default=3.35, help="card bandwidth (H100 3.35, H200 4.8)")
@@ -310,6 +309,10 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test with --implementation interpret)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    try:
+        checks.at_least(args, ("rows", "batch", "cache_len", "attention_calls", "runs"))
+    except UserError as e:
+        ap.error(str(e))
     shapes = MATMULS_SMALL if args.small else MATMULS_4B
     bad = [m for m in args.matmuls or [] if m not in shapes]
     if bad:

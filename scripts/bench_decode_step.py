@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     from jaxhack.bench import config_for
 
-    from jaxhack.models import qwen3
+    from jaxhack.models import decode_layout, qwen3
     from jaxhack.models.random_init import random_params
 
     config = config_for(args.small)
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     floor_s = (weight_bytes + kv_bytes) / (args.hbm_tbps * 1e12)
-    decode_params = {**params, "layers": qwen3.decode_layers(params)[0]}
+    decode_params = {**params, "layers": decode_layout.decode_layers(params)[0]}
     for attention in ("masked", "decode"):
         p = decode_params if attention == "decode" else params
         fn = jax.jit(step, static_argnums=(4,), donate_argnums=(1,))

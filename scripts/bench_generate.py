@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxhack.commands import checks, parse_list  # noqa: E402
+from jaxhack.io import UserError  # noqa: E402
 from jaxhack.models.config import QWEN3_4B, TINY, Qwen3Config  # noqa: E402
 
 
@@ -174,10 +176,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     ap.add_argument("--torch-only-batch", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.batches = args.batches or ("2,4" if args.small else "64,256")
-    args.new_tokens = args.new_tokens or (16 if args.small else 1024)
-    args.prompt_len = args.prompt_len or (16 if args.small else 128)
-    batches = [int(b) for b in args.batches.split(",")]
+    args.batches = args.batches if args.batches is not None else ("2,4" if args.small else "64,256")
+    args.new_tokens = args.new_tokens if args.new_tokens is not None else (16 if args.small else 1024)
+    args.prompt_len = args.prompt_len if args.prompt_len is not None else (16 if args.small else 128)
+    try:
+        batches = parse_list("--batches", args.batches, int)
+        checks.at_least(argparse.Namespace(batches=batches), ("batches",))
+        checks.at_least(args, ("new_tokens", "prompt_len", "repeats", "torch_repeats"))
+    except UserError as e:
+        ap.error(str(e))
     config = model_config(args.small)
 
     if args.torch_only_batch is not None:  # child process: one torch measurement, JSON on stdout

@@ -66,6 +66,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxhack.commands import checks  # noqa: E402
+from jaxhack.io import UserError  # noqa: E402
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # default 0.75 = 60 GB of an 80 GB card
 
 TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -148,7 +151,7 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
                     prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2, tokens: int | None = None,
                     sampler_form: str = "exact", prefill_rows: int | None = None) -> dict:
     """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
-    decode copies (`qwen3.decode_layers`: the Linear weights and the bases; the factored form copies the
+    decode copies (`decode_layout.decode_layers`: the Linear weights and the bases; the factored form copies the
     bases only) + the group's KV cache + the prefill scores of `prefill_rows` rows (default: the group;
     the refill schedule prefills refill_rows at a time); update: params + bases + one micro-batch's
     saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
@@ -497,13 +500,11 @@ def main(argv=None) -> int:
                                                 "tiny: not written unless given)")
     args = ap.parse_args(argv)
     # flags that bypass TrainConfig (max_new, prompts_per_step, sampler_form ... are checked by it: train_config)
-    for flag in ("sample_rows", "refill_rows", "prefill_chunk", "steps", "prompt_len"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            print(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
-    if args.warmup < 0:
-        print(f"error: --warmup must be >= 0, got {args.warmup}", file=sys.stderr)
+    try:
+        checks.at_least(args, ("sample_rows", "refill_rows", "prefill_chunk", "steps", "prompt_len"))
+        checks.at_least(args, ("warmup",), minimum=0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     args.sampler = args.sampler or "refill"
     if args.tiny:

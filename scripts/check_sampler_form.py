@@ -33,6 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxhack.commands import checks  # noqa: E402
+from jaxhack.io import UserError  # noqa: E402
+
 
 def svd_consistent_model(config, key, dtype):
     """(params, trainable, frozen): random weights built from random orthonormal factors (see above)."""
@@ -124,11 +127,11 @@ def main(argv=None) -> int:
                     help="Qwen3-4B's widths at this depth (bf16; e.g. 2 on a CPU: the rounding of 2 of 36 layers)")
     ap.add_argument("--out", default=None, help="append the JSON line here")
     args = ap.parse_args(argv)
-    for flag in ("rows", "prompt_len", "new_tokens", "layers"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            print(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+    try:
+        checks.at_least(args, ("rows", "prompt_len", "new_tokens", "layers"))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     import jax
     import jax.numpy as jnp
@@ -145,8 +148,8 @@ def main(argv=None) -> int:
     params, trainable, frozen = svd_consistent_model(config, jax.random.PRNGKey(0), dtype)
     adapters = merge(trainable, frozen)
     build_s = time.perf_counter() - t0
-    from jaxhack.models import qwen3
-    _, residuals = jax.jit(lambda p, a: qwen3.factored_scales(p, a, residual=True))(params, adapters)
+    from jaxhack.models import decode_layout
+    _, residuals = jax.jit(lambda p, a: decode_layout.factored_scales(p, a, residual=True))(params, adapters)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, config.vocab_size, (args.rows, args.prompt_len)).tolist()
     results, record = {}, {"device": jax.devices()[0].device_kind, "rows": args.rows, "prompt_len": args.prompt_len,

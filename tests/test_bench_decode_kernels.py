@@ -38,6 +38,10 @@ def test_bad_shapes_and_arguments_are_refused(capsys):
     assert exit_info.value.code == 2
     assert "--rows [24]: expected powers of two" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--batch", "64", "0"])
+    assert exit_info.value.code == 2
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         bench.main(["--cache-len", "100"])
     assert exit_info.value.code == 2
     assert "--cache-len [100]: expected multiples of 128" in capsys.readouterr().err

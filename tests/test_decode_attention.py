@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import random_params
-from jaxhack.models import qwen3
+from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import TINY
 from jaxhack.models.decode_attention import (ONE_PART_MIN_PROGRAMS, SPLIT, decode_attention,
                                              decode_attention_reference, decode_tiles)
@@ -134,7 +134,7 @@ def test_decode_layers_fused_weights_equal_stacked_weights(targets):
     ids = jnp.asarray(rng.integers(0, TINY.vocab_size, (B, P)), jnp.int32)
     mask = jnp.zeros((B, S), bool).at[:, :P].set(True)
     cache = qwen3.init_cache(TINY, B, S, jnp.float32)
-    layers, layer_adapters = qwen3.decode_layers(params, merged)
+    layers, layer_adapters = decode_layout.decode_layers(params, merged)
     assert len(layers) == TINY.num_hidden_layers
     layer, la = layers[0], layer_adapters[0]
     D, Q, KV, F = TINY.hidden_size, TINY.q_dim, TINY.kv_dim, TINY.intermediate_size
@@ -157,7 +157,7 @@ def test_decode_layers_fused_weights_equal_stacked_weights(targets):
     for a, b in zip(jax.tree.leaves(c_dec), jax.tree.leaves(c_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     # the adapter matters (so the check above is not vacuous)
-    h_base, _ = qwen3.forward({**params, "layers": qwen3.decode_layers(params)[0]}, TINY, ids, mask, cache=cache,
+    h_base, _ = qwen3.forward({**params, "layers": decode_layout.decode_layers(params)[0]}, TINY, ids, mask, cache=cache,
                               cache_index=0)
     assert np.max(np.abs(np.asarray(h_base) - np.asarray(h_ref))) > 1e-3
     with pytest.raises(ValueError, match="run with the adapters they were built with"):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxhack.models import qwen3
+from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import TINY
 from jaxhack.rl import sampler
 
@@ -449,12 +449,12 @@ def test_factored_scales_are_the_singular_values_and_flag_foreign_bases(params):
     """factored_scales recovers S from the SVD factors (residual ~0) and reports a residual near 1 for
     bases that are not the weights' (the random bases of svd_adapters): the check the trainer runs."""
     real = true_svd_adapters(params, jax.random.PRNGKey(5))
-    scales, residual = qwen3.factored_scales(params, real, residual=True)
+    scales, residual = decode_layout.factored_scales(params, real, residual=True)
     for name, a in real.items():
         s_true = jnp.linalg.svd(jnp.swapaxes(params["layers"][name], 1, 2), compute_uv=False)
         np.testing.assert_allclose(scales[name], s_true, rtol=1e-4, atol=1e-6)
         assert float(jnp.max(residual[name])) < 1e-4
-    _, foreign = qwen3.factored_scales(params, svd_adapters(CONFIG, jax.random.PRNGKey(2)), residual=True)
+    _, foreign = decode_layout.factored_scales(params, svd_adapters(CONFIG, jax.random.PRNGKey(2)), residual=True)
     assert min(float(jnp.min(r)) for r in foreign.values()) > 0.5
 
 

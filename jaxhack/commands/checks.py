@@ -22,6 +22,17 @@ def positive(flag: str, value, minimum: int = 1) -> None:
         raise UserError(f"{flag} must be >= {minimum}, got {value}")
 
 
+def at_least(args, dests: tuple[str, ...], minimum: int = 1) -> None:
+    """`positive` for the argparse flags `dests` (attribute names of args, e.g. "sample_rows" for
+    --sample-rows) that are set: None (not given, no default) passes; a list (nargs) is checked value
+    by value."""
+    for dest in dests:
+        value = getattr(args, dest)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                positive("--" + dest.replace("_", "-"), v, minimum)
+
+
 def fraction(flag: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise UserError(f"{flag} must be within [0, 1], got {value}")

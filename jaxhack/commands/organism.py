@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from jaxhack.commands import parse_list
+    from jaxhack.commands import checks, parse_list
     from jaxhack.io import UserError
     from jaxhack.organism.experiment import organism_main
     from jaxhack.rl.config import ARM_NAMES
@@ -38,7 +38,5 @@ def run(args) -> int:
         bad = [a for a in args.arms if a not in ARM_NAMES]
         if bad:
             raise UserError(f"--arms: unknown arm(s) {bad}; expected some of {list(ARM_NAMES)}")
-    for flag, value in (("--steps", args.steps), ("--jobs", args.jobs), ("--grade-workers", args.grade_workers)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}")
+    checks.at_least(args, ("steps", "jobs", "grade_workers"))
     return organism_main(args)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhack.models import qwen3
+from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
 from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill, row_keys
@@ -81,7 +81,7 @@ def _init(config: Qwen3Config, B: int, S: int, max_new: int, cache_dtype, pad_id
 
 
 _init_jit = jax.jit(_init, static_argnames=("config", "B", "S", "max_new", "cache_dtype"))
-_decode_layers_jit = jax.jit(qwen3.decode_layers, static_argnames=("factored",))
+_decode_layers_jit = jax.jit(decode_layout.decode_layers, static_argnames=("factored",))
 
 
 def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, slots, rows, caps, pad_id, *,
@@ -208,7 +208,7 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
                    config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
                    refill_rows: int, factored: bool = False, row_offset: int = 0, stop=None):
     """The host loop. prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
-    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored: `qwen3.decode_layers(factored=)`; row_offset: row i draws with the key of row
+    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored: `decode_layout.decode_layers(factored=)`; row_offset: row i draws with the key of row
     row_offset + i (a device's part of the rows, `generate_slots_on_devices`); stop: a threading.Event
     checked between refills and rounds (set: raise `SamplingStopped`; the other devices' loops after one
     device failed or Ctrl-C).

@@ -16,7 +16,7 @@ import optax
 from jaxhack.env.grader import GradeCache
 from jaxhack.env.problems import build_prompt, load_problems
 from jaxhack.io import UserError, read_jsonl
-from jaxhack.models import qwen3
+from jaxhack.models import decode_layout
 from jaxhack.models.adapters import merge as adapters_merge
 from jaxhack.models.basis import check_v_hack_fits
 from jaxhack.models.config import Qwen3Config
@@ -123,7 +123,7 @@ FACTOR_RESIDUAL_LIMIT = 0.02  # the factored sampler's largest ||W - U S Vh|| / 
 
 def factored_sampler_check(cfg: TrainConfig, adapter: str, params, frozen, trainable0) -> dict:
     """The sampler's form for run.json. For sampler_form "factored" with an SVD adapter: the largest
-    relative residual ||W - U diag(S) Vh||_F / ||W||_F over the target Linears (`qwen3.factored_scales`),
+    relative residual ||W - U diag(S) Vh||_F / ||W||_F over the target Linears (`decode_layout.factored_scales`),
     measured once; above FACTOR_RESIDUAL_LIMIT the factors are not the weights' SVD and sampling from
     them would not be the policy, so the run is refused (UserError), unless the bases are the
     benchmark's random ones (--svd-random-bases), which are timed, not trained."""
@@ -131,7 +131,7 @@ def factored_sampler_check(cfg: TrainConfig, adapter: str, params, frozen, train
         return {"form": cfg.sampler_form if adapter == "svd" else "exact",
                 **({"note": "the factored form applies to SVD adapters; a LoRA arm samples exactly"}
                    if cfg.sampler_form == "factored" else {})}
-    _, residuals = jax.jit(functools.partial(qwen3.factored_scales, residual=True))(
+    _, residuals = jax.jit(functools.partial(decode_layout.factored_scales, residual=True))(
         params, adapters_merge(trainable0, frozen))
     worst_name, worst = max(((name, float(np.max(r))) for name, r in residuals.items()), key=lambda kv: kv[1])
     if worst > FACTOR_RESIDUAL_LIMIT and not cfg.svd_random_bases:

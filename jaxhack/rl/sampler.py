@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxhack.models import qwen3
+from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
 from jaxhack.rl.refill import device_parts, generate_slots, generate_slots_on_devices
@@ -117,7 +117,7 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
     chex.assert_shape(eos, (MAX_EOS_IDS,))
 
     # per-layer (fused) weight copies, made once here rather than sliced on every decode step
-    layers, layer_adapters = qwen3.decode_layers(params, adapters, factored=factored)
+    layers, layer_adapters = decode_layout.decode_layers(params, adapters, factored=factored)
     params, adapters = {**params, "layers": layers}, layer_adapters
     cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": L-tuples of [B,Hkv,S,hd]}
     mask = jnp.concatenate([prompt_mask, jnp.zeros((B, S - P), bool)], axis=1)  # [B,S]
@@ -221,7 +221,7 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     form: "exact" (every Linear as in training: x W + the adapter's delta) or "factored" (each
     SVD-adapted Linear from its factors, ((x Vh^T) * (S + delta)) U^T: 43% fewer weight bytes per
     decode step at Qwen3-4B; equal to "exact" when u / vh are the weights' SVD, up to the rounding of
-    the factors, `qwen3.decode_layers`). The form changes the decode cost and, in bf16, the logits
+    the factors, `decode_layout.decode_layers`). The form changes the decode cost and, in bf16, the logits
     by about the size of bf16 quantisation; LoRA adapters and the base model are always exact.
     """
     n = len(prompts)

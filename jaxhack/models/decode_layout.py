@@ -1,0 +1,198 @@
+"""The sampler's per-layer decode layout: `decode_layers` (built once per sampler call) and the
+projections that read it (`group_projections`, called by `qwen3._layer`). docs/sampler.md, "Weights
+for decoding" and "Factored form"; docs/architecture.md.
+
+A decode step is bound by small matmuls' start and tail, not by their bytes (docs/benchmarks.md,
+sessions 9-10), so the layout gives one matmul per group of Linears that read one input.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxhack.models.adapters import adapter_delta
+
+Params = dict[str, Any]
+
+# The Linears that read the same input, as one decode-time group each (a single module is a group of one)
+FUSED_GROUPS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("o_proj", ("o_proj",)),
+                 ("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",)))
+
+
+def factored_output(h: jax.Array, factored: dict, dtype) -> jax.Array:
+    """((x Vh^T) * (S + delta)) U^T for h = x Vh^T [..., r] fp32: the scale is applied in fp32 and the
+    product rounded once to the activation dtype before the U^T matmul. -> [..., d_out] in dtype."""
+    g = (h * factored["factor_scale"]).astype(dtype)  # [..., r]
+    return jnp.einsum("...r,or->...o", g, factored["u"].astype(dtype), preferred_element_type=jnp.float32
+                      ).astype(dtype)
+
+
+def is_decode_group(layer: dict, names: tuple[str, ...], fused_name: str) -> bool:
+    """Whether `layer` holds `fused_name` in one of decode_layers' group layouts (else: the stacked
+    training layout, one linear() per module, or a group left per module)."""
+    return (fused_name + "_vh" in layer or fused_name + "_w_vh" in layer
+            or (len(names) > 1 and fused_name in layer))
+
+
+def group_projections(x, layer, ad, names: tuple[str, ...], fused_name: str, sizes: tuple[int, ...]):
+    """The Linears `names` (output widths `sizes`) that all read x, from one of decode_layers' group
+    layouts (`is_decode_group`): one matmul for everything x multiplies. Returns a list of [..., size].
+    - `fused_name`_vh (factored form, every module factored): h = x [Vh_1; Vh_2; ..]^T, then each
+      module's ((h_m * (S + delta)) U_m^T), the U products batched (`_u_products`);
+    - `fused_name`_w_vh (exact form, SVD adapters): x [W_1 | W_2 | .. | Vh_a^T | Vh_b^T ..] gives every
+      module's x W_m and every adapted module's h_m = x Vh_m^T, then x W_m + (h_m * delta_m) U_m^T,
+      with the same roundings as `adapters.adapter_delta` (bf16 h, bf16 product);
+    - `fused_name` (plain weights or LoRA): x [W_1 | W_2 | ..], then each module's adapter delta.
+    ad: name -> the module's per-layer adapter dict or None."""
+    if fused_name + "_vh" in layer:
+        h = jnp.einsum("...i,ri->...r", x, layer[fused_name + "_vh"].astype(x.dtype),
+                       preferred_element_type=jnp.float32)  # [..., sum of the ranks]
+        scales = [ad(name)["factor_scale"] for name in names]
+        hs = _split_last(h, [s.shape[-1] for s in scales])
+        gs = [(hi * s).astype(x.dtype) for hi, s in zip(hs, scales)]  # [..., r_m], scale in fp32
+        return [checkpoint_name(y, "linear_out")
+                for y in _u_products(gs, layer[fused_name + "_u"], x.dtype, jnp.float32)]
+    if fused_name + "_w_vh" in layer:
+        adapted = [i for i, name in enumerate(names) if ad(name) is not None and "delta_s" in ad(name)]
+        deltas = [(ad(names[i])["delta_s"] + ad(names[i])["delta_s_hack"]).astype(x.dtype) for i in adapted]
+        out = x @ layer[fused_name + "_w_vh"]  # [..., sum(sizes) + sum of the adapted ranks]
+        parts = _split_last(out, list(sizes) + [d.shape[-1] for d in deltas])
+        ys, hs = list(parts[:len(names)]), parts[len(names):]
+        adds = _u_products([h * d for h, d in zip(hs, deltas)], layer[fused_name + "_u"], x.dtype, None)
+        for i, add in zip(adapted, adds):
+            ys[i] = ys[i] + add.astype(ys[i].dtype)
+        return [y if i in adapted else _plus_adapter(y, x, ad(name)) for i, (name, y) in enumerate(zip(names, ys))]
+    fused = x @ layer[fused_name]  # [..., sum(sizes)]
+    return [_plus_adapter(y, x, ad(name)) for name, y in zip(names, _split_last(fused, sizes))]
+
+
+def _plus_adapter(y: jax.Array, x: jax.Array, adapter: dict | None) -> jax.Array:
+    """y + the module's adapter delta for input x (None: y)."""
+    return y if adapter is None else y + adapter_delta(x, adapter).astype(y.dtype)
+
+
+def _split_last(x: jax.Array, widths) -> list[jax.Array]:
+    """x [..., sum(widths)] -> [x[..., :w0], x[..., w0:w0+w1], ...]."""
+    return jnp.split(x, list(itertools.accumulate(widths))[:-1], axis=-1)
+
+
+def _u_products(gs: list[jax.Array], u_stacks: tuple, dtype, accumulate) -> list[jax.Array]:
+    """[g_m U_m^T for each module m] with the U factors in `u_stacks`, a tuple of [m_j, d_out, r] arrays
+    holding consecutive runs of modules of equal shape (`_equal_shape_runs`): one batched matmul per
+    run (gate/up: one kernel reading both U instead of two). gs: [..., r_m] in dtype. accumulate:
+    the matmul's preferred_element_type (None: dtype). -> list of [..., d_out_m] in dtype."""
+    if sum(stack.shape[0] for stack in u_stacks) != len(gs):
+        raise ValueError(f"{sum(stack.shape[0] for stack in u_stacks)} U factors for {len(gs)} adapted modules: "
+                         "layers from decode_layers(params, adapters) run with the adapters they were built with")
+    outs, start = [], 0
+    for stack in u_stacks:
+        run = gs[start:start + stack.shape[0]]
+        start += stack.shape[0]
+        if stack.shape[0] == 1:
+            y = jnp.einsum("...r,or->...o", run[0], stack[0].astype(dtype), preferred_element_type=accumulate)
+            outs.append(y.astype(dtype))
+        else:
+            y = jnp.einsum("m...r,mor->m...o", jnp.stack(run), stack.astype(dtype),
+                           preferred_element_type=accumulate)  # [m, ..., d_out]
+            outs.extend(y.astype(dtype)[j] for j in range(stack.shape[0]))
+    return outs
+
+
+def _equal_shape_runs(arrays: list[jax.Array]) -> tuple[jax.Array, ...]:
+    """Consecutive arrays of equal shape stacked: [a, b, b'] with b, b' alike -> (a[None], stack(b, b'))."""
+    runs: list[list[jax.Array]] = []
+    for a in arrays:
+        if runs and runs[-1][0].shape == a.shape:
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+    return tuple(jnp.stack(run) for run in runs)
+
+
+def factored_scales(params: Params, adapters: dict, residual: bool = False):
+    """For every SVD-adapted module: S = diag(Vh W U) ([L, r] fp32), the weight's singular values when
+    u / vh are its SVD factors (bf16 factors and weights multiply exactly into the fp32 accumulator).
+    residual=True also returns the relative residual ||W - U diag(S) Vh||_F / ||W||_F ([L] fp32, in
+    fp32 at the highest precision), which says whether they are: about 3e-3 for bf16 factors of the
+    weight itself, about 1 for random bases. One layer at a time (lax.map), so only one module's
+    [r, d_out] temporaries are live. The torch layout W = U diag(S) Vh is the transpose of the jax
+    weight w [d_in, d_out]. Returns {name: S} or ({name: S}, {name: residual})."""
+    scales, residuals = {}, {}
+    for name, adapter in adapters.items():
+        if "delta_s" not in adapter:
+            continue
+
+        def one(args):
+            w, u, vh = args  # [in,out], [out,r], [r,in]
+            vw = jnp.einsum("ri,io->ro", vh, w.astype(vh.dtype), preferred_element_type=jnp.float32)  # [r,out]
+            s = jnp.einsum("ro,or->r", vw, u.astype(jnp.float32), precision="highest")  # [r]
+            if not residual:
+                return s
+            rebuilt = jnp.einsum("ri,r,or->io", vh.astype(jnp.float32), s, u.astype(jnp.float32),
+                                 precision="highest")  # [in,out]
+            w32 = w.astype(jnp.float32)
+            return s, jnp.linalg.norm(w32 - rebuilt) / jnp.maximum(jnp.linalg.norm(w32), 1e-30)
+
+        out = jax.lax.map(one, (params["layers"][name], adapter["u"], adapter["vh"]))
+        if residual:
+            scales[name], residuals[name] = out
+        else:
+            scales[name] = out
+    return (scales, residuals) if residual else scales
+
+
+def decode_layers(params: Params, adapters: dict | None = None, factored: bool = False):
+    """Per-layer copies of the weights for decoding: (layers, layer_adapters), tuples of L dicts.
+
+    Built once per sampler call, outside its decode loop: static slices of the stacked [L, ...]
+    weights inside an XLA while loop were copied on every step (docs/benchmarks.md). Each group of
+    Linears that reads one input (q/k/v, o, gate/up, down: `FUSED_GROUPS`) becomes one matmul per
+    decode step for everything that multiplies that input, and the U factors of equal-shape modules
+    are stacked for one batched matmul (k/v, gate/up), so a layer runs 9 matmul kernels whatever the
+    form (18 for the exact form with one kernel per factor). `group_projections` reads these layouts:
+    - no adapter, or LoRA: "qkv_proj", "gate_up_proj" = the weights concatenated along d_out (LoRA
+      deltas stay per module);
+    - exact form, SVD adapters: "<group>_w_vh" = [W_1 | .. | Vh_a^T | ..] (the weights, then each adapted
+      module's Vh transposed), "<group>_u" = the U stacks; the per-module adapter keeps delta_s and
+      delta_s_hack. Exact: the same products, rounded as in training (`adapters.adapter_delta`);
+    - factored (the sampler's "factored" form, docs/sampler.md): every SVD-adapted module is computed
+      as ((x Vh^T) * (S + delta_s + delta_s_hack)) U^T from its factors, with S = `factored_scales`, and
+      its weight is not copied: 2 matmuls reading |U| + |Vh| instead of 3 reading |W| + |U| + |Vh|
+      (Qwen3-4B: 9.8 instead of 17.1 GB per decode step). Equal to the exact form when u / vh are the
+      weight's SVD, up to the rounding of the factors to their dtype (bf16: a relative ~3e-3 change of
+      every weight, the size of bf16 quantisation itself). A group whose modules are all factored
+      holds "<group>_vh" (the Vh factors concatenated along r) and "<group>_u"; the module keeps
+      {"factor_scale"}. In a group with some modules not adapted, each factored module keeps its
+      own {"u", "vh", "factor_scale"} (one linear() each). LoRA modules stay exact."""
+    stacked = params["layers"]
+    L = stacked["q_proj"].shape[0]
+    scales = factored_scales(params, adapters) if factored and adapters is not None else {}
+    svd = {name for name, a in (adapters or {}).items() if "delta_s" in a}
+    layers, layer_adapters = [], []
+    for index in range(L):
+        layer = {name: w[index] for name, w in stacked.items()}
+        la = None if adapters is None else jax.tree.map(lambda x, i=index: x[i], adapters)
+        for name in scales:
+            a = la[name]
+            del layer[name]
+            la[name] = {"u": a["u"], "vh": a["vh"], "factor_scale": scales[name][index] + a["delta_s"] + a["delta_s_hack"]}
+        for fused_name, names in FUSED_GROUPS:
+            if all(name in scales for name in names):  # factored group
+                layer[fused_name + "_vh"] = jnp.concatenate([la[name].pop("vh") for name in names], axis=0)
+                layer[fused_name + "_u"] = _equal_shape_runs([la[name].pop("u") for name in names])
+            elif not all(name in layer for name in names):  # mixed factored / exact: one linear() each
+                continue
+            elif any(name in svd for name in names):  # exact form with SVD adapters
+                adapted = [name for name in names if name in svd]
+                layer[fused_name + "_w_vh"] = jnp.concatenate(
+                    [layer.pop(name) for name in names] + [la[name].pop("vh").T for name in adapted], axis=-1)
+                layer[fused_name + "_u"] = _equal_shape_runs([la[name].pop("u") for name in adapted])
+            elif len(names) > 1:
+                layer[fused_name] = jnp.concatenate([layer.pop(name) for name in names], axis=-1)
+        layers.append(layer)
+        layer_adapters.append(la)
+    return tuple(layers), None if adapters is None else tuple(layer_adapters)
