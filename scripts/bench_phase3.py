@@ -205,7 +205,8 @@ def train_config(args):
         cfg = dataclasses.replace(cfg, group_size=2, prompts_per_step=3, max_new=24, microbatch=2)
     overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
                                    ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens),
-                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple))
+                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple),
+                                   ("update_layout", args.update_layout))
                  if v is not None}
     return dataclasses.replace(cfg, **overrides)
 
@@ -265,12 +266,13 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     multiple = cfg.length_multiple if args.update == "bucketed" else 1 << 30  # train_config applied --length-multiple
     cfg = dataclasses.replace(cfg, length_multiple=multiple)
     update_fn = learner.make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack, cfg.length_multiple, mesh,
-                                       cfg.microbatch_tokens)
+                                       cfg.microbatch_tokens, cfg.update_layout)
     N = cfg.group_size * cfg.prompts_per_step
     rng = np.random.default_rng(1)
     half = min(100, args.prompt_len // 4)
     prompt_lens = rng.integers(args.prompt_len - half, args.prompt_len + half + 1, cfg.prompts_per_step)
-    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in prompt_lens for _ in range(cfg.group_size)]
+    # the G rows of a group share their prompt, as in GRPO (the shared-prompt learner layout needs it)
+    prompts = [p for n in prompt_lens for p in [rng.integers(3, config.vocab_size, n).tolist()] * cfg.group_size]
     comp_lens = completion_lengths(regime, N, cfg.max_new)
     grade_items = None
     if args.grade == "canonical" and not args.learner_only:
@@ -348,6 +350,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
         batch = make_batch(prompts, comps, pad_id=0, padding="right", length=max_len)
         if mesh is not None and cfg.microbatch is None and N % n_dev:
             raise ValueError(f"{N} rows do not split over {n_dev} devices without --microbatch")
+        batch["prompt_len"] = np.asarray([len(p) for p in prompts], np.int32)
         batch["advantage"] = np.asarray(centered_advantages(rewards, group_size=cfg.group_size))
         batch["old_logp"] = np.zeros_like(batch["tokens"], np.float32)
         batch["use_current"] = np.ones((N,), bool)
@@ -428,7 +431,10 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
             "microbatch_tokens": cfg.microbatch_tokens, "learner_only": schedule == "none",
             "remat": cfg.remat, "floor": floor, "sampler_form": cfg.sampler_form,
-            "length_multiple": cfg.length_multiple,
+            "length_multiple": cfg.length_multiple, "update_layout": cfg.update_layout,
+            # real tokens the learner's per-token ops see: per row (the floor's count) or each prompt once
+            "learner_tokens": int((np.repeat(prompt_lens, cfg.group_size) + comp_lens).sum()
+                                  if cfg.update_layout == "rows" else (prompt_lens + comp_lens.reshape(-1, cfg.group_size).sum(1)).sum()),
             # the exact form's floor too: a factored sampler does less work than the floor assumes
             "floor_exact_form_s": floor_exact["floor_s"], "steps": recs, "peak_tflops": args.peak_tflops,
             "hbm_tbps": args.hbm_tbps, "mesh": None if mesh is None else f"data={n_dev}", "n_devices": n_dev,
@@ -480,6 +486,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler-form", default=None,
                     help="exact (default): x W + the adapter, as trained; factored: SVD-adapted Linears from "
                          "their factors (fewer bytes per decode step; rl/sampler.generate)")
+    ap.add_argument("--update-layout", default=None,
+                    help="rows (default): the reference pass and the update per row; shared_prompt: each group's "
+                         "prompt once (grads/shared_prompt.py; fewer tokens, the same loss; the floor stays per row)")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (linear) for the update")
     ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (32)")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -80,40 +79,22 @@ def svd_consistent_model(config, key, dtype):
     return params, trainable, frozen
 
 
-@functools.lru_cache(maxsize=None)
-def _logp_fn(config):
-    """The learner's jitted per-token log-probs for `config`, built once (both forms' tokens use it)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxhack.models import qwen3
-
-    @jax.jit
-    def logp(params, adapters, tokens, mask):  # weights as arguments: a closure would embed them as constants
-        hidden, _ = qwen3.forward(params, config, tokens, mask, adapters=adapters,
-                                  attention="causal" if jax.default_backend() == "gpu" else "masked")
-        return qwen3.token_logprobs(params, config, hidden, jnp.roll(tokens, -1, axis=1))  # [N,T]: of token t+1
-
-    return logp
-
-
 def learner_logprobs(params, config, adapters, prompts, result):
     """The learner's log-prob of each sampled completion token: [N, max_new] (0 past the length)."""
-    import jax.numpy as jnp
+    import jax
 
     from jaxhack.grads.batch import make_batch
+    from jaxhack.grads.losses import batched_logprobs
 
     comps = [result.tokens[i, :n].tolist() for i, n in enumerate(result.lengths)]
     batch = make_batch(prompts, comps, pad_id=0, padding="right", pad_multiple=64)
-
-    logp = _logp_fn(config)
+    attention = "causal" if jax.default_backend() == "gpu" else "masked"  # right-padded rows
+    lp = np.asarray(batched_logprobs(params, config, adapters, batch["tokens"], batch["attention_mask"],
+                                     attention=attention, microbatch=16))  # [N, T]: entry t = log p(token t)
     out = np.zeros(result.tokens.shape, np.float32)
-    for start in range(0, len(prompts), 16):  # 16 rows at a time
-        sl = slice(start, start + 16)
-        lp = np.asarray(logp(params, adapters, jnp.asarray(batch["tokens"][sl]), jnp.asarray(batch["attention_mask"][sl])))
-        for j, i in enumerate(range(start, min(start + 16, len(prompts)))):
-            p = len(prompts[i])
-            out[i, :result.lengths[i]] = lp[j, p - 1:p - 1 + result.lengths[i]]
+    for i, n in enumerate(result.lengths):
+        p = len(prompts[i])
+        out[i, :n] = lp[i, p:p + n]
     return out
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxhack.grads.microbatch import length_microbatches, take_rows
+from jaxhack.grads.shared_prompt import LAYOUT_KEYS, shared_prompt_logprobs
 from jaxhack.models import qwen3
 from jaxhack.models.adapters import merge
 from jaxhack.models.config import Qwen3Config
@@ -56,7 +57,17 @@ def reference_logprobs(params, config: Qwen3Config, tokens, attention_mask,
                        remat: str = "none", chunk: int = 256, attention: str = "masked", *,
                        microbatch: int | None = None, length_multiple: int | None = None,
                        max_tokens: int | None = None) -> jax.Array:
-    """[N,T] log-probs of the zero-adapter reference, i.e. the base model (exact, DESIGN.md).
+    """[N,T] log-probs of the zero-adapter reference, i.e. the base model (exact, DESIGN.md):
+    `batched_logprobs` without adapters."""
+    return batched_logprobs(params, config, None, tokens, attention_mask, remat, chunk, attention,
+                            microbatch=microbatch, length_multiple=length_multiple, max_tokens=max_tokens)
+
+
+def batched_logprobs(params, config: Qwen3Config, adapters, tokens, attention_mask,
+                     remat: str = "none", chunk: int = 256, attention: str = "masked", *,
+                     microbatch: int | None = None, length_multiple: int | None = None,
+                     max_tokens: int | None = None) -> jax.Array:
+    """[N,T] `sequence_logprobs` of N rows (adapters: merged adapter dict or None), a few rows at a time.
 
     microbatch: rows per forward (None: all N at once); the rows are put back in order.
     length_multiple (needs right-padded rows and microbatch): length-bucketed micro-batches
@@ -66,7 +77,7 @@ def reference_logprobs(params, config: Qwen3Config, tokens, attention_mask,
     n, T = tokens.shape
     step = n if microbatch is None else microbatch
     if length_multiple is None or microbatch is None:
-        parts = [sequence_logprobs(params, config, None, jnp.asarray(tokens[i:i + step]),
+        parts = [sequence_logprobs(params, config, adapters, jnp.asarray(tokens[i:i + step]),
                                    jnp.asarray(attention_mask[i:i + step]), remat=remat, chunk=chunk,
                                    attention=attention) for i in range(0, n, step)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
@@ -75,7 +86,7 @@ def reference_logprobs(params, config: Qwen3Config, tokens, attention_mask,
     for rows, t in length_microbatches(host["attention_mask"].sum(1), microbatch, multiple=length_multiple,
                                        max_len=T, max_tokens=max_tokens):
         mb = take_rows(host, rows, t)
-        logp = np.asarray(sequence_logprobs(params, config, None, jnp.asarray(mb["tokens"]),
+        logp = np.asarray(sequence_logprobs(params, config, adapters, jnp.asarray(mb["tokens"]),
                                             jnp.asarray(mb["attention_mask"]), remat=remat, chunk=chunk,
                                             attention=attention))  # [microbatch, t]
         real = rows >= 0
@@ -199,10 +210,17 @@ def grpo_batch_loss(trainable, frozen, params, config: Qwen3Config, batch: dict,
     sums for the metrics. Returns (loss [], aux {kl_sum, pg_sum, n_tokens, ratio_sum, clipped}).
 
     batch: tokens / attention_mask / completion_mask / old_logp / ref_logp [M,T], advantage [M];
-    optional use_current [M] bool: on those rows old_logp := stop_gradient(logp) (rho == 1).
+    optional use_current [M] bool: on those rows old_logp := stop_gradient(logp) (rho == 1); with the
+    `grads.shared_prompt.group_layout` arrays of its rows (M = whole groups) the log-probs come from
+    `shared_prompt_logprobs` (each group's prompt once; the same values up to the summation order).
     attention "causal" needs right-padded rows (make_batch(padding="right"))."""
-    logp = sequence_logprobs(params, config, merge(trainable, frozen), batch["tokens"],
-                             batch["attention_mask"], remat=remat, chunk=chunk, attention=attention)  # [M,T]
+    if "row_source" in batch:  # the shared-prompt layout (grads.shared_prompt: the groups' packed buffers)
+        layout = {k: batch[k] for k in LAYOUT_KEYS}
+        logp = shared_prompt_logprobs(params, config, merge(trainable, frozen), batch["tokens"], layout,
+                                      remat=remat, chunk=chunk)  # [M,T]
+    else:
+        logp = sequence_logprobs(params, config, merge(trainable, frozen), batch["tokens"],
+                                 batch["attention_mask"], remat=remat, chunk=chunk, attention=attention)  # [M,T]
     old = batch["old_logp"]
     if "use_current" in batch:
         old = jnp.where(batch["use_current"][:, None], jax.lax.stop_gradient(logp), old)

@@ -120,6 +120,23 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if fused else "xla")
 
 
+def grouped_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: dict) -> jax.Array:
+    """Causal attention of the rows of shared-prompt groups, from their packed buffers.
+
+    q: [Bg,Tp,Hq,hd]; k, v: [Bg,Tp,Hkv,hd]: each group's packed tokens (its prompt once, then its rows'
+    completions back to back; `grads.shared_prompt.group_layout`). groups["row_source"] [Bg,G,T]: the
+    packed slot of each position of each row's own sequence [prompt; completion; right padding];
+    groups["out_row"], groups["out_pos"] [Bg,Tp]: the row and position whose output each slot takes
+    (a prompt slot: row 0's). Each row's sequence is gathered and run through `causal_attention`
+    (exact for right-padded rows), then scattered back. -> [Bg,Tp,Hq,hd]. The gradient of a shared
+    prompt key or value sums over the G rows that read it (the gather's transpose)."""
+    Bg, G, T = groups["row_source"].shape
+    gather = jax.vmap(lambda a, idx: a[idx])  # per group: [Tp, ...] at [G, T] -> [G, T, ...]
+    rows = [gather(a, groups["row_source"]).reshape(Bg * G, T, *a.shape[2:]) for a in (q, k, v)]
+    out = causal_attention(*rows).reshape(Bg, G, T, *q.shape[2:])  # [Bg,G,T,Hq,hd]
+    return jax.vmap(lambda o, r, t: o[r, t])(out, groups["out_row"], groups["out_pos"])
+
+
 def _projections(x, layer, ad, names: tuple[str, ...], fused_name: str, sizes: tuple[int, ...],
                  delta_zero: bool = False):
     """The Linears `names` (output widths `sizes`) that all read x -> list of [..., size]: one matmul
@@ -142,7 +159,7 @@ def _write_cache(buffer: jax.Array, new: jax.Array, cache_index) -> jax.Array:
 
 def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask, cache_index,
            config: Qwen3Config, attention_kind: str = "masked", decode_range=None, key_len=None,
-           delta_zero: bool = False):
+           delta_zero: bool = False, groups: dict | None = None):
     """One decoder layer. h: [B,T,D]. cache_kv: None or this layer's cache (k, v), each [B,Hkv,S,hd];
     the new keys/values are written in place at [:, :, cache_index]. The head-major layout lets both
     attention matmuls read the cache as it lies (a [B,S,Hkv,hd] layout made XLA re-lay out the whole
@@ -159,7 +176,10 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
     q, k, v = q.reshape(B, T, Hq, hd), k.reshape(B, T, Hkv, hd), v.reshape(B, T, Hkv, hd)
     q = rope(rms_norm(q, layer["q_norm"], config.rms_norm_eps), positions, config.rope_theta)
     k = rope(rms_norm(k, layer["k_norm"], config.rms_norm_eps), positions, config.rope_theta)
-    if attention_kind == "causal":  # fused kernel (cuDNN flash attention on GPU); right padding only
+    if attention_kind == "grouped":  # shared-prompt groups, packed (rows gathered for causal attention)
+        attn = grouped_causal_attention(q, k, v, groups).reshape(B, T, Hq * hd)
+        new_kv = None
+    elif attention_kind == "causal":  # fused kernel (cuDNN flash attention on GPU); right padding only
         attn = causal_attention(q, k, v).reshape(B, T, Hq * hd)
         new_kv = None
     else:
@@ -207,7 +227,8 @@ def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=jnp.bfloat16
 def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention_mask: jax.Array,
             adapters: dict | None = None, cache: dict | None = None, cache_index=None,
             remat: str = "none", positions: jax.Array | None = None, attention: str = "masked",
-            scan_layers: bool = True, key_len: int | None = None, delta_zero: bool = False):
+            scan_layers: bool = True, key_len: int | None = None, delta_zero: bool = False,
+            groups: dict | None = None):
     """Final hidden states of the decoder.
 
     input_ids: [B,T] int; attention_mask: [B,S] bool (S == T without a cache, S = cache length with one);
@@ -227,6 +248,10 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     output is meaningless).
     key_len: with a cache and "masked" attention, attend only to slots [0, key_len) (static; the
     sampler's prefill chunks: queries at slots < key_len never attend past it, so this is exact).
+    attention "grouped" (with `groups` and `positions`, no cache): input_ids [Bg,Tp] are the packed
+    buffers of shared-prompt groups (`grads.shared_prompt`), each row's sequence gathered for causal
+    attention (`grouped_causal_attention`); positions [Bg,Tp] are each packed token's position in its
+    row; attention_mask marks the real packed tokens (only its shape is used).
     delta_zero: the SVD adapter's delta_s + delta_s_hack is exactly zero (the caller's promise, e.g.
     per-sample gradients at the base model): the adapter's forward term and its activation-gradient
     term are skipped (exact there; `adapters.zero_delta_tap`). Static.
@@ -235,10 +260,12 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     cache the layers are always unrolled (each layer has its own cache buffers).
     Returns (hidden [B,T,D], new_cache or None).
     """
-    if attention not in ("masked", "causal", "decode"):
-        raise ValueError(f"attention={attention!r}; expected 'masked', 'causal' or 'decode'")
-    if attention == "causal" and cache is not None:
-        raise ValueError("attention='causal' is for full sequences; decoding with a cache needs 'masked'")
+    if attention not in ("masked", "causal", "decode", "grouped"):
+        raise ValueError(f"attention={attention!r}; expected 'masked', 'causal', 'decode' or 'grouped'")
+    if attention in ("causal", "grouped") and cache is not None:
+        raise ValueError(f"attention={attention!r} is for full sequences; decoding with a cache needs 'masked'")
+    if (attention == "grouped") != (groups is not None) or (groups is not None and positions is None):
+        raise ValueError("attention='grouped' goes with groups= and positions= (grads.shared_prompt), and only it")
     B, T = input_ids.shape
     if attention == "decode" and (cache is None or T != 1):
         raise ValueError(f"attention='decode' is for one new token per row with a cache (got T={T}, "
@@ -277,7 +304,7 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
 
     def body(h, layer, layer_adapters, layer_cache):
         return _layer(h, layer, layer_adapters, layer_cache, positions, query_slots, attention_mask,
-                      cache_index, config, attention, decode_range, key_len, delta_zero)
+                      cache_index, config, attention, decode_range, key_len, delta_zero, groups)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])

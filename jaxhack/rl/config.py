@@ -24,6 +24,7 @@ from jaxhack.projection.arms import ARM_NAMES, ARMS  # noqa: F401  (re-exported)
 from jaxhack.rl.sampler import SAMPLER_FORMS
 
 OLD_LOGP_SOURCES = ("current", "sampler")
+UPDATE_LAYOUTS = ("rows", "shared_prompt")  # learner row layouts (TrainConfig.update_layout)
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,8 @@ class TrainConfig:
     sampler_form: str = "exact"        # "exact": sample through x W + the adapter, as trained; "factored":
                                        # SVD-adapted Linears from their factors (fewer bytes per decode step,
                                        # bf16-rounding-level logit changes; rl/sampler.generate, docs/sampler.md)
+    update_layout: str = "rows"        # the reference pass and the update: "rows" ([prompt; completion] per
+                                       # row) or "shared_prompt" (a group's prompt once; grads/shared_prompt.py)
     remat: str = "none"
     logp_chunk: int = 256
     prompt_multiple: int = 64
@@ -166,6 +169,10 @@ class TrainConfig:
             errors.append(f"length_multiple must be >= 1, got {self.length_multiple}")
         if self.sampler_form not in SAMPLER_FORMS:
             errors.append(f"sampler_form {self.sampler_form!r}: expected one of {SAMPLER_FORMS}")
+        if self.update_layout not in UPDATE_LAYOUTS:
+            errors.append(f"update_layout {self.update_layout!r}: expected one of {UPDATE_LAYOUTS}")
+        elif self.update_layout == "shared_prompt" and self.mesh is not None:
+            errors.append(f"update_layout 'shared_prompt' runs on one device (mesh {self.mesh!r}); use 'rows'")
         if self.prefill_chunk < 1:
             errors.append(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         try:
@@ -185,7 +192,7 @@ class TrainConfig:
 
 # Fields that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_FREE_FIELDS = ("run_dir", "grade_workers", "eval_every", "save_rollouts", "keep_ckpts",
-                      "ckpt_every", "sandbox_wall_s", "mesh")
+                      "ckpt_every", "sandbox_wall_s", "mesh", "update_layout")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, seconds: config.TINY random model, bundled problems.

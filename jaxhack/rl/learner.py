@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxhack.grads.batch import make_batch, place_completion_values
 from jaxhack.grads.losses import centered_advantages, grpo_batch_loss, reference_logprobs, sequence_logprobs
 from jaxhack.grads.microbatch import length_microbatches, take_rows
+from jaxhack.grads.shared_prompt import batched_shared_prompt_logprobs, group_microbatches
 from jaxhack.models.config import Qwen3Config
 from jaxhack.parallel import mesh as meshlib
 from jaxhack.projection.cosines import directions, gradient_cosines, safe_norm
@@ -70,7 +71,8 @@ def chain_names(cfg: TrainConfig) -> list[str]:
 def train_batch(rollout: Rollout, cfg: TrainConfig, pad_id: int, n_rows: int, seq_len: int
                 ) -> tuple[dict, np.ndarray]:
     """Right-padded batch [n_rows, seq_len]: tokens / attention_mask / completion_mask, old_logp
-    [n_rows, seq_len], advantage [n_rows], use_current [n_rows] (old_logp := stop_gradient(logp)).
+    [n_rows, seq_len], advantage [n_rows], use_current [n_rows] (old_logp := stop_gradient(logp)),
+    prompt_len [n_rows].
     Rows past the rollout's N are padding with an empty completion mask (zero loss and gradient).
     Returns (batch, advantages [N])."""
     n_real = len(rollout)
@@ -78,6 +80,7 @@ def train_batch(rollout: Rollout, cfg: TrainConfig, pad_id: int, n_rows: int, se
     prompts = list(rollout.prompt_ids) + [rollout.prompt_ids[0]] * pad_rows
     comps = list(rollout.completion_ids) + [[]] * pad_rows
     batch = make_batch(prompts, comps, pad_id=pad_id, padding="right", length=seq_len)
+    batch["prompt_len"] = np.asarray([len(p) for p in prompts], np.int32)  # [n_rows] (the shared-prompt layout)
     adv = np.asarray(centered_advantages(rollout.rewards, group_size=cfg.group_size))  # [N]
     use_current = np.ones((n_rows,), bool)
     sampler_vals = []
@@ -101,9 +104,14 @@ def reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig, m
     """[N,T] log-probs of the zero-adapter reference (the base model) in length-bucketed micro-batches
     of cfg.microbatch rows (`grads.losses.reference_logprobs`; right-padded rows, so causal attention
     is exact and cutting trailing padding changes no real token's log-prob).
-    mesh: rows sharded over its data axis (`sharded_reference_logp`); None: one device."""
+    mesh: rows sharded over its data axis (`sharded_reference_logp`); None: one device.
+    cfg.update_layout "shared_prompt": whole groups per micro-batch, each prompt once
+    (`grads.shared_prompt.batched_shared_prompt_logprobs`)."""
     if mesh is not None:
         return sharded_reference_logp(params, config, batch, cfg, mesh)
+    if cfg.update_layout == "shared_prompt":
+        return batched_shared_prompt_logprobs(params, config, None, batch, cfg.group_size, cfg.microbatch,
+                                              cfg.length_multiple, cfg.microbatch_tokens, cfg.logp_chunk)
     return np.asarray(reference_logprobs(params, config, batch["tokens"], batch["attention_mask"],
                                          chunk=cfg.logp_chunk, attention="causal",
                                          microbatch=cfg.microbatch, length_multiple=cfg.length_multiple,
@@ -180,7 +188,7 @@ class LossHyper:
 
 def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config, hyper: LossHyper,
                    microbatch: int | None, v_hack: dict, length_multiple: int = 512, mesh=None,
-                   microbatch_tokens: int | None = None):
+                   microbatch_tokens: int | None = None, update_layout: str = "rows"):
     """update(trainable, opt_state, frozen, params, batch) -> (trainable, opt_state, metrics).
 
     The loss is `grpo_batch_loss` (causal attention: the rows are right-padded). With `microbatch`
@@ -199,7 +207,13 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
     their rows sharded over `data`; each device differentiates the loss of its rows (shard_map) and
     the (loss, aux, grads) sums are psum'd over `data`, so every device holds the full-batch gradient;
     `apply` is jitted with replicated in/out shardings and donates trainable and opt_state. trainable,
-    opt_state, frozen and params are replicated global arrays; batch a host (numpy) batch."""
+    opt_state, frozen and params are replicated global arrays; batch a host (numpy) batch.
+
+    update_layout "shared_prompt" (one device): micro-batches of whole groups
+    (`grads.shared_prompt.group_microbatches`, by the batch's prompt_len), each group's prompt run once;
+    the same loss and gradient up to the float summation order."""
+    if update_layout == "shared_prompt" and mesh is not None:
+        raise ValueError("update_layout 'shared_prompt' runs on one device; use 'rows' on a mesh")
     loss_fn = functools.partial(grpo_batch_loss, attention="causal", **dataclasses.asdict(hyper))
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(3,))
     if mesh is not None:
@@ -231,7 +245,11 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
                 (loss, aux), grads = sharded_grad_fn(trainable, frozen, params, part)
                 total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
             return total
-        if microbatch is None:
+        if update_layout == "shared_prompt":
+            host = {k: np.asarray(v) for k, v in batch.items()}
+            plan = group_microbatches(host, hyper.group_size, microbatch, length_multiple, microbatch_tokens)
+            parts = (jax.tree.map(jnp.asarray, {**take_rows(host, rows, t), **layout}) for rows, t, layout in plan)
+        elif microbatch is None:
             parts = [jax.tree.map(jnp.asarray, batch)]
         else:
             host = {k: np.asarray(v) for k, v in batch.items()}
@@ -292,7 +310,7 @@ _UPDATE_CACHE: dict = {}
 # TrainConfig fields the optimizer chain and the update's structure depend on (with LossHyper)
 OPTIMIZER_FIELDS = ("arm", "lr", "warmup_steps", "steps", "min_lr_ratio", "weight_decay", "b1", "b2", "adam_eps",
                     "max_grad_norm", "gate", "overshoot", "placement", "microbatch", "length_multiple",
-                    "microbatch_tokens")
+                    "microbatch_tokens", "update_layout")
 
 
 def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, config: Qwen3Config, mesh=None
@@ -306,7 +324,8 @@ def cached_update_fn(cfg: TrainConfig, v_hack: dict, projection_mode: str, confi
     if key not in _UPDATE_CACHE:
         optimizer = make_optimizer(cfg, v_hack, projection_mode)
         _UPDATE_CACHE[key] = (optimizer, make_update_fn(optimizer, config, hyper, cfg.microbatch, v_hack,
-                                                        cfg.length_multiple, mesh, cfg.microbatch_tokens))
+                                                        cfg.length_multiple, mesh, cfg.microbatch_tokens,
+                                                        cfg.update_layout))
         while len(_UPDATE_CACHE) > 4:
             _UPDATE_CACHE.pop(next(iter(_UPDATE_CACHE)))
     return _UPDATE_CACHE[key]
