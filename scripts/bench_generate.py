@@ -181,7 +181,8 @@ def main(argv=None) -> None:
     args.prompt_len = args.prompt_len if args.prompt_len is not None else (16 if args.small else 128)
     try:
         batches = parse_list("--batches", args.batches, int)
-        checks.at_least(argparse.Namespace(batches=batches), ("batches",))
+        for b in batches:
+            checks.positive("--batches", b)
         checks.at_least(args, ("new_tokens", "prompt_len", "repeats", "torch_repeats"))
     except UserError as e:
         ap.error(str(e))

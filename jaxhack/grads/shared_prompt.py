@@ -32,6 +32,14 @@ from jaxhack.models.config import Qwen3Config
 LAYOUT_KEYS = ("packed_tokens", "packed_positions", "packed_mask", "row_source", "out_row", "out_pos")
 
 
+def packed_lengths(attention_mask, prompt_len, group_size: int) -> np.ndarray:
+    """[M/G] real tokens of each group's packed buffer: its prompt once (none for a group without real
+    tokens) plus its rows' completions. attention_mask [M, T] (right-padded), prompt_len [M]."""
+    real = np.asarray(attention_mask, bool).sum(1).reshape(-1, group_size)
+    prompt = np.asarray(prompt_len, np.int64).reshape(-1, group_size)
+    return np.minimum(prompt[:, 0], real.max(1)) + (real - np.minimum(prompt, real)).sum(1)
+
+
 def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: int = 128) -> dict[str, np.ndarray]:
     """The packed buffers and index maps of M = Bg x G right-padded rows (rows g*G .. g*G+G-1 are a group).
 
@@ -51,14 +59,13 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
     Bg = M // G
     real = attention_mask.sum(1)
     comp = real - np.minimum(prompt_len, real)  # [M]
+    packed_len = packed_lengths(attention_mask, prompt_len, G)  # [Bg]
     for g in range(Bg):
         rows = range(g * G, g * G + G)
         P = prompt_len[g * G]
         if any(prompt_len[r] != P or not np.array_equal(tokens[r, :P], tokens[g * G, :P]) for r in rows if real[r]):
             raise ValueError(f"rows {g * G}..{g * G + G - 1}: a group's rows must share one prompt "
                              "(the shared-prompt layout runs it once)")
-    packed_len = np.asarray([min(prompt_len[g * G], real[g * G:g * G + G].max()) + comp[g * G:g * G + G].sum()
-                             for g in range(Bg)])
     Tp = int(-(-(packed_len.max() + 1) // multiple) * multiple)
     out = {"packed_tokens": np.zeros((Bg, Tp), np.int32), "packed_positions": np.zeros((Bg, Tp), np.int32),
            "packed_mask": np.zeros((Bg, Tp), bool), "row_source": np.full((Bg, G, T), Tp - 1, np.int32),
@@ -102,14 +109,13 @@ def group_microbatches(batch: dict, group_size: int, microbatch: int | None, mul
     if (mask[whole:].sum(1) > prompt_len[whole:]).any():
         raise ValueError(f"{N} rows are not a whole number of groups of {G}, and rows {whole}.. have completions")
     tokens, mask, prompt_len = tokens[:whole], mask[:whole], prompt_len[:whole]
-    real = mask.sum(1).reshape(-1, G)
-    packed = np.minimum(prompt_len.reshape(-1, G)[:, 0], real.max(1)) + (real - np.minimum(
-        prompt_len.reshape(-1, G), real)).sum(1)  # [N/G] packed tokens per group
+    real = mask.sum(1)
+    packed = packed_lengths(mask, prompt_len, G)  # [N/G]
     per_mb = len(packed) if microbatch is None else max(1, microbatch // G)
     plan = []
     for groups, _ in length_microbatches(packed + 1, per_mb, multiple=multiple, max_tokens=max_tokens):
         rows = np.concatenate([np.arange(g * G, g * G + G) if g >= 0 else np.full(G, -1) for g in groups])
-        longest = int(real.reshape(-1)[rows[rows >= 0]].max(initial=1))
+        longest = int(real[rows[rows >= 0]].max(initial=1))
         t = min(int(-(-longest // multiple) * multiple), T_all)
         part = take_rows({"tokens": tokens, "attention_mask": mask, "prompt_len": prompt_len}, rows, t)
         plan.append((rows, t, group_layout(part["tokens"], part["attention_mask"], part["prompt_len"], G,

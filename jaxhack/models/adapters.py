@@ -43,6 +43,16 @@ def adapter_delta(x: jax.Array, adapter: dict) -> jax.Array:
     raise ValueError(f"unknown adapter with keys {sorted(adapter)}; expected SVD (delta_s) or LoRA (a, b)")
 
 
+def add_adapter_delta(y: jax.Array, x: jax.Array, adapter: dict | None, delta_zero: bool = False) -> jax.Array:
+    """y + the adapter's delta for input x (None: y). delta_zero (SVD only, the caller's promise that
+    delta_s + delta_s_hack == 0): the exact delta_s = 0 path of `zero_delta_tap`."""
+    if adapter is None:
+        return y
+    if delta_zero:
+        return zero_delta_tap(y, x, adapter)
+    return y + adapter_delta(x, adapter).astype(y.dtype)
+
+
 def zero_delta_tap(y: jax.Array, x: jax.Array, adapter: dict) -> jax.Array:
     """y + adapter_delta(x, adapter) for an SVD adapter whose delta_s + delta_s_hack is exactly 0.
 

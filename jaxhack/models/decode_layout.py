@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxhack.models.adapters import adapter_delta
+from jaxhack.models.adapters import add_adapter_delta
 
 Params = dict[str, Any]
 
@@ -65,14 +65,9 @@ def group_projections(x, layer, ad, names: tuple[str, ...], fused_name: str, siz
         adds = _u_products([h * d for h, d in zip(hs, deltas)], layer[fused_name + "_u"], x.dtype, None)
         for i, add in zip(adapted, adds):
             ys[i] = ys[i] + add.astype(ys[i].dtype)
-        return [y if i in adapted else _plus_adapter(y, x, ad(name)) for i, (name, y) in enumerate(zip(names, ys))]
+        return [y if i in adapted else add_adapter_delta(y, x, ad(name)) for i, (name, y) in enumerate(zip(names, ys))]
     fused = x @ layer[fused_name]  # [..., sum(sizes)]
-    return [_plus_adapter(y, x, ad(name)) for name, y in zip(names, _split_last(fused, sizes))]
-
-
-def _plus_adapter(y: jax.Array, x: jax.Array, adapter: dict | None) -> jax.Array:
-    """y + the module's adapter delta for input x (None: y)."""
-    return y if adapter is None else y + adapter_delta(x, adapter).astype(y.dtype)
+    return [add_adapter_delta(y, x, ad(name)) for name, y in zip(names, _split_last(fused, sizes))]
 
 
 def _split_last(x: jax.Array, widths) -> list[jax.Array]:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxhack.models.adapters import adapter_delta, zero_delta_tap
+from jaxhack.models.adapters import add_adapter_delta
 from jaxhack.models.config import Qwen3Config, module_shapes
 from jaxhack.models.decode_attention import decode_attention
 from jaxhack.models.decode_layout import factored_output, group_projections, is_decode_group
@@ -72,24 +72,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def _add_adapter(y: jax.Array, x: jax.Array, adapter: dict | None, delta_zero: bool) -> jax.Array:
-    """y + the adapter's delta for input x. delta_zero (SVD only, the caller's promise that
-    delta_s + delta_s_hack == 0): the exact delta_s = 0 path of `adapters.zero_delta_tap`."""
-    if adapter is None:
-        return y
-    if delta_zero:
-        return zero_delta_tap(y, x, adapter)
-    return y + adapter_delta(x, adapter).astype(y.dtype)
-
-
 def linear(x: jax.Array, w: jax.Array | None, adapter: dict | None, delta_zero: bool = False) -> jax.Array:
     """y = x @ w (+ adapter delta). x: [..., d_in], w: [d_in, d_out]. The output is named
-    "linear_out" for the "linear" remat policy. delta_zero: see `_add_adapter`. A factored module of
+    "linear_out" for the "linear" remat policy. delta_zero: see `adapters.add_adapter_delta`. A factored module of
     `decode_layers(factored=True)` (adapter with "factor_scale" = S + delta; w is None) computes y from its factors."""
     if adapter is not None and "factor_scale" in adapter:
         h = jnp.einsum("...i,ri->...r", x, adapter["vh"].astype(x.dtype), preferred_element_type=jnp.float32)
         return checkpoint_name(factored_output(h, adapter, x.dtype), "linear_out")
-    y = _add_adapter(x @ w, x, adapter, delta_zero)
+    y = add_adapter_delta(x @ w, x, adapter, delta_zero)
     return checkpoint_name(y, "linear_out")
 
 
@@ -165,7 +155,7 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
     attention matmuls read the cache as it lies (a [B,S,Hkv,hd] layout made XLA re-lay out the whole
     cache on every decode step). decode_range: ([B] first, [B] one-past-last) cache slot each row
     attends to, for attention_kind "decode". key_len (static): masked attention reads only cache slots
-    [0, key_len) (a prefill chunk never attends past its own end). delta_zero: see `_add_adapter`."""
+    [0, key_len) (a prefill chunk never attends past its own end). delta_zero: see `adapters.add_adapter_delta`."""
     B, T, _ = h.shape
     hd, Hq, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     ad = (lambda name: None) if layer_adapters is None else (lambda name: layer_adapters.get(name))
