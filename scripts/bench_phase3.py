@@ -90,7 +90,7 @@ def linear_params(config) -> dict:
 
 
 def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2,
-               slots: int | None = None, sampler_form: str = "exact") -> dict:
+               slots: int | None = None, sampler_form: str = "exact", shared_prompt_groups: int | None = None) -> dict:
     """Seconds of one step at the card's peaks (see the module docstring).
 
     prefill: 2 (p_lin + p_vh + p_u) per prompt token + causal attention 2 P^2 Hq hd per layer.
@@ -108,6 +108,9 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     sampler_form "factored" (`sampler.generate(form="factored")`): prefill and decode compute each Linear
     from its SVD factors, p_vh + p_u instead of p_lin + p_vh + p_u, and decode reads the bases but not
     the Linear weights (the embedding / LM head and norms still).
+    shared_prompt_groups G (the learner's `update_layout` "shared_prompt"; rows g*G .. g*G+G-1 share
+    their prompt): the reference pass's and the update's Linears run each group's prompt once; their
+    attention and LM head stay per row (that is what the layout computes).
     """
     p = linear_params(config)
     p_all = p["p_lin"] + p["p_vh"] + p["p_u"]
@@ -119,8 +122,10 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     attn_fwd = lambda T: float(np.sum(2.0 * T * T * Hq * hd * L))  # causal: half of 4 T^2 Hq hd
     p_sample = p["p_vh"] + p["p_u"] if sampler_form == "factored" else p_all  # per token, prefill and decode
     prefill = 2 * p_sample * prompt_lens.sum() + attn_fwd(prompt_lens)
-    reference = 2 * p["p_lin"] * total.sum() + attn_fwd(total) + 2 * D * V * comp_lens.sum()
-    update = 4 * p_all * total.sum() + 3 * attn_fwd(total) + 4 * D * V * comp_lens.sum()
+    learner_tokens = total.sum() if shared_prompt_groups is None else (
+        prompt_lens.reshape(-1, shared_prompt_groups)[:, 0].sum() + comp_lens.sum())  # tokens the Linears see
+    reference = 2 * p["p_lin"] * learner_tokens + attn_fwd(total) + 2 * D * V * comp_lens.sum()
+    update = 4 * p_all * learner_tokens + 3 * attn_fwd(total) + 4 * D * V * comp_lens.sum()
     # decode: weights (tied embedding once) + adapter bases, every step; KV of each live row
     n_weights = p["p_lin"] + V * D + L * (4 * D + 2 * hd) + D
     fixed_bytes = (n_weights + p["p_vh"] + p["p_u"] - (p["p_lin"] if sampler_form == "factored" else 0)) * bytes_per_el
@@ -297,9 +302,12 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
                                   sampler_form=cfg.sampler_form,
                                   prefill_rows=args.refill_rows if sched == "refill" else None)
            for sched in schedules}
+    # the floor of the computation performed (this sampler form and learner layout), and the issue's
+    # floor (exact sampler, per-row learner) for comparison
+    shared = cfg.group_size if cfg.update_layout == "shared_prompt" else None
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
-                       args.hbm_tbps * 1e12, slots=B_slots, sampler_form=cfg.sampler_form)
-    floor_exact = floor if cfg.sampler_form == "exact" else step_floor(
+                       args.hbm_tbps * 1e12, slots=B_slots, sampler_form=cfg.sampler_form, shared_prompt_groups=shared)
+    floor_exact = floor if (cfg.sampler_form, shared) == ("exact", None) else step_floor(
         config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12, args.hbm_tbps * 1e12,
         slots=B_slots)
     refill_plan = slot_plan(config, comp_lens, S, args.refill_rows, 2 if not args.tiny else 4)
@@ -432,10 +440,11 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "microbatch_tokens": cfg.microbatch_tokens, "learner_only": schedule == "none",
             "remat": cfg.remat, "floor": floor, "sampler_form": cfg.sampler_form,
             "length_multiple": cfg.length_multiple, "update_layout": cfg.update_layout,
-            # real tokens the learner's per-token ops see: per row (the floor's count) or each prompt once
+            # real tokens the learner's Linears see: per row, or each group's prompt once (shared_prompt)
             "learner_tokens": int((np.repeat(prompt_lens, cfg.group_size) + comp_lens).sum()
-                                  if cfg.update_layout == "rows" else (prompt_lens + comp_lens.reshape(-1, cfg.group_size).sum(1)).sum()),
-            # the exact form's floor too: a factored sampler does less work than the issue's floor assumes
+                                  if shared is None else prompt_lens.sum() + comp_lens.sum()),
+            # the issue's floor too (exact sampler, per-row learner): the factored sampler and the
+            # shared-prompt layout do less work than it assumes
             "floor_exact_form_s": floor_exact["floor_s"], "steps": recs, "peak_tflops": args.peak_tflops,
             "hbm_tbps": args.hbm_tbps, "mesh": None if mesh is None else f"data={n_dev}", "n_devices": n_dev,
             # the allocator's cap (e.g. 0.54 on a 141 GB H200 gives an 80 GB H100's ~76 GiB)
@@ -488,7 +497,8 @@ def main(argv=None) -> int:
                          "their factors (fewer bytes per decode step; rl/sampler.generate)")
     ap.add_argument("--update-layout", default=None,
                     help="rows (default): the reference pass and the update per row; shared_prompt: each group's "
-                         "prompt once (grads/shared_prompt.py; fewer tokens, the same loss; the floor stays per row)")
+                         "prompt once (grads/shared_prompt.py; fewer tokens, the same loss; floor_s counts what it "
+                         "computes, floor_exact_form_s the issue's per-row floor)")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (linear) for the update")
     ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (32)")
@@ -575,8 +585,8 @@ def main(argv=None) -> int:
             peak = (rec.get("peak_bytes") or 0) / 1e9
             where = rec.get("mesh") or "one device"
             if "learner_floor_s" in rec:
-                print(f"{regime} [learner only, remat {rec['remat']}, microbatch {rec['microbatch']}, tokens "
-                      f"{rec['microbatch_tokens']}]: ref {rec['ref_s']:.1f} s, update {rec['update_s']:.1f} s; "
+                print(f"{regime} [learner only, {rec['update_layout']} layout, remat {rec['remat']}, microbatch "
+                      f"{rec['microbatch']}, tokens {rec['microbatch_tokens']}]: ref {rec['ref_s']:.1f} s, update {rec['update_s']:.1f} s; "
                       f"learner floor {rec['learner_floor_s']:.1f} s = {100 * rec['fraction_of_learner_floor']:.0f}% "
                       f"reached; process peak {peak:.1f} GB", flush=True)
             elif "step_s" in rec:

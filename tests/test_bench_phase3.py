@@ -59,6 +59,15 @@ def test_realistic_lengths_and_floor_terms():
     assert short["floor_s"] < worst["floor_s"] and short["prefill_s"] == worst["prefill_s"]
     # decode reads all weights + full-rank adapter bases each step: 8.52 G params -> ~17 GB in bf16
     assert 16 < worst["decode_fixed_gb_per_step"] < 19
+    # the shared-prompt learner: the Linears run each prompt once per group of 6 (attention stays per row)
+    shared = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, shared_prompt_groups=6)
+    assert shared["prefill_s"] == short["prefill_s"] and shared["decode_s"] == short["decode_s"]
+    p = bench.linear_params(QWEN3_4B)
+    saved_tokens = 258 * 400 - 43 * 400  # 5 of each group's 6 prompts
+    np.testing.assert_allclose((short["update_tflop"] - shared["update_tflop"]) * 1e12,
+                               4 * (p["p_lin"] + p["p_vh"] + p["p_u"]) * saved_tokens, rtol=1e-9)
+    np.testing.assert_allclose((short["ref_tflop"] - shared["ref_tflop"]) * 1e12, 2 * p["p_lin"] * saved_tokens,
+                               rtol=1e-9)
 
 
 def test_meshes_mode_writes_one_line_per_mesh(tmp_path):
