@@ -211,7 +211,9 @@ def train_config(args):
     overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
                                    ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens),
                                    ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple),
-                                   ("update_layout", args.update_layout))
+                                   ("update_layout", args.update_layout),
+                                   # a mesh: TrainConfig's own rules about meshes apply (e.g. update_layout)
+                                   ("mesh", args.mesh or (args.meshes[0] if args.meshes else None)))
                  if v is not None}
     return dataclasses.replace(cfg, **overrides)
 

@@ -117,6 +117,7 @@ def test_tiny_learner_only_with_token_budget(tmp_path):
     (["--sampler-form", "exact", "--microbatch-tokens", "0"], "--microbatch-tokens must be >= 1"),
     (["--sampler-form", "fused"], "--sampler-form 'fused': expected one of ('exact', 'factored')"),
     (["--max-new", "0"], "--max-new must be >= 1"),
+    (["--meshes", "data=1", "--update-layout", "shared_prompt"], "--update-layout 'shared_prompt' runs on one device"),
 ])
 def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv, words):
     """A bad number is refused in one line, exit 2, before any weights are built and with nothing
