@@ -204,16 +204,16 @@ def train_config(args):
     rl.config.ConfigError before any work)."""
     from jaxhack.rl.config import make_config
 
+    # a mesh: make_config's and TrainConfig's rules about meshes apply (the preset's shared-prompt
+    # learner becomes "rows"; asking for it by name on a mesh is an error)
+    mesh = args.mesh or (args.meshes[0] if args.meshes else None)
     cfg = make_config("full", arm="projected", ckpt="random-4b", svd_random_bases=True, v_hack="random",
-                      remat=args.remat)
+                      remat=args.remat, mesh=mesh, update_layout=args.update_layout)
     if args.tiny:
         cfg = dataclasses.replace(cfg, group_size=2, prompts_per_step=3, max_new=24, microbatch=2)
     overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
                                    ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens),
-                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple),
-                                   ("update_layout", args.update_layout),
-                                   # a mesh: TrainConfig's own rules about meshes apply (e.g. update_layout)
-                                   ("mesh", args.mesh or (args.meshes[0] if args.meshes else None)))
+                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple))
                  if v is not None}
     return dataclasses.replace(cfg, **overrides)
 
@@ -498,9 +498,10 @@ def main(argv=None) -> int:
                     help="exact (default): x W + the adapter, as trained; factored: SVD-adapted Linears from "
                          "their factors (fewer bytes per decode step; rl/sampler.generate)")
     ap.add_argument("--update-layout", default=None,
-                    help="rows (default): the reference pass and the update per row; shared_prompt: each group's "
-                         "prompt once (grads/shared_prompt.py; fewer tokens, the same loss; floor_s counts what it "
-                         "computes, floor_exact_form_s the issue's per-row floor)")
+                    help="shared_prompt (the full preset's default on one device): the reference pass and the update "
+                         "run each group's prompt once (grads/shared_prompt.py; fewer tokens, the same loss; floor_s "
+                         "counts what it computes, floor_exact_form_s the issue's per-row floor); rows: per row "
+                         "(the default on a mesh)")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (linear) for the update")
     ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (32)")

@@ -6,6 +6,9 @@
 2. The Pallas decode-attention kernel against its reference on random bf16 inputs with ragged ranges.
 3. One decode step of qwen3.forward with attention="decode" (Pallas) against attention="masked"
    after a left-padded prefill, bf16.
+4. The shared-prompt learner layout (`grads.shared_prompt`: cuDNN attention told each row's length)
+   against the per-row causal layout, both bf16, and both against an fp32 masked reference: log-probs
+   and delta_s gradients on the completion tokens, all finite.
 
     PYTHONPATH=. python scripts/gpu_check_kernels.py --out gpu_checks.json
 Exits non-zero when a check fails.
@@ -81,6 +84,47 @@ def check_probe_attention() -> dict:
     return out
 
 
+def check_shared_prompt() -> dict:
+    from jaxhack.grads.batch import make_batch
+    from jaxhack.grads.shared_prompt import group_layout, shared_prompt_logprobs
+    from jaxhack.models.adapters import merge
+
+    G, comp_lens = 3, (300, 17, 420, 5, 260, 128)  # two groups; rows of very different lengths
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, MEDIUM.vocab_size, n).tolist() for n in (200, 90)]
+    batch = make_batch([prompts[i // G] for i in range(2 * G)],
+                       [rng.integers(0, MEDIUM.vocab_size, c).tolist() for c in comp_lens], pad_id=0,
+                       padding="right", length=640)
+    prompt_len = np.asarray([len(prompts[i // G]) for i in range(2 * G)])
+    layout = jax.tree.map(jnp.asarray, group_layout(batch["tokens"], batch["attention_mask"], prompt_len, G))
+    tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"])
+    m = np.asarray(batch["completion_mask"])
+    weights = jnp.asarray(rng.standard_normal(m.shape) * m, jnp.float32)
+    params32 = random_params(MEDIUM, jax.random.PRNGKey(0), jnp.float32)
+    tr, fr32 = random_svd_adapter(params32, jax.random.PRNGKey(1), jnp.float32)
+    tr = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.PRNGKey(2), x.shape), tr)
+    to16 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.bfloat16))
+
+    def run(kind, params, frozen):
+        def logp(t):
+            if kind == "shared":
+                return shared_prompt_logprobs(params, MEDIUM, merge(t, frozen), tokens, layout)
+            return losses.sequence_logprobs(params, MEDIUM, merge(t, frozen), tokens, mask, attention=kind)
+        value, grad = jax.jit(jax.value_and_grad(lambda t: jnp.sum(logp(t) * weights)))(tr)
+        return np.asarray(logp(tr))[m], np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(grad)])
+
+    ref_lp, ref_g = run("masked", params32, fr32)
+    row_lp, row_g = run("causal", to16(params32), to16(fr32))
+    sh_lp, sh_g = run("shared", to16(params32), to16(fr32))
+    out = {"rel_err_logp_rows_bf16_vs_fp32": rel(row_lp, ref_lp), "rel_err_logp_shared_bf16_vs_fp32": rel(sh_lp, ref_lp),
+           "rel_err_grad_rows_bf16_vs_fp32": rel(row_g, ref_g), "rel_err_grad_shared_bf16_vs_fp32": rel(sh_g, ref_g),
+           "rel_err_grad_shared_vs_rows_bf16": rel(sh_g, row_g),
+           "all_finite": bool(np.isfinite(sh_lp).all() and np.isfinite(sh_g).all())}
+    out["ok"] = bool(out["all_finite"] and out["rel_err_logp_shared_bf16_vs_fp32"] < 1.5 * out["rel_err_logp_rows_bf16_vs_fp32"] + 1e-3
+                     and out["rel_err_grad_shared_bf16_vs_fp32"] < 1.5 * out["rel_err_grad_rows_bf16_vs_fp32"] + 1e-3)
+    return out
+
+
 def check_decode_kernel() -> dict:
     B, Hq, Hkv, S, hd = 16, 32, 8, 9 * SPLIT, 128
     ks = jax.random.split(jax.random.PRNGKey(3), 3)
@@ -128,7 +172,7 @@ def main(argv=None) -> int:
         return 2
     results = {"device": str(jax.devices()[0]), "jax": jax.__version__,
                "probe_attention": check_probe_attention(), "decode_kernel": check_decode_kernel(),
-               "decode_step": check_decode_step()}
+               "decode_step": check_decode_step(), "shared_prompt": check_shared_prompt()}
     print(json.dumps(results, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -10,6 +10,7 @@ with the HLO instruction that launched it when the trace records one, and writes
     # the Phase 3 sampler (full-rank SVD adapter, temperature 1); one 12288-token micro-batch of the update
     PYTHONPATH=. python scripts/profile_kernels.py generate --adapter svd --batch 96 --prompt-len 384
     PYTHONPATH=. python scripts/profile_kernels.py update --batch 12 --prompt-len 400 --completion-len 624
+    PYTHONPATH=. python scripts/profile_kernels.py update --batch 24 --group-size 6 --update-layout shared_prompt
     PYTHONPATH=. python scripts/profile_kernels.py probe --small     # CPU smoke test (no GPU planes)
 """
 from __future__ import annotations
@@ -181,17 +182,29 @@ def build_update(args):
     params = random_params(config, jax.random.PRNGKey(0), dtype)
     trainable, frozen = random_svd_adapter(params, jax.random.PRNGKey(1), dtype)
     rng = np.random.default_rng(0)
-    batch = make_batch([rng.integers(3, config.vocab_size, P).tolist() for _ in range(R)],
+    G = (min(args.group_size, R) if args.small else args.group_size) if args.update_layout == "shared_prompt" else R
+    if R % G:
+        raise SystemExit(f"--batch {R} is not a whole number of groups of --group-size {G}")
+    prompts = [rng.integers(3, config.vocab_size, P).tolist() for _ in range(R // G)]
+    batch = make_batch([prompts[i // G] for i in range(R)],  # rows i*G .. i*G+G-1 share a prompt, as GRPO's
                        [rng.integers(3, config.vocab_size, C).tolist() for _ in range(R)], pad_id=0,
                        padding="right", length=P + C)
     batch.update(advantage=rng.standard_normal(R).astype(np.float32), old_logp=np.zeros((R, P + C), np.float32),
                  use_current=np.ones(R, bool), ref_logp=np.zeros((R, P + C), np.float32))
+    positions = R * (P + C)
+    if args.update_layout == "shared_prompt":  # the groups' packed buffers (grads.shared_prompt)
+        from jaxhack.grads.shared_prompt import group_layout
+
+        layout = group_layout(batch["tokens"], batch["attention_mask"], np.full(R, P), G)
+        batch.update(layout)
+        positions = layout["packed_tokens"].size
     batch = jax.tree.map(jnp.asarray, batch)
-    loss = functools.partial(grpo_batch_loss, group_size=R, max_new=C, prompts_per_step=1, attention="causal",
+    loss = functools.partial(grpo_batch_loss, group_size=G, max_new=C, prompts_per_step=R // G, attention="causal",
                              remat=args.remat, chunk=256)
     grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(3,))
     return (lambda: grad_fn(trainable, frozen, params, config, batch)), {
-        "rows": R, "tokens": R * (P + C), "remat": args.remat}
+        "rows": R, "tokens": R * (P + C), "remat": args.remat, "update_layout": args.update_layout,
+        "group_size": G, "linear_positions": positions}
 
 
 def main(argv=None) -> int:
@@ -209,6 +222,8 @@ def main(argv=None) -> int:
                     help="generate: sample through a full-rank SVD adapter at temperature 1 (the Phase 3 sampler)")
     ap.add_argument("--remat", default="linear", choices=("none", "full", "dots", "linear"),
                     help="update: remat policy (the full preset: linear)")
+    ap.add_argument("--update-layout", choices=("rows", "shared_prompt"), default="rows",
+                    help="update: per-row sequences, or each group's prompt once (--group-size rows per group)")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--small", action="store_true")

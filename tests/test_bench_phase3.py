@@ -80,6 +80,7 @@ def test_meshes_mode_writes_one_line_per_mesh(tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r.get("error") for r in lines] == [None, None]
     assert [(r["mesh"], r["n_devices"], r["sampler"]) for r in lines] == [("data=1", 1, "refill")] * 2  # the default
+    assert [r["update_layout"] for r in lines] == ["rows"] * 2  # the preset's shared-prompt learner is one-device only
     # the second line's efficiency is against the first line of the call (the same mesh: their time ratio)
     assert lines[0]["scaling_efficiency"] is None
     assert lines[1]["scaling_efficiency"] == pytest.approx(lines[0]["step_s"] / lines[1]["step_s"])

@@ -61,6 +61,9 @@ def test_layout_packs_each_prompt_once_and_maps_rows_back():
         np.testing.assert_array_equal(lay["packed_tokens"][g][lay["row_source"][g, j, :n]], toks[r, :n])
         np.testing.assert_array_equal(lay["packed_positions"][g][lay["row_source"][g, j, :n]], np.arange(n))
         assert (lay["row_source"][g, j, n:] == 23).all()  # right padding reads the pad slot
+        # the LM head scores each slot from the slot before it in this row (a completion's first token:
+        # the prompt's last slot)
+        np.testing.assert_array_equal(lay["packed_pred"][g][lay["row_source"][g, j, 1:n]], lay["row_source"][g, j, :n - 1])
     np.testing.assert_array_equal(lay["out_row"][0, :5], 0)  # prompt slots take row 0's output
     np.testing.assert_array_equal(lay["out_row"][0, 5:17], [0] * 4 + [1] + [2] * 7)
 
@@ -86,6 +89,7 @@ def test_logprobs_and_gradients_equal_the_per_row_forward(model):
         return shared_prompt_logprobs(params, CONFIG, merge(tr, frozen), tokens, lay)
 
     np.testing.assert_allclose(np.asarray(shared(trainable))[m], np.asarray(per_row(trainable))[m], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(shared(trainable))[:, 0], 0.0)  # as sequence_logprobs
     weights = jnp.asarray(np.random.default_rng(1).standard_normal(m.shape) * m, jnp.float32)
     g_row = jax.grad(lambda tr: jnp.sum(per_row(tr) * weights))(trainable)
     g_shared = jax.grad(lambda tr: jnp.sum(shared(tr) * weights))(trainable)
@@ -132,3 +136,13 @@ def test_update_and_reference_equal_the_rows_layout(model):
     assert abs(float(met_s["loss"]) - float(met_r["loss"])) <= 1e-5 * max(1.0, abs(float(met_r["loss"])))
     assert float(met_s["n_tokens"]) == float(met_r["n_tokens"]) == m.sum()
     assert not np.allclose(jax.tree.leaves(new_r)[0], jax.tree.leaves(trainable)[0])  # the update moved
+
+
+def test_full_preset_uses_the_shared_prompt_layout_on_one_device_only():
+    from jaxhack.rl.config import ConfigError
+
+    assert make_config("full").update_layout == "shared_prompt"
+    assert make_config("full", mesh="data=2").update_layout == "rows"  # the preset's layout on a mesh
+    assert make_config("full", update_layout="rows").update_layout == "rows"
+    with pytest.raises(ConfigError, match="runs on one device"):  # asked for by name: refused, not replaced
+        make_config("full", mesh="data=2", update_layout="shared_prompt")

@@ -6,8 +6,11 @@ completions back to back (no padding between them). Every per-token op (the Line
 runs on the packed buffer; only attention needs each row's own sequence, so
 `qwen3.grouped_causal_attention` gathers [prompt; completion] per row from the packed buffer, runs the
 usual causal attention and scatters the outputs back (a prompt slot takes row 0's output; all rows'
-outputs there are the same function of the same inputs). The log-probs are then gathered back to the
-per-row [M, T] layout of `losses.sequence_logprobs`, so the loss and everything after it are unchanged.
+outputs there are the same function of the same inputs). The LM head runs on the packed buffer too:
+each slot's token is scored from the hidden state of the slot before it in its row (`packed_pred`: a
+completion's first token reads the prompt's last slot), so it sees the groups' real tokens once instead
+of every row padded to the micro-batch's longest. The log-probs are then gathered back to the per-row
+[M, T] layout of `losses.sequence_logprobs`, so the loss and everything after it are unchanged.
 
 Exact: the same function of the same tokens, up to the float summation order (the gradient of a shared
 prompt token is summed over the G rows that read it). At the realistic Phase 3 lengths (prompts ~400
@@ -29,7 +32,7 @@ from jaxhack.grads.microbatch import length_microbatches, take_rows
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 
-LAYOUT_KEYS = ("packed_tokens", "packed_positions", "packed_mask", "row_source", "out_row", "out_pos")
+LAYOUT_KEYS = ("packed_tokens", "packed_positions", "packed_mask", "packed_pred", "row_source", "out_row", "out_pos")
 
 
 def packed_lengths(attention_mask, prompt_len, group_size: int) -> np.ndarray:
@@ -47,7 +50,8 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
     Returns numpy arrays (Tp = the longest group's prompt + completions + 1, rounded up to `multiple`;
     the last slot is always padding, where rows' right padding points):
       packed_tokens, packed_positions [Bg, Tp] int32, packed_mask [Bg, Tp] bool (real tokens),
-      row_source [Bg, G, T] int32 (the packed slot of each row position), out_row / out_pos [Bg, Tp]
+      packed_pred [Bg, Tp] int32 (the slot before each slot in its row: the hidden state that predicts
+      its token; 0 where there is none), row_source [Bg, G, T] int32 (the packed slot of each row position), out_row / out_pos [Bg, Tp]
       int32 (the row and row position whose attention output each slot takes).
     ValueError when a group's rows do not share their prompt tokens."""
     tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask, bool)
@@ -68,7 +72,7 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
                              "(the shared-prompt layout runs it once)")
     Tp = int(-(-(packed_len.max() + 1) // multiple) * multiple)
     out = {"packed_tokens": np.zeros((Bg, Tp), np.int32), "packed_positions": np.zeros((Bg, Tp), np.int32),
-           "packed_mask": np.zeros((Bg, Tp), bool), "row_source": np.full((Bg, G, T), Tp - 1, np.int32),
+           "packed_mask": np.zeros((Bg, Tp), bool), "packed_pred": np.zeros((Bg, Tp), np.int32), "row_source": np.full((Bg, G, T), Tp - 1, np.int32),
            "out_row": np.zeros((Bg, Tp), np.int32), "out_pos": np.full((Bg, Tp), T - 1, np.int32)}
     for g in range(Bg):
         r0 = g * G
@@ -77,6 +81,7 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
         out["packed_tokens"][g, :P] = tokens[r0, :P]
         out["packed_positions"][g, :P] = span
         out["packed_mask"][g, :P] = True
+        out["packed_pred"][g, 1:P] = span[:-1]
         out["row_source"][g, :, :P] = span
         out["out_pos"][g, :P] = span
         offset = P
@@ -86,6 +91,7 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
             out["packed_tokens"][g, slots] = tokens[r0 + j, P:P + L]
             out["packed_positions"][g, slots] = positions
             out["packed_mask"][g, slots] = True
+            out["packed_pred"][g, slots] = np.concatenate([[max(P - 1, 0)], slots[:-1]])[:L]
             out["row_source"][g, j, P:P + L] = slots
             out["out_row"][g, slots] = j
             out["out_pos"][g, slots] = positions
@@ -138,9 +144,11 @@ def shared_prompt_logprobs(params, config: Qwen3Config, adapters, tokens: jax.Ar
     hidden, _ = qwen3.forward(params, config, layout["packed_tokens"], layout["packed_mask"], adapters=adapters,
                               remat=remat, positions=layout["packed_positions"], attention="grouped",
                               groups=groups)  # [Bg,Tp,D]
-    rows = jax.vmap(lambda h, idx: h[idx])(hidden, layout["row_source"]).reshape(Bg * G, T, -1)  # [M,T,D]
-    logp_next = qwen3.token_logprobs(params, config, rows[:, :-1], tokens[:, 1:], chunk=chunk)  # [M,T-1]
-    return jnp.pad(logp_next, ((0, 0), (1, 0)))
+    take = jax.vmap(lambda a, idx: a[idx])  # per group: [Tp, ...] at idx [...] -> [..., ...]
+    predecessors = take(hidden, layout["packed_pred"])  # [Bg,Tp,D]: the state that predicts each slot's token
+    logp_packed = qwen3.token_logprobs(params, config, predecessors, layout["packed_tokens"], chunk=chunk)  # [Bg,Tp]
+    logp = take(logp_packed, layout["row_source"]).reshape(Bg * G, T)  # [M,T]; a row's position 0 has no predecessor
+    return logp.at[:, 0].set(0.0)
 
 
 def batched_shared_prompt_logprobs(params, config: Qwen3Config, adapters, batch: dict, group_size: int,

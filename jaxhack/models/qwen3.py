@@ -99,15 +99,21 @@ def attention(q, k, v, query_slots, key_mask, config: Qwen3Config):
     return out.reshape(B, T, Hq * hd)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
     """Causal GQA attention without materialising the [T,T] scores on a GPU.
 
     q: [B,T,Hq,hd]; k, v: [B,T,Hkv,hd] -> [B,T,Hq,hd]. On a GPU with bf16/fp16 inputs this is cuDNN's
     flash attention (jax.nn.dot_product_attention(implementation="cudnn")); elsewhere XLA's reference
     implementation (which jax picks by default even on a GPU, and which materialises the scores).
+    lengths: optional [B] int, each row's real (right-padded) length: the kernel then skips the padding
+    (the same outputs at positions < length; positions past it are not meaningful).
     """
     fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if fused else "xla")
+    if lengths is not None:
+        chex.assert_shape(lengths, (q.shape[0],))
+        lengths = jnp.maximum(lengths, 1).astype(jnp.int32)  # an all-padding row: one (ignored) key, no NaN
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                        key_value_seq_lengths=lengths, implementation="cudnn" if fused else "xla")
 
 
 def grouped_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: dict) -> jax.Array:
@@ -118,12 +124,15 @@ def grouped_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: d
     packed slot of each position of each row's own sequence [prompt; completion; right padding];
     groups["out_row"], groups["out_pos"] [Bg,Tp]: the row and position whose output each slot takes
     (a prompt slot: row 0's). Each row's sequence is gathered and run through `causal_attention`
-    (exact for right-padded rows), then scattered back. -> [Bg,Tp,Hq,hd]. The gradient of a shared
-    prompt key or value sums over the G rows that read it (the gather's transpose)."""
+    (exact for right-padded rows; each row's padding is skipped: a micro-batch's rows differ in length
+    far more than the per-row layout's length-sorted ones), then scattered back. -> [Bg,Tp,Hq,hd]. The
+    gradient of a shared prompt key or value sums over the G rows that read it (the gather's transpose)."""
     Bg, G, T = groups["row_source"].shape
+    Tp = q.shape[1]
     gather = jax.vmap(lambda a, idx: a[idx])  # per group: [Tp, ...] at [G, T] -> [G, T, ...]
     rows = [gather(a, groups["row_source"]).reshape(Bg * G, T, *a.shape[2:]) for a in (q, k, v)]
-    out = causal_attention(*rows).reshape(Bg, G, T, *q.shape[2:])  # [Bg,G,T,Hq,hd]
+    lengths = jnp.sum(groups["row_source"] < Tp - 1, axis=-1).reshape(Bg * G)  # real positions (the last slot is padding)
+    out = causal_attention(*rows, lengths=lengths).reshape(Bg, G, T, *q.shape[2:])  # [Bg,G,T,Hq,hd]
     return jax.vmap(lambda o, r, t: o[r, t])(out, groups["out_row"], groups["out_pos"])
 
 
