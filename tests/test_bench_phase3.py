@@ -80,7 +80,7 @@ def test_meshes_mode_writes_one_line_per_mesh(tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r.get("error") for r in lines] == [None, None]
     assert [(r["mesh"], r["n_devices"], r["sampler"]) for r in lines] == [("data=1", 1, "refill")] * 2  # the default
-    assert [r["update_layout"] for r in lines] == ["rows"] * 2  # the preset's shared-prompt learner is one-device only
+    assert [r["update_layout"] for r in lines] == ["shared_prompt"] * 2  # the preset's learner, on the mesh too
     # the second line's efficiency is against the first line of the call (the same mesh: their time ratio)
     assert lines[0]["scaling_efficiency"] is None
     assert lines[1]["scaling_efficiency"] == pytest.approx(lines[0]["step_s"] / lines[1]["step_s"])
@@ -118,7 +118,7 @@ def test_tiny_learner_only_with_token_budget(tmp_path):
     (["--sampler-form", "exact", "--microbatch-tokens", "0"], "--microbatch-tokens must be >= 1"),
     (["--sampler-form", "fused"], "--sampler-form 'fused': expected one of ('exact', 'factored')"),
     (["--max-new", "0"], "--max-new must be >= 1"),
-    (["--meshes", "data=1", "--update-layout", "shared_prompt"], "--update-layout 'shared_prompt' runs on one device"),
+    (["--meshes", "data=1", "--update-layout", "packed"], "--update-layout 'packed': expected one of ('rows', 'shared_prompt')"),
 ])
 def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv, words):
     """A bad number is refused in one line, exit 2, before any weights are built and with nothing

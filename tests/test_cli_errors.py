@@ -110,8 +110,6 @@ def test_bad_numbers_are_refused_before_work(probe_inputs, tmp_path, capsys):
         (["train", "--remat", "bogus", "--run-dir", str(tmp_path / "t")], "--remat 'bogus': expected one of"),
         (["train", "--update-layout", "packed", "--run-dir", str(tmp_path / "t")],
          "--update-layout 'packed': expected one of ('rows', 'shared_prompt')"),
-        (["train", "--update-layout", "shared_prompt", "--mesh", "data=2", "--run-dir", str(tmp_path / "t")],
-         "--update-layout 'shared_prompt' runs on one device"),
         (["train", "--preset", "fast", "--microbatch-tokens", "0", "--run-dir", str(tmp_path / "t")],
          "--microbatch-tokens must be >= 1 and needs microbatch"),
     ]

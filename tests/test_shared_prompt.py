@@ -104,6 +104,10 @@ def test_microbatches_hold_whole_groups_and_leave_out_padding_rows():
     rows = np.concatenate([r for r, _, _ in plan])
     assert sorted(rows.tolist()) == list(range(9))  # 3 groups, one per micro-batch; rows 9-10 left out
     assert all(len(r) == G and r[0] % G == 0 for r, _, _ in plan)
+    two = group_microbatches(batch, G, microbatch=3, multiple=8, max_tokens=None, devices=2)  # a mesh of 2
+    assert len(two) == 2 and all(len(r) == 2 * G for r, _, _ in two)  # 1 group per device; an empty one fills
+    assert sorted(np.concatenate([r for r, _, _ in two]).tolist()) == [-1] * G + list(range(9))
+    assert all(lay["row_source"].shape[0] == 2 for _, _, lay in two)  # the layout's groups split like the rows
     batch["tokens"][10, 5] = 7
     batch["attention_mask"][10, 5] = True  # a padding row with a completion cannot be left out
     with pytest.raises(ValueError, match="rows 9.. have completions"):
@@ -138,11 +142,10 @@ def test_update_and_reference_equal_the_rows_layout(model):
     assert not np.allclose(jax.tree.leaves(new_r)[0], jax.tree.leaves(trainable)[0])  # the update moved
 
 
-def test_full_preset_uses_the_shared_prompt_layout_on_one_device_only():
+def test_full_preset_uses_the_shared_prompt_layout():
     from jaxhack.rl.config import ConfigError
 
-    assert make_config("full").update_layout == "shared_prompt"
-    assert make_config("full", mesh="data=2").update_layout == "rows"  # the preset's layout on a mesh
+    assert make_config("full").update_layout == make_config("full", mesh="data=2").update_layout == "shared_prompt"
     assert make_config("full", update_layout="rows").update_layout == "rows"
-    with pytest.raises(ConfigError, match="runs on one device"):  # asked for by name: refused, not replaced
-        make_config("full", mesh="data=2", update_layout="shared_prompt")
+    with pytest.raises(ConfigError, match="update_layout 'packed'"):
+        make_config("full", update_layout="packed")

@@ -25,7 +25,7 @@ def rows_at(T: int, microbatch: int, max_tokens: int | None) -> int:
 
 
 def length_microbatches(lengths, microbatch: int, multiple: int = 512, max_len: int | None = None,
-                        max_tokens: int | None = None) -> list[tuple[np.ndarray, int]]:
+                        max_tokens: int | None = None, devices: int = 1) -> list[tuple[np.ndarray, int]]:
     """Plan micro-batches: [(rows [R] int, T)] covering every row exactly once.
 
     lengths: [N] real tokens per row (prompt + completion). Rows are taken in order of length
@@ -33,13 +33,14 @@ def length_microbatches(lengths, microbatch: int, multiple: int = 512, max_len: 
     micro-batch holds R = `microbatch` rows, or with `max_tokens` (a token budget: memory is about
     rows x T) R = rows_at(T) = min(microbatch, max_tokens // T) (at least 1): short rows go many at a
     time, long rows few. Each micro-batch is filled up to R with -1 (an empty row for the caller), so
-    there is one shape (R, T) per T.
+    there is one shape (R, T) per T. devices D: R = D x rows_at(T) (`microbatch` and `max_tokens` are
+    per device; a mesh's data axis splits the R rows into D equal blocks).
     """
     lengths = np.asarray(lengths, np.int64)
     if lengths.ndim != 1 or len(lengths) == 0:
         raise ValueError(f"lengths must be a non-empty 1-D array, got shape {lengths.shape}")
-    if microbatch < 1 or multiple < 1:
-        raise ValueError(f"microbatch and multiple must be >= 1, got {microbatch}, {multiple}")
+    if microbatch < 1 or multiple < 1 or devices < 1:
+        raise ValueError(f"microbatch, multiple and devices must be >= 1, got {microbatch}, {multiple}, {devices}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if max_len is not None and lengths.max() > max_len:
@@ -52,7 +53,7 @@ def length_microbatches(lengths, microbatch: int, multiple: int = 512, max_len: 
     order = np.argsort(lengths, kind="stable")
     plan, current = [], []
     for row in order:  # ascending length: adding a row can only raise T (and lower R)
-        if current and len(current) + 1 > rows_at(cut(lengths[row]), microbatch, max_tokens):
+        if current and len(current) + 1 > devices * rows_at(cut(lengths[row]), microbatch, max_tokens):
             plan.append(current)
             current = []
         current.append(row)
@@ -60,7 +61,7 @@ def length_microbatches(lengths, microbatch: int, multiple: int = 512, max_len: 
     out = []
     for rows in plan:
         T = cut(lengths[rows[-1]])
-        R = rows_at(T, microbatch, max_tokens)
+        R = devices * rows_at(T, microbatch, max_tokens)
         out.append((np.concatenate([np.asarray(rows, order.dtype), np.full(R - len(rows), -1, order.dtype)]), T))
     return out
 

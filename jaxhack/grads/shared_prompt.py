@@ -100,13 +100,15 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
 
 
 def group_microbatches(batch: dict, group_size: int, microbatch: int | None, multiple: int,
-                       max_tokens: int | None = None) -> list[tuple[np.ndarray, int, dict]]:
+                       max_tokens: int | None = None, devices: int = 1) -> list[tuple[np.ndarray, int, dict]]:
     """Micro-batches of whole groups of a right-padded host batch (tokens, attention_mask, prompt_len):
     [(rows [R], T, layout)], rows -1 empty (whole empty groups), T the rows' cut (their longest row
     rounded up to `multiple`), layout = `group_layout` of those rows. Groups are taken in order of
     packed length (prompt + all completions); a micro-batch holds at most microbatch // G groups (None:
     all) and, with the token budget, at most max_tokens // Tp of them (at least one). Rows past the last
-    whole group must have no completion (the trainer's padding rows); they are left out."""
+    whole group must have no completion (the trainer's padding rows); they are left out.
+    devices D (a mesh's data axis): D times as many groups per micro-batch (microbatch and max_tokens are
+    per device), a multiple of D (empty groups fill it), so each device gets whole groups and their rows."""
     tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"], bool)
     prompt_len = np.asarray(batch["prompt_len"], np.int64)
     N, T_all = tokens.shape
@@ -117,9 +119,10 @@ def group_microbatches(batch: dict, group_size: int, microbatch: int | None, mul
     tokens, mask, prompt_len = tokens[:whole], mask[:whole], prompt_len[:whole]
     real = mask.sum(1)
     packed = packed_lengths(mask, prompt_len, G)  # [N/G]
-    per_mb = len(packed) if microbatch is None else max(1, microbatch // G)
+    per_mb = -(-len(packed) // devices) if microbatch is None else max(1, microbatch // G)
     plan = []
-    for groups, _ in length_microbatches(packed + 1, per_mb, multiple=multiple, max_tokens=max_tokens):
+    for groups, _ in length_microbatches(packed + 1, per_mb, multiple=multiple, max_tokens=max_tokens,
+                                         devices=devices):
         rows = np.concatenate([np.arange(g * G, g * G + G) if g >= 0 else np.full(G, -1) for g in groups])
         longest = int(real[rows[rows >= 0]].max(initial=1))
         t = min(int(-(-longest // multiple) * multiple), T_all)

@@ -171,8 +171,6 @@ class TrainConfig:
             errors.append(f"sampler_form {self.sampler_form!r}: expected one of {SAMPLER_FORMS}")
         if self.update_layout not in UPDATE_LAYOUTS:
             errors.append(f"update_layout {self.update_layout!r}: expected one of {UPDATE_LAYOUTS}")
-        elif self.update_layout == "shared_prompt" and self.mesh is not None:
-            errors.append(f"update_layout 'shared_prompt' runs on one device (mesh {self.mesh!r}); use 'rows'")
         if self.prefill_chunk < 1:
             errors.append(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         try:
@@ -220,7 +218,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 54.5 s per realistic step (docs/benchmarks.md), not the default: it samples from the bf16 factors.
     # update_layout "shared_prompt" (each group's prompt once in the learner; the same values up to the
     # float summation order): learner 21.6 -> 17.5 s realistic, 44.1 -> 40.2 s worst case (H200 at 80 GB,
-    # session 11). It runs on one device: with a mesh the preset's layout is "rows" (`make_config`).
+    # session 11). On a mesh each device takes whole groups.
     "full": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=43, n_problems=992, beta=1e-3,
                  lr=7e-5, steps=200, max_new=1536, warmup_steps=10, eval_every=20, ckpt_every=10,
                  n_eval=64, microbatch=32, microbatch_tokens=12288, length_multiple=128, remat="linear", vhack_pairs=128,
@@ -229,18 +227,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def make_config(preset: str = "smoke", **overrides) -> TrainConfig:
-    """TrainConfig defaults <- PRESETS[preset] <- overrides (None values are ignored). On a mesh the
-    learner's layout is "rows" unless the overrides name one (the shared-prompt layout runs on one device)."""
+    """TrainConfig defaults <- PRESETS[preset] <- overrides (None values are ignored)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown training config field(s) {unknown}")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    values = {**PRESETS[preset], **given}
-    if values.get("mesh") is not None and "update_layout" not in given:
-        values["update_layout"] = "rows"  # a preset's shared_prompt layout runs on one device only
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(preset=preset, **values)
 
 

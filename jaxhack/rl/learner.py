@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxhack.grads.batch import make_batch, place_completion_values
 from jaxhack.grads.losses import centered_advantages, grpo_batch_loss, reference_logprobs, sequence_logprobs
 from jaxhack.grads.microbatch import length_microbatches, take_rows
-from jaxhack.grads.shared_prompt import batched_shared_prompt_logprobs, group_microbatches
+from jaxhack.grads.shared_prompt import batched_shared_prompt_logprobs, group_microbatches, shared_prompt_logprobs
 from jaxhack.models.config import Qwen3Config
 from jaxhack.parallel import mesh as meshlib
 from jaxhack.projection.cosines import directions, gradient_cosines, safe_norm
@@ -132,34 +132,47 @@ def row_plan(batch: dict, microbatch: int | None, length_multiple: int, mesh,
         if n % meshlib.data_size(mesh):
             raise ValueError(f"{n} rows are not a multiple of the mesh's data axis ({meshlib.data_size(mesh)})")
         return [(np.arange(n), T)]
-    d = meshlib.data_size(mesh)
-    plan = length_microbatches(np.asarray(batch["attention_mask"]).sum(1), microbatch * d, multiple=length_multiple,
-                               max_len=T, max_tokens=None if microbatch_tokens is None else microbatch_tokens * d)
-    # every device gets the same number of rows
-    return [(np.concatenate([r, np.full(-len(r) % d, -1, r.dtype)]), t) for r, t in plan]
+    # D x (microbatch, or fewer under the token budget) rows: every device gets the same number
+    return length_microbatches(np.asarray(batch["attention_mask"]).sum(1), microbatch, multiple=length_multiple,
+                               max_len=T, max_tokens=microbatch_tokens, devices=meshlib.data_size(mesh))
 
 
 @functools.lru_cache(maxsize=8)
-def _sharded_logprobs(mesh, config: Qwen3Config, chunk: int):
+def _sharded_logprobs(mesh, config: Qwen3Config, chunk: int, shared_prompt: bool = False):
+    """The base model's log-probs of a micro-batch, its leading axis (rows; with shared_prompt the
+    groups' layout arrays too, whole groups per device) sharded over `data`, params replicated."""
     rows, rep = P(meshlib.DATA), P()
-    body = functools.partial(sequence_logprobs, config=config, adapters=None, chunk=chunk, attention="causal")
-    f = jax.shard_map(lambda params, tokens, mask: body(params, tokens=tokens, attention_mask=mask), mesh=mesh,
-                      in_specs=(rep, rows, rows), out_specs=rows, check_vma=False)
+    if shared_prompt:
+        def body(params, tokens, layout):
+            return shared_prompt_logprobs(params, config, None, tokens, layout, chunk=chunk)
+    else:
+        def body(params, tokens, mask):
+            return sequence_logprobs(params, config, None, tokens, mask, chunk=chunk, attention="causal")
+    f = jax.shard_map(body, mesh=mesh, in_specs=(rep, rows, rows), out_specs=rows, check_vma=False)
     return jax.jit(f, in_shardings=(meshlib.replicated(mesh), meshlib.row_sharded(mesh), meshlib.row_sharded(mesh)),
                    out_shardings=meshlib.row_sharded(mesh))
 
 
 def sharded_reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig, mesh) -> np.ndarray:
     """`reference_logp` with the rows of each micro-batch sharded over the mesh's data axis (one jitted
-    program per micro-batch shape, params replicated). Returns [N,T] host log-probs."""
-    host = {"tokens": np.asarray(batch["tokens"]), "attention_mask": np.asarray(batch["attention_mask"])}
+    program per micro-batch shape, params replicated); with update_layout "shared_prompt" whole groups
+    per device (`group_microbatches(devices=D)`). Returns [N,T] host log-probs."""
+    host = {k: np.asarray(batch[k]) for k in ("tokens", "attention_mask", "prompt_len") if k in batch}
     n, T = host["tokens"].shape
     out = np.zeros((n, T), np.float32)
-    fn, rows_sharding = _sharded_logprobs(mesh, config, cfg.logp_chunk), meshlib.row_sharded(mesh)
-    for rows, t in row_plan(host, cfg.microbatch, cfg.length_multiple, mesh, cfg.microbatch_tokens):
+    shared = cfg.update_layout == "shared_prompt"
+    fn, sharding = _sharded_logprobs(mesh, config, cfg.logp_chunk, shared), meshlib.row_sharded(mesh)
+    if shared:
+        plan = group_microbatches(host, cfg.group_size, cfg.microbatch, cfg.length_multiple, cfg.microbatch_tokens,
+                                  devices=meshlib.data_size(mesh))
+    else:
+        plan = [(rows, t, None) for rows, t in row_plan(host, cfg.microbatch, cfg.length_multiple, mesh,
+                                                         cfg.microbatch_tokens)]
+    for rows, t, layout in plan:
         mb = take_rows(host, rows, t)
-        logp = meshlib.to_host(fn(params, meshlib.to_global(mb["tokens"], rows_sharding),
-                                  meshlib.to_global(mb["attention_mask"], rows_sharding)))  # [rows, t]
+        second = meshlib.to_global(mb["attention_mask"], sharding) if layout is None else \
+            meshlib.tree_to_global(layout, sharding)
+        logp = meshlib.to_host(fn(params, meshlib.to_global(mb["tokens"], sharding), second))  # [rows, t]
         real = rows >= 0
         out[rows[real], :t] = logp[real]
     return out
@@ -209,11 +222,9 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
     `apply` is jitted with replicated in/out shardings and donates trainable and opt_state. trainable,
     opt_state, frozen and params are replicated global arrays; batch a host (numpy) batch.
 
-    update_layout "shared_prompt" (one device): micro-batches of whole groups
-    (`grads.shared_prompt.group_microbatches`, by the batch's prompt_len), each group's prompt run once;
-    the same loss and gradient up to the float summation order."""
-    if update_layout == "shared_prompt" and mesh is not None:
-        raise ValueError("update_layout 'shared_prompt' runs on one device; use 'rows' on a mesh")
+    update_layout "shared_prompt": micro-batches of whole groups (`grads.shared_prompt.group_microbatches`,
+    by the batch's prompt_len; on a mesh whole groups per device), each group's prompt run once; the
+    same loss and gradient up to the float summation order."""
     loss_fn = functools.partial(grpo_batch_loss, attention="causal", **dataclasses.asdict(hyper))
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(3,))
     if mesh is not None:
@@ -237,11 +248,17 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
         return jax.tree.map(jnp.add, total, part)
 
     def grads_of(trainable, frozen, params, batch):
-        if mesh is not None:
+        if mesh is not None:  # each device: its block of rows (shared_prompt: its whole groups and their rows)
             host = {k: np.asarray(v) for k, v in batch.items()}
+            if update_layout == "shared_prompt":
+                plan = group_microbatches(host, hyper.group_size, microbatch, length_multiple, microbatch_tokens,
+                                          devices=meshlib.data_size(mesh))
+            else:
+                plan = [(rows_, t, {}) for rows_, t in row_plan(host, microbatch, length_multiple, mesh,
+                                                                 microbatch_tokens)]
             total = None
-            for rows_, t in row_plan(host, microbatch, length_multiple, mesh, microbatch_tokens):
-                part = meshlib.tree_to_global(take_rows(host, rows_, t), rows)
+            for rows_, t, layout in plan:
+                part = meshlib.tree_to_global({**take_rows(host, rows_, t), **layout}, rows)
                 (loss, aux), grads = sharded_grad_fn(trainable, frozen, params, part)
                 total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
             return total
