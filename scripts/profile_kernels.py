@@ -183,8 +183,6 @@ def build_update(args):
     trainable, frozen = random_svd_adapter(params, jax.random.PRNGKey(1), dtype)
     rng = np.random.default_rng(0)
     G = (min(args.group_size, R) if args.small else args.group_size) if args.update_layout == "shared_prompt" else R
-    if R % G:
-        raise SystemExit(f"--batch {R} is not a whole number of groups of --group-size {G}")
     prompts = [rng.integers(3, config.vocab_size, P).tolist() for _ in range(R // G)]
     batch = make_batch([prompts[i // G] for i in range(R)],  # rows i*G .. i*G+G-1 share a prompt, as GRPO's
                        [rng.integers(3, config.vocab_size, C).tolist() for _ in range(R)], pad_id=0,
@@ -207,7 +205,7 @@ def build_update(args):
         "group_size": G, "linear_positions": positions}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("probe", "decode", "generate", "update"))
     ap.add_argument("--variant", default="dots:causal", help="probe REMAT:ATTENTION")
@@ -228,7 +226,22 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--out", default=None, help="write the full table as JSON here")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    from jaxhack.commands import checks
+    from jaxhack.io import UserError
+
+    try:
+        checks.at_least(args, ("group_size", "prompt_len", "completion_len", "batch", "cache_len", "new_tokens",
+                               "steps", "top"))
+    except UserError as e:
+        ap.error(str(e))
+    if args.what == "update" and args.update_layout == "shared_prompt" and not args.small and args.batch % args.group_size:
+        ap.error(f"--batch {args.batch} is not a whole number of groups of --group-size {args.group_size}")
 
     import jax
 

@@ -217,8 +217,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 16 compiled shapes per program (session 8). --sampler-form factored --sample-rows 128: 40.6 s against
     # 54.5 s per realistic step (docs/benchmarks.md), not the default: it samples from the bf16 factors.
     # update_layout "shared_prompt" (each group's prompt once in the learner; the same values up to the
-    # float summation order): learner 21.6 -> 17.5 s realistic, 44.1 -> 40.2 s worst case (H200 at 80 GB,
-    # session 11). On a mesh each device takes whole groups.
+    # float summation order): reference pass + update 21.4 -> 15.6 s realistic, 43.4 -> 39.3 s worst case
+    # (H200 at 80 GB, session 11); step 44.7 -> 40.2 s. On a mesh each device takes whole groups.
     "full": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=43, n_problems=992, beta=1e-3,
                  lr=7e-5, steps=200, max_new=1536, warmup_steps=10, eval_every=20, ckpt_every=10,
                  n_eval=64, microbatch=32, microbatch_tokens=12288, length_multiple=128, remat="linear", vhack_pairs=128,
