@@ -123,10 +123,10 @@ def reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainConfig, m
 
 def row_plan(batch: dict, microbatch: int | None, length_multiple: int, mesh,
              microbatch_tokens: int | None = None) -> list[tuple[np.ndarray, int]]:
-    """Micro-batches of a host batch for D devices: microbatch * D rows each (each device gets
-    `microbatch` rows: the same memory per device as one device with `microbatch`; a token budget is
-    per device too), length-bucketed as on one device; None: every row at once (N must be a multiple
-    of D). Rows -1 are empty padding."""
+    """Micro-batches of a host batch for D devices: D x `microbatch` rows each, or D x (budget // T) at
+    T positions under the token budget (each device gets the rows, and so the memory, that one device
+    would), length-bucketed as on one device (`length_microbatches(devices=D)`); None: every row at
+    once (N must be a multiple of D). Rows -1 are empty padding."""
     n, T = np.asarray(batch["tokens"]).shape
     if microbatch is None:
         if n % meshlib.data_size(mesh):
