@@ -149,3 +149,20 @@ def test_full_preset_uses_the_shared_prompt_layout():
     assert make_config("full", update_layout="rows").update_layout == "rows"
     with pytest.raises(ConfigError, match="update_layout 'packed'"):
         make_config("full", update_layout="packed")
+
+
+def test_causal_attention_told_row_lengths_keeps_every_real_position():
+    """qwen3.causal_attention(lengths=): the same outputs at each row's real positions as without them
+    (right padding, causal), and finite everywhere, an all-padding row (length 0) included."""
+    from jaxhack.models import qwen3
+
+    rng = np.random.default_rng(5)
+    B, T, Hq, Hkv, hd = 3, 10, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, hd)), jnp.float32) for h in (Hq, Hkv, Hkv))
+    lengths = jnp.asarray([10, 4, 0])
+    full = np.asarray(qwen3.causal_attention(q, k, v))
+    told = np.asarray(qwen3.causal_attention(q, k, v, lengths=lengths))
+    assert np.isfinite(told).all()
+    for b, n in enumerate([10, 4, 0]):
+        np.testing.assert_allclose(told[b, :n], full[b, :n], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(told[1, 4:], full[1, 4:])  # past its length a row no longer reads its padding
