@@ -137,6 +137,17 @@ def row_plan(batch: dict, microbatch: int | None, length_multiple: int, mesh,
                                max_len=T, max_tokens=microbatch_tokens, devices=meshlib.data_size(mesh))
 
 
+def learner_plan(host: dict, update_layout: str, group_size: int, microbatch: int | None, length_multiple: int,
+                 mesh, microbatch_tokens: int | None = None) -> list[tuple[np.ndarray, int, dict]]:
+    """The learner's micro-batches of a host batch: [(rows, T, layout)], `row_plan`'s with no layout
+    arrays, or with update_layout "shared_prompt" whole groups and their `group_layout` (on a mesh: whole
+    groups per device)."""
+    if update_layout == "shared_prompt":
+        return group_microbatches(host, group_size, microbatch, length_multiple, microbatch_tokens,
+                                  devices=meshlib.data_size(mesh))
+    return [(rows, t, {}) for rows, t in row_plan(host, microbatch, length_multiple, mesh, microbatch_tokens)]
+
+
 @functools.lru_cache(maxsize=8)
 def _sharded_logprobs(mesh, config: Qwen3Config, chunk: int, shared_prompt: bool = False):
     """The base model's log-probs of a micro-batch, its leading axis (rows; with shared_prompt the
@@ -162,16 +173,10 @@ def sharded_reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainC
     out = np.zeros((n, T), np.float32)
     shared = cfg.update_layout == "shared_prompt"
     fn, sharding = _sharded_logprobs(mesh, config, cfg.logp_chunk, shared), meshlib.row_sharded(mesh)
-    if shared:
-        plan = group_microbatches(host, cfg.group_size, cfg.microbatch, cfg.length_multiple, cfg.microbatch_tokens,
-                                  devices=meshlib.data_size(mesh))
-    else:
-        plan = [(rows, t, None) for rows, t in row_plan(host, cfg.microbatch, cfg.length_multiple, mesh,
-                                                         cfg.microbatch_tokens)]
-    for rows, t, layout in plan:
+    for rows, t, layout in learner_plan(host, cfg.update_layout, cfg.group_size, cfg.microbatch, cfg.length_multiple,
+                                        mesh, cfg.microbatch_tokens):
         mb = take_rows(host, rows, t)
-        second = meshlib.to_global(mb["attention_mask"], sharding) if layout is None else \
-            meshlib.tree_to_global(layout, sharding)
+        second = meshlib.tree_to_global(layout, sharding) if shared else meshlib.to_global(mb["attention_mask"], sharding)
         logp = meshlib.to_host(fn(params, meshlib.to_global(mb["tokens"], sharding), second))  # [rows, t]
         real = rows >= 0
         out[rows[real], :t] = logp[real]
@@ -248,33 +253,21 @@ def make_update_fn(optimizer: optax.GradientTransformation, config: Qwen3Config,
         return jax.tree.map(jnp.add, total, part)
 
     def grads_of(trainable, frozen, params, batch):
-        if mesh is not None:  # each device: its block of rows (shared_prompt: its whole groups and their rows)
-            host = {k: np.asarray(v) for k, v in batch.items()}
-            if update_layout == "shared_prompt":
-                plan = group_microbatches(host, hyper.group_size, microbatch, length_multiple, microbatch_tokens,
-                                          devices=meshlib.data_size(mesh))
-            else:
-                plan = [(rows_, t, {}) for rows_, t in row_plan(host, microbatch, length_multiple, mesh,
-                                                                 microbatch_tokens)]
-            total = None
-            for rows_, t, layout in plan:
-                part = meshlib.tree_to_global({**take_rows(host, rows_, t), **layout}, rows)
-                (loss, aux), grads = sharded_grad_fn(trainable, frozen, params, part)
-                total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
-            return total
-        if update_layout == "shared_prompt":
-            host = {k: np.asarray(v) for k, v in batch.items()}
-            plan = group_microbatches(host, hyper.group_size, microbatch, length_multiple, microbatch_tokens)
-            parts = (jax.tree.map(jnp.asarray, {**take_rows(host, rows, t), **layout}) for rows, t, layout in plan)
-        elif microbatch is None:
+        if mesh is None and microbatch is None and update_layout == "rows":
             parts = [jax.tree.map(jnp.asarray, batch)]
-        else:
+        else:  # on a mesh each device gets its block of rows (shared_prompt: its whole groups and their rows)
             host = {k: np.asarray(v) for k, v in batch.items()}
-            plan = row_plan(host, microbatch, length_multiple, None, microbatch_tokens)  # one device
-            parts = (jax.tree.map(jnp.asarray, take_rows(host, rows, t)) for rows, t in plan)
+            place = (lambda tree: jax.tree.map(jnp.asarray, tree)) if mesh is None else (
+                lambda tree: meshlib.tree_to_global(tree, rows))
+            parts = (place({**take_rows(host, rows_, t), **layout}) for rows_, t, layout in
+                     learner_plan(host, update_layout, hyper.group_size, microbatch, length_multiple, mesh,
+                                  microbatch_tokens))
         total = None
         for part in parts:
-            (loss, aux), grads = grad_fn(trainable, frozen, params, config, part)
+            if mesh is None:
+                (loss, aux), grads = grad_fn(trainable, frozen, params, config, part)
+            else:
+                (loss, aux), grads = sharded_grad_fn(trainable, frozen, params, part)
             total = (loss, aux, grads) if total is None else accumulate(total, (loss, aux, grads))
         return total
 
