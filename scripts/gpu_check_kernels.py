@@ -49,14 +49,20 @@ def flat(tree) -> np.ndarray:
     return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], axis=1)
 
 
-def check_probe_attention() -> dict:
-    G, P, C = 4, 128, 384
-    T = P + C
+def medium_model():
+    """MEDIUM random weights and SVD adapter (delta_s perturbed): (trainable, (params, frozen) in fp32,
+    (params, frozen) in bf16)."""
     params32 = random_params(MEDIUM, jax.random.PRNGKey(0), jnp.float32)
     tr, fr32 = random_svd_adapter(params32, jax.random.PRNGKey(1), jnp.float32)
     tr = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.PRNGKey(2), x.shape), tr)
     to16 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.bfloat16))
-    params16, fr16 = to16(params32), to16(fr32)
+    return tr, (params32, fr32), (to16(params32), to16(fr32))
+
+
+def check_probe_attention() -> dict:
+    G, P, C = 4, 128, 384
+    T = P + C
+    tr, (params32, fr32), (params16, fr16) = medium_model()
     rng = np.random.default_rng(0)
     lengths = rng.integers(P + C // 2, T + 1, G)  # right padding of different lengths
     batch = {"tokens": jnp.asarray(rng.integers(0, MEDIUM.vocab_size, (G, T)), jnp.int32),
@@ -100,10 +106,7 @@ def check_shared_prompt() -> dict:
     tokens, mask = jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"])
     m = np.asarray(batch["completion_mask"])
     weights = jnp.asarray(rng.standard_normal(m.shape) * m, jnp.float32)
-    params32 = random_params(MEDIUM, jax.random.PRNGKey(0), jnp.float32)
-    tr, fr32 = random_svd_adapter(params32, jax.random.PRNGKey(1), jnp.float32)
-    tr = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.PRNGKey(2), x.shape), tr)
-    to16 = functools.partial(jax.tree.map, lambda x: x.astype(jnp.bfloat16))
+    tr, (params32, fr32), (params16, fr16) = medium_model()
 
     def run(kind, params, frozen):
         def logp(t):
@@ -114,8 +117,8 @@ def check_shared_prompt() -> dict:
         return np.asarray(logp(tr))[m], np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(grad)])
 
     ref_lp, ref_g = run("masked", params32, fr32)
-    row_lp, row_g = run("causal", to16(params32), to16(fr32))
-    sh_lp, sh_g = run("shared", to16(params32), to16(fr32))
+    row_lp, row_g = run("causal", params16, fr16)
+    sh_lp, sh_g = run("shared", params16, fr16)
     out = {"rel_err_logp_rows_bf16_vs_fp32": rel(row_lp, ref_lp), "rel_err_logp_shared_bf16_vs_fp32": rel(sh_lp, ref_lp),
            "rel_err_grad_rows_bf16_vs_fp32": rel(row_g, ref_g), "rel_err_grad_shared_bf16_vs_fp32": rel(sh_g, ref_g),
            "rel_err_grad_shared_vs_rows_bf16": rel(sh_g, row_g),
