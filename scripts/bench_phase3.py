@@ -154,11 +154,12 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
 
 def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int, max_len: int,
                     prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2, tokens: int | None = None,
-                    sampler_form: str = "exact", prefill_rows: int | None = None) -> dict:
+                    sampler_form: str = "exact", prefill_rows: int | None = None, lend: bool = False) -> dict:
     """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
     decode copies (`decode_layout.decode_layers`: the Linear weights and the bases; the factored form copies the
     bases only) + the group's KV cache + the prefill scores of `prefill_rows` rows (default: the group;
-    the refill schedule prefills refill_rows at a time); update: params + bases + one micro-batch's
+    the refill schedule prefills refill_rows at a time; lend: the stacked arrays the copies duplicate are
+    freed while sampling, `rl.lend`, so one copy is held); update: params + bases + one micro-batch's
     saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
     policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
     not modelled either: the measured sampler peaks were 4.5 GB (exact, 96 slots) and 1.1 GB (factored,
@@ -169,7 +170,7 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
     bases = (p["p_vh"] + p["p_u"]) * bytes_per_el
     kv = 2 * L * n_rows_group * cache_slots * config.num_key_value_heads * config.head_dim * bytes_per_el
     scores = (n_rows_group if prefill_rows is None else prefill_rows) * config.num_attention_heads * prefill_chunk * prompt_bucket * 4 * 2
-    copies = bases + (0 if sampler_form == "factored" else p["p_lin"] * bytes_per_el)
+    copies = 0 if lend else bases + (0 if sampler_form == "factored" else p["p_lin"] * bytes_per_el)
     sample = weights + bases + copies + kv + scores
     tokens = microbatch * max_len if tokens is None else tokens  # one micro-batch (or its token budget)
     update = (weights + bases + L * tokens * D * bytes_per_el  # saved layer inputs
@@ -213,7 +214,8 @@ def train_config(args):
         cfg = dataclasses.replace(cfg, group_size=2, prompts_per_step=3, max_new=24, microbatch=2)
     overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
                                    ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens),
-                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple))
+                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple),
+                                   ("lend_weights", False if args.keep_weights else None))
                  if v is not None}
     return dataclasses.replace(cfg, **overrides)
 
@@ -262,8 +264,8 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
 
     from jaxhack.grads.batch import make_batch
     from jaxhack.grads.losses import centered_advantages
-    from jaxhack.models.adapters import merge
     from jaxhack.rl import learner, sampler
+    from jaxhack.rl.lend import lent_merge
     from jaxhack.rl.refill import schedule_decode_steps
 
     cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = place(built, mesh)
@@ -302,7 +304,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     mem = {sched: memory_estimate(config, batch[sched] // n_dev, S, cfg.microbatch, max_len,
                                   min(args.prefill_chunk, P), P, 2 if not args.tiny else 4, tokens=mb_tokens,
                                   sampler_form=cfg.sampler_form,
-                                  prefill_rows=args.refill_rows if sched == "refill" else None)
+                                  prefill_rows=args.refill_rows if sched == "refill" else None, lend=cfg.lend_weights)
            for sched in schedules}
     # the floor of the computation performed (this sampler form and learner layout), and the issue's
     # floor (exact sampler, per-row learner) for comparison
@@ -322,12 +324,13 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
 
     def sample(step: int, schedule: str, caps, trainable):
         t0 = time.perf_counter()
-        res = sampler.generate(params, config, prompts, max_new_tokens=cfg.max_new,
-                               key=jax.random.PRNGKey(step), adapters=merge(trainable, frozen),
-                               temperature=cfg.temperature, eos_token_ids=[], pad_id=0,
-                               max_rows=args.sample_rows, prefill_chunk=args.prefill_chunk,
-                               max_lengths=caps.tolist(), schedule=schedule, refill_rows=args.refill_rows,
-                               mesh=mesh, form=cfg.sampler_form)
+        with lent_merge(trainable, frozen) as adapters:  # the trainer's: the sampler may borrow the bases
+            res = sampler.generate(params, config, prompts, max_new_tokens=cfg.max_new,
+                                   key=jax.random.PRNGKey(step), adapters=adapters,
+                                   temperature=cfg.temperature, eos_token_ids=[], pad_id=0,
+                                   max_rows=args.sample_rows, prefill_chunk=args.prefill_chunk,
+                                   max_lengths=caps.tolist(), schedule=schedule, refill_rows=args.refill_rows,
+                                   mesh=mesh, form=cfg.sampler_form, lend_weights=cfg.lend_weights)
         return res, time.perf_counter() - t0
 
     def one_step(step: int, trainable, opt_state, schedule: str):
@@ -440,7 +443,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "sampler_batch": batch[schedule], "refill_rows": args.refill_rows if schedule == "refill" else None,
             "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
             "microbatch_tokens": cfg.microbatch_tokens, "learner_only": schedule == "none",
-            "remat": cfg.remat, "floor": floor, "sampler_form": cfg.sampler_form,
+            "remat": cfg.remat, "floor": floor, "sampler_form": cfg.sampler_form, "lend_weights": cfg.lend_weights,
             "length_multiple": cfg.length_multiple, "update_layout": cfg.update_layout,
             # real tokens the learner's Linears see: per row, or each group's prompt once (shared_prompt)
             "learner_tokens": int((np.repeat(prompt_lens, cfg.group_size) + comp_lens).sum()
@@ -502,6 +505,9 @@ def main(argv=None) -> int:
                          "run each group's prompt once (grads/shared_prompt.py; fewer tokens, the same loss; floor_s "
                          "counts what it computes, floor_exact_form_s the issue's per-row floor); rows: per row "
                          "(the default on a mesh)")
+    ap.add_argument("--keep-weights", action="store_true",
+                    help="the sampler keeps the stacked weights beside its decode layout (two copies; the default "
+                         "lends them: one copy, rl/lend.py)")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (linear) for the update")
     ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (32)")

@@ -18,7 +18,7 @@ LAYERS = [
     ("jaxhack.models",),
     ("jaxhack.grads",),
     ("jaxhack.projection",),
-    ("jaxhack.rl.sampling", "jaxhack.rl.refill", "jaxhack.rl.sampler"),
+    ("jaxhack.rl.sampling", "jaxhack.rl.lend", "jaxhack.rl.refill", "jaxhack.rl.sampler"),
     ("jaxhack.probes", "jaxhack.rl"),
     ("jaxhack.bench", "jaxhack.demo", "jaxhack.organism"),
     ("jaxhack.commands", "jaxhack.cli"),

@@ -191,3 +191,57 @@ def decode_layers(params: Params, adapters: dict | None = None, factored: bool =
         layers.append(layer)
         layer_adapters.append(la)
     return tuple(layers), None if adapters is None else tuple(layer_adapters)
+
+
+def is_laid_out(params: Params) -> bool:
+    """Whether params["layers"] is already `decode_layers`' per-layer tuple (else the stacked dict)."""
+    return isinstance(params["layers"], (tuple, list))
+
+
+def stacked_from_decode(layers: tuple, layer_adapters: tuple | None, out_widths: tuple) -> tuple[dict, dict]:
+    """The inverse of `decode_layers` for the arrays its layout holds exactly: (the stacked layer arrays
+    {name: [L, ...]}, the SVD bases {module: {"u": [L, d_out, r], "vh": [L, r, d_in]}}). Splits,
+    transposes and stacks only, so every rebuilt array equals the original bit for bit. Not rebuilt:
+    the weight of a factored module (its layout holds U and Vh only) and any adapter leaf but u / vh.
+    out_widths: ((name, d_out), ...) of every stacked layer array (static: splits the fused groups).
+    The sampler's lent weights (`rl.lend`): the caller's stacked copies are freed while it samples."""
+    widths = dict(out_widths)
+    per_layer = [_layer_arrays(layer, None if layer_adapters is None else layer_adapters[i], widths)
+                 for i, layer in enumerate(layers)]
+    stacked = {name: jnp.stack([ws[name] for ws, _ in per_layer]) for name in per_layer[0][0]}
+    bases = {name: {key: jnp.stack([b[name][key] for _, b in per_layer]) for key in ("u", "vh")}
+             for name in per_layer[0][1]}
+    return stacked, bases
+
+
+def _layer_arrays(layer: dict, la: dict | None, widths: dict) -> tuple[dict, dict]:
+    """One layer of `stacked_from_decode`: ({name: weight or norm}, {module: {"u", "vh"}})."""
+    ad = (lambda name: None) if la is None else la.get  # noqa: E731
+    ws, bases = {}, {}
+    for fused_name, names in FUSED_GROUPS:
+        if fused_name + "_vh" in layer:  # factored group: U and Vh only
+            ranks = [ad(name)["factor_scale"].shape[-1] for name in names]
+            vhs = jnp.split(layer[fused_name + "_vh"], list(itertools.accumulate(ranks))[:-1], axis=0)
+            for name, u, vh in zip(names, _unstack_runs(layer[fused_name + "_u"]), vhs):
+                bases[name] = {"u": u, "vh": vh}
+        elif fused_name + "_w_vh" in layer:  # exact form: [W_1 | .. | Vh_a^T | ..] and the U stacks
+            adapted = [name for name in names if ad(name) is not None and "delta_s" in ad(name)]
+            parts = _split_last(layer[fused_name + "_w_vh"],
+                                [widths[name] for name in names] + [ad(name)["delta_s"].shape[-1] for name in adapted])
+            ws.update(zip(names, parts[:len(names)]))
+            for name, vh_t, u in zip(adapted, parts[len(names):], _unstack_runs(layer[fused_name + "_u"])):
+                bases[name] = {"u": u, "vh": vh_t.T}
+        elif len(names) > 1 and fused_name in layer:  # plain weights concatenated
+            ws.update(zip(names, _split_last(layer[fused_name], [widths[name] for name in names])))
+        for name in names:  # a factored module of a mixed group keeps its own factors
+            if ad(name) is not None and "factor_scale" in ad(name) and "u" in ad(name):
+                bases[name] = {"u": ad(name)["u"], "vh": ad(name)["vh"]}
+    for name in widths:  # one Linear each, and the norms
+        if name in layer and name not in ws:
+            ws[name] = layer[name]
+    return ws, bases
+
+
+def _unstack_runs(stacks: tuple) -> list[jax.Array]:
+    """The inverse of `_equal_shape_runs`: (a[None], stack(b, b')) -> [a, b, b']."""
+    return [stack[j] for stack in stacks for j in range(stack.shape[0])]

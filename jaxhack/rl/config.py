@@ -109,6 +109,9 @@ class TrainConfig:
     sampler_form: str = "exact"        # "exact": sample through x W + the adapter, as trained; "factored":
                                        # SVD-adapted Linears from their factors (fewer bytes per decode step,
                                        # bf16-rounding-level logit changes; rl/sampler.generate, docs/sampler.md)
+    lend_weights: bool = True          # the sampler frees the stacked weights while it samples from its decode
+                                       # layout and rebuilds them bit for bit (one copy: ~17 GB more KV cache
+                                       # at Qwen3-4B; rl/lend.py); changes no value
     update_layout: str = "rows"        # the reference pass and the update: "rows" ([prompt; completion] per
                                        # row) or "shared_prompt" (a group's prompt once; grads/shared_prompt.py)
     remat: str = "none"
@@ -190,7 +193,7 @@ class TrainConfig:
 
 # Fields that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_FREE_FIELDS = ("run_dir", "grade_workers", "eval_every", "save_rollouts", "keep_ckpts",
-                      "ckpt_every", "sandbox_wall_s", "mesh", "update_layout")
+                      "ckpt_every", "sandbox_wall_s", "mesh", "update_layout", "lend_weights")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, seconds: config.TINY random model, bundled problems.

@@ -49,6 +49,7 @@ import numpy as np
 from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
+from jaxhack.rl.lend import decode_layers_jit
 from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill, row_keys
 
 
@@ -81,7 +82,6 @@ def _init(config: Qwen3Config, B: int, S: int, max_new: int, cache_dtype, pad_id
 
 
 _init_jit = jax.jit(_init, static_argnames=("config", "B", "S", "max_new", "cache_dtype"))
-_decode_layers_jit = jax.jit(decode_layout.decode_layers, static_argnames=("factored",))
 
 
 def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, slots, rows, caps, pad_id, *,
@@ -219,8 +219,10 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
     if R < 1:
         raise ValueError(f"refill_rows must be >= 1, got {refill_rows}")
     S = -(-(P + max_new) // SPLIT) * SPLIT  # as the row-group schedule: positions past P + max_new unused
-    layers, layer_adapters = _decode_layers_jit(params, adapters, factored=factored)  # per-layer copies, once per call
-    dparams = {**params, "layers": layers}
+    dparams, layer_adapters = params, adapters  # laid out by `sampler.generate` (lend.decode_weights)
+    if not decode_layout.is_laid_out(params):  # per-layer copies, once per call
+        layers, layer_adapters = decode_layers_jit(params, adapters, factored=factored)
+        dparams = {**params, "layers": layers}
     state = _init_jit(config, B, S, max_new, cache_dtype, jnp.int32(pad_id))
     scalars = (key, jnp.asarray(eos), jnp.int32(pad_id), jnp.int32(mode), jnp.float32(temperature),
                jnp.float32(top_p))

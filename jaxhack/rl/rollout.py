@@ -110,7 +110,7 @@ def sample_rollout(params, config: Qwen3Config, tokenizer, adapters: dict, probl
                        max_new_tokens=cfg.max_new, key=key, adapters=adapters, temperature=cfg.temperature,
                        top_p=cfg.top_p, eos_token_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id,
                        prompt_multiple=prompt_multiple, max_rows=cfg.sample_rows, prefill_chunk=cfg.prefill_chunk,
-                       mesh=mesh, form=cfg.sampler_form)
+                       mesh=mesh, form=cfg.sampler_form, lend_weights=cfg.lend_weights)
         for j, i in enumerate(to_sample):
             length = int(res.lengths[j])
             completion_ids[i] = res.tokens[j, :length].tolist()
@@ -181,7 +181,7 @@ def evaluate(params, config: Qwen3Config, tokenizer, adapters: dict, problems, c
                        temperature=cfg.eval_temperature, top_p=cfg.top_p,
                        eos_token_ids=tokenizer.eos_token_ids, pad_id=tokenizer.pad_token_id,
                        prompt_multiple=prompt_multiple, max_rows=cfg.sample_rows,
-                       prefill_chunk=cfg.prefill_chunk, mesh=mesh, form=cfg.sampler_form)
+                       prefill_chunk=cfg.prefill_chunk, mesh=mesh, form=cfg.sampler_form, lend_weights=cfg.lend_weights)
         completions += [decode(tokenizer, res.tokens[i, :res.lengths[i]]) for i in range(len(part))]
         finished += res.finished[:len(part)].tolist()
     grades = grade_rows(rows, completions, cfg, grade_cache)

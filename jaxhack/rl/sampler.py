@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
+from jaxhack.rl.lend import decode_weights
 from jaxhack.rl.refill import device_parts, generate_slots, generate_slots_on_devices
 from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, SAMPLER_COMPILER_OPTIONS, TEMPERATURE,  # noqa: F401
                                  next_tokens, prefill, row_keys, sample_from_logits)
@@ -116,9 +117,9 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
     chex.assert_shape([row_active, row_ids, row_max_new], (B,))
     chex.assert_shape(eos, (MAX_EOS_IDS,))
 
-    # per-layer (fused) weight copies, made once here rather than sliced on every decode step
-    layers, layer_adapters = decode_layout.decode_layers(params, adapters, factored=factored)
-    params, adapters = {**params, "layers": layers}, layer_adapters
+    if not decode_layout.is_laid_out(params):  # per-layer (fused) weight copies, not sliced in every decode step
+        layers, layer_adapters = decode_layout.decode_layers(params, adapters, factored=factored)
+        params, adapters = {**params, "layers": layers}, layer_adapters
     cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": L-tuples of [B,Hkv,S,hd]}
     mask = jnp.concatenate([prompt_mask, jnp.zeros((B, S - P), bool)], axis=1)  # [B,S]
     logits, cache = prefill(params, adapters, prompt_tokens, mask, cache, config, prefill_chunk)  # [B,V]
@@ -193,7 +194,8 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
              temperature: float = 1.0, top_p: float = 1.0, eos_token_ids: Sequence[int] | None = None,
              pad_id: int = 0, cache_dtype=None, prompt_multiple: int = 64, max_rows: int | None = None,
              prefill_chunk: int | None = 256, max_lengths: Sequence[int] | None = None,
-             schedule: str = "auto", refill_rows: int = 8, mesh=None, form: str = "exact") -> SampleResult:
+             schedule: str = "auto", refill_rows: int = 8, mesh=None, form: str = "exact",
+             lend_weights: bool = False) -> SampleResult:
     """Sample `max_new_tokens` continuations of every prompt (lists of token ids, any lengths >= 1).
 
     adapters: merged per-module adapter dict as `qwen3.forward` takes, or None for the base model.
@@ -223,6 +225,9 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     decode step at Qwen3-4B; equal to "exact" when u / vh are the weights' SVD, up to the rounding of
     the factors, `decode_layout.decode_layers`). The form changes the decode cost and, in bf16, the logits
     by about the size of bf16 quantisation; LoRA adapters and the base model are always exact.
+    lend_weights: sample from one copy of the weights (`rl.lend`): the arrays of params["layers"] and
+    the adapters' u / vh that the decode layout holds exactly are deleted while sampling and rebuilt,
+    bit for bit, into the same dicts before returning (or raising). Other references to them die.
     """
     n = len(prompts)
     if n == 0:
@@ -268,48 +273,50 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
                          "use schedule 'groups' or 'auto'")
     if schedule == "auto":
         schedule = "refill" if max_rows is not None and n > max_rows * D and one_process else "groups"
-    if schedule == "refill":
-        slots = refill_slots(n, max_rows, D)
-        tokens, mask = left_pad(prompts, P, n, pad_id)
-        args = (params, adapters, tokens, mask, np.minimum(caps, max_new_tokens), eos, pad_id, key, mode,
-                1.0 if mode == GREEDY else temperature, top_p)
-        kwargs = dict(config=model_config, max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype),
-                      prefill_chunk=chunk, slots=slots, refill_rows=refill_rows, factored=form == "factored")
-        if mesh is None:
-            out_tokens, out_logp, lengths, finished, steps = generate_slots(*args, **kwargs)
-        else:
-            out_tokens, out_logp, lengths, finished, steps = generate_slots_on_devices(list(mesh.devices.flat),
-                                                                                        *args, **kwargs)
+    # the decode layout, built once for every group / refill round (lend_weights: the stacked copies freed meanwhile)
+    with decode_weights(params, adapters, factored=form == "factored", lend=lend_weights) as (dparams, dadapters):
+        if schedule == "refill":
+            slots = refill_slots(n, max_rows, D)
+            tokens, mask = left_pad(prompts, P, n, pad_id)
+            args = (dparams, dadapters, tokens, mask, np.minimum(caps, max_new_tokens), eos, pad_id, key, mode,
+                    1.0 if mode == GREEDY else temperature, top_p)
+            kwargs = dict(config=model_config, max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype),
+                          prefill_chunk=chunk, slots=slots, refill_rows=refill_rows, factored=form == "factored")
+            if mesh is None:
+                out_tokens, out_logp, lengths, finished, steps = generate_slots(*args, **kwargs)
+            else:
+                out_tokens, out_logp, lengths, finished, steps = generate_slots_on_devices(list(mesh.devices.flat),
+                                                                                            *args, **kwargs)
+            return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
+                                finished=finished, decode_steps=steps)
+        outs, steps = [], 0
+        for start, stop in groups:
+            tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
+            row_active = np.arange(B) < stop - start
+            row_ids = np.arange(start, start + B, dtype=np.int32)
+            row_max_new = np.full((B,), max_new_tokens, np.int32)
+            row_max_new[:stop - start] = np.minimum(caps[start:stop], max_new_tokens)
+            static = dict(config=model_config, max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype),
+                          prefill_chunk=chunk, factored=form == "factored")
+            scalars = (np.int32(pad_id), key, np.int32(mode), np.float32(1.0 if mode == GREEDY else temperature),
+                       np.float32(top_p))
+            if mesh is None:
+                out = _generate_jit(dparams, dadapters, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_active),
+                                    jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos),
+                                    *(jnp.asarray(x) for x in scalars), **static)
+                outs.append([np.asarray(x)[:stop - start] for x in out[:4]])  # blocks: one group's cache at a time
+                steps += int(out[4])
+            else:
+                rows, rep = meshlib.row_sharded(mesh), meshlib.replicated(mesh)
+                out = _sharded_generate(mesh)(
+                    dparams, dadapters, *(meshlib.to_global(x, rows) for x in (tokens, mask, row_active, row_ids,
+                                                                              row_max_new)),
+                    meshlib.to_global(eos, rep), *(meshlib.to_global(x, rep) for x in scalars), **static)
+                outs.append([meshlib.to_host(x)[:stop - start] for x in out[:4]])
+                steps += int(meshlib.to_host(out[4]).max())  # [D]: each device's own decode loop
+        out_tokens, out_logp, lengths, finished = (np.concatenate(parts) for parts in zip(*outs))
         return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
                             finished=finished, decode_steps=steps)
-    outs, steps = [], 0
-    for start, stop in groups:
-        tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
-        row_active = np.arange(B) < stop - start
-        row_ids = np.arange(start, start + B, dtype=np.int32)
-        row_max_new = np.full((B,), max_new_tokens, np.int32)
-        row_max_new[:stop - start] = np.minimum(caps[start:stop], max_new_tokens)
-        static = dict(config=model_config, max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype),
-                      prefill_chunk=chunk, factored=form == "factored")
-        scalars = (np.int32(pad_id), key, np.int32(mode), np.float32(1.0 if mode == GREEDY else temperature),
-                   np.float32(top_p))
-        if mesh is None:
-            out = _generate_jit(params, adapters, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_active),
-                                jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos),
-                                *(jnp.asarray(x) for x in scalars), **static)
-            outs.append([np.asarray(x)[:stop - start] for x in out[:4]])  # blocks: one group's cache at a time
-            steps += int(out[4])
-        else:
-            rows, rep = meshlib.row_sharded(mesh), meshlib.replicated(mesh)
-            out = _sharded_generate(mesh)(
-                params, adapters, *(meshlib.to_global(x, rows) for x in (tokens, mask, row_active, row_ids,
-                                                                          row_max_new)),
-                meshlib.to_global(eos, rep), *(meshlib.to_global(x, rep) for x in scalars), **static)
-            outs.append([meshlib.to_host(x)[:stop - start] for x in out[:4]])
-            steps += int(meshlib.to_host(out[4]).max())  # [D]: each device's own decode loop
-    out_tokens, out_logp, lengths, finished = (np.concatenate(parts) for parts in zip(*outs))
-    return SampleResult(tokens=out_tokens, lengths=lengths, logprobs=out_logp, prompt_lengths=prompt_lengths,
-                        finished=finished, decode_steps=steps)
 
 
 def decode_completions(result: SampleResult, tokenizer) -> list[str]:

@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from jaxhack.env.pools import write_pool_meta, write_pool_step
 from jaxhack.io import append_jsonl, atomic_write_text, read_jsonl, rewrite_jsonl  # noqa: F401
-from jaxhack.models.adapters import merge
 from jaxhack.parallel import mesh as meshlib
 from jaxhack.rl.checkpoints import CKPT_DIR, list_checkpoints, restore_train_state, save_train_state  # noqa: F401
 from jaxhack.rl.config import ARMS, TrainConfig
 from jaxhack.rl.data import problem_indices
 from jaxhack.rl.learner import lr_schedule, make_optimizer, reference_logp, train_batch  # noqa: F401
 from jaxhack.rl.learner import cached_update_fn
+from jaxhack.rl.lend import lent_merge
 from jaxhack.rl.refresh import REFRESH_LOG, latest_refresh, refresh_v_hack
 from jaxhack.rl.refresh import due as refresh_due
 from jaxhack.rl.rollout import evaluate, rollout_metrics, rollout_records, sample_rollout
@@ -57,11 +57,11 @@ def train_step(ctx: RunContext, trainable, opt_state, step: int, cursor: int):
     cfg = ctx.cfg
     t_step = time.time()
     idx = problem_indices(cursor, cfg.prompts_per_step, len(ctx.train_problems), cfg.seed)
-    rollout, t_gen, t_grade = sample_rollout(
-        ctx.params, ctx.config, ctx.tokenizer, merge(trainable, ctx.frozen),
-        [ctx.train_problems[i] for i in idx], ctx.prompt_ids, ctx.teacher, cfg,
-        jax.random.fold_in(ctx.base_key, step), step, ctx.prompt_multiple, mesh=ctx.mesh,
-        grade_cache=ctx.grade_cache)
+    with lent_merge(trainable, ctx.frozen) as adapters:  # cfg.lend_weights: the sampler borrows the bases
+        rollout, t_gen, t_grade = sample_rollout(
+            ctx.params, ctx.config, ctx.tokenizer, adapters, [ctx.train_problems[i] for i in idx], ctx.prompt_ids,
+            ctx.teacher, cfg, jax.random.fold_in(ctx.base_key, step), step, ctx.prompt_multiple, mesh=ctx.mesh,
+            grade_cache=ctx.grade_cache)
     t0 = time.time()
     batch, adv = train_batch(rollout, cfg, ctx.tokenizer.pad_token_id, ctx.n_rows, ctx.seq_len)
     batch["ref_logp"] = reference_logp(ctx.params, ctx.config, batch, cfg, mesh=ctx.mesh)
@@ -182,13 +182,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             return 0.0
         t0 = time.time()
         key = jax.random.fold_in(jax.random.fold_in(ctx.base_key, EVAL_TAG), done)
-        rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(trainable, ctx.frozen), ctx.eval_problems,
-                       cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh,
-                       grade_cache=ctx.grade_cache)
+        with lent_merge(trainable, ctx.frozen) as adapters:
+            rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, cfg, key, done,
+                           ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh, grade_cache=ctx.grade_cache)
         if ARMS[cfg.arm].projection == "route":  # deploy = delta_s_hack ablated; both are reported
-            ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, merge(ablate_hack(trainable), ctx.frozen),
-                               ctx.eval_problems, cfg, key, done, ctx.prompt_ids, ctx.prompt_multiple,
-                               mesh=ctx.mesh, grade_cache=ctx.grade_cache)
+            with lent_merge(ablate_hack(trainable), ctx.frozen) as adapters:
+                ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, cfg, key,
+                                   done, ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh,
+                                   grade_cache=ctx.grade_cache)
             rec.update({f"ablated_{k}": v for k, v in ablated.items() if k not in ("step", "n", "temperature")})
         rec["time_eval_s"] = time.time() - t0
         if primary:
