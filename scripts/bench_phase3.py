@@ -479,8 +479,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (they compile)")
     ap.add_argument("--prompt-len", type=int, default=None, help="mean prompt tokens (default 400; tiny 12)")
     ap.add_argument("--sample-rows", type=int, default=None,
-                    help="sampler decode slots (refill) or rows per group (groups); default 96: refill 96 "
-                         "slots, groups 3 of 86 rows (88 padded); KV cache ~27-29 GB; tiny 4")
+                    help="sampler decode slots (refill) or rows per group (groups); default: the full preset's "
+                         "sample_rows (152 refill slots, KV cache ~46 GB; groups: 2 of 129 rows, 136 padded); tiny 4")
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--sampler", choices=("refill", "groups", "both"), default=None,
                     help="sampler schedule: refill (slots refilled as rows finish, each device its own slots "
@@ -541,7 +541,6 @@ def main(argv=None) -> int:
         args.length_multiple = min(args.length_multiple or 16, 16)
         args.prefill_chunk = min(args.prefill_chunk, 16)
     args.prompt_len = args.prompt_len or 400
-    args.sample_rows = args.sample_rows or 96
     out = args.out or (None if args.tiny else str(Path(__file__).resolve().parents[1] / "docs/results/bench_phase3.jsonl"))
     regimes = ("realistic", "worst") if args.regime == "both" else (args.regime,)
     if args.cpu_devices:
@@ -561,6 +560,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {config_error_line(err)}", file=sys.stderr)
         return 2
+    args.sample_rows = args.sample_rows or cfg.sample_rows  # the preset's (152)
     log("building random Qwen3-4B-shaped weights, SVD adapter, v_hack ..." if not args.tiny else "building tiny model ...")
     built = build(args, cfg)
     if args.meshes or args.mesh:  # host copies: each mesh places its own replicas (no extra copy on device 0)

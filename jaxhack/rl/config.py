@@ -211,21 +211,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=8, steps=20, max_new=512,
                  lr=7e-5, beta=1e-3, warmup_steps=2, eval_every=10, ckpt_every=10, n_eval=4,
                  microbatch=8, remat="full", vhack_pairs=64, sandbox_wall_s=10.0),
-    # The seed's Phase 3 run (spec2.md): ~7 h per run on one 96 GB GPU. sample_rows=96: the 258 rollouts
-    # decode through 96 refill slots (continuous batching, rl/refill.py), KV cache ~29 GB at 2048
-    # positions, so the step fits an 80 GB H100 (docs/benchmarks.md, scripts/bench_phase3.py). The
-    # reference pass and update: micro-batches of 12288 tokens (24 rows of 512 ... 6 of 2048), remat
-    # "linear" (no matmul recomputed): update 26.9 -> 20.6 s, learner peak 62.9 GB (H200 at 80 GB, session 7);
-    # lengths cut to multiples of 128 (not 512): 15% fewer padded tokens at the realistic lengths, at most
-    # 16 compiled shapes per program (session 8). --sampler-form factored --sample-rows 128: 40.6 s against
-    # 54.5 s per realistic step (docs/benchmarks.md), not the default: it samples from the bf16 factors.
+    # The seed's Phase 3 run (spec2.md): ~7 h per run on one 96 GB GPU. sample_rows=152: the 258 rollouts
+    # decode through 152 refill slots (continuous batching, rl/refill.py), KV cache ~46 GB at 2048
+    # positions, which fits an 80 GB H100 because the sampler holds one copy of the weights (lend_weights,
+    # rl/lend.py): realistic step 39.6 s (96 slots, two copies) -> 37.5 s, peak 68.3 GB both (H200 capped at
+    # 80 GB, session 12; docs/benchmarks.md). The reference pass and update: micro-batches of 12288 tokens
+    # (24 rows of 512 ... 6 of 2048), remat "linear" (no matmul recomputed): update 26.9 -> 20.6 s, learner
+    # peak 62.9 GB (session 7); lengths cut to multiples of 128 (not 512): 15% fewer padded tokens at the
+    # realistic lengths, at most 16 compiled shapes per program (session 8). --sampler-form factored: 33.7 s
+    # per realistic step, not the default: it samples from the bf16 factors (docs/sampler.md).
     # update_layout "shared_prompt" (each group's prompt once in the learner; the same values up to the
     # float summation order): reference pass + update 21.4 -> 15.6 s realistic, 43.4 -> 39.3 s worst case
-    # (H200 at 80 GB, session 11); step 44.7 -> 40.2 s. On a mesh each device takes whole groups.
+    # (session 11). On a mesh each device takes whole groups, and sample_rows slots.
     "full": dict(ckpt="qwen3-4b", group_size=6, prompts_per_step=43, n_problems=992, beta=1e-3,
                  lr=7e-5, steps=200, max_new=1536, warmup_steps=10, eval_every=20, ckpt_every=10,
                  n_eval=64, microbatch=32, microbatch_tokens=12288, length_multiple=128, remat="linear", vhack_pairs=128,
-                 sandbox_wall_s=10.0, sample_rows=96, update_layout="shared_prompt"),
+                 sandbox_wall_s=10.0, sample_rows=152, update_layout="shared_prompt"),
 }
 
 
