@@ -10,7 +10,7 @@ import pytest
 
 from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import TINY
-from jaxhack.rl import sampler
+from jaxhack.rl import lend, sampler
 
 CONFIG = dataclasses.replace(TINY, eos_token_ids=(2,))
 PROMPTS = [[5, 17, 33], [1, 9, 8, 7, 100, 200, 300], [4] * 5 + [11, 12, 13, 14, 15, 16, 17]]
@@ -485,9 +485,13 @@ def test_refill_on_devices_raises_a_parts_error_and_stops_the_others(params, mon
     prompts = [rng.integers(3, 200, n).tolist() for n in rng.integers(1, 30, 6)]
     tokens, mask = sampler.left_pad(prompts, 64, 6, 0)
     eos = np.full((sampler.MAX_EOS_IDS,), -1, np.int32)
-    args = (params, None, tokens, mask, np.full((6,), 5, np.int32), eos, 0, jax.random.PRNGKey(2), sampler.TEMPERATURE,
+    with lend.decode_weights(params, None, factored=False, lend=False) as (laid_out, _):
+        pass  # the decode layout generate_slots reads (sampler.generate builds it once per call)
+    args = (laid_out, None, tokens, mask, np.full((6,), 5, np.int32), eos, 0, jax.random.PRNGKey(2), sampler.TEMPERATURE,
             1.0, 1.0)
     kw = dict(config=CONFIG, max_new=5, cache_dtype=jnp.float32, prefill_chunk=32, slots=2, refill_rows=1)
+    with pytest.raises(ValueError, match="must be laid out"):  # the stacked weights: a clear error
+        refill.generate_slots(params, *args[1:], **kw)
     device = jax.devices()[0]
     whole = refill.generate_slots(*args, **kw)
     split = refill.generate_slots_on_devices([device, device], *args, **kw)

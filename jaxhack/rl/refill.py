@@ -49,7 +49,6 @@ import numpy as np
 from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
-from jaxhack.rl.lend import decode_layers_jit
 from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill, row_keys
 
 
@@ -206,23 +205,21 @@ def schedule_decode_steps(lengths, slots: int, refill_rows: int, devices: int = 
 def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, caps: np.ndarray,
                    eos: np.ndarray, pad_id: int, key, mode: int, temperature: float, top_p: float, *,
                    config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
-                   refill_rows: int, factored: bool = False, row_offset: int = 0, stop=None):
-    """The host loop. prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
-    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); factored: `decode_layout.decode_layers(factored=)`; row_offset: row i draws with the key of row
+                   refill_rows: int, row_offset: int = 0, stop=None):
+    """The host loop. params, adapters: the decode layout (`lend.decode_weights`). prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
+    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); row_offset: row i draws with the key of row
     row_offset + i (a device's part of the rows, `generate_slots_on_devices`); stop: a threading.Event
     checked between refills and rounds (set: raise `SamplingStopped`; the other devices' loops after one
     device failed or Ctrl-C).
     Returns numpy tokens [N,max_new], logprobs [N,max_new], lengths [N], finished [N] in row order, and
     the number of decode steps run (each a forward over all B slots)."""
+    if not decode_layout.is_laid_out(params):
+        raise ValueError("generate_slots: params must be laid out for decoding (rl.lend.decode_weights)")
     N, P = prompt_tokens.shape
     B, R = slots, min(refill_rows, slots)
     if R < 1:
         raise ValueError(f"refill_rows must be >= 1, got {refill_rows}")
     S = -(-(P + max_new) // SPLIT) * SPLIT  # as the row-group schedule: positions past P + max_new unused
-    dparams, layer_adapters = params, adapters  # laid out by `sampler.generate` (lend.decode_weights)
-    if not decode_layout.is_laid_out(params):  # per-layer copies, once per call
-        layers, layer_adapters = decode_layers_jit(params, adapters, factored=factored)
-        dparams = {**params, "layers": layers}
     state = _init_jit(config, B, S, max_new, cache_dtype, jnp.int32(pad_id))
     scalars = (key, jnp.asarray(eos), jnp.int32(pad_id), jnp.int32(mode), jnp.float32(temperature),
                jnp.float32(top_p))
@@ -247,7 +244,7 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
             toks[:k], msk[:k] = prompt_tokens[next_row:next_row + k], prompt_mask[next_row:next_row + k]
             row_caps = np.ones((R,), np.int32)
             row_caps[:k] = caps[next_row:next_row + k]
-            state, previous = _refill_jit(state, dparams, layer_adapters, jnp.asarray(toks), jnp.asarray(msk),
+            state, previous = _refill_jit(state, params, adapters, jnp.asarray(toks), jnp.asarray(msk),
                                           jnp.asarray(idx), jnp.asarray(rows + row_offset), jnp.asarray(row_caps),
                                           jnp.int32(pad_id), config=config, prefill_chunk=prefill_chunk)
             evicted = slot_row[chosen]
@@ -260,7 +257,7 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
         if not pending and done.all():
             break
         trigger = min(R, pending) if pending else B + 1
-        state = _round_jit(state, dparams, layer_adapters, jnp.int32(trigger), *scalars, config=config, P=P)
+        state = _round_jit(state, params, adapters, jnp.int32(trigger), *scalars, config=config, P=P)
         done = np.array(state.done)  # the round's one sync (a writable copy)
 
     out_tokens = np.full((N, max_new), pad_id, np.int32)

@@ -105,9 +105,9 @@ class DecodeState:
 
 def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row_ids, row_max_new, eos, pad_id,
                    key, mode,
-                   temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int,
-                   factored: bool = False):
-    """prompt_tokens, prompt_mask: [B,P]; row_active: [B] bool (False for batch-padding rows); row_ids:
+                   temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int):
+    """params, adapters: the decode layout (`lend.decode_weights`); prompt_tokens, prompt_mask: [B,P];
+    row_active: [B] bool (False for batch-padding rows); row_ids:
     [B] int32, each row's index in the caller's prompt list (its sampling key is fold_in(step key, id));
     row_max_new: [B] int32, a row stops after this many tokens (as after an EOS, but not `finished`); eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
     Returns tokens [B,max_new] int32, logprobs [B,max_new] f32, lengths [B] int32, finished [B] bool, decode steps run [] int32."""
@@ -117,9 +117,6 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
     chex.assert_shape([row_active, row_ids, row_max_new], (B,))
     chex.assert_shape(eos, (MAX_EOS_IDS,))
 
-    if not decode_layout.is_laid_out(params):  # per-layer (fused) weight copies, not sliced in every decode step
-        layers, layer_adapters = decode_layout.decode_layers(params, adapters, factored=factored)
-        params, adapters = {**params, "layers": layers}, layer_adapters
     cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": L-tuples of [B,Hkv,S,hd]}
     mask = jnp.concatenate([prompt_mask, jnp.zeros((B, S - P), bool)], axis=1)  # [B,S]
     logits, cache = prefill(params, adapters, prompt_tokens, mask, cache, config, prefill_chunk)  # [B,V]
@@ -149,7 +146,7 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row
     return final.tokens, final.logprobs, lengths, final.eos & row_active, final.step
 
 
-_STATIC = ("config", "max_new", "cache_dtype", "prefill_chunk", "factored")
+_STATIC = ("config", "max_new", "cache_dtype", "prefill_chunk")
 _generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC, compiler_options=SAMPLER_COMPILER_OPTIONS)
 
 
@@ -281,7 +278,7 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
             args = (dparams, dadapters, tokens, mask, np.minimum(caps, max_new_tokens), eos, pad_id, key, mode,
                     1.0 if mode == GREEDY else temperature, top_p)
             kwargs = dict(config=model_config, max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype),
-                          prefill_chunk=chunk, slots=slots, refill_rows=refill_rows, factored=form == "factored")
+                          prefill_chunk=chunk, slots=slots, refill_rows=refill_rows)
             if mesh is None:
                 out_tokens, out_logp, lengths, finished, steps = generate_slots(*args, **kwargs)
             else:
@@ -297,7 +294,7 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
             row_max_new = np.full((B,), max_new_tokens, np.int32)
             row_max_new[:stop - start] = np.minimum(caps[start:stop], max_new_tokens)
             static = dict(config=model_config, max_new=int(max_new_tokens), cache_dtype=jnp.dtype(cache_dtype),
-                          prefill_chunk=chunk, factored=form == "factored")
+                          prefill_chunk=chunk)
             scalars = (np.int32(pad_id), key, np.int32(mode), np.float32(1.0 if mode == GREEDY else temperature),
                        np.float32(top_p))
             if mesh is None:
