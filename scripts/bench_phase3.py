@@ -90,7 +90,8 @@ def linear_params(config) -> dict:
 
 
 def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2,
-               slots: int | None = None, sampler_form: str = "exact", shared_prompt_groups: int | None = None) -> dict:
+               slots: int | None = None, sampler_form: str = "exact", shared_prompt_groups: int | None = None,
+               schedule_steps: int | None = None) -> dict:
     """Seconds of one step at the card's peaks (see the module docstring).
 
     prefill: 2 (p_lin + p_vh + p_u) per prompt token + causal attention 2 P^2 Hq hd per layer.
@@ -105,6 +106,9 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     perfectly packed (refill without idle slots): ceil(sum(lengths) / slots) steps reading weights +
     bases, plus every row's own KV reads (independent of the packing): `decode_slots_s`, and
     `floor_slots_s` = floor_s with that decode term.
+    schedule_steps (with slots): the decode steps the sampler's schedule runs (`schedule_decode_steps`: the
+    refill schedule cannot pack perfectly, its last long rows decode alone): `decode_schedule_s`, the
+    same bytes floor at that many steps, which separates the schedule's cost from the kernels'.
     sampler_form "factored" (`sampler.generate(form="factored")`): prefill and decode compute each Linear
     from its SVD factors, p_vh + p_u instead of p_lin + p_vh + p_u, and decode reads the bases but not
     the Linear weights (the embedding / LM head and norms still).
@@ -147,9 +151,32 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
         out["decode_slots_s"] = max((steps * fixed_bytes + kv_reads) / hbm_bps, flops / peak_flops)
         out["decode_slots_steps"] = steps
         out["floor_slots_s"] = out["floor_s"] - out["decode_s"] + out["decode_slots_s"]
+        if schedule_steps is not None:
+            out["decode_schedule_s"] = max((schedule_steps * fixed_bytes + kv_reads) / hbm_bps, flops / peak_flops)
     out.update(prefill_tflop=prefill / 1e12, ref_tflop=reference / 1e12, update_tflop=update / 1e12,
                decode_fixed_gb_per_step=fixed_bytes / 1e9)
     return out
+
+
+def sampler_schedule_floor(config, prompt_lens, comp_lens, slots: int, refill_rows: int, devices: int,
+                           peak_flops: float, hbm_bps: float, sampler_form: str = "exact") -> dict:
+    """The refill sampler's floor at the decode steps its schedule runs: for each device's part of the rows
+    (`refill.device_parts`), prefill + `step_floor(schedule_steps=)`'s decode term; the largest part's
+    (devices sample at once). {"sample_floor_schedule_s", "schedule_steps"}."""
+    from jaxhack.rl.refill import device_parts, schedule_decode_steps
+
+    prompt_lens, comp_lens = np.asarray(prompt_lens), np.asarray(comp_lens)
+    best = {"sample_floor_schedule_s": 0.0, "schedule_steps": 0}
+    bounds = device_parts(len(comp_lens), devices)
+    for a, b in zip(bounds, bounds[1:]):
+        if b == a:
+            continue
+        steps = schedule_decode_steps(comp_lens[a:b], slots, refill_rows)
+        part = step_floor(config, prompt_lens[a:b], comp_lens[a:b], peak_flops, hbm_bps, slots=slots,
+                          sampler_form=sampler_form, schedule_steps=steps)
+        if part["prefill_s"] + part["decode_schedule_s"] > best["sample_floor_schedule_s"]:
+            best = {"sample_floor_schedule_s": part["prefill_s"] + part["decode_schedule_s"], "schedule_steps": steps}
+    return best
 
 
 def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int, max_len: int,
@@ -315,6 +342,9 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
         config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12, args.hbm_tbps * 1e12,
         slots=B_slots)
     refill_plan = slot_plan(config, comp_lens, S, args.refill_rows, 2 if not args.tiny else 4)
+    schedule_floor = sampler_schedule_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, B_slots,
+                                            args.refill_rows, n_dev, args.peak_tflops * 1e12, args.hbm_tbps * 1e12,
+                                            cfg.sampler_form)
     log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, mean completion {comp_lens.mean():.0f}, "
         f"max {comp_lens.max()}; groups: {len(groups)} of {B_groups} rows; refill: {B_slots} slots, "
         f"{args.refill_rows} rows per refill; memory estimate "
@@ -437,6 +467,11 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             # decode_steps above it would mean the sampler ran rounds the schedule does not need
             "planned_decode_steps": schedule_decode_steps(comp_lens, B_slots, args.refill_rows, devices=n_dev)
             if schedule == "refill" else None,
+            # the sampler's floor at the steps its refill schedule runs (kernels at the bandwidth floor; the
+            # schedule's tail counted): sample_s against it says how far the kernels are from the floor
+            **({"sample_floor_schedule_s": schedule_floor["sample_floor_schedule_s"],
+                "fraction_of_sample_floor_schedule": schedule_floor["sample_floor_schedule_s"] / split["sample_s"]}
+               if schedule == "refill" else {}),
             "rows": N, "max_new": cfg.max_new, "mean_completion": float(comp_lens.mean()),
             "max_completion": int(comp_lens.max()), "prompt_len_mean": float(prompt_lens.mean()),
             "sample_rows": args.sample_rows, "sampler_groups": len(groups) if schedule == "groups" else None,
@@ -602,7 +637,10 @@ def main(argv=None) -> int:
                 print(f"{regime} [{rec['sampler']}, {where}]: step {rec['step_s']:.1f} s (sample {rec['sample_s']:.1f}, "
                       f"grade {rec['grade_s']:.1f}, ref {rec['ref_s']:.1f}, update {rec['update_s']:.1f}); floor "
                       f"{rec['floor_s']:.1f} s = {100 * rec['fraction_of_floor']:.0f}% reached; "
-                      f"{rec['decode_steps']} decode steps; process peak {peak:.1f} GB measured, "
+                      f"{rec['decode_steps']} decode steps"
+                      + (f" (sampler at {100 * rec['fraction_of_sample_floor_schedule']:.0f}% of its floor at those "
+                         f"steps, {rec['sample_floor_schedule_s']:.1f} s)" if "sample_floor_schedule_s" in rec else "")
+                      + f"; process peak {peak:.1f} GB measured, "
                       f"{rec['memory_estimate_gb']['peak_gb']:.1f} GB estimated"
                       + (f"; scaling efficiency {rec['scaling_efficiency']:.2f} (device part "
                          f"{rec['device_scaling_efficiency']:.2f})" if rec.get("scaling_efficiency") else ""),

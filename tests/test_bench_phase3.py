@@ -128,3 +128,28 @@ def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not out.exists()
+
+
+def test_sampler_floor_at_the_schedules_steps():
+    """sampler_schedule_floor: with every row decoding at once (slots >= rows, equal lengths) the floor at
+    the schedule's steps is the all-rows floor; with fewer slots it lies between the perfectly packed floor
+    and that floor times the extra steps; on 2 devices it is the larger part's."""
+    bench = load()
+    from jaxhack.models.config import QWEN3_4B
+    prompts, lengths = np.full(96, 400), np.full(96, 300)
+    one = bench.step_floor(QWEN3_4B, prompts, lengths, 989e12, 4.8e12, slots=96, schedule_steps=300)
+    np.testing.assert_allclose(one["decode_schedule_s"], one["decode_s"], rtol=1e-9)
+    sched = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 96, 8, 1, 989e12, 4.8e12)
+    assert sched["schedule_steps"] == 300
+    np.testing.assert_allclose(sched["sample_floor_schedule_s"], one["prefill_s"] + one["decode_s"], rtol=1e-9)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(16, 1536, 258)
+    prompts = np.full(258, 400)
+    packed = bench.step_floor(QWEN3_4B, prompts, lengths, 989e12, 4.8e12, slots=152)
+    sched = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 1, 989e12, 4.8e12)
+    assert sched["schedule_steps"] > packed["decode_slots_steps"]  # the schedule cannot pack perfectly
+    assert sched["sample_floor_schedule_s"] > packed["prefill_s"] + packed["decode_slots_s"]
+    two = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 2, 989e12, 4.8e12)
+    halves = [bench.sampler_schedule_floor(QWEN3_4B, prompts[a:b], lengths[a:b], 152, 8, 1, 989e12, 4.8e12)
+              for a, b in ((0, 129), (129, 258))]
+    assert two == max(halves, key=lambda h: h["sample_floor_schedule_s"])
