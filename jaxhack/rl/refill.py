@@ -298,16 +298,19 @@ def generate_slots_on_devices(devices, params, adapters, prompt_tokens: np.ndarr
     keeps its key (row_offset), so the tokens are one device's. One process's devices only (threads).
     Returns as `generate_slots`, the rows in order; the decode steps are the largest device's count."""
     bounds = device_parts(len(prompt_tokens), len(devices))  # [D+1]
+    # each device's shards, taken here in the calling thread: reading a fresh jit output's shards from
+    # several threads at once gave an inconsistent array on CPU (one buffer for two devices), session 12
+    local = [jax.tree.map(lambda x, device=device: _on_device(x, device), (params, adapters, key))
+             for device in devices]
 
     def run(d: int):
         start, end = int(bounds[d]), int(bounds[d + 1])
         if start == end:
             return None
-        device = devices[d]
-        local = lambda tree: jax.tree.map(lambda x: _on_device(x, device), tree)  # noqa: E731
-        with jax.default_device(device):
-            return generate_slots(local(params), local(adapters), prompt_tokens[start:end], prompt_mask[start:end],
-                                  caps[start:end], eos, pad_id, _on_device(key, device), mode, temperature, top_p,
+        local_params, local_adapters, local_key = local[d]
+        with jax.default_device(devices[d]):
+            return generate_slots(local_params, local_adapters, prompt_tokens[start:end], prompt_mask[start:end],
+                                  caps[start:end], eos, pad_id, local_key, mode, temperature, top_p,
                                   slots=slots, row_offset=start, stop=stop, **kwargs)
 
     stop = threading.Event()
