@@ -112,3 +112,14 @@ def test_lent_weights_come_back_when_sampling_fails(monkeypatch):
         sampler.generate(params, CONFIG, PROMPTS, adapters=merged, max_new_tokens=4, key=jax.random.PRNGKey(1),
                          max_rows=2, schedule="refill", lend_weights=True)
     jax.tree.map(np.testing.assert_array_equal, _host((params, merged)), before)
+
+
+def test_full_preset_slots_follow_the_copies_held():
+    """The `full` preset's 152 slots assume one copy of the weights; turning lending off without naming
+    sample_rows falls back to the slots two copies leave room for; a given sample_rows is kept."""
+    from jaxhack.rl.config import FULL_SAMPLE_ROWS_TWO_COPIES, make_config
+
+    assert (make_config("full").lend_weights, make_config("full").sample_rows) == (True, 152)
+    assert make_config("full", lend_weights=False).sample_rows == FULL_SAMPLE_ROWS_TWO_COPIES == 96
+    assert make_config("full", lend_weights=False, sample_rows=120).sample_rows == 120
+    assert make_config("smoke", lend_weights=False).sample_rows == make_config("smoke").sample_rows

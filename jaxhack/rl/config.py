@@ -219,7 +219,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (24 rows of 512 ... 6 of 2048), remat "linear" (no matmul recomputed): update 26.9 -> 20.6 s, learner
     # peak 62.9 GB (session 7); lengths cut to multiples of 128 (not 512): 15% fewer padded tokens at the
     # realistic lengths, at most 16 compiled shapes per program (session 8). --sampler-form factored: 33.7 s
-    # per realistic step, not the default: it samples from the bf16 factors (docs/sampler.md).
+    # per realistic step, not the default: it samples from the bf16 factors (docs/sampler.md). With
+    # lend_weights False (two copies) make_config falls back to FULL_SAMPLE_ROWS_TWO_COPIES slots.
     # update_layout "shared_prompt" (each group's prompt once in the learner; the same values up to the
     # float summation order): reference pass + update 21.4 -> 15.6 s realistic, 43.4 -> 39.3 s worst case
     # (session 11). On a mesh each device takes whole groups, and sample_rows slots.
@@ -230,15 +231,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+FULL_SAMPLE_ROWS_TWO_COPIES = 96  # the `full` preset's slots when the sampler keeps both copies (lend_weights False)
+
+
 def make_config(preset: str = "smoke", **overrides) -> TrainConfig:
-    """TrainConfig defaults <- PRESETS[preset] <- overrides (None values are ignored)."""
+    """TrainConfig defaults <- PRESETS[preset] <- overrides (None values are ignored). The `full` preset
+    with lend_weights False and no sample_rows given samples through FULL_SAMPLE_ROWS_TWO_COPIES slots."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown training config field(s) {unknown}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {**PRESETS[preset], **given}
+    if preset == "full" and values.get("lend_weights") is False and "sample_rows" not in given:
+        # the preset's 152 slots fit an 80 GB card only with one copy of the weights; with two, 96 do
+        values["sample_rows"] = FULL_SAMPLE_ROWS_TWO_COPIES
     return TrainConfig(preset=preset, **values)
 
 
