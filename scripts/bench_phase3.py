@@ -236,13 +236,13 @@ def train_config(args):
     # learner becomes "rows"; asking for it by name on a mesh is an error)
     mesh = args.mesh or (args.meshes[0] if args.meshes else None)
     cfg = make_config("full", arm="projected", ckpt="random-4b", svd_random_bases=True, v_hack="random",
-                      remat=args.remat, mesh=mesh, update_layout=args.update_layout)
+                      remat=args.remat, mesh=mesh, update_layout=args.update_layout,
+                      lend_weights=False if args.keep_weights else None)  # two copies: the preset's 96 slots
     if args.tiny:
         cfg = dataclasses.replace(cfg, group_size=2, prompts_per_step=3, max_new=24, microbatch=2)
     overrides = {k: v for k, v in (("max_new", args.max_new), ("prompts_per_step", args.prompts_per_step),
                                    ("microbatch", args.microbatch), ("microbatch_tokens", args.microbatch_tokens),
-                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple),
-                                   ("lend_weights", False if args.keep_weights else None))
+                                   ("sampler_form", args.sampler_form), ("length_multiple", args.length_multiple))
                  if v is not None}
     return dataclasses.replace(cfg, **overrides)
 
@@ -541,8 +541,8 @@ def main(argv=None) -> int:
                          "counts what it computes, floor_exact_form_s the issue's per-row floor); rows: per row "
                          "(the default on a mesh)")
     ap.add_argument("--keep-weights", action="store_true",
-                    help="the sampler keeps the stacked weights beside its decode layout (two copies; the default "
-                         "lends them: one copy, rl/lend.py)")
+                    help="the sampler keeps the stacked weights beside its decode layout (two copies, and the "
+                         "preset's 96 slots unless --sample-rows is given; the default lends them: one copy, rl/lend.py)")
     ap.add_argument("--grade", choices=("canonical", "none"), default="canonical")
     ap.add_argument("--remat", default=None, help="override the preset's remat policy (linear) for the update")
     ap.add_argument("--microbatch", type=int, default=None, help="override the preset's rows per micro-batch (32)")
