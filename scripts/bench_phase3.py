@@ -162,21 +162,21 @@ def sampler_schedule_floor(config, prompt_lens, comp_lens, slots: int, refill_ro
                            peak_flops: float, hbm_bps: float, sampler_form: str = "exact") -> dict:
     """The refill sampler's floor at the decode steps its schedule runs: for each device's part of the rows
     (`refill.device_parts`), prefill + `step_floor(schedule_steps=)`'s decode term; the largest part's
-    (devices sample at once). {"sample_floor_schedule_s", "schedule_steps"}."""
+    (devices sample at once). {"sample_floor_schedule_s", "schedule_steps": the largest part's decode
+    steps, as `schedule_decode_steps(devices=)` counts them}."""
     from jaxhack.rl.refill import device_parts, schedule_decode_steps
 
     prompt_lens, comp_lens = np.asarray(prompt_lens), np.asarray(comp_lens)
-    best = {"sample_floor_schedule_s": 0.0, "schedule_steps": 0}
+    floors, steps = [0.0], [0]
     bounds = device_parts(len(comp_lens), devices)
     for a, b in zip(bounds, bounds[1:]):
         if b == a:
             continue
-        steps = schedule_decode_steps(comp_lens[a:b], slots, refill_rows)
+        steps.append(schedule_decode_steps(comp_lens[a:b], slots, refill_rows))
         part = step_floor(config, prompt_lens[a:b], comp_lens[a:b], peak_flops, hbm_bps, slots=slots,
-                          sampler_form=sampler_form, schedule_steps=steps)
-        if part["prefill_s"] + part["decode_schedule_s"] > best["sample_floor_schedule_s"]:
-            best = {"sample_floor_schedule_s": part["prefill_s"] + part["decode_schedule_s"], "schedule_steps": steps}
-    return best
+                          sampler_form=sampler_form, schedule_steps=steps[-1])
+        floors.append(part["prefill_s"] + part["decode_schedule_s"])
+    return {"sample_floor_schedule_s": max(floors), "schedule_steps": max(steps)}
 
 
 def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int, max_len: int,
@@ -293,7 +293,6 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     from jaxhack.grads.losses import centered_advantages
     from jaxhack.rl import learner, sampler
     from jaxhack.rl.lend import lent_merge
-    from jaxhack.rl.refill import schedule_decode_steps
 
     cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = place(built, mesh)
     n_dev = 1 if mesh is None else int(mesh.shape["data"])
@@ -465,8 +464,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "decode_steps": recs[-1]["decode_steps"], "compile_s": compile_s.get(schedule), "refill_plan": refill_plan,
             # the refill schedule's own count for these lengths on this many devices: a measured
             # decode_steps above it would mean the sampler ran rounds the schedule does not need
-            "planned_decode_steps": schedule_decode_steps(comp_lens, B_slots, args.refill_rows, devices=n_dev)
-            if schedule == "refill" else None,
+            "planned_decode_steps": schedule_floor["schedule_steps"] if schedule == "refill" else None,
             # the sampler's floor at the steps its refill schedule runs (kernels at the bandwidth floor; the
             # schedule's tail counted): sample_s against it says how far the kernels are from the floor
             **({"sample_floor_schedule_s": schedule_floor["sample_floor_schedule_s"],

@@ -152,4 +152,7 @@ def test_sampler_floor_at_the_schedules_steps():
     two = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 2, 989e12, 4.8e12)
     halves = [bench.sampler_schedule_floor(QWEN3_4B, prompts[a:b], lengths[a:b], 152, 8, 1, 989e12, 4.8e12)
               for a, b in ((0, 129), (129, 258))]
-    assert two == max(halves, key=lambda h: h["sample_floor_schedule_s"])
+    assert two["sample_floor_schedule_s"] == max(h["sample_floor_schedule_s"] for h in halves)
+    from jaxhack.rl.refill import schedule_decode_steps
+    assert two["schedule_steps"] == max(h["schedule_steps"] for h in halves) == schedule_decode_steps(
+        lengths, 152, 8, devices=2)
