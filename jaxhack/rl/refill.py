@@ -206,8 +206,9 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
                    eos: np.ndarray, pad_id: int, key, mode: int, temperature: float, top_p: float, *,
                    config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int, slots: int,
                    refill_rows: int, row_offset: int = 0, stop=None):
-    """The host loop. params, adapters: the decode layout (`lend.decode_weights`). prompt_tokens, prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row
-    (<= max_new); eos: [MAX_EOS_IDS] int32 padded with -1; slots: B; refill_rows: R (<= B); row_offset: row i draws with the key of row
+    """The host loop. params, adapters: the decode layout (`lend.decode_weights`). prompt_tokens,
+    prompt_mask: [N,P] left-padded (numpy); caps: [N] tokens per row (<= max_new); eos: [MAX_EOS_IDS]
+    int32 padded with -1; slots: B; refill_rows: R (<= B); row_offset: row i draws with the key of row
     row_offset + i (a device's part of the rows, `generate_slots_on_devices`); stop: a threading.Event
     checked between refills and rounds (set: raise `SamplingStopped`; the other devices' loops after one
     device failed or Ctrl-C).
