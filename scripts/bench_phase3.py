@@ -423,6 +423,9 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
                 records[schedule].append({"sample_s": sample_s, "decode_steps": res.decode_steps,
                                           "n_completion_tokens": int(res.lengths.sum())})
                 log(f"{regime} {schedule} sample {step}: {sample_s:.2f} s, {res.decode_steps} decode steps")
+        if args.profile_sample:  # one more call of the last schedule, under the profiler
+            write_sample_profile(args, regime, schedules[-1], lambda: sample(args.steps + 1, schedules[-1],
+                                                                             comp_lens, trainable)[0])
     else:
         for step in range(args.warmup):  # compiles the reference pass and the update (same shapes for both)
             t, trainable, opt_state = one_step(step, trainable, opt_state, schedules[-1])
@@ -491,6 +494,29 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     return out
 
 
+def write_sample_profile(args, regime: str, schedule: str, run) -> dict:
+    """One sampler call under the profiler (`jaxhack.profiling`): each kernel's device time per call and per
+    decode step, written as JSON to args.profile_sample; the largest printed."""
+    from jaxhack.profiling import profile
+
+    res = {}
+    summary = profile(lambda: res.setdefault("r", run()), 1)
+    steps = res["r"].decode_steps
+    for row in summary["kernels"]:
+        row["us_per_decode_step"] = 1e3 * row["ms_per_step"] / steps
+    summary.update(regime=regime, sampler=schedule, decode_steps=steps, sample_rows=args.sample_rows,
+                   max_new=args.max_new, sampler_form=args.sampler_form)
+    Path(args.profile_sample).write_text(json.dumps(summary, indent=1))
+    log(f"profile of one {regime} {schedule} sampler call: kernels sum to {summary['total_ms_per_step']:.0f} ms over "
+        f"{steps} decode steps ({1e3 * summary['total_ms_per_step'] / steps:.0f} us per step) -> {args.profile_sample}")
+    for cat, ms in summary["by_category_ms"].items():
+        log(f"  {cat:<28} {1e3 * ms / steps:8.1f} us per decode step")
+    for row in summary["kernels"][:15]:
+        log(f"  {row['us_per_decode_step']:8.1f} us {row['calls_per_step'] / steps:6.1f}x per step  "
+            f"[{row['category']}] {row['kernel'][:70]}")
+    return summary
+
+
 def add_scaling(rec: dict, one: dict | None) -> None:
     """scaling_efficiency = step_s(1) / (N step_s(N)) against the 1-device record `one` of the same call
     (None without one); device_scaling_efficiency: the same for sample + ref + update (no grading)."""
@@ -557,6 +583,9 @@ def main(argv=None) -> int:
                          "scaling_efficiency against the data=1 line")
     ap.add_argument("--cpu-devices", type=int, default=None,
                     help="CPU only: fake this many host devices (XLA_FLAGS, set before jax loads)")
+    ap.add_argument("--profile-sample", default=None, metavar="JSON",
+                    help="with --sample-only: one more sampler call under the profiler; each kernel's time per "
+                         "decode step written here (one regime, one device)")
     ap.add_argument("--out", default=None, help="append JSON lines here (default docs/results/bench_phase3.jsonl; "
                                                 "tiny: not written unless given)")
     args = ap.parse_args(argv)
@@ -566,6 +595,9 @@ def main(argv=None) -> int:
         checks.at_least(args, ("warmup",), minimum=0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.profile_sample and (not args.sample_only or args.regime == "both" or args.meshes or args.sampler == "both"):
+        print("error: --profile-sample needs --sample-only, one --regime, one --sampler and no --meshes", file=sys.stderr)
         return 2
     args.sampler = args.sampler or "refill"
     if args.tiny:

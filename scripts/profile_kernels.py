@@ -1,9 +1,9 @@
 """Where GPU time goes: profile a probe step or a decode step at Qwen3-4B shape, per kernel.
 
-Runs the step a few times under `jax.profiler.trace`, reads the trace back with
-`jax.profiler.ProfileData` and sums the device time of every kernel (by kernel name, and by a coarse
-category: gemm, attention, copy/transpose, reduction/elementwise fusion). Prints the top kernels, each
-with the HLO instruction that launched it when the trace records one, and writes the full table as JSON.
+Runs the step a few times under the profiler (`jaxhack.profiling`: device time of every kernel, by
+kernel name and by a coarse category: gemm, attention, copy/transpose, reduction/elementwise fusion).
+Prints the top kernels, each with the HLO instruction that launched it when the trace records one, and
+writes the full table as JSON.
 
     PYTHONPATH=. python scripts/profile_kernels.py probe --variant dots:causal --out prof_probe.json
     PYTHONPATH=. python scripts/profile_kernels.py decode --batch 64 --cache-len 1152
@@ -16,77 +16,13 @@ with the HLO instruction that launched it when the trace records one, and writes
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def category(kernel: str, hlo: str) -> str:
-    """Coarse class of a kernel from its name and the HLO that launched it."""
-    text = f"{kernel} {hlo}".lower()
-    if any(s in text for s in ("flash", "cudnn", "fmha", "custom-call.attention", "__cudnn$fmha")):
-        return "attention (cuDNN)"
-    if any(s in text for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "dot", "wgmma", "matmul")):
-        return "gemm"
-    if any(s in text for s in ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice",
-                               "dynamic_update_slice", "dynamic-slice", "dynamic_slice")):
-        return "copy / transpose / slice"
-    if any(s in text for s in ("reduce", "reduction")):
-        return "reduction fusion"
-    return "other fusion"
-
-
-def _event_stats(event) -> dict:
-    out = {}
-    try:
-        for name, value in event.stats:
-            out[name] = value
-    except Exception:  # stats are best effort: names vary between jax versions
-        pass
-    return out
-
-
-def summarize_trace(trace_dir: Path, steps: int) -> dict:
-    """Sum device kernel time per kernel name over every GPU plane of the xplane trace."""
-    from jax.profiler import ProfileData
-
-    files = sorted(trace_dir.rglob("*.xplane.pb"))
-    if not files:
-        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
-    data = ProfileData.from_file(str(files[-1]))
-    per_kernel = collections.defaultdict(lambda: {"ns": 0, "count": 0, "hlo": ""})
-    planes, line_ms = [], collections.defaultdict(float)
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        planes.append(plane.name)
-        for line in plane.lines:
-            line_ms[f"{plane.name} | {line.name}"] += sum(e.duration_ns for e in line.events) / 1e6 / steps
-            # kernel launches sit on the stream lines; skip XLA's op/module summary lines
-            lname = line.name.lower()
-            if "xla op" in lname or "xla module" in lname or "step" in lname or "source" in lname:
-                continue
-            for event in line.events:
-                entry = per_kernel[event.name]
-                entry["ns"] += event.duration_ns
-                entry["count"] += 1
-                if not entry["hlo"]:
-                    stats = _event_stats(event)
-                    entry["hlo"] = str(stats.get("long_name") or stats.get("hlo_op") or stats.get("tf_op") or "")[:400]
-    rows = [{"kernel": k, "ms_per_step": v["ns"] / 1e6 / steps, "calls_per_step": v["count"] / steps,
-             "hlo": v["hlo"], "category": category(k, v["hlo"])} for k, v in per_kernel.items()]
-    rows.sort(key=lambda r: -r["ms_per_step"])
-    by_category = collections.defaultdict(float)
-    for r in rows:
-        by_category[r["category"]] += r["ms_per_step"]
-    return {"planes": planes, "line_ms_per_step": dict(line_ms), "total_ms_per_step": sum(r["ms_per_step"] for r in rows),
-            "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])), "kernels": rows}
 
 
 def build_probe(args):
@@ -245,6 +181,8 @@ def main(argv=None) -> int:
 
     import jax
 
+    from jaxhack.profiling import profile
+
     run, meta = {"probe": build_probe, "decode": build_decode, "generate": build_generate,
                  "update": build_update}[args.what](args)
     jax.block_until_ready(run())  # compile + warm up
@@ -252,11 +190,7 @@ def main(argv=None) -> int:
     for _ in range(args.steps):
         jax.block_until_ready(run())
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for _ in range(args.steps):
-                jax.block_until_ready(run())
-        summary = summarize_trace(Path(tmp), args.steps)
+    summary = profile(run, args.steps)
     summary.update(what=args.what, wall_ms_per_step_unprofiled=wall_ms, device=str(jax.devices()[0]), **meta)
     print(f"{args.what} {meta}: {wall_ms:.1f} ms/step unprofiled; kernels sum to "
           f"{summary['total_ms_per_step']:.1f} ms/step on {summary['planes']}")

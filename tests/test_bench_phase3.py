@@ -48,6 +48,17 @@ def test_tiny_realistic_sample_only_refill_runs_fewer_steps(tmp_path):
     assert refill["sample_floor_slots_s"] >= refill["sample_floor_s"] > 0
 
 
+def test_profiled_sampler_call_is_written_per_decode_step(tmp_path):
+    """--profile-sample: one more sampler call under the profiler, its table written with that call's decode
+    steps (on the CPU the trace has no GPU plane, so no kernel rows: the GPU's table is docs/benchmarks.md's)."""
+    out, prof = tmp_path / "p3.jsonl", tmp_path / "prof.json"
+    assert load().main(["--tiny", "--regime", "worst", "--sample-only", "--steps", "1", "--out", str(out),
+                        "--profile-sample", str(prof)]) == 0
+    rec, table = json.loads(out.read_text()), json.loads(prof.read_text())
+    assert table["decode_steps"] == rec["decode_steps"] > 0 and table["regime"] == "worst"
+    assert table["sample_rows"] == rec["sample_rows"] and table["planes"] == [] and table["kernels"] == []
+
+
 def test_realistic_lengths_and_floor_terms():
     bench = load()
     lengths = bench.completion_lengths("realistic", 4000, 1536)
@@ -118,6 +129,7 @@ def test_tiny_learner_only_with_token_budget(tmp_path):
     (["--sampler-form", "exact", "--microbatch-tokens", "0"], "--microbatch-tokens must be >= 1"),
     (["--sampler-form", "fused"], "--sampler-form 'fused': expected one of ('exact', 'factored')"),
     (["--max-new", "0"], "--max-new must be >= 1"),
+    (["--profile-sample", "p.json"], "--profile-sample needs --sample-only"),
     (["--meshes", "data=1", "--update-layout", "packed"], "--update-layout 'packed': expected one of ('rows', 'shared_prompt')"),
 ])
 def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv, words):

@@ -13,7 +13,7 @@ MAX_LINES = 520
 # lowest first; a module may import modules of its own layer entry or of earlier ones
 LAYERS = [
     ("jaxhack.io", "jaxhack.configfile", "jaxhack.tokenizer", "jaxhack.models.config", "jaxhack.parallel",
-     "jaxhack.tracking"),
+     "jaxhack.profiling", "jaxhack.tracking"),
     ("jaxhack.checkpoint", "jaxhack.env"),
     ("jaxhack.models",),
     ("jaxhack.grads",),

@@ -1,0 +1,87 @@
+"""Device time per kernel from a `jax.profiler` trace: which kernels a step runs and how long each takes.
+
+`profile(run, steps)` calls run() `steps` times under `jax.profiler.trace` and reads the trace back
+(`jax.profiler.ProfileData`): every GPU kernel's device time summed by name, with the HLO instruction
+that launched it where the trace records one, and by a coarse category (gemm, attention, copy,
+reduction / elementwise fusion). Used by scripts/profile_kernels.py and `bench_phase3.py
+--profile-sample`. On a CPU the trace holds no GPU plane: the table is empty.
+"""
+from __future__ import annotations
+
+import collections
+import tempfile
+from pathlib import Path
+
+
+def category(kernel: str, hlo: str) -> str:
+    """Coarse class of a kernel from its name and the HLO that launched it."""
+    text = f"{kernel} {hlo}".lower()
+    if any(s in text for s in ("flash", "cudnn", "fmha", "custom-call.attention", "__cudnn$fmha")):
+        return "attention (cuDNN)"
+    if any(s in text for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "dot", "wgmma", "matmul")):
+        return "gemm"
+    if any(s in text for s in ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice",
+                               "dynamic_update_slice", "dynamic-slice", "dynamic_slice")):
+        return "copy / transpose / slice"
+    if any(s in text for s in ("reduce", "reduction")):
+        return "reduction fusion"
+    return "other fusion"
+
+
+def _event_stats(event) -> dict:
+    out = {}
+    try:
+        for name, value in event.stats:
+            out[name] = value
+    except Exception:  # stats are best effort: names vary between jax versions
+        pass
+    return out
+
+
+def summarize_trace(trace_dir: Path, steps: int) -> dict:
+    """Sum device kernel time per kernel name over every GPU plane of the xplane trace."""
+    from jax.profiler import ProfileData
+
+    files = sorted(trace_dir.rglob("*.xplane.pb"))
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
+    data = ProfileData.from_file(str(files[-1]))
+    per_kernel = collections.defaultdict(lambda: {"ns": 0, "count": 0, "hlo": ""})
+    planes, line_ms = [], collections.defaultdict(float)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        planes.append(plane.name)
+        for line in plane.lines:
+            line_ms[f"{plane.name} | {line.name}"] += sum(e.duration_ns for e in line.events) / 1e6 / steps
+            # kernel launches sit on the stream lines; skip XLA's op/module summary lines
+            lname = line.name.lower()
+            if "xla op" in lname or "xla module" in lname or "step" in lname or "source" in lname:
+                continue
+            for event in line.events:
+                entry = per_kernel[event.name]
+                entry["ns"] += event.duration_ns
+                entry["count"] += 1
+                if not entry["hlo"]:
+                    stats = _event_stats(event)
+                    entry["hlo"] = str(stats.get("long_name") or stats.get("hlo_op") or stats.get("tf_op") or "")[:400]
+    rows = [{"kernel": k, "ms_per_step": v["ns"] / 1e6 / steps, "calls_per_step": v["count"] / steps,
+             "hlo": v["hlo"], "category": category(k, v["hlo"])} for k, v in per_kernel.items()]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    by_category = collections.defaultdict(float)
+    for r in rows:
+        by_category[r["category"]] += r["ms_per_step"]
+    return {"planes": planes, "line_ms_per_step": dict(line_ms), "total_ms_per_step": sum(r["ms_per_step"] for r in rows),
+            "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])), "kernels": rows}
+
+
+def profile(run, steps: int) -> dict:
+    """run() `steps` times under the profiler (each result waited for) -> summarize_trace's table,
+    per step."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(steps):
+                jax.block_until_ready(run())
+        return summarize_trace(Path(tmp), steps)
