@@ -30,8 +30,9 @@ grads.losses.grpo_batch_loss and rl.learner.make_optimizer with the v_hack proje
   --sample-only times the sampler alone (no grade, reference pass or update): the cheap old-vs-new
   comparison.
 
-Floor (derivation in docs/benchmarks.md, `step_floor` below): FLOPs of prefill, reference and update at
-the card's dense bf16 peak, plus decode at the HBM bandwidth floor (each decode step reads all weights
+Floor (derivation in docs/benchmarks.md, `step_floor` below): FLOPs of prefill (the refill sampler's:
+each refill's distinct prompts once; `floor_exact_form_s`, the issue's floor: every row's), reference
+and update at the card's dense bf16 peak, plus decode at the HBM bandwidth floor (each decode step reads all weights
 and adapter bases once plus the live rows' KV cache; all 258 rows in one batch, i.e. without the
 memory limit), compute-bound decode steps counted at the FLOP peak instead.
 
@@ -91,10 +92,12 @@ def linear_params(config) -> dict:
 
 def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2,
                slots: int | None = None, sampler_form: str = "exact", shared_prompt_groups: int | None = None,
-               schedule_steps: int | None = None) -> dict:
+               schedule_steps: int | None = None, prefilled=None) -> dict:
     """Seconds of one step at the card's peaks (see the module docstring).
 
-    prefill: 2 (p_lin + p_vh + p_u) per prompt token + causal attention 2 P^2 Hq hd per layer.
+    prefill: 2 (p_lin + p_vh + p_u) per prompt token + causal attention 2 P^2 Hq hd per layer, for the
+             rows `prefilled` (indices; the refill sampler prefills each refill's distinct prompts once,
+             `refill.prompt_windows`), default every row's prompt.
     decode:  per step t, max(bytes / HBM, FLOPs / peak): bytes = weights + adapter bases + KV of the live
              rows (their prompt + t slots, K and V, all layers); FLOPs = 2 (p_lin + p_vh + p_u + D V)
              per live row.
@@ -125,7 +128,8 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     total = prompt_lens + comp_lens
     attn_fwd = lambda T: float(np.sum(2.0 * T * T * Hq * hd * L))  # causal: half of 4 T^2 Hq hd
     p_sample = p["p_vh"] + p["p_u"] if sampler_form == "factored" else p_all  # per token, prefill and decode
-    prefill = 2 * p_sample * prompt_lens.sum() + attn_fwd(prompt_lens)
+    prefill_lens = prompt_lens if prefilled is None else prompt_lens[np.asarray(prefilled, int)]
+    prefill = 2 * p_sample * prefill_lens.sum() + attn_fwd(prefill_lens)
     learner_tokens = total.sum() if shared_prompt_groups is None else (
         prompt_lens.reshape(-1, shared_prompt_groups)[:, 0].sum() + comp_lens.sum())  # tokens the Linears see
     reference = 2 * p["p_lin"] * learner_tokens + attn_fwd(total) + 2 * D * V * comp_lens.sum()
@@ -159,14 +163,16 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
 
 
 def sampler_schedule_floor(config, prompt_lens, comp_lens, slots: int, refill_rows: int, devices: int,
-                           peak_flops: float, hbm_bps: float, sampler_form: str = "exact") -> dict:
+                           peak_flops: float, hbm_bps: float, sampler_form: str = "exact", ids=None) -> dict:
     """The refill sampler's floor at the decode steps its schedule runs: for each device's part of the rows
-    (`refill.device_parts`), prefill + `step_floor(schedule_steps=)`'s decode term; the largest part's
+    (`refill.device_parts`), prefill (of each refill's distinct prompts: ids [N], the rows' prompt
+    identities, default all distinct) + `step_floor(schedule_steps=)`'s decode term; the largest part's
     (devices sample at once). {"sample_floor_schedule_s", "schedule_steps": the largest part's decode
     steps, as `schedule_decode_steps(devices=)` counts them}."""
-    from jaxhack.rl.refill import device_parts, schedule_decode_steps
+    from jaxhack.rl.refill import device_parts, prompt_windows, schedule_decode_steps
 
     prompt_lens, comp_lens = np.asarray(prompt_lens), np.asarray(comp_lens)
+    ids = np.arange(len(comp_lens)) if ids is None else np.asarray(ids)
     floors, steps = [0.0], [0]
     bounds = device_parts(len(comp_lens), devices)
     for a, b in zip(bounds, bounds[1:]):
@@ -174,7 +180,8 @@ def sampler_schedule_floor(config, prompt_lens, comp_lens, slots: int, refill_ro
             continue
         steps.append(schedule_decode_steps(comp_lens[a:b], slots, refill_rows))
         part = step_floor(config, prompt_lens[a:b], comp_lens[a:b], peak_flops, hbm_bps, slots=slots,
-                          sampler_form=sampler_form, schedule_steps=steps[-1])
+                          sampler_form=sampler_form, schedule_steps=steps[-1],
+                          prefilled=np.concatenate(prompt_windows(ids[a:b], refill_rows)[1]))
         floors.append(part["prefill_s"] + part["decode_schedule_s"])
     return {"sample_floor_schedule_s": max(floors), "schedule_steps": max(steps)}
 
@@ -293,6 +300,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     from jaxhack.grads.losses import centered_advantages
     from jaxhack.rl import learner, sampler
     from jaxhack.rl.lend import lent_merge
+    from jaxhack.rl.refill import device_parts, prompt_windows
 
     cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = place(built, mesh)
     n_dev = 1 if mesh is None else int(mesh.shape["data"])
@@ -325,25 +333,31 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     # refill: sample_rows slots (at most the padded batch); groups: B_groups rows per group
     B_slots = sampler.refill_slots(N, args.sample_rows, n_dev)  # refill: slots per device, as generate picks
     batch = {"groups": B_groups, "refill": B_slots * n_dev, "none": 0}
+    ids = np.repeat(np.arange(cfg.prompts_per_step), cfg.group_size)  # the rows' prompts: G rows share one
+    parts = device_parts(N, n_dev)
+    refill_prompts = max(prompt_windows(ids[a:b], args.refill_rows)[2] for a, b in zip(parts, parts[1:]) if b > a)
     mb_tokens = cfg.microbatch * max_len if cfg.microbatch_tokens is None else min(cfg.microbatch_tokens,
                                                                                    cfg.microbatch * max_len)
     mem = {sched: memory_estimate(config, batch[sched] // n_dev, S, cfg.microbatch, max_len,
                                   min(args.prefill_chunk, P), P, 2 if not args.tiny else 4, tokens=mb_tokens,
                                   sampler_form=cfg.sampler_form,
-                                  prefill_rows=args.refill_rows if sched == "refill" else None, lend=cfg.lend_weights)
+                                  prefill_rows=refill_prompts if sched == "refill" else None, lend=cfg.lend_weights)
            for sched in schedules}
     # the floor of the computation performed (this sampler form and learner layout), and the issue's
     # floor (exact sampler, per-row learner) for comparison
     shared = cfg.group_size if cfg.update_layout == "shared_prompt" else None
+    # the refill sampler prefills each refill's distinct prompts once (rl.refill.prompt_windows), per device part
+    prefilled = np.concatenate([a + np.concatenate(prompt_windows(ids[a:b], args.refill_rows)[1])
+                                for a, b in zip(parts, parts[1:]) if b > a]) if schedules == ("refill",) else None
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
-                       args.hbm_tbps * 1e12, slots=B_slots, sampler_form=cfg.sampler_form, shared_prompt_groups=shared)
-    floor_exact = floor if (cfg.sampler_form, shared) == ("exact", None) else step_floor(
-        config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12, args.hbm_tbps * 1e12,
-        slots=B_slots)
+                       args.hbm_tbps * 1e12, slots=B_slots, sampler_form=cfg.sampler_form, shared_prompt_groups=shared,
+                       prefilled=prefilled)
+    floor_exact = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
+                             args.hbm_tbps * 1e12, slots=B_slots)
     refill_plan = slot_plan(config, comp_lens, S, args.refill_rows, 2 if not args.tiny else 4)
     schedule_floor = sampler_schedule_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, B_slots,
                                             args.refill_rows, n_dev, args.peak_tflops * 1e12, args.hbm_tbps * 1e12,
-                                            cfg.sampler_form)
+                                            cfg.sampler_form, ids=ids)
     log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, mean completion {comp_lens.mean():.0f}, "
         f"max {comp_lens.max()}; groups: {len(groups)} of {B_groups} rows; refill: {B_slots} slots, "
         f"{args.refill_rows} rows per refill; memory estimate "
@@ -477,6 +491,8 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "max_completion": int(comp_lens.max()), "prompt_len_mean": float(prompt_lens.mean()),
             "sample_rows": args.sample_rows, "sampler_groups": len(groups) if schedule == "groups" else None,
             "sampler_batch": batch[schedule], "refill_rows": args.refill_rows if schedule == "refill" else None,
+            # prompts the sampler prefills (refill: each refill's distinct ones), against N rows
+            "prefilled_prompts": len(prefilled) if prefilled is not None else N,
             "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
             "microbatch_tokens": cfg.microbatch_tokens, "learner_only": schedule == "none",
             "remat": cfg.remat, "floor": floor, "sampler_form": cfg.sampler_form, "lend_weights": cfg.lend_weights,

@@ -73,6 +73,12 @@ def test_realistic_lengths_and_floor_terms():
     # the shared-prompt learner: the Linears run each prompt once per group of 6 (attention stays per row)
     shared = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, shared_prompt_groups=6)
     assert shared["prefill_s"] == short["prefill_s"] and shared["decode_s"] == short["decode_s"]
+    # the refill sampler prefills each refill's distinct prompts: 65 of the 258 rows' (43 prompts x 6, R = 8)
+    from jaxhack.rl.refill import prompt_windows
+    firsts = np.concatenate(prompt_windows(np.repeat(np.arange(43), 6), 8)[1])
+    once = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, prefilled=firsts)
+    np.testing.assert_allclose(once["prefill_s"], short["prefill_s"] * 65 / 258, rtol=1e-12)
+    assert once["decode_s"] == short["decode_s"]
     p = bench.linear_params(QWEN3_4B)
     saved_tokens = 258 * 400 - 43 * 400  # 5 of each group's 6 prompts
     np.testing.assert_allclose((short["update_tflop"] - shared["update_tflop"]) * 1e12,
@@ -168,3 +174,8 @@ def test_sampler_floor_at_the_schedules_steps():
     from jaxhack.rl.refill import schedule_decode_steps
     assert two["schedule_steps"] == max(h["schedule_steps"] for h in halves) == schedule_decode_steps(
         lengths, 152, 8, devices=2)
+    # GRPO groups of 6: each part prefills its refills' distinct prompts only
+    ids = np.repeat(np.arange(43), 6)
+    grouped = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 1, 989e12, 4.8e12, ids=ids)
+    assert grouped["schedule_steps"] == sched["schedule_steps"]
+    assert grouped["sample_floor_schedule_s"] < sched["sample_floor_schedule_s"]

@@ -368,6 +368,33 @@ def test_refill_gives_the_same_rows_as_row_groups_in_fewer_steps(params, tempera
     assert schedule_decode_steps(refill.lengths, slots=2, refill_rows=2) > refill.decode_steps  # fewer slots
 
 
+def test_refill_prefills_each_prompt_of_a_window_once(params):
+    """GRPO groups (3 prompts x 4 rows): a refill of R = 3 consecutive rows prefills only their distinct
+    prompts (U = 2 here, not 3), and each row still gets its own prompt's cache and next-token logits:
+    the same tokens, lengths and log-probs as the row-group schedule, which prefills every row."""
+    from jaxhack.rl.refill import prompt_windows
+
+    ids = np.repeat(np.arange(43), 6)  # the full preset: 43 prompts x G = 6, R = 8
+    source, firsts, U = prompt_windows(ids, 8)
+    assert U == 2 and sum(len(f) for f in firsts) == 65  # 65 prompts prefilled instead of 258 rows
+    for j, f in enumerate(firsts):  # row i's source names the first row of its own prompt in its window
+        rows = np.arange(8 * j, min(8 * j + 8, len(ids)))
+        np.testing.assert_array_equal(ids[f[source[rows]]], ids[rows])
+    assert prompt_windows(np.arange(11), 3)[2] == 3 and prompt_windows([5, 5, 1, 5, 2], 8)[2] == 4
+
+    rng = np.random.default_rng(1)
+    prompts = [p for n in (9, 30, 17) for p in [rng.integers(3, 200, n).tolist()] * 4]
+    kwargs = dict(max_new_tokens=12, temperature=1.0, key=jax.random.PRNGKey(5), eos_token_ids=[],
+                  max_lengths=rng.integers(1, 13, 12).tolist())
+    groups = sampler.generate(params, CONFIG, prompts, schedule="groups", **kwargs)
+    refill = sampler.generate(params, CONFIG, prompts, max_rows=4, refill_rows=3, prefill_chunk=32,
+                              schedule="refill", **kwargs)
+    np.testing.assert_array_equal(refill.tokens, groups.tokens)
+    np.testing.assert_array_equal(refill.lengths, groups.lengths)
+    np.testing.assert_allclose(refill.logprobs, groups.logprobs, atol=1e-4)
+    assert len({tuple(t) for t in groups.tokens[:4]}) > 1  # a group's rows draw their own tokens
+
+
 def test_refill_slots_fit_the_largest_device_part():
     """refill_slots: max_rows slots per device, fewer when the largest of device_parts' parts fits a
     smaller batch bucket (the generate call and bench_phase3 both size the slots with it)."""

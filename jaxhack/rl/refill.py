@@ -10,11 +10,12 @@ takes the next pending row instead:
   t-th new token at P + t, t being the slot's own step. Slots are at different steps, so the decode
   forward writes each row's key/value at its own position (`qwen3.forward` with a [B] cache_index)
   and reads, per row, its own live range (the Pallas decode kernel takes per-row bounds).
-- **Refill program** (`_refill`, R rows at a time): prefill R prompts in token chunks into a small
-  [R, Hkv, P, hd] cache, scatter it into the R freed slots (positions 0..P-1; the stale keys past P
-  are never read: a row reads only positions below P + its step), reset those slots' mask, step,
-  outputs and next-token logits, and hand back the outputs the slots held (the finished rows').
-  Unused entries of the R point past the last slot and are dropped.
+- **Refill program** (`_refill`, R rows at a time): prefill the rows' distinct prompts (U <= R of them,
+  `prompt_windows`: the G rows of a GRPO group share one prompt, and so one prefill) in token chunks
+  into a small [U, Hkv, P, hd] cache, scatter each row's prompt's keys/values into its freed slot
+  (positions 0..P-1; the stale keys past P are never read: a row reads only positions below P + its
+  step), reset those slots' mask, step, outputs and next-token logits, and hand back the outputs the
+  slots held (the finished rows'). Unused entries of the R point past the last slot and are dropped.
 - **Round program** (`_round`): a `lax.while_loop` of decode steps over all B slots that stops once
   `trigger` slots are free (or all are). Finished slots emit nothing, write nothing the live rows
   read, and read one cache position each.
@@ -83,25 +84,28 @@ def _init(config: Qwen3Config, B: int, S: int, max_new: int, cache_dtype, pad_id
 _init_jit = jax.jit(_init, static_argnames=("config", "B", "S", "max_new", "cache_dtype"))
 
 
-def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, slots, rows, caps, pad_id, *,
+def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, source, slots, rows, caps, pad_id, *,
             config: Qwen3Config, prefill_chunk: int):
     """Put R new rows into the slots `slots` ([R] int32; B = unused entry, dropped).
-    prompt_tokens, prompt_mask: [R,P] left-padded; rows: [R] the rows' indices in the caller's list;
+    prompt_tokens, prompt_mask: [U,P] left-padded, the rows' distinct prompts (each prefilled once);
+    source: [R] int32, each row's prompt among the U; rows: [R] the rows' indices in the caller's list;
     caps: [R] their token caps. Returns (state, the slots' previous outputs: tokens [R,max_new],
     logprobs [R,max_new], lengths [R], eos [R]; meaningless for unused entries)."""
-    R, P = prompt_tokens.shape
+    U, P = prompt_tokens.shape
+    R = slots.shape[0]
     B, S = state.mask.shape
-    chex.assert_shape([slots, rows, caps], (R,))
-    chex.assert_shape(prompt_mask, (R, P))
+    chex.assert_shape([source, slots, rows, caps], (R,))
+    chex.assert_shape(prompt_mask, (U, P))
     take = jnp.minimum(slots, B - 1)
     previous = (state.tokens[take], state.logprobs[take], state.step[take], state.eos[take])
-    small = qwen3.init_cache(config, R, P, state.cache["k"][0].dtype)  # [R,Hkv,P,hd] per layer
+    small = qwen3.init_cache(config, U, P, state.cache["k"][0].dtype)  # [U,Hkv,P,hd] per layer
     logits, small = prefill(params, adapters, prompt_tokens, prompt_mask, small, config, prefill_chunk)
+    logits, prompt_mask = logits[source], prompt_mask[source]  # [R,V], [R,P]: each row its prompt's
 
     def put(big, new):  # big [B,...], new [R,...]: rows `slots`, unused entries (index B) dropped
         return big.at[slots].set(new, mode="drop")
 
-    cache = jax.tree.map(lambda big, new: big.at[slots, :, :P].set(new, mode="drop"), state.cache, small)
+    cache = jax.tree.map(lambda big, new: big.at[slots, :, :P].set(new[source], mode="drop"), state.cache, small)
     max_new = state.tokens.shape[1]
     new = SlotState(
         step=put(state.step, jnp.zeros((R,), jnp.int32)), done=put(state.done, jnp.zeros((R,), bool)),
@@ -154,6 +158,34 @@ def device_parts(n: int, devices: int) -> np.ndarray:
     """[devices + 1] boundaries cutting n rows into `devices` consecutive parts of near-equal size
     (`generate_slots_on_devices`: device d samples rows bounds[d]:bounds[d + 1])."""
     return np.linspace(0, n, devices + 1).round().astype(int)
+
+
+def prompt_ids(prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> np.ndarray:
+    """[N,P] left-padded prompts (tokens and mask) -> [N] int: equal for rows with the same prompt."""
+    rows = np.concatenate([prompt_tokens, prompt_mask], axis=1)
+    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def prompt_windows(ids, refill_rows: int) -> tuple[np.ndarray, list[np.ndarray], int]:
+    """Which prompts each refill prefills. `generate_slots` refills the rows in windows of R consecutive
+    rows ([jR, (j+1)R): every refill but the last takes R rows), and the rows of a window that share a
+    prompt share its prefill. ids: [N] prompt identities (`prompt_ids`; rows g G .. g G + G - 1 of GRPO
+    groups share theirs). Returns (source [N]: row i's prompt among its window's distinct ones; firsts:
+    per window, the first row of each of its distinct prompts; U: the prompts one refill program
+    prefills, the most distinct in any window rounded up to a power of two (fewer compiled shapes),
+    at most R). At R = 8 and G = 6 a window holds 2 prompts: 4x fewer prefilled tokens than rows."""
+    ids = np.asarray(ids).reshape(-1)
+    R = max(1, refill_rows)
+    source, firsts = np.zeros(len(ids), np.int32), []
+    for start in range(0, len(ids), R):
+        _, first, inverse = np.unique(ids[start:start + R], return_index=True, return_inverse=True)
+        order = np.argsort(first)  # distinct prompts in the order of their first row
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        source[start:start + R] = rank[inverse.reshape(-1)]
+        firsts.append(start + first[order])
+    most = max((len(f) for f in firsts), default=1)
+    return source, firsts, min(R, 1 << (most - 1).bit_length())
 
 
 def schedule_decode_steps(lengths, slots: int, refill_rows: int, devices: int = 1) -> int:
@@ -221,6 +253,7 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
     if R < 1:
         raise ValueError(f"refill_rows must be >= 1, got {refill_rows}")
     S = -(-(P + max_new) // SPLIT) * SPLIT  # as the row-group schedule: positions past P + max_new unused
+    source, firsts, U = prompt_windows(prompt_ids(prompt_tokens, prompt_mask), R)  # each prompt once per refill
     state = _init_jit(config, B, S, max_new, cache_dtype, jnp.int32(pad_id))
     scalars = (key, jnp.asarray(eos), jnp.int32(pad_id), jnp.int32(mode), jnp.float32(temperature),
                jnp.float32(top_p))
@@ -240,14 +273,18 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
             idx[:k] = chosen
             rows = np.zeros((R,), np.int32)
             rows[:k] = np.arange(next_row, next_row + k)
-            toks = np.full((R, P), pad_id, np.int32)
-            msk = np.zeros((R, P), bool)
-            toks[:k], msk[:k] = prompt_tokens[next_row:next_row + k], prompt_mask[next_row:next_row + k]
+            window = firsts[next_row // R]  # the rows' distinct prompts (a window of R rows, see prompt_windows)
+            toks = np.full((U, P), pad_id, np.int32)
+            msk = np.zeros((U, P), bool)
+            toks[:len(window)], msk[:len(window)] = prompt_tokens[window], prompt_mask[window]
+            src = np.zeros((R,), np.int32)
+            src[:k] = source[next_row:next_row + k]
             row_caps = np.ones((R,), np.int32)
             row_caps[:k] = caps[next_row:next_row + k]
             state, previous = _refill_jit(state, params, adapters, jnp.asarray(toks), jnp.asarray(msk),
-                                          jnp.asarray(idx), jnp.asarray(rows + row_offset), jnp.asarray(row_caps),
-                                          jnp.int32(pad_id), config=config, prefill_chunk=prefill_chunk)
+                                          jnp.asarray(src), jnp.asarray(idx), jnp.asarray(rows + row_offset),
+                                          jnp.asarray(row_caps), jnp.int32(pad_id), config=config,
+                                          prefill_chunk=prefill_chunk)
             evicted = slot_row[chosen]
             if (evicted >= 0).any():
                 handed_back.append((evicted, previous, np.flatnonzero(evicted >= 0)))
