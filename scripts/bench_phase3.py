@@ -192,8 +192,8 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
     """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
     decode copies (`decode_layout.decode_layers`: the Linear weights and the bases; the factored form copies the
     bases only) + the group's KV cache + the prefill scores of `prefill_rows` rows (default: the group;
-    the refill schedule prefills refill_rows at a time; lend: the stacked arrays the copies duplicate are
-    freed while sampling, `rl.lend`, so one copy is held); update: params + bases + one micro-batch's
+    the refill schedule prefills its U distinct prompts per refill at a time; lend: the stacked arrays
+    the copies duplicate are freed while sampling, `rl.lend`, so one copy is held); update: params + bases + one micro-batch's
     saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
     policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
     not modelled either: the measured sampler peaks were 4.5 GB (exact, 96 slots) and 1.1 GB (factored,
@@ -333,9 +333,11 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     # refill: sample_rows slots (at most the padded batch); groups: B_groups rows per group
     B_slots = sampler.refill_slots(N, args.sample_rows, n_dev)  # refill: slots per device, as generate picks
     batch = {"groups": B_groups, "refill": B_slots * n_dev, "none": 0}
+    # the refill sampler prefills each refill's distinct prompts once (rl.refill.prompt_windows), per device part
     ids = np.repeat(np.arange(cfg.prompts_per_step), cfg.group_size)  # the rows' prompts: G rows share one
     parts = device_parts(N, n_dev)
-    refill_prompts = max(prompt_windows(ids[a:b], args.refill_rows)[2] for a, b in zip(parts, parts[1:]) if b > a)
+    windows = {a: prompt_windows(ids[a:b], args.refill_rows) for a, b in zip(parts, parts[1:]) if b > a}
+    refill_prompts = max(w[2] for w in windows.values())  # U: prompts per refill program
     mb_tokens = cfg.microbatch * max_len if cfg.microbatch_tokens is None else min(cfg.microbatch_tokens,
                                                                                    cfg.microbatch * max_len)
     mem = {sched: memory_estimate(config, batch[sched] // n_dev, S, cfg.microbatch, max_len,
@@ -346,9 +348,8 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     # the floor of the computation performed (this sampler form and learner layout), and the issue's
     # floor (exact sampler, per-row learner) for comparison
     shared = cfg.group_size if cfg.update_layout == "shared_prompt" else None
-    # the refill sampler prefills each refill's distinct prompts once (rl.refill.prompt_windows), per device part
-    prefilled = np.concatenate([a + np.concatenate(prompt_windows(ids[a:b], args.refill_rows)[1])
-                                for a, b in zip(parts, parts[1:]) if b > a]) if schedules == ("refill",) else None
+    prefilled = (np.concatenate([a + np.concatenate(w[1]) for a, w in windows.items()])
+                 if schedules == ("refill",) else None)
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
                        args.hbm_tbps * 1e12, slots=B_slots, sampler_form=cfg.sampler_form, shared_prompt_groups=shared,
                        prefilled=prefilled)
@@ -516,8 +517,13 @@ def write_sample_profile(args, regime: str, schedule: str, run) -> dict:
     from jaxhack.profiling import profile
 
     res = {}
-    summary = profile(lambda: res.setdefault("r", run()), 1)
-    steps = res["r"].decode_steps
+
+    def call():
+        res["sample"] = run()
+        return res["sample"]
+
+    summary = profile(call, 1)
+    steps = res["sample"].decode_steps
     for row in summary["kernels"]:
         row["us_per_decode_step"] = 1e3 * row["ms_per_step"] / steps
     summary.update(regime=regime, sampler=schedule, decode_steps=steps, sample_rows=args.sample_rows,
