@@ -208,8 +208,8 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     it never recompiles (benchmarks force completion lengths with it).
     schedule: "groups" (row groups of <= max_rows, each decoding until its longest row is done),
     "refill" (`refill.py`: max_rows decode slots, a finished row's slot takes the next pending row,
-    refill_rows rows prefilled at a time) or "auto": refill when max_rows is set and there are more
-    prompts than max_rows per device, else groups. The schedule changes the cost, not the tokens.
+    refill_rows rows at a time, each of their distinct prompts prefilled once) or "auto": refill when
+    max_rows is set and there are more prompts than max_rows per device, else groups. The schedule changes the cost, not the tokens.
     mesh: a `jax.sharding.Mesh` with a `data` axis of D devices (`jaxhack.parallel.mesh`): the rows of
     each group are sharded over it (`_sharded_generate`); max_rows is then per device (a group has at
     most max_rows * D rows) and the group's batch is padded to a multiple of D. params / adapters
