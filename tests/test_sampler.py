@@ -368,10 +368,11 @@ def test_refill_gives_the_same_rows_as_row_groups_in_fewer_steps(params, tempera
     assert schedule_decode_steps(refill.lengths, slots=2, refill_rows=2) > refill.decode_steps  # fewer slots
 
 
-def test_refill_prefills_each_prompt_of_a_window_once(params):
+def test_each_distinct_prompt_is_prefilled_once(params):
     """GRPO groups (3 prompts x 4 rows): a refill of R = 3 consecutive rows prefills only their distinct
-    prompts (U = 2 here, not 3), and each row still gets its own prompt's cache and next-token logits:
-    the same tokens, lengths and log-probs as the row-group schedule, which prefills every row."""
+    prompts (U = 2 here, not 3), a row group of all 12 rows its 3 (U = 4, a power of two), and each row
+    still gets its own prompt's cache and next-token logits: both give the tokens, lengths and log-probs
+    of row groups of one row each, where no prompt is shared."""
     from jaxhack.rl.refill import prompt_windows
 
     ids = np.repeat(np.arange(43), 6)  # the full preset: 43 prompts x G = 6, R = 8
@@ -386,12 +387,21 @@ def test_refill_prefills_each_prompt_of_a_window_once(params):
     prompts = [p for n in (9, 30, 17) for p in [rng.integers(3, 200, n).tolist()] * 4]
     kwargs = dict(max_new_tokens=12, temperature=1.0, key=jax.random.PRNGKey(5), eos_token_ids=[],
                   max_lengths=rng.integers(1, 13, 12).tolist())
+    tokens, mask = sampler.left_pad(prompts, 64, 12, 0)
+    shared, shared_mask, source = sampler.distinct_prompts(tokens, mask, 1, 0)
+    assert shared.shape == (4, 64) and shared_mask[3].sum() == 0  # 3 prompts, padded to U = 4
+    np.testing.assert_array_equal(shared[source], tokens)
+    two = sampler.distinct_prompts(tokens, mask, 2, 0)  # two devices' halves: 2 prompts each
+    assert two[0].shape == (4, 64) and (two[2] < 2).all()
+    np.testing.assert_array_equal(two[0][np.arange(12) // 6 * 2 + two[2]], tokens)
+    alone = sampler.generate(params, CONFIG, prompts, max_rows=1, schedule="groups", **kwargs)  # no sharing
     groups = sampler.generate(params, CONFIG, prompts, schedule="groups", **kwargs)
     refill = sampler.generate(params, CONFIG, prompts, max_rows=4, refill_rows=3, prefill_chunk=32,
                               schedule="refill", **kwargs)
-    np.testing.assert_array_equal(refill.tokens, groups.tokens)
-    np.testing.assert_array_equal(refill.lengths, groups.lengths)
-    np.testing.assert_allclose(refill.logprobs, groups.logprobs, atol=1e-4)
+    for res in (groups, refill):
+        np.testing.assert_array_equal(res.tokens, alone.tokens)
+        np.testing.assert_array_equal(res.lengths, alone.lengths)
+        np.testing.assert_allclose(res.logprobs, alone.logprobs, atol=1e-4)
     assert len({tuple(t) for t in groups.tokens[:4]}) > 1  # a group's rows draw their own tokens
 
 

@@ -50,7 +50,7 @@ import numpy as np
 from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
-from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill, row_keys
+from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill_prompts, row_keys
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -98,14 +98,13 @@ def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, sour
     chex.assert_shape(prompt_mask, (U, P))
     take = jnp.minimum(slots, B - 1)
     previous = (state.tokens[take], state.logprobs[take], state.step[take], state.eos[take])
-    small = qwen3.init_cache(config, U, P, state.cache["k"][0].dtype)  # [U,Hkv,P,hd] per layer
-    logits, small = prefill(params, adapters, prompt_tokens, prompt_mask, small, config, prefill_chunk)
-    logits, prompt_mask = logits[source], prompt_mask[source]  # [R,V], [R,P]: each row its prompt's
+    logits, prompt_mask, prompt_cache = prefill_prompts(params, adapters, prompt_tokens, prompt_mask, source,
+                                                        config, prefill_chunk, state.cache["k"][0].dtype)  # [R,..]
 
     def put(big, new):  # big [B,...], new [R,...]: rows `slots`, unused entries (index B) dropped
         return big.at[slots].set(new, mode="drop")
 
-    cache = jax.tree.map(lambda big, new: big.at[slots, :, :P].set(new[source], mode="drop"), state.cache, small)
+    cache = jax.tree.map(lambda big, new: big.at[slots, :, :P].set(new, mode="drop"), state.cache, prompt_cache)
     max_new = state.tokens.shape[1]
     new = SlotState(
         step=put(state.step, jnp.zeros((R,), jnp.int32)), done=put(state.done, jnp.zeros((R,), bool)),

@@ -2,17 +2,19 @@
 
 Two schedules, the same tokens (each row draws its t-th token with fold_in(fold_in(key, t), row)):
 - "groups" (this module): one jitted program per row group (at most `max_rows` rows; one group by
-  default): a prefill over the left-padded prompt batch in token chunks (cache slots 0..P-1), then a
+  default): a prefill of the group's distinct prompts (a GRPO group's G rows share one) in token
+  chunks, each row's copy written to its cache slots 0..P-1, then a
   `lax.while_loop` of T=1 decode forwards (slot P+t at step t) that stops once every row of the
   group is done; rows that have finished read no KV cache, but the group decodes until its longest
   row is done.
 - "refill" (`refill.py`, continuous batching; the default when there are more prompts than
   `max_rows`): `max_rows` decode slots; when a row finishes, its slot is refilled with the next
-  pending prompt (prefilled `refill_rows` at a time), so finished rows stop costing decode steps.
+  pending prompt (`refill_rows` rows at a time, each distinct prompt prefilled once), so finished
+  rows stop costing decode steps.
 Shapes are static: the prompt length is rounded up to a bucket and the batch is padded to a bucket
 (groups) or fixed at `max_rows` slots (refill), so repeated calls reuse the compiled programs (jax.jit
-caches them per (bucket P, batch, max_new, model config, cache dtype, adapter tree structure,
-prefill chunk); sampling mode, temperature, top_p, EOS ids and pad id are traced values).
+caches them per (bucket P, batch, distinct prompts per program U, max_new, model config, cache dtype,
+adapter tree structure, prefill chunk); sampling mode, temperature, top_p, EOS ids and pad id are traced values).
 
 `logprobs` are log-probabilities of the sampled tokens under the *unscaled* model distribution
 (temperature 1, no top-p truncation): log_softmax(logits)[token]. That is the policy log-prob that
@@ -34,9 +36,9 @@ from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
 from jaxhack.rl.lend import decode_weights
-from jaxhack.rl.refill import device_parts, generate_slots, generate_slots_on_devices
+from jaxhack.rl.refill import device_parts, generate_slots, generate_slots_on_devices, prompt_ids, prompt_windows
 from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, SAMPLER_COMPILER_OPTIONS, TEMPERATURE,  # noqa: F401
-                                 next_tokens, prefill, row_keys, sample_from_logits)
+                                 next_tokens, prefill_prompts, row_keys, sample_from_logits)
 from jaxhack.parallel import mesh as meshlib
 
 SAMPLER_FORMS = ("exact", "factored")  # generate(form=...): how SVD-adapted Linears are computed
@@ -103,23 +105,26 @@ class DecodeState:
     logprobs: jax.Array  # [B,max_new] f32
 
 
-def _generate_impl(params, adapters, prompt_tokens, prompt_mask, row_active, row_ids, row_max_new, eos, pad_id,
-                   key, mode,
-                   temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype, prefill_chunk: int):
-    """params, adapters: the decode layout (`lend.decode_weights`); prompt_tokens, prompt_mask: [B,P];
+def _generate_impl(params, adapters, prompt_tokens, prompt_mask, source, row_active, row_ids, row_max_new, eos,
+                   pad_id, key, mode, temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype,
+                   prefill_chunk: int):
+    """params, adapters: the decode layout (`lend.decode_weights`); prompt_tokens, prompt_mask: [U,P], the
+    group's distinct prompts (`distinct_prompts`); source: [B] int32, each row's prompt among the U;
     row_active: [B] bool (False for batch-padding rows); row_ids:
     [B] int32, each row's index in the caller's prompt list (its sampling key is fold_in(step key, id));
     row_max_new: [B] int32, a row stops after this many tokens (as after an EOS, but not `finished`); eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
     Returns tokens [B,max_new] int32, logprobs [B,max_new] f32, lengths [B] int32, finished [B] bool, decode steps run [] int32."""
-    B, P = prompt_tokens.shape
+    U, P = prompt_tokens.shape
+    B = source.shape[0]
     S = -(-(P + max_new) // SPLIT) * SPLIT  # slots past P + max_new stay masked out
-    chex.assert_shape(prompt_mask, (B, P))
-    chex.assert_shape([row_active, row_ids, row_max_new], (B,))
+    chex.assert_shape(prompt_mask, (U, P))
+    chex.assert_shape([source, row_active, row_ids, row_max_new], (B,))
     chex.assert_shape(eos, (MAX_EOS_IDS,))
 
-    cache = qwen3.init_cache(config, B, S, cache_dtype)  # {"k","v": L-tuples of [B,Hkv,S,hd]}
-    mask = jnp.concatenate([prompt_mask, jnp.zeros((B, S - P), bool)], axis=1)  # [B,S]
-    logits, cache = prefill(params, adapters, prompt_tokens, mask, cache, config, prefill_chunk)  # [B,V]
+    logits, row_mask, cache = prefill_prompts(params, adapters, prompt_tokens, prompt_mask, source, config,
+                                              prefill_chunk, cache_dtype)  # [B,V], [B,P], [B,Hkv,P,hd]
+    cache = jax.tree.map(lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, S - P), (0, 0))), cache)  # [B,Hkv,S,hd]
+    mask = jnp.concatenate([row_mask, jnp.zeros((B, S - P), bool)], axis=1)  # [B,S]
 
     def cond(state: DecodeState):
         return (state.step < max_new) & ~jnp.all(state.done)
@@ -158,16 +163,32 @@ def _sharded_generate(mesh):
     tokens do not depend on the sharding."""
     rows, rep = P(meshlib.DATA), P()
 
-    def run(params, adapters, tokens, mask, active, ids, caps, eos, pad_id, key, mode, temperature, top_p, **static):
+    def run(params, adapters, tokens, mask, source, active, ids, caps, eos, pad_id, key, mode, temperature, top_p,
+            **static):
         def body(*args):
             *out, steps = _generate_impl(*args, **static)
             return (*out, steps[None])  # [1] per device -> [D]: each device's decode steps
 
-        return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rows, rows, rows, rows, rows) + (rep,) * 6,
+        # tokens, mask [D*U,P]: each device's own distinct prompts; source [B]: indices into them
+        return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep) + (rows,) * 6 + (rep,) * 6,
                              out_specs=(rows,) * 5, check_vma=False)(
-            params, adapters, tokens, mask, active, ids, caps, eos, pad_id, key, mode, temperature, top_p)
+            params, adapters, tokens, mask, source, active, ids, caps, eos, pad_id, key, mode, temperature, top_p)
 
     return jax.jit(run, static_argnames=_STATIC, compiler_options=SAMPLER_COMPILER_OPTIONS)
+
+
+def distinct_prompts(tokens: np.ndarray, mask: np.ndarray, parts: int, pad_id: int):
+    """[B,P] left-padded prompts in `parts` equal consecutive parts (a mesh's devices; 1 on one device) ->
+    (tokens, mask [parts*U,P]: each part's distinct prompts, padded to U, the most any part holds rounded
+    up to a power of two (`refill.prompt_windows`); source [B] int32: each row's prompt among its part's
+    U). A group's rows then prefill each distinct prompt once (`sampling.prefill_prompts`)."""
+    B, P = tokens.shape
+    source, firsts, U = prompt_windows(prompt_ids(tokens, mask), B // parts)
+    out_tokens = np.full((parts * U, P), pad_id, np.int32)
+    out_mask = np.zeros((parts * U, P), bool)
+    for d, rows in enumerate(firsts):
+        out_tokens[d * U:d * U + len(rows)], out_mask[d * U:d * U + len(rows)] = tokens[rows], mask[rows]
+    return out_tokens, out_mask, source
 
 
 def row_groups(n: int, max_rows: int | None) -> tuple[list[tuple[int, int]], int]:
@@ -289,6 +310,7 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
         outs, steps = [], 0
         for start, stop in groups:
             tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
+            tokens, mask, source = distinct_prompts(tokens, mask, D, pad_id)  # [D*U,P], [D*U,P], [B]
             row_active = np.arange(B) < stop - start
             row_ids = np.arange(start, start + B, dtype=np.int32)
             row_max_new = np.full((B,), max_new_tokens, np.int32)
@@ -298,16 +320,16 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
             scalars = (np.int32(pad_id), key, np.int32(mode), np.float32(1.0 if mode == GREEDY else temperature),
                        np.float32(top_p))
             if mesh is None:
-                out = _generate_jit(dparams, dadapters, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_active),
-                                    jnp.asarray(row_ids), jnp.asarray(row_max_new), jnp.asarray(eos),
+                out = _generate_jit(dparams, dadapters, *(jnp.asarray(x) for x in (tokens, mask, source, row_active,
+                                                                                   row_ids, row_max_new, eos)),
                                     *(jnp.asarray(x) for x in scalars), **static)
                 outs.append([np.asarray(x)[:stop - start] for x in out[:4]])  # blocks: one group's cache at a time
                 steps += int(out[4])
             else:
                 rows, rep = meshlib.row_sharded(mesh), meshlib.replicated(mesh)
                 out = _sharded_generate(mesh)(
-                    dparams, dadapters, *(meshlib.to_global(x, rows) for x in (tokens, mask, row_active, row_ids,
-                                                                              row_max_new)),
+                    dparams, dadapters, *(meshlib.to_global(x, rows) for x in (tokens, mask, source, row_active,
+                                                                              row_ids, row_max_new)),
                     meshlib.to_global(eos, rep), *(meshlib.to_global(x, rep) for x in scalars), **static)
                 outs.append([meshlib.to_host(x)[:stop - start] for x in out[:4]])
                 steps += int(meshlib.to_host(out[4]).max())  # [D]: each device's own decode loop

@@ -85,3 +85,17 @@ def prefill(params, adapters, prompt_tokens, mask, cache, config: Qwen3Config, c
         hidden, cache = qwen3.forward(params, config, prompt_tokens[:, start:start + chunk], mask,
                                       adapters=adapters, cache=cache, cache_index=start, key_len=start + chunk)
     return qwen3.lm_logits(params, config, hidden[:, -1]), cache
+
+
+def prefill_prompts(params, adapters, prompt_tokens, prompt_mask, source, config: Qwen3Config, chunk: int,
+                    cache_dtype):
+    """Prefill U distinct prompts once for R rows (the G rows of a GRPO group share theirs).
+    prompt_tokens, prompt_mask: [U,P] left-padded; source: [R] int32, each row's prompt among the U.
+    Returns (next-token logits [R,V] fp32, mask [R,P], cache {"k","v": L-tuples of [R,Hkv,P,hd]}): each
+    row its own copy of its prompt's."""
+    U, P = prompt_tokens.shape
+    chex.assert_shape(prompt_mask, (U, P))
+    chex.assert_rank(source, 1)
+    cache = qwen3.init_cache(config, U, P, cache_dtype)  # [U,Hkv,P,hd] per layer
+    logits, cache = prefill(params, adapters, prompt_tokens, prompt_mask, cache, config, chunk)
+    return logits[source], prompt_mask[source], jax.tree.map(lambda c: c[source], cache)
