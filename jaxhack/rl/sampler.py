@@ -36,7 +36,7 @@ from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
 from jaxhack.rl.lend import decode_weights
-from jaxhack.rl.refill import device_parts, generate_slots, generate_slots_on_devices, prompt_ids, prompt_windows
+from jaxhack.rl.refill import device_parts, distinct_prompts, generate_slots, generate_slots_on_devices
 from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, SAMPLER_COMPILER_OPTIONS, TEMPERATURE,  # noqa: F401
                                  next_tokens, prefill_prompts, row_keys, sample_from_logits)
 from jaxhack.parallel import mesh as meshlib
@@ -109,7 +109,7 @@ def _generate_impl(params, adapters, prompt_tokens, prompt_mask, source, row_act
                    pad_id, key, mode, temperature, top_p, *, config: Qwen3Config, max_new: int, cache_dtype,
                    prefill_chunk: int):
     """params, adapters: the decode layout (`lend.decode_weights`); prompt_tokens, prompt_mask: [U,P], the
-    group's distinct prompts (`distinct_prompts`); source: [B] int32, each row's prompt among the U;
+    group's distinct prompts (`refill.distinct_prompts`); source: [B] int32, each row's prompt among the U;
     row_active: [B] bool (False for batch-padding rows); row_ids:
     [B] int32, each row's index in the caller's prompt list (its sampling key is fold_in(step key, id));
     row_max_new: [B] int32, a row stops after this many tokens (as after an EOS, but not `finished`); eos: [MAX_EOS_IDS] int32 padded with -1; pad_id, mode, temperature, top_p: scalars.
@@ -175,20 +175,6 @@ def _sharded_generate(mesh):
             params, adapters, tokens, mask, source, active, ids, caps, eos, pad_id, key, mode, temperature, top_p)
 
     return jax.jit(run, static_argnames=_STATIC, compiler_options=SAMPLER_COMPILER_OPTIONS)
-
-
-def distinct_prompts(tokens: np.ndarray, mask: np.ndarray, parts: int, pad_id: int):
-    """[B,P] left-padded prompts in `parts` equal consecutive parts (a mesh's devices; 1 on one device) ->
-    (tokens, mask [parts*U,P]: each part's distinct prompts, padded to U, the most any part holds rounded
-    up to a power of two (`refill.prompt_windows`); source [B] int32: each row's prompt among its part's
-    U). A group's rows then prefill each distinct prompt once (`sampling.prefill_prompts`)."""
-    B, P = tokens.shape
-    source, firsts, U = prompt_windows(prompt_ids(tokens, mask), B // parts)
-    out_tokens = np.full((parts * U, P), pad_id, np.int32)
-    out_mask = np.zeros((parts * U, P), bool)
-    for d, rows in enumerate(firsts):
-        out_tokens[d * U:d * U + len(rows)], out_mask[d * U:d * U + len(rows)] = tokens[rows], mask[rows]
-    return out_tokens, out_mask, source
 
 
 def row_groups(n: int, max_rows: int | None) -> tuple[list[tuple[int, int]], int]:
@@ -310,7 +296,7 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
         outs, steps = [], 0
         for start, stop in groups:
             tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
-            tokens, mask, source = distinct_prompts(tokens, mask, D, pad_id)  # [D*U,P], [D*U,P], [B]
+            tokens, mask, source = distinct_prompts(tokens, mask, B // D, pad_id)  # [D*U,P], [D*U,P], [B]: per device
             row_active = np.arange(B) < stop - start
             row_ids = np.arange(start, start + B, dtype=np.int32)
             row_max_new = np.full((B,), max_new_tokens, np.int32)
