@@ -621,6 +621,9 @@ def main(argv=None) -> int:
     if args.profile_sample and (not args.sample_only or args.regime == "both" or args.meshes or args.sampler == "both"):
         print("error: --profile-sample needs --sample-only, one --regime, one --sampler and no --meshes", file=sys.stderr)
         return 2
+    if args.profile_sample and not Path(args.profile_sample).resolve().parent.is_dir():
+        print(f"error: --profile-sample {args.profile_sample}: no such directory", file=sys.stderr)
+        return 2
     args.sampler = args.sampler or "refill"
     if args.tiny:
         args.prompt_len = args.prompt_len or 12

@@ -136,6 +136,7 @@ def test_tiny_learner_only_with_token_budget(tmp_path):
     (["--sampler-form", "fused"], "--sampler-form 'fused': expected one of ('exact', 'factored')"),
     (["--max-new", "0"], "--max-new must be >= 1"),
     (["--profile-sample", "p.json"], "--profile-sample needs --sample-only"),
+    (["--sample-only", "--profile-sample", "no/such/dir/p.json"], "no/such/dir/p.json: no such directory"),
     (["--meshes", "data=1", "--update-layout", "packed"], "--update-layout 'packed': expected one of ('rows', 'shared_prompt')"),
 ])
 def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv, words):
