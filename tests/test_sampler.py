@@ -389,14 +389,14 @@ def test_each_distinct_prompt_is_prefilled_once(params):
                   max_lengths=rng.integers(1, 13, 12).tolist())
     from jaxhack.rl.refill import distinct_prompts
     tokens, mask = sampler.left_pad(prompts, 64, 12, 0)
-    shared, shared_mask, source = distinct_prompts(tokens, mask, 12, 0)  # one window: the whole row group
-    assert shared.shape == (4, 64) and shared_mask[3].sum() == 0  # 3 prompts, padded to U = 4
+    shared, shared_mask, source, U = distinct_prompts(tokens, mask, 12, 0)  # one window: the whole row group
+    assert U == 4 and shared.shape == (4, 64) and shared_mask[3].sum() == 0  # 3 prompts, padded to U = 4
     np.testing.assert_array_equal(shared[source], tokens)
     two = distinct_prompts(tokens, mask, 6, 0)  # two devices' halves: 2 prompts each
     assert two[0].shape == (4, 64) and (two[2] < 2).all()
     np.testing.assert_array_equal(two[0][np.arange(12) // 6 * 2 + two[2]], tokens)
     refills = distinct_prompts(tokens, mask, 3, 0)  # R = 3: windows of 1, 2, 2, 1 prompts, U = 2
-    assert refills[0].shape == (8, 64)
+    assert refills[0].shape == (8, 64) and refills[3] == 2
     np.testing.assert_array_equal(refills[0][np.arange(12) // 3 * 2 + refills[2]], tokens)
     alone = sampler.generate(params, CONFIG, prompts, max_rows=1, schedule="groups", **kwargs)  # no sharing
     groups = sampler.generate(params, CONFIG, prompts, schedule="groups", **kwargs)

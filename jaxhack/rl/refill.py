@@ -190,15 +190,15 @@ def prompt_windows(ids, refill_rows: int) -> tuple[np.ndarray, list[np.ndarray],
 def distinct_prompts(tokens: np.ndarray, mask: np.ndarray, window: int, pad_id: int):
     """[N,P] left-padded prompts in windows of `window` consecutive rows (the refills' R rows; a mesh
     device's rows of a row group) -> (tokens, mask [W*U,P]: window w's distinct prompts at rows w*U..,
-    padded to U (`prompt_windows`); source [N] int32: each row's prompt among its window's U). The rows
-    then prefill each distinct prompt once (`sampling.prefill_prompts`)."""
+    padded to U (`prompt_windows`); source [N] int32: each row's prompt among its window's U; U). The
+    rows then prefill each distinct prompt once (`sampling.prefill_prompts`)."""
     N, P = tokens.shape
     source, firsts, U = prompt_windows(prompt_ids(tokens, mask), window)
     out_tokens = np.full((len(firsts) * U, P), pad_id, np.int32)
     out_mask = np.zeros((len(firsts) * U, P), bool)
     for w, rows in enumerate(firsts):
         out_tokens[w * U:w * U + len(rows)], out_mask[w * U:w * U + len(rows)] = tokens[rows], mask[rows]
-    return out_tokens, out_mask, source
+    return out_tokens, out_mask, source, U
 
 
 def schedule_decode_steps(lengths, slots: int, refill_rows: int, devices: int = 1) -> int:
@@ -267,8 +267,7 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
         raise ValueError(f"refill_rows must be >= 1, got {refill_rows}")
     S = -(-(P + max_new) // SPLIT) * SPLIT  # as the row-group schedule: positions past P + max_new unused
     # refill j (rows jR..jR+R-1) prefills its rows' distinct prompts, rows jU..jU+U-1 of these
-    shared_tokens, shared_mask, source = distinct_prompts(prompt_tokens, prompt_mask, R, pad_id)
-    U = len(shared_tokens) // max(1, -(-N // R))  # prompts per refill program
+    shared_tokens, shared_mask, source, U = distinct_prompts(prompt_tokens, prompt_mask, R, pad_id)
     state = _init_jit(config, B, S, max_new, cache_dtype, jnp.int32(pad_id))
     scalars = (key, jnp.asarray(eos), jnp.int32(pad_id), jnp.int32(mode), jnp.float32(temperature),
                jnp.float32(top_p))

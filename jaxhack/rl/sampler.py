@@ -216,7 +216,8 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
     schedule: "groups" (row groups of <= max_rows, each decoding until its longest row is done),
     "refill" (`refill.py`: max_rows decode slots, a finished row's slot takes the next pending row,
     refill_rows rows at a time, each of their distinct prompts prefilled once) or "auto": refill when
-    max_rows is set and there are more prompts than max_rows per device, else groups. The schedule changes the cost, not the tokens.
+    max_rows is set and there are more prompts than max_rows per device, else groups. The schedule
+    changes the cost, not the tokens.
     mesh: a `jax.sharding.Mesh` with a `data` axis of D devices (`jaxhack.parallel.mesh`): the rows of
     each group are sharded over it (`_sharded_generate`); max_rows is then per device (a group has at
     most max_rows * D rows) and the group's batch is padded to a multiple of D. params / adapters
@@ -296,7 +297,7 @@ def generate(params: dict, config: Qwen3Config, prompts: Sequence[Sequence[int]]
         outs, steps = [], 0
         for start, stop in groups:
             tokens, mask = left_pad(prompts[start:stop], P, B, pad_id)
-            tokens, mask, source = distinct_prompts(tokens, mask, B // D, pad_id)  # [D*U,P], [D*U,P], [B]: per device
+            tokens, mask, source, _ = distinct_prompts(tokens, mask, B // D, pad_id)  # [D*U,P] x2, [B]: per device
             row_active = np.arange(B) < stop - start
             row_ids = np.arange(start, start + B, dtype=np.int32)
             row_max_new = np.full((B,), max_new_tokens, np.int32)
