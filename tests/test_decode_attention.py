@@ -11,7 +11,8 @@ from helpers import random_params
 from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import TINY
 from jaxhack.models.decode_attention import (ONE_PART_MIN_PROGRAMS, SPLIT, decode_attention,
-                                             decode_attention_reference, decode_tiles)
+                                             decode_attention_reference, decode_tiles, merge_attention,
+                                             prefix_decode_attention)
 
 
 def _inputs(seed, B=3, Hq=8, Hkv=2, S=2 * SPLIT, hd=16, dtype=jnp.float32):
@@ -52,6 +53,54 @@ def test_pallas_kernel_matches_reference(dtype, lockstep):
     out = np.asarray(decode_attention(q, k, v, start, end, implementation="interpret", tiles=tiles), np.float32)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert np.linalg.norm(out - ref) <= tol * np.linalg.norm(ref), np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+def test_two_parts_merged_by_their_statistics_are_the_whole_softmax(implementation):
+    """decode_attention(residuals=True) over [start, mid) and [mid, end), merged, equals the softmax
+    over [start, end); a part with no keys (sum 0) weighs nothing."""
+    q, k, v = _inputs(5)
+    start, mid, end = jnp.array([0, 3, 129]), jnp.array([1, 100, 200]), jnp.array([200, 129, 256])
+    whole = np.asarray(decode_attention_reference(q, k, v, start, end))
+    a = decode_attention(q, k, v, start, mid, implementation, residuals=True)
+    b = decode_attention(q, k, v, mid, end, implementation, residuals=True)
+    assert a[1][0].shape == (3, 8) and a[1][1].shape == (3, 8)
+    np.testing.assert_allclose(np.asarray(merge_attention([a, b])), whole, rtol=2e-5, atol=2e-5)
+    empty = decode_attention(q, k, v, end, end, implementation, residuals=True)
+    np.testing.assert_array_equal(np.asarray(empty[1][0]), 0.0)
+    np.testing.assert_allclose(np.asarray(merge_attention([empty, decode_attention(q, k, v, start, end, implementation,
+                                                                                    residuals=True)])), whole,
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+def test_prefix_attention_is_attention_over_the_prompt_then_the_rows_own_keys(implementation):
+    """Rows that share a prompt read its keys from one copy (their queries together, one KV tile per
+    prompt): the output is the softmax over [the prompt's real positions; the row's own live slots]."""
+    rng = np.random.default_rng(6)
+    B, NP, Gm, Hq, Hkv, hd, P, S = 5, 3, 2, 8, 2, 16, SPLIT, SPLIT
+    q, k, v = _inputs(7, B=B, Hq=Hq, Hkv=Hkv, S=S, hd=hd)
+    pk = jnp.asarray(rng.standard_normal((NP, Hkv, P, hd)), jnp.float32)
+    pv = jnp.asarray(rng.standard_normal((NP, Hkv, P, hd)), jnp.float32)
+    prompt, member = jnp.array([1, 0, 1, 2, 2]), jnp.array([0, 0, 1, 1, 0])
+    members = jnp.array([[1, 3], [0, 2], [4, 3]])  # prompt 0 has one row (slot 3 is a stale entry)
+    pstart, plen = jnp.array([100, 120, 7]), jnp.array([28, 8, 121])
+    start, end = jnp.array([0, 0, 0, 5, 0]), jnp.array([1, 17, 128, 6, 60])  # row 3: a finished row's one slot
+    prefix = {"k": pk, "v": pv, "start": pstart, "end": pstart + plen, "members": members, "prompt": prompt,
+              "member": member}
+    out = np.asarray(prefix_decode_attention(q, k, v, start, end, prefix, implementation))
+    for b in (0, 1, 2, 4):  # the rows a prompt's member table points at
+        p = int(prompt[b])
+        keys = jnp.concatenate([pk[p, :, pstart[p]:pstart[p] + plen[p]], k[b, :, start[b]:end[b]]], axis=1)
+        vals = jnp.concatenate([pv[p, :, pstart[p]:pstart[p] + plen[p]], v[b, :, start[b]:end[b]]], axis=1)
+        ref = decode_attention_reference(q[b:b + 1], keys[None], vals[None], jnp.array([0]),
+                                         jnp.array([keys.shape[1]]))
+        np.testing.assert_allclose(out[b], np.asarray(ref)[0], rtol=2e-5, atol=2e-5)
+    # a prompt no live row reads (end = start) reads nothing: its rows get their own keys' attention
+    quiet = dict(prefix, end=pstart.at[1].set(pstart[1]))
+    alone = np.asarray(decode_attention_reference(q, k, v, start, end))
+    np.testing.assert_allclose(np.asarray(prefix_decode_attention(q, k, v, start, end, quiet, implementation))[[0, 2]],
+                               alone[[0, 2]], rtol=2e-5, atol=2e-5)
 
 
 def test_tiles_keep_the_key_parts_unless_many_rows_decode_in_lockstep():

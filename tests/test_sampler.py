@@ -369,15 +369,16 @@ def test_refill_gives_the_same_rows_as_row_groups_in_fewer_steps(params, tempera
 
 
 def test_each_distinct_prompt_is_prefilled_once(params):
-    """GRPO groups (3 prompts x 4 rows): a refill of R = 3 consecutive rows prefills only their distinct
-    prompts (U = 2 here, not 3), a row group of all 12 rows its 3 (U = 4, a power of two), and each row
-    still gets its own prompt's cache and next-token logits: both give the tokens, lengths and log-probs
-    of row groups of one row each, where no prompt is shared."""
+    """GRPO groups (3 prompts x 4 rows): a row group of all 12 rows prefills its 3 prompts (U = 4, a
+    power of two), the refill schedule each prompt once into its pool, and each row still gets its
+    own prompt's keys and next-token logits: both give the tokens, lengths and log-probs of row groups
+    of one row each, where no prompt is shared. With 2 slots the refill pool (3 entries for 7 runs)
+    hands entries on as runs finish, and a prompt repeated apart from itself is a run of its own."""
     from jaxhack.rl.refill import prompt_windows
 
-    ids = np.repeat(np.arange(43), 6)  # the full preset: 43 prompts x G = 6, R = 8
+    ids = np.repeat(np.arange(43), 6)  # a mesh device's row group, in windows of 8 rows
     source, firsts, U = prompt_windows(ids, 8)
-    assert U == 2 and sum(len(f) for f in firsts) == 65  # 65 prompts prefilled instead of 258 rows
+    assert U == 2 and sum(len(f) for f in firsts) == 65
     for j, f in enumerate(firsts):  # row i's source names the first row of its own prompt in its window
         rows = np.arange(8 * j, min(8 * j + 8, len(ids)))
         np.testing.assert_array_equal(ids[f[source[rows]]], ids[rows])
@@ -395,9 +396,6 @@ def test_each_distinct_prompt_is_prefilled_once(params):
     two = distinct_prompts(tokens, mask, 6, 0)  # two devices' halves: 2 prompts each
     assert two[0].shape == (4, 64) and (two[2] < 2).all()
     np.testing.assert_array_equal(two[0][np.arange(12) // 6 * 2 + two[2]], tokens)
-    refills = distinct_prompts(tokens, mask, 3, 0)  # R = 3: windows of 1, 2, 2, 1 prompts, U = 2
-    assert refills[0].shape == (8, 64) and refills[3] == 2
-    np.testing.assert_array_equal(refills[0][np.arange(12) // 3 * 2 + refills[2]], tokens)
     alone = sampler.generate(params, CONFIG, prompts, max_rows=1, schedule="groups", **kwargs)  # no sharing
     groups = sampler.generate(params, CONFIG, prompts, schedule="groups", **kwargs)
     refill = sampler.generate(params, CONFIG, prompts, max_rows=4, refill_rows=3, prefill_chunk=32,
@@ -407,6 +405,57 @@ def test_each_distinct_prompt_is_prefilled_once(params):
         np.testing.assert_array_equal(res.lengths, alone.lengths)
         np.testing.assert_allclose(res.logprobs, alone.logprobs, atol=1e-4)
     assert len({tuple(t) for t in groups.tokens[:4]}) > 1  # a group's rows draw their own tokens
+
+    reused = [prompts[4 * (i % 3)] for i in (0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2, 0)] + [[7, 8, 9]] * 2  # 8 runs
+    kwargs["max_lengths"] = rng.integers(1, 13, len(reused)).tolist()
+    alone = sampler.generate(params, CONFIG, reused, max_rows=1, schedule="groups", **kwargs)
+    refill = sampler.generate(params, CONFIG, reused, max_rows=2, refill_rows=1, prefill_chunk=32,
+                              schedule="refill", **kwargs)
+    np.testing.assert_array_equal(refill.tokens, alone.tokens)
+    np.testing.assert_array_equal(refill.lengths, alone.lengths)
+    np.testing.assert_allclose(refill.logprobs, alone.logprobs, atol=1e-4)
+
+
+def test_prompt_pool_book_never_runs_out_nor_double_books():
+    """PromptRuns: the full preset's 43 runs of 6 rows fit a 64-entry pool with U = 2 prompts per refill
+    of 8 rows; with few slots entries are handed on, and no entry is ever held by two runs at once."""
+    from jaxhack.rl.refill import PromptRuns
+
+    full = PromptRuns(np.repeat(np.arange(43), 6), slots=152, refill_rows=8)
+    assert (full.pool_size, full.U, full.most_rows) == (64, 2, 8)
+    assert PromptRuns(np.arange(300), 152, 8).pool_size == 153  # distinct prompts: at most B + 1 entries
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        ids = np.repeat(rng.integers(0, 5, 30), rng.integers(1, 5, 30))  # runs of 1-4 rows, prompts repeat apart
+        B, R = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        book = PromptRuns(ids, B, R)
+        R = min(R, B)
+        left = rng.integers(1, 6, len(ids))  # decode steps per row
+        slot_row, held, next_row = np.full(B, -1), {}, 0
+        while next_row < len(ids) or (slot_row >= 0).any():
+            free = np.flatnonzero(slot_row < 0)
+            k = min(R, len(ids) - next_row)
+            if k and len(free) >= k:
+                rows = np.arange(next_row, next_row + k)
+                firsts, pool_rows, entry, member = book.refill(rows)
+                assert len(firsts) <= book.U and (entry < book.pool_size).all()
+                for f, e in zip(firsts, pool_rows):  # a new run's entry is free
+                    assert e not in held
+                    held[e] = book.run_of_row[f]
+                for r, e in zip(rows, entry):
+                    assert held[e] == book.run_of_row[r] and ids[book.first[book.run_of_row[r]] + member[r - next_row]] == ids[r]
+                slot_row[free[:k]] = rows
+                next_row += k
+                continue
+            live = np.flatnonzero(slot_row >= 0)
+            left[slot_row[live]] -= 1
+            stopped = live[left[slot_row[live]] == 0]
+            before = set(book.entry)
+            book.finished(slot_row[stopped])
+            for r in before - set(book.entry):
+                held = {e: run for e, run in held.items() if run != r}
+            slot_row[stopped] = -1
+        assert not book.entry and len(book.free) == book.pool_size
 
 
 def test_refill_slots_fit_the_largest_device_part():

@@ -10,8 +10,14 @@ never read, where a masked einsum over the whole static cache reads all of them.
   past `end` exit at once. The tiles come from `decode_tiles` (measured:
   scripts/bench_decode_kernels.py, docs/benchmarks.md).
 - elsewhere: the same function as a masked softmax over all S slots (`decode_attention_reference`).
+
+`prefix_decode_attention` is the refill sampler's form: each row's keys are its prompt's, held once
+per distinct prompt in a shared cache (the G rows of a GRPO group read one copy), then its own
+generated tokens'. The two parts are attended separately and merged by their softmax statistics.
 """
 from __future__ import annotations
+
+import functools
 
 import chex
 import jax
@@ -39,11 +45,12 @@ def decode_tiles(cache_len: int, programs: int, lockstep: bool) -> dict:
 
 
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
-                               end: jax.Array) -> jax.Array:
+                               end: jax.Array, residuals: bool = False):
     """q: [B,Hq,hd]; k, v: [B,Hkv,S,hd] (the cache layout); start, end: [B] int -> [B,Hq,hd].
 
     Softmax of the scores in fp32 over slots start <= s < end (a row with start >= end gets a uniform
-    average instead of NaN; the sampler never reads such a row)."""
+    average instead of NaN; the sampler never reads such a row). residuals: also return the softmax's
+    (sum [B,Hq], max [B,Hq]) in fp32, sum = 0 for an empty range (as the Pallas kernel's)."""
     B, Hq, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, Hkv, Hq // Hkv, hd)
@@ -52,7 +59,12 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, start: 
     live = (slots[None, :] >= start[:, None]) & (slots[None, :] < end[:, None])  # [B,S]
     scores = jnp.where(live[:, None, None, :], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(B, Hq, hd)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(B, Hq, hd)
+    if not residuals:
+        return out
+    peak = jnp.max(scores, axis=-1)  # [B,Hkv,g]
+    total = jnp.sum(jnp.where(live[:, None, None, :], jnp.exp(scores - peak[..., None]), 0.0), axis=-1)
+    return out, (total.reshape(B, Hq), peak.reshape(B, Hq))
 
 
 def default_implementation(dtype, cache_len: int) -> str:
@@ -64,13 +76,14 @@ def default_implementation(dtype, cache_len: int) -> str:
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, end: jax.Array,
                      implementation: str | None = None, tiles: dict | None = None,
-                     lockstep: bool = False) -> jax.Array:
+                     lockstep: bool = False, residuals: bool = False):
     """q: [B,Hq,hd]; k, v: [B,Hkv,S,hd]; start, end: [B] int32 -> [B,Hq,hd] in q's dtype.
 
     implementation: None (default_implementation), 'pallas' (GPU kernel), 'interpret' (the same
     Pallas kernel run by the interpreter: any backend, slow; for tests) or 'xla' (the reference).
     tiles: the kernel's {"split", "block_k", "num_warps", "num_stages"} (default `decode_tiles`);
-    lockstep: all rows are at the same decode step (see `decode_tiles`).
+    lockstep: all rows are at the same decode step (see `decode_tiles`). residuals: return
+    (out, (sum, max)), the softmax statistics [B,Hq] fp32 that `merge_attention` combines.
     """
     B, Hq, hd = q.shape
     chex.assert_rank([k, v], 4)
@@ -82,7 +95,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
     if implementation is None:
         implementation = default_implementation(k.dtype, S)
     if implementation == "xla":
-        return decode_attention_reference(q, k, v, start, end)
+        return decode_attention_reference(q, k, v, start, end, residuals)
     if implementation not in ("pallas", "interpret"):
         raise ValueError(f"implementation={implementation!r}; expected None, 'pallas', 'interpret' or 'xla'")
     if S % SPLIT:
@@ -92,9 +105,58 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
     tiles = decode_tiles(S, B * Hkv, lockstep) if tiles is None else tiles
     if S % tiles["split"] or tiles["split"] % tiles["block_k"]:
         raise ValueError(f"tiles {tiles}: the cache length {S} must be a multiple of split, and split of block_k")
+    # query heads per program: a power of two >= 16 covering one KV head's (4 at Qwen3-4B; 24 when the
+    # G = 6 rows of a group read their shared prompt together), so each KV tile is read by one program
+    block_h = max(16, 1 << (Hq // Hkv - 1).bit_length())
     # gqa takes [B,S,Hkv,hd] and swaps to [B,Hkv,S,hd] inside: the two transposes cancel in XLA
     out = pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start.astype(jnp.int32),
-                            end.astype(jnp.int32), block_k=tiles["block_k"], k_splits=S // tiles["split"],
-                            num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
-                            interpret=implementation == "interpret")
+                            end.astype(jnp.int32), block_h=block_h, block_k=tiles["block_k"],
+                            k_splits=S // tiles["split"], num_warps=tiles["num_warps"],
+                            num_stages=tiles["num_stages"], interpret=implementation == "interpret",
+                            return_residuals=residuals)
+    if residuals:
+        out, stats = out
+        return out.astype(q.dtype), stats
     return out.astype(q.dtype)
+
+
+def merge_attention(parts) -> jax.Array:
+    """Attention over the union of disjoint key sets from each set's (out [B,H,hd], (sum, max) [B,H]):
+    out = sum_i w_i out_i with w_i = sum_i exp(max_i - M) / sum_j sum_j exp(max_j - M), M the largest
+    max; a part with sum 0 (no keys) weighs nothing. fp32 weights, output in the first part's dtype."""
+    peak = functools.reduce(jnp.maximum, [m for _, (_, m) in parts])  # [B,H]
+    weights = [total * jnp.exp(m - peak) for _, (total, m) in parts]
+    norm = functools.reduce(jnp.add, weights)
+    norm = jnp.where(norm > 0, norm, 1.0)
+    out = functools.reduce(jnp.add, [o.astype(jnp.float32) * (w / norm)[..., None]
+                                     for (o, _), w in zip(parts, weights)])
+    return out.astype(parts[0][0].dtype)
+
+
+def prefix_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, end: jax.Array,
+                            prefix: dict, implementation: str | None = None) -> jax.Array:
+    """One new token per row over its prompt's keys (shared) and its own generated keys.
+
+    q: [B,Hq,hd]; k, v: [B,Hkv,S,hd] the rows' own cache, slots [start, end) live ([B] each);
+    prefix: {"k", "v": [NP,Hkv,Pp,hd] the distinct prompts' keys/values; "start", "end": [NP] each
+    prompt's live slots (end = start: no live row reads it, nothing is read); "members": [NP,Gm] the
+    slot of each prompt's m-th row (any slot where none); "prompt", "member": [B] each row's prompt
+    and its place among the prompt's rows}. A prompt's keys are read once for its Gm rows: their
+    Gm x Hq/Hkv queries per KV head go to one program (the kernel's query tile). -> [B,Hq,hd]."""
+    B, Hq, hd = q.shape
+    NP, Hkv, Pp, _ = prefix["k"].shape
+    Gm = prefix["members"].shape[1]
+    chex.assert_shape([prefix["start"], prefix["end"]], (NP,))
+    chex.assert_shape([prefix["prompt"], prefix["member"]], (B,))
+    own = decode_attention(q, k, v, start, end, implementation, residuals=True)
+    qp = q[jnp.clip(prefix["members"], 0, B - 1)].reshape(NP, Gm, Hkv, Hq // Hkv, hd)  # [NP,Gm,Hkv,g,hd]
+    qp = qp.transpose(0, 2, 1, 3, 4).reshape(NP, Hkv * Gm * (Hq // Hkv), hd)  # KV-head-major query heads
+    shared_out, (total, peak) = decode_attention(qp, prefix["k"], prefix["v"], prefix["start"], prefix["end"],
+                                                 implementation, residuals=True)
+
+    def to_rows(x):  # [NP, Hkv*Gm*g, ...] -> [B, Hq, ...]: row b's own queries' results
+        x = x.reshape(NP, Hkv, Gm, Hq // Hkv, *x.shape[2:]).swapaxes(1, 2).reshape(NP, Gm, Hq, *x.shape[2:])
+        return x[prefix["prompt"], prefix["member"]]
+
+    shared = (to_rows(shared_out), (to_rows(total), to_rows(peak)))
+    return merge_attention([own, shared])

@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxhack.models.adapters import add_adapter_delta
 from jaxhack.models.config import Qwen3Config, module_shapes
-from jaxhack.models.decode_attention import decode_attention
+from jaxhack.models.decode_attention import decode_attention, prefix_decode_attention
 from jaxhack.models.decode_layout import factored_output, group_projections, is_decode_group
 
 Params = dict[str, Any]
@@ -158,13 +158,14 @@ def _write_cache(buffer: jax.Array, new: jax.Array, cache_index) -> jax.Array:
 
 def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask, cache_index,
            config: Qwen3Config, attention_kind: str = "masked", decode_range=None, key_len=None,
-           delta_zero: bool = False, groups: dict | None = None):
+           delta_zero: bool = False, groups: dict | None = None, prefix: dict | None = None):
     """One decoder layer. h: [B,T,D]. cache_kv: None or this layer's cache (k, v), each [B,Hkv,S,hd];
     the new keys/values are written in place at [:, :, cache_index]. The head-major layout lets both
     attention matmuls read the cache as it lies (a [B,S,Hkv,hd] layout made XLA re-lay out the whole
     cache on every decode step). decode_range: ([B] first, [B] one-past-last) cache slot each row
     attends to, for attention_kind "decode". key_len (static): masked attention reads only cache slots
-    [0, key_len) (a prefill chunk never attends past its own end). delta_zero: see `adapters.add_adapter_delta`."""
+    [0, key_len) (a prefill chunk never attends past its own end). delta_zero: see `adapters.add_adapter_delta`.
+    prefix: this layer's shared prompts for "decode" (`prefix_decode_attention`; "k", "v" [NP,Hkv,Pp,hd])."""
     B, T, _ = h.shape
     hd, Hq, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     ad = (lambda name: None) if layer_adapters is None else (lambda name: layer_adapters.get(name))
@@ -190,7 +191,9 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
             new_kv = (k_cache, v_cache)
         else:
             new_kv = None
-        if attention_kind == "decode":  # one query per row over its live cache slots only
+        if attention_kind == "decode" and prefix is not None:  # + the row's prompt, held once per prompt
+            attn = prefix_decode_attention(q[:, 0], k_heads, v_heads, *decode_range, prefix).reshape(B, T, Hq * hd)
+        elif attention_kind == "decode":  # one query per row over its live cache slots only
             # one cache_index for all rows: they decode in lockstep (the kernel's tiles depend on it)
             attn = decode_attention(q[:, 0], k_heads, v_heads, *decode_range,
                                     lockstep=jnp.ndim(cache_index) == 0).reshape(B, T, Hq * hd)
@@ -227,7 +230,7 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
             adapters: dict | None = None, cache: dict | None = None, cache_index=None,
             remat: str = "none", positions: jax.Array | None = None, attention: str = "masked",
             scan_layers: bool = True, key_len: int | None = None, delta_zero: bool = False,
-            groups: dict | None = None):
+            groups: dict | None = None, prefix: dict | None = None):
     """Final hidden states of the decoder.
 
     input_ids: [B,T] int; attention_mask: [B,S] bool (S == T without a cache, S = cache length with one);
@@ -254,6 +257,12 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     delta_zero: the SVD adapter's delta_s + delta_s_hack is exactly zero (the caller's promise, e.g.
     per-sample gradients at the base model): the adapter's forward term and its activation-gradient
     term are skipped (exact there; `adapters.zero_delta_tap`). Static.
+    prefix: with attention "decode" and a per-row cache_index (the refill sampler), each row's prompt
+    is not in `cache` but in a cache shared by the rows of a prompt: {"k", "v": L-tuples of
+    [NP,Hkv,Pp,hd]; "start", "end", "members", "prompt", "member": see
+    `decode_attention.prefix_decode_attention`; "offset": [B] int, each row's real prompt length}.
+    `cache` and attention_mask then hold the row's generated tokens only, at slots 0, 1, ...; a token's
+    position is offset + its slot's position in attention_mask.
     scan_layers: run the layers with `lax.scan` (one compiled layer body) or unrolled in Python (one
     copy of the body per layer; no per-layer weight slice is copied, see docs/benchmarks.md). With a
     cache the layers are always unrolled (each layer has its own cache buffers).
@@ -281,9 +290,14 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     if per_row:
         chex.assert_shape(cache_index, (B,))
         cache_index = cache_index.astype(jnp.int32)
+    if prefix is not None and not per_row:
+        raise ValueError("prefix= (shared prompts) goes with attention='decode' and a per-row cache_index [B]")
     query_slots = None if per_row else cache_index + jnp.arange(T)
     if positions is None and per_row:
         positions = jnp.take_along_axis(positions_from_mask(attention_mask), cache_index[:, None], axis=1)
+        if prefix is not None:  # the row's generated tokens follow its prompt's real tokens
+            chex.assert_shape(prefix["offset"], (B,))
+            positions = positions + prefix["offset"][:, None]
     elif positions is None:
         positions = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, T, axis=1)
 
@@ -301,9 +315,9 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
     if key_len is not None and (cache is None or attention != "masked" or not 0 < key_len <= S):
         raise ValueError(f"key_len={key_len} needs a cache, attention='masked' and 0 < key_len <= {S}")
 
-    def body(h, layer, layer_adapters, layer_cache):
+    def body(h, layer, layer_adapters, layer_cache, layer_prefix=None):
         return _layer(h, layer, layer_adapters, layer_cache, positions, query_slots, attention_mask,
-                      cache_index, config, attention, decode_range, key_len, delta_zero, groups)
+                      cache_index, config, attention, decode_range, key_len, delta_zero, groups, layer_prefix)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
@@ -324,7 +338,8 @@ def forward(params: Params, config: Qwen3Config, input_ids: jax.Array, attention
             else:
                 layer, layer_adapters = jax.tree.map(lambda x: x[index], (params["layers"], adapters))
             layer_cache = None if cache is None else (cache["k"][index], cache["v"][index])
-            h, layer_cache = body(h, layer, layer_adapters, layer_cache)
+            layer_prefix = None if prefix is None else {**prefix, "k": prefix["k"][index], "v": prefix["v"][index]}
+            h, layer_cache = body(h, layer, layer_adapters, layer_cache, layer_prefix)
             if cache is not None:
                 new_k.append(layer_cache[0]), new_v.append(layer_cache[1])
         new_cache = None if cache is None else {"k": tuple(new_k), "v": tuple(new_v)}

@@ -5,35 +5,44 @@ groups decode until their longest row is done, so with completion lengths of mea
 most of a group's decode steps run for rows that have already stopped. Here a finished row's slot
 takes the next pending row instead:
 
-- **Slots.** The KV cache holds B slots of S = P + max_new (rounded up to the decode kernel's split)
-  cache positions. Slot b holds one row at a time: its left-padded prompt at positions 0..P-1 and its
-  t-th new token at P + t, t being the slot's own step. Slots are at different steps, so the decode
-  forward writes each row's key/value at its own position (`qwen3.forward` with a [B] cache_index)
-  and reads, per row, its own live range (the Pallas decode kernel takes per-row bounds).
-- **Refill program** (`_refill`, R rows at a time): prefill the rows' distinct prompts (U <= R of them,
-  `prompt_windows`: the G rows of a GRPO group share one prompt, and so one prefill) in token chunks
-  into a small [U, Hkv, P, hd] cache, scatter each row's prompt's keys/values into its freed slot
-  (positions 0..P-1; the stale keys past P are never read: a row reads only positions below P + its
-  step), reset those slots' mask, step, outputs and next-token logits, and hand back the outputs the
-  slots held (the finished rows'). Unused entries of the R point past the last slot and are dropped.
+- **Prompt pool.** Each prompt is prefilled once, into a pool of NP prompt entries of Pp positions
+  (`PromptCache`: keys/values, next-token logits, real lengths), and all its rows read that one copy:
+  a decode step reads each live prompt's keys once for its rows (`prefix_decode_attention`), so the
+  prompt positions, most of the keys a row reads at LeetCode lengths, are read and stored once per
+  GRPO group rather than once per row. The host keeps the book (`PromptRuns`): a run of consecutive
+  rows with one prompt takes a pool entry at its first row's refill and gives it back when its last
+  row stops; with rows refilled in order, NP = min(runs, B + 1) entries never run out.
+- **Slots.** The slot cache holds B slots of Sg = max_new (rounded up to the decode kernel's split)
+  positions: slot b holds one row's generated tokens at a time, its t-th token at position t, t
+  being the slot's own step. Slots are at different steps, so the decode forward writes each row's
+  key/value at its own position (`qwen3.forward` with a [B] cache_index) and reads, per row, its own
+  live range (the Pallas decode kernel takes per-row bounds); a token's RoPE position is its prompt's
+  real length + t.
+- **Refill program** (`_refill`, R rows at a time): prefill the prompts whose runs start among the R
+  rows (U <= R of them; at R = 8 and G = 6, 2) in token chunks into their pool entries, point the slots
+  at their rows' pool entries (and the entries' member tables at the slots), take the prompts'
+  next-token logits, reset the slots' mask, step and outputs, and hand back the outputs the slots held
+  (the finished rows'). A new row's own positions are written as it decodes (stale keys past its step
+  are never read). Unused entries of the R point past the last slot and are dropped.
 - **Round program** (`_round`): a `lax.while_loop` of decode steps over all B slots that stops once
   `trigger` slots are free (or all are). Finished slots emit nothing, write nothing the live rows
-  read, and read one cache position each.
+  read, and read one cache position each; a prompt none of whose rows is live is not read.
 - **Host loop** (`generate_slots`): between rounds the host reads the B `done` flags (one small
   device-to-host copy per round), refills min(R, pending) free slots at a time, and calls the next
   round with trigger = min(R, pending rows), or B + 1 once no row is pending (then the round runs to
-  the end). Shapes never depend on the round, so there are two compiled programs (refill and
-  round) per (B, R, P, max_new, ...), and the state is donated to each call (updated in place).
+  the end). Shapes never depend on the round, so there are two compiled programs (refill and round)
+  per (B, R, P, max_new, NP, Gm, U, ...), and the state is donated to each call (updated in place).
 - **Same tokens.** A row's t-th token is drawn with fold_in(fold_in(key, t), row id), as in the row
   group schedule, and the per-step code is shared (`sampling.next_tokens`), so a row's tokens do not
   depend on its slot, on when it was refilled, or on the schedule, up to float differences of the
-  logits between batch shapes (on CPU the tests see identical tokens and log-probs within ~1e-6;
-  on a GPU another batch shape may pick another matmul kernel, as with row groups of another size).
+  logits between batch shapes and between one softmax and two merged ones (on CPU the tests see
+  identical tokens and log-probs within ~1e-6; on a GPU another batch shape may pick another matmul
+  kernel, as with row groups of another size).
 
 Trade-off of deciding refills on the host: one device-to-host sync per round (about N / R rounds)
-and a freed slot idles until R slots are free (R trades idle slot-steps for prefill batch size). A
-fully on-device queue would avoid the syncs, but would put a `lax.cond` with the prefill in the decode
-loop, whose two branches both carry the whole KV cache (XLA may copy it) and make one larger program.
+and a freed slot idles until R slots are free (R also sets the prefill's batch). Decode steps are set by the longest rows started
+last, not by R (`schedule_decode_steps`: 1517 steps at R = 8 and 1508 at R = 1 for the `full`
+preset's realistic lengths).
 """
 from __future__ import annotations
 
@@ -50,67 +59,102 @@ import numpy as np
 from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
-from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill_prompts, row_keys
+from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill, row_keys
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["cache", "logits", "start", "length"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class PromptCache:
+    """The prompt pool: NP prompts, each prefilled once and read by all its rows, left-padded to P in
+    Pp >= P positions (the decode kernel's split)."""
+    cache: dict  # {"k","v": L-tuples of [NP,Hkv,Pp,hd]}: prompt j's real tokens at [start[j], P)
+    logits: jax.Array  # [NP,V] fp32: next-token logits after each prompt
+    start: jax.Array  # [NP] int32: first real position (P - length)
+    length: jax.Array  # [NP] int32: real tokens
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["step", "done", "eos", "cap", "row", "logits", "cache", "mask", "tokens",
-                                "logprobs", "n_steps"], meta_fields=[])
+                   data_fields=["step", "done", "eos", "cap", "row", "prompt", "member", "members", "prompts",
+                                "logits", "cache", "mask", "tokens", "logprobs", "n_steps"], meta_fields=[])
 @dataclasses.dataclass
 class SlotState:
-    """The refill decoder's state: B slots, S cache positions each, at most max_new tokens per row."""
+    """The refill decoder's state: B slots of Sg positions, a pool of NP prompts of up to Gm rows each."""
     step: jax.Array  # [B] int32: tokens the slot's row has emitted (its next token's index t)
     done: jax.Array  # [B] bool: the slot is free (its row stopped, or it never held one)
     eos: jax.Array  # [B] bool: the slot's row emitted an EOS
     cap: jax.Array  # [B] int32: the row stops after this many tokens (max_lengths)
     row: jax.Array  # [B] int32: the row's index in the caller's list (its sampling key)
+    prompt: jax.Array  # [B] int32: the row's prompt's pool entry
+    member: jax.Array  # [B] int32: the row's place among its prompt's rows
+    members: jax.Array  # [NP,Gm] int32: the slot of each pool prompt's m-th row (any slot where none)
+    prompts: PromptCache
     logits: jax.Array  # [B,V] fp32: next-token logits
-    cache: dict  # {"k","v": L-tuples of [B,Hkv,S,hd]}
-    mask: jax.Array  # [B,S] bool: positions holding a real token of the slot's row
+    cache: dict  # {"k","v": L-tuples of [B,Hkv,Sg,hd]}: the rows' generated tokens
+    mask: jax.Array  # [B,Sg] bool: positions holding a generated token of the slot's row
     tokens: jax.Array  # [B,max_new] int32 (pad_id where not generated)
     logprobs: jax.Array  # [B,max_new] f32
     n_steps: jax.Array  # [] int32: decode steps run so far (all slots together)
 
 
-def _init(config: Qwen3Config, B: int, S: int, max_new: int, cache_dtype, pad_id) -> SlotState:
-    return SlotState(step=jnp.zeros((B,), jnp.int32), done=jnp.ones((B,), bool), eos=jnp.zeros((B,), bool),
-                     cap=jnp.ones((B,), jnp.int32), row=jnp.zeros((B,), jnp.int32),
+def _init(config: Qwen3Config, B: int, Sg: int, max_new: int, NP: int, Gm: int, Pp: int, cache_dtype,
+          pad_id) -> SlotState:
+    zeros_b = jnp.zeros((B,), jnp.int32)
+    prompts = PromptCache(cache=qwen3.init_cache(config, NP, Pp, cache_dtype),
+                          logits=jnp.zeros((NP, config.vocab_size), jnp.float32),
+                          start=jnp.zeros((NP,), jnp.int32), length=jnp.zeros((NP,), jnp.int32))
+    return SlotState(step=zeros_b, done=jnp.ones((B,), bool), eos=jnp.zeros((B,), bool),
+                     cap=jnp.ones((B,), jnp.int32), row=zeros_b, prompt=zeros_b, member=zeros_b,
+                     members=jnp.zeros((NP, Gm), jnp.int32), prompts=prompts,
                      logits=jnp.zeros((B, config.vocab_size), jnp.float32),
-                     cache=qwen3.init_cache(config, B, S, cache_dtype), mask=jnp.zeros((B, S), bool),
+                     cache=qwen3.init_cache(config, B, Sg, cache_dtype), mask=jnp.zeros((B, Sg), bool),
                      tokens=jnp.full((B, max_new), pad_id, jnp.int32), logprobs=jnp.zeros((B, max_new), jnp.float32),
                      n_steps=jnp.int32(0))
 
 
-_init_jit = jax.jit(_init, static_argnames=("config", "B", "S", "max_new", "cache_dtype"))
+_init_jit = jax.jit(_init, static_argnames=("config", "B", "Sg", "max_new", "NP", "Gm", "Pp", "cache_dtype"))
 
 
-def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, source, slots, rows, caps, pad_id, *,
-            config: Qwen3Config, prefill_chunk: int):
+def _refill(state: SlotState, params, adapters, prompt_tokens, prompt_mask, pool_rows, slots, rows, caps, prompt,
+            member, pad_id, *, config: Qwen3Config, prefill_chunk: int):
     """Put R new rows into the slots `slots` ([R] int32; B = unused entry, dropped).
-    prompt_tokens, prompt_mask: [U,P] left-padded, the rows' distinct prompts (each prefilled once);
-    source: [R] int32, each row's prompt among the U; rows: [R] the rows' indices in the caller's list;
-    caps: [R] their token caps. Returns (state, the slots' previous outputs: tokens [R,max_new],
-    logprobs [R,max_new], lengths [R], eos [R]; meaningless for unused entries)."""
+    prompt_tokens, prompt_mask: [U,P] left-padded, the prompts new to the pool (each prefilled once,
+    in token chunks), written to pool entries pool_rows [U] (NP = unused, dropped); rows: [R] the rows'
+    indices in the caller's list; caps: [R] their token caps; prompt, member: [R] each row's pool entry
+    and its place among the prompt's rows. Returns (state, the slots' previous outputs: tokens
+    [R,max_new], logprobs [R,max_new], lengths [R], eos [R]; meaningless for unused entries)."""
     U, P = prompt_tokens.shape
     R = slots.shape[0]
-    B, S = state.mask.shape
-    chex.assert_shape([source, slots, rows, caps], (R,))
+    B, Sg = state.mask.shape
+    NP = state.members.shape[0]
+    chex.assert_shape([slots, rows, caps, prompt, member], (R,))
     chex.assert_shape(prompt_mask, (U, P))
+    chex.assert_shape(pool_rows, (U,))
     take = jnp.minimum(slots, B - 1)
     previous = (state.tokens[take], state.logprobs[take], state.step[take], state.eos[take])
-    logits, prompt_mask, prompt_cache = prefill_prompts(params, adapters, prompt_tokens, prompt_mask, source,
-                                                        config, prefill_chunk, state.cache["k"][0].dtype)  # [R,..]
+    small = qwen3.init_cache(config, U, P, state.prompts.cache["k"][0].dtype)  # [U,Hkv,P,hd] per layer
+    logits, small = prefill(params, adapters, prompt_tokens, prompt_mask, small, config, prefill_chunk)
+    length = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)
+
+    def pool_put(big, new):  # big [NP,...], new [U,...]: entries pool_rows, unused (index NP) dropped
+        return big.at[pool_rows].set(new, mode="drop")
+
+    prompts = PromptCache(cache=jax.tree.map(lambda big, new: big.at[pool_rows, :, :P].set(new, mode="drop"),
+                                             state.prompts.cache, small),
+                          logits=pool_put(state.prompts.logits, logits), start=pool_put(state.prompts.start, P - length),
+                          length=pool_put(state.prompts.length, length))
 
     def put(big, new):  # big [B,...], new [R,...]: rows `slots`, unused entries (index B) dropped
         return big.at[slots].set(new, mode="drop")
 
-    cache = jax.tree.map(lambda big, new: big.at[slots, :, :P].set(new, mode="drop"), state.cache, prompt_cache)
     max_new = state.tokens.shape[1]
+    members = state.members.at[jnp.where(slots < B, prompt, NP), member].set(slots, mode="drop")
     new = SlotState(
         step=put(state.step, jnp.zeros((R,), jnp.int32)), done=put(state.done, jnp.zeros((R,), bool)),
         eos=put(state.eos, jnp.zeros((R,), bool)), cap=put(state.cap, caps), row=put(state.row, rows),
-        logits=put(state.logits, logits), cache=cache,
-        mask=put(state.mask, jnp.concatenate([prompt_mask, jnp.zeros((R, S - P), bool)], axis=1)),
+        prompt=put(state.prompt, prompt), member=put(state.member, member), members=members, prompts=prompts,
+        logits=put(state.logits, prompts.logits[prompt]), cache=state.cache,
+        mask=put(state.mask, jnp.zeros((R, Sg), bool)),
         tokens=put(state.tokens, jnp.full((R, max_new), pad_id, jnp.int32)),
         logprobs=put(state.logprobs, jnp.zeros((R, max_new), jnp.float32)), n_steps=state.n_steps)
     return new, previous
@@ -121,12 +165,14 @@ _refill_jit = jax.jit(_refill, static_argnames=("config", "prefill_chunk"), dona
 
 
 def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, temperature, top_p, *,
-           config: Qwen3Config, P: int) -> SlotState:
+           config: Qwen3Config) -> SlotState:
     """Decode steps over all B slots until at least `trigger` ([] int32) slots are free, or all are."""
-    B, S = state.mask.shape
+    B, Sg = state.mask.shape
+    NP = state.members.shape[0]
     max_new = state.tokens.shape[1]
     chex.assert_shape(eos, (MAX_EOS_IDS,))
     slots = jnp.arange(B)
+    pool = state.prompts
 
     def cond(s: SlotState):
         return ~jnp.all(s.done) & (jnp.sum(s.done) < trigger)
@@ -137,20 +183,76 @@ def _round(state: SlotState, params, adapters, trigger, key, eos, pad_id, mode, 
         token, logp, hit_eos = next_tokens(s.logits, row_keys(key, t, s.row), live, eos, pad_id, mode,
                                            temperature, top_p)
         col = jnp.where(live, t, max_new)  # finished slots write nowhere (index past the end: dropped)
-        position = jnp.minimum(P + t, S - 1)  # [B] the cache position of this step's token
+        position = jnp.minimum(t, Sg - 1)  # [B] the slot-cache position of this step's token
         mask = s.mask.at[slots, position].set(live)
+        read = jnp.zeros((NP,), jnp.int32).at[s.prompt].max(live.astype(jnp.int32)) > 0  # [NP] prompts read
+        prefix = {"k": pool.cache["k"], "v": pool.cache["v"], "start": pool.start,
+                  "end": jnp.where(read, pool.start + pool.length, pool.start), "members": s.members,
+                  "prompt": s.prompt, "member": s.member, "offset": pool.length[s.prompt]}
         hidden, cache = qwen3.forward(params, config, token[:, None], mask, adapters=adapters, cache=s.cache,
-                                      cache_index=position, attention="decode")  # hidden [B,1,D]
-        return SlotState(step=t + live, done=s.done | hit_eos | (t + 1 >= s.cap), eos=s.eos | hit_eos,
-                         cap=s.cap, row=s.row, logits=qwen3.lm_logits(params, config, hidden[:, 0]), cache=cache,
-                         mask=mask, tokens=s.tokens.at[slots, col].set(token, mode="drop"),
-                         logprobs=s.logprobs.at[slots, col].set(logp, mode="drop"), n_steps=s.n_steps + 1)
+                                      cache_index=position, attention="decode", prefix=prefix)  # hidden [B,1,D]
+        return dataclasses.replace(
+            s, step=t + live, done=s.done | hit_eos | (t + 1 >= s.cap), eos=s.eos | hit_eos,
+            logits=qwen3.lm_logits(params, config, hidden[:, 0]), cache=cache, mask=mask,
+            tokens=s.tokens.at[slots, col].set(token, mode="drop"),
+            logprobs=s.logprobs.at[slots, col].set(logp, mode="drop"), n_steps=s.n_steps + 1)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-_round_jit = jax.jit(_round, static_argnames=("config", "P"), donate_argnums=0,
-                    compiler_options=SAMPLER_COMPILER_OPTIONS)
+_round_jit = jax.jit(_round, static_argnames=("config",), donate_argnums=0,
+                     compiler_options=SAMPLER_COMPILER_OPTIONS)
+
+
+class PromptRuns:
+    """The host's book of the prompt pool. A run is a maximal stretch of consecutive rows with one
+    prompt (a GRPO group's G rows; a prompt repeated apart from itself makes two runs, each prefilled).
+    Rows are refilled in order, so the runs holding a pool entry, those with a row refilled and a
+    row unfinished, are at most the B slots' runs and the one that continues at the next row: a pool
+    of min(runs, B + 1) entries (in buckets) never runs out.
+
+    ids: [N] prompt identities (`prompt_ids`); slots: B; refill_rows: R. Attributes: pool_size (NP),
+    most_rows (Gm: the longest run, a power of two), U (the most runs starting in one refill's R rows,
+    a power of two <= R: the prompts one refill program prefills)."""
+
+    def __init__(self, ids, slots: int, refill_rows: int):
+        ids = np.asarray(ids).reshape(-1)
+        N = len(ids)
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if N else np.zeros(0, int)
+        self.run_of_row = np.cumsum(np.r_[True, ids[1:] != ids[:-1]]) - 1 if N else np.zeros(0, int)
+        self.member = np.arange(N) - starts[self.run_of_row] if N else np.zeros(0, int)
+        self.left = np.diff(np.r_[starts, N])  # [runs] rows not finished
+        self.first = starts
+        R = max(1, min(refill_rows, slots))
+        most_new = max((int(np.sum((starts >= a) & (starts < a + R))) for a in range(0, N, R)), default=1)
+        self.U = min(R, 1 << max(0, most_new - 1).bit_length())
+        self.most_rows = 1 << max(0, int(self.left.max(initial=1)) - 1).bit_length()
+        self.pool_size = min(_bucket(len(starts)), slots + 1)
+        self.free = list(range(self.pool_size))
+        self.entry = {}  # run -> pool entry
+
+    def refill(self, rows: np.ndarray):
+        """rows: the k consecutive rows of a refill. Returns (first rows of the runs new to the pool [<= U],
+        their pool entries [U] (pool_size = unused), each row's pool entry [k], each row's member [k])."""
+        runs = self.run_of_row[rows]
+        new = [r for r in dict.fromkeys(runs.tolist()) if r not in self.entry]
+        pool_rows = np.full((self.U,), self.pool_size, np.int32)
+        for i, r in enumerate(new):
+            self.entry[r] = pool_rows[i] = self.free.pop(0)
+        return (self.first[new].astype(int), pool_rows, np.array([self.entry[r] for r in runs.tolist()], np.int32),
+                self.member[rows].astype(np.int32))
+
+    def finished(self, rows: np.ndarray):
+        """rows that stopped in the last round: a run whose rows all stopped gives its pool entry back."""
+        for r in self.run_of_row[rows[rows >= 0]].tolist():
+            self.left[r] -= 1
+            if self.left[r] == 0:
+                self.free.append(self.entry.pop(r))
+
+
+def _bucket(n: int) -> int:
+    """n rounded up to a power of two up to 64, then to a multiple of 64 (as `sampler.batch_bucket`)."""
+    return 1 << max(0, (n - 1).bit_length()) if n <= 64 else -(-n // 64) * 64
 
 
 def device_parts(n: int, devices: int) -> np.ndarray:
@@ -166,13 +268,12 @@ def prompt_ids(prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> np.ndarray
 
 
 def prompt_windows(ids, refill_rows: int) -> tuple[np.ndarray, list[np.ndarray], int]:
-    """Which prompts each refill prefills. `generate_slots` refills the rows in windows of R consecutive
-    rows ([jR, (j+1)R): every refill but the last takes R rows), and the rows of a window that share a
-    prompt share its prefill. ids: [N] prompt identities (`prompt_ids`; rows g G .. g G + G - 1 of GRPO
-    groups share theirs). Returns (source [N]: row i's prompt among its window's distinct ones; firsts:
-    per window, the first row of each of its distinct prompts; U: the prompts one refill program
-    prefills, the most distinct in any window rounded up to a power of two (fewer compiled shapes),
-    at most R). At R = 8 and G = 6 a window holds 2 prompts: 4x fewer prefilled tokens than rows."""
+    """Which prompts each window of R consecutive rows ([jR, (j+1)R)) prefills, each once: a mesh
+    device's rows of a row group (`distinct_prompts`). ids: [N] prompt identities (`prompt_ids`; rows
+    g G .. g G + G - 1 of GRPO groups share theirs). Returns (source [N]: row i's prompt among its
+    window's distinct ones; firsts: per window, the first row of each of its distinct prompts; U: the
+    most distinct prompts in any window rounded up to a power of two (fewer compiled shapes), at most
+    R). At R = 8 and G = 6 a window holds 2 prompts: 4x fewer prefilled tokens than rows."""
     ids = np.asarray(ids).reshape(-1)
     R = max(1, refill_rows)
     source, firsts = np.zeros(len(ids), np.int32), []
@@ -188,8 +289,8 @@ def prompt_windows(ids, refill_rows: int) -> tuple[np.ndarray, list[np.ndarray],
 
 
 def distinct_prompts(tokens: np.ndarray, mask: np.ndarray, window: int, pad_id: int):
-    """[N,P] left-padded prompts in windows of `window` consecutive rows (the refills' R rows; a mesh
-    device's rows of a row group) -> (tokens, mask [W*U,P]: window w's distinct prompts at rows w*U..,
+    """[N,P] left-padded prompts in windows of `window` consecutive rows (a row group; a mesh device's
+    rows of a row group) -> (tokens, mask [W*U,P]: window w's distinct prompts at rows w*U..,
     padded to U (`prompt_windows`); source [N] int32: each row's prompt among its window's U; U). The
     rows then prefill each distinct prompt once (`sampling.prefill_prompts`)."""
     N, P = tokens.shape
@@ -205,7 +306,8 @@ def schedule_decode_steps(lengths, slots: int, refill_rows: int, devices: int = 
     """Decode steps `generate_slots` runs for rows of these completion lengths (in row order), without a
     model: the same host loop (refill min(R, pending) free slots at a time, once that many are free;
     a round stops when `trigger` slots are free), with each slot's row taking `length` steps. For
-    planning `sample_rows` (slots) against memory: every slot holds P + max_new cache positions.
+    planning `sample_rows` (slots) against memory: every slot holds max_new cache positions (and each
+    distinct prompt P, once).
     devices: `generate_slots_on_devices`' D parts (`device_parts`), each with `slots` slots; the
     largest part's count.
     lengths: [N] ints >= 1 (a row's real length: at its EOS or its cap)."""
@@ -265,10 +367,10 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
     B, R = slots, min(refill_rows, slots)
     if R < 1:
         raise ValueError(f"refill_rows must be >= 1, got {refill_rows}")
-    S = -(-(P + max_new) // SPLIT) * SPLIT  # as the row-group schedule: positions past P + max_new unused
-    # refill j (rows jR..jR+R-1) prefills its rows' distinct prompts, rows jU..jU+U-1 of these
-    shared_tokens, shared_mask, source, U = distinct_prompts(prompt_tokens, prompt_mask, R, pad_id)
-    state = _init_jit(config, B, S, max_new, cache_dtype, jnp.int32(pad_id))
+    Sg = -(-max_new // SPLIT) * SPLIT  # the slots hold generated tokens only
+    Pp = -(-P // SPLIT) * SPLIT  # the prompt cache's positions (the kernel's split); P..Pp-1 never read
+    table = PromptRuns(prompt_ids(prompt_tokens, prompt_mask), B, R)
+    state = _init_jit(config, B, Sg, max_new, table.pool_size, table.most_rows, Pp, cache_dtype, jnp.int32(pad_id))
     scalars = (key, jnp.asarray(eos), jnp.int32(pad_id), jnp.int32(mode), jnp.float32(temperature),
                jnp.float32(top_p))
     slot_row = np.full((B,), -1)  # host copy: which row each slot holds (-1: none yet)
@@ -287,16 +389,18 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
             idx[:k] = chosen
             rows = np.zeros((R,), np.int32)
             rows[:k] = np.arange(next_row, next_row + k)
-            j = next_row // R  # every refill but the last takes R rows
-            toks, msk = shared_tokens[j * U:(j + 1) * U], shared_mask[j * U:(j + 1) * U]
-            src = np.zeros((R,), np.int32)
-            src[:k] = source[next_row:next_row + k]
             row_caps = np.ones((R,), np.int32)
             row_caps[:k] = caps[next_row:next_row + k]
+            firsts, pool_rows, pool_row, member = table.refill(rows[:k])  # new runs' first rows; [U] [k] [k]
+            toks = np.full((table.U, P), pad_id, np.int32)
+            msk = np.zeros((table.U, P), bool)
+            toks[:len(firsts)], msk[:len(firsts)] = prompt_tokens[firsts], prompt_mask[firsts]
+            prompt, members = np.zeros((R,), np.int32), np.zeros((R,), np.int32)
+            prompt[:k], members[:k] = pool_row, member
             state, previous = _refill_jit(state, params, adapters, jnp.asarray(toks), jnp.asarray(msk),
-                                          jnp.asarray(src), jnp.asarray(idx), jnp.asarray(rows + row_offset),
-                                          jnp.asarray(row_caps), jnp.int32(pad_id), config=config,
-                                          prefill_chunk=prefill_chunk)
+                                          jnp.asarray(pool_rows), jnp.asarray(idx), jnp.asarray(rows + row_offset),
+                                          jnp.asarray(row_caps), jnp.asarray(prompt), jnp.asarray(members),
+                                          jnp.int32(pad_id), config=config, prefill_chunk=prefill_chunk)
             evicted = slot_row[chosen]
             if (evicted >= 0).any():
                 handed_back.append((evicted, previous, np.flatnonzero(evicted >= 0)))
@@ -307,8 +411,10 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
         if not pending and done.all():
             break
         trigger = min(R, pending) if pending else B + 1
-        state = _round_jit(state, params, adapters, jnp.int32(trigger), *scalars, config=config, P=P)
-        done = np.array(state.done)  # the round's one sync (a writable copy)
+        state = _round_jit(state, params, adapters, jnp.int32(trigger), *scalars, config=config)
+        now_done = np.array(state.done)  # the round's one sync (a writable copy)
+        table.finished(slot_row[now_done & ~done])
+        done = now_done
 
     out_tokens = np.full((N, max_new), pad_id, np.int32)
     out_logp = np.zeros((N, max_new), np.float32)
