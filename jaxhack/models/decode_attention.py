@@ -213,10 +213,11 @@ def prefix_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax
                            decode_tiles(Pp, NP * Hkv, False), interpret)  # [NP,Hkv,parts,Gm*g,(hd)]
     rows = (prefix["prompt"], slice(None), slice(None), prefix["member"])  # -> [B,Hkv,parts,g,...]
     shared = tuple(x.reshape(NP, Hkv, x.shape[2], Gm, g, *x.shape[4:])[rows] for x in shared)
-    o, total, peak = (jnp.concatenate([a, b], axis=2) for a, b in zip(own, shared))  # [B,Hkv,parts,g,...]
-    top = jnp.max(peak, axis=2, keepdims=True)
-    weight = jnp.exp(peak - top)  # [B,Hkv,parts,g]; a part with no keys: sum 0, o 0
-    norm = jnp.sum(total * weight, axis=2)  # [B,Hkv,g]
+    # one softmax over both key sets' parts, each reduced on its own (no concatenated copy of the parts)
+    top = jnp.maximum(jnp.max(own[2], axis=2), jnp.max(shared[2], axis=2))[:, :, None]  # [B,Hkv,1,g]
+    weights = [jnp.exp(peak - top) for _, _, peak in (own, shared)]  # [B,Hkv,parts,g]; no keys: sum 0, o 0
+    norm = sum(jnp.sum(total * w, axis=2) for (_, total, _), w in zip((own, shared), weights))  # [B,Hkv,g]
     norm = jnp.where(norm > 0, norm, 1.0)
-    out = jnp.sum(o.astype(jnp.float32) * weight[..., None], axis=2) / norm[..., None]
+    out = sum(jnp.sum(o.astype(jnp.float32) * w[..., None], axis=2) for (o, _, _), w in zip((own, shared), weights))
+    out = out / norm[..., None]
     return out.reshape(B, Hq, hd).astype(q.dtype)
