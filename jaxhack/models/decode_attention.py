@@ -133,44 +133,6 @@ def merge_attention(parts) -> jax.Array:
     return out.astype(parts[0][0].dtype)
 
 
-def _kernel_parts(q, k, v, start, end, tiles: dict, interpret: bool):
-    """The Pallas decode kernel's per-part results, not yet combined: q [B,Hkv,g,hd]; k, v [B,Hkv,S,hd];
-    start, end [B] -> (o [B,Hkv,parts,g,hd] unnormalised, in q's dtype; sum, max [B,Hkv,parts,g] fp32),
-    parts = S / split. The kernel is JAX's (`pallas.ops.gpu.decode_attention.attn_forward_kernel`, as
-    `gqa` launches it); `gqa` then combines the parts in separate XLA ops behind an optimization
-    barrier, which `prefix_decode_attention` instead does once for both key sets."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-    from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
-
-    B, Hkv, g, hd = q.shape
-    S = k.shape[2]
-    split = tiles["split"]
-    parts = S // split
-    block_h = max(16, 1 << (g - 1).bit_length())
-    kernel = functools.partial(pallas_decode.attn_forward_kernel, sm_scale=hd ** -0.5,
-                               block_k=min(tiles["block_k"], split), block_h=block_h, num_heads=g)
-    one = pl.pallas_call(  # one (row, KV head): grid (query tiles, key parts)
-        kernel, grid=(pl.cdiv(g, block_h), parts),
-        in_specs=[pl.BlockSpec((block_h, hd), lambda i, j: (i, 0)),
-                  pl.BlockSpec((None, split, hd), lambda i, j: (j, 0, 0)),
-                  pl.BlockSpec((None, split, hd), lambda i, j: (j, 0, 0)),
-                  pl.BlockSpec((), lambda i, j: ()), pl.BlockSpec((), lambda i, j: ())],
-        out_specs=[pl.BlockSpec((None, block_h, hd), lambda i, j: (j, i, 0)),
-                   pl.BlockSpec((None, block_h), lambda i, j: (j, i)),
-                   pl.BlockSpec((None, block_h), lambda i, j: (j, i))],
-        compiler_params=plgpu.CompilerParams(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]),
-        out_shape=[jax.ShapeDtypeStruct((parts, g, hd), q.dtype), jax.ShapeDtypeStruct((parts, g), jnp.float32),
-                   jax.ShapeDtypeStruct((parts, g), jnp.float32)],
-        interpret=interpret, name="decode_attention_part")
-
-    def run(q1, k1, v1, s1, e1):  # [g,hd], [S,hd], [S,hd], [], []
-        return one(q1, k1.reshape(parts, split, hd), v1.reshape(parts, split, hd), s1, e1)
-
-    per_head = jax.vmap(run, in_axes=(0, 0, 0, None, None))
-    return jax.vmap(per_head)(q, k, v, start.astype(jnp.int32), end.astype(jnp.int32))
-
-
 def prefix_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, end: jax.Array,
                             prefix: dict, implementation: str | None = None) -> jax.Array:
     """One new token per row over its prompt's keys (shared) and its own generated keys.
@@ -180,44 +142,21 @@ def prefix_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax
     prompt's live slots (end = start: no live row reads it, nothing is read); "members": [NP,Gm] the
     slot of each prompt's m-th row (any slot where none); "prompt", "member": [B] each row's prompt
     and its place among the prompt's rows}. A prompt's keys are read once for its Gm rows: their
-    Gm x Hq/Hkv queries per KV head go to one program (the kernel's query tile). On the Pallas path
-    the two kernels' per-part results are combined in one softmax merge. -> [B,Hq,hd]."""
+    Gm x Hq/Hkv queries per KV head go to one program (the kernel's query tile). -> [B,Hq,hd]."""
     B, Hq, hd = q.shape
     NP, Hkv, Pp, _ = prefix["k"].shape
-    Gm, g = prefix["members"].shape[1], Hq // Hkv
+    Gm = prefix["members"].shape[1]
     chex.assert_shape([prefix["start"], prefix["end"]], (NP,))
     chex.assert_shape([prefix["prompt"], prefix["member"]], (B,))
-    qp = q[jnp.clip(prefix["members"], 0, B - 1)].reshape(NP, Gm, Hkv, g, hd)  # [NP,Gm,Hkv,g,hd]
-    qp = qp.transpose(0, 2, 1, 3, 4).reshape(NP, Hkv, Gm * g, hd)  # a prompt's rows' queries per KV head
-    if implementation is None:
-        implementation = default_implementation(k.dtype, k.shape[2])
-    if implementation == "xla":
-        own = decode_attention_reference(q, k, v, start, end, residuals=True)
-        out, (total, peak) = decode_attention_reference(qp.reshape(NP, Hkv * Gm * g, hd), prefix["k"], prefix["v"],
-                                                        prefix["start"], prefix["end"], residuals=True)
+    own = decode_attention(q, k, v, start, end, implementation, residuals=True)
+    qp = q[jnp.clip(prefix["members"], 0, B - 1)].reshape(NP, Gm, Hkv, Hq // Hkv, hd)  # [NP,Gm,Hkv,g,hd]
+    qp = qp.transpose(0, 2, 1, 3, 4).reshape(NP, Hkv * Gm * (Hq // Hkv), hd)  # KV-head-major query heads
+    shared_out, (total, peak) = decode_attention(qp, prefix["k"], prefix["v"], prefix["start"], prefix["end"],
+                                                 implementation, residuals=True)
 
-        def to_rows(x):  # [NP, Hkv*Gm*g, ...] -> [B, Hq, ...]: row b's own queries' results
-            x = x.reshape(NP, Hkv, Gm, g, *x.shape[2:]).swapaxes(1, 2).reshape(NP, Gm, Hq, *x.shape[2:])
-            return x[prefix["prompt"], prefix["member"]]
+    def to_rows(x):  # [NP, Hkv*Gm*g, ...] -> [B, Hq, ...]: row b's own queries' results
+        x = x.reshape(NP, Hkv, Gm, Hq // Hkv, *x.shape[2:]).swapaxes(1, 2).reshape(NP, Gm, Hq, *x.shape[2:])
+        return x[prefix["prompt"], prefix["member"]]
 
-        return merge_attention([own, (to_rows(out), (to_rows(total), to_rows(peak)))])
-    if implementation not in ("pallas", "interpret"):
-        raise ValueError(f"implementation={implementation!r}; expected None, 'pallas', 'interpret' or 'xla'")
-    for length in (k.shape[2], Pp):
-        if length % SPLIT:
-            raise ValueError(f"cache length {length} is not a multiple of {SPLIT} (the Pallas decode kernel's split)")
-    interpret = implementation == "interpret"
-    own = _kernel_parts(q.reshape(B, Hkv, g, hd), k, v, start, end, decode_tiles(k.shape[2], B * Hkv, False),
-                        interpret)  # [B,Hkv,parts,g,(hd)]
-    shared = _kernel_parts(qp, prefix["k"], prefix["v"], prefix["start"], prefix["end"],
-                           decode_tiles(Pp, NP * Hkv, False), interpret)  # [NP,Hkv,parts,Gm*g,(hd)]
-    rows = (prefix["prompt"], slice(None), slice(None), prefix["member"])  # -> [B,Hkv,parts,g,...]
-    shared = tuple(x.reshape(NP, Hkv, x.shape[2], Gm, g, *x.shape[4:])[rows] for x in shared)
-    # one softmax over both key sets' parts, each reduced on its own (no concatenated copy of the parts)
-    top = jnp.maximum(jnp.max(own[2], axis=2), jnp.max(shared[2], axis=2))[:, :, None]  # [B,Hkv,1,g]
-    weights = [jnp.exp(peak - top) for _, _, peak in (own, shared)]  # [B,Hkv,parts,g]; no keys: sum 0, o 0
-    norm = sum(jnp.sum(total * w, axis=2) for (_, total, _), w in zip((own, shared), weights))  # [B,Hkv,g]
-    norm = jnp.where(norm > 0, norm, 1.0)
-    out = sum(jnp.sum(o.astype(jnp.float32) * w[..., None], axis=2) for (o, _, _), w in zip((own, shared), weights))
-    out = out / norm[..., None]
-    return out.reshape(B, Hq, hd).astype(q.dtype)
+    shared = (to_rows(shared_out), (to_rows(total), to_rows(peak)))
+    return merge_attention([own, shared])
