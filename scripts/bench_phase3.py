@@ -31,10 +31,11 @@ grads.losses.grpo_batch_loss and rl.learner.make_optimizer with the v_hack proje
   comparison.
 
 Floor (derivation in docs/benchmarks.md, `step_floor` below): FLOPs of prefill (the refill sampler's:
-each refill's distinct prompts once; `floor_exact_form_s`, the issue's floor: every row's), reference
-and update at the card's dense bf16 peak, plus decode at the HBM bandwidth floor (each decode step reads all weights
-and adapter bases once plus the live rows' KV cache; all 258 rows in one batch, i.e. without the
-memory limit), compute-bound decode steps counted at the FLOP peak instead.
+each prompt once; `floor_exact_form_s`, the issue's floor: every row's), reference and update at the
+card's dense bf16 peak, plus decode at the HBM bandwidth floor (each decode step reads all weights and
+adapter bases once plus the live rows' KV cache, for the refill sampler each live prompt's keys once
+for all its rows; the issue's floor: every row its own prompt's; all 258 rows in one batch, i.e.
+without the memory limit), compute-bound decode steps counted at the FLOP peak instead.
 
     PYTHONPATH=. python scripts/bench_phase3.py --regime realistic    # GPU, ~6 min on an H100
     PYTHONPATH=. python scripts/bench_phase3.py --regime realistic --sampler both --sample-only  # old vs new
@@ -92,12 +93,12 @@ def linear_params(config) -> dict:
 
 def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2,
                slots: int | None = None, sampler_form: str = "exact", shared_prompt_groups: int | None = None,
-               schedule_steps: int | None = None, prefilled=None) -> dict:
+               schedule_steps: int | None = None, prefilled=None, prompt_runs=None) -> dict:
     """Seconds of one step at the card's peaks (see the module docstring).
 
     prefill: 2 (p_lin + p_vh + p_u) per prompt token + causal attention 2 P^2 Hq hd per layer, for the
-             rows `prefilled` (indices; the refill sampler prefills each refill's distinct prompts once,
-             `refill.prompt_windows`), default every row's prompt.
+             rows `prefilled` (indices; the refill sampler prefills each prompt once, the first row of
+             each run of rows sharing it, `refill.PromptRuns`), default every row's prompt.
     decode:  per step t, max(bytes / HBM, FLOPs / peak): bytes = weights + adapter bases + KV of the live
              rows (their prompt + t slots, K and V, all layers); FLOPs = 2 (p_lin + p_vh + p_u + D V)
              per live row.
@@ -115,6 +116,10 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     sampler_form "factored" (`sampler.generate(form="factored")`): prefill and decode compute each Linear
     from its SVD factors, p_vh + p_u instead of p_lin + p_vh + p_u, and decode reads the bases but not
     the Linear weights (the embedding / LM head and norms still).
+    prompt_runs: [N] the run each row belongs to (rows of a run share their prompt and the refill
+    sampler's prompt pool holds it once, `refill.PromptRuns`): decode then reads a run's prompt once per
+    step while any of its rows is live (with slots: at least for its longest row's steps), not once per
+    live row. Default: every row reads its own prompt (the issue's floor).
     shared_prompt_groups G (the learner's `update_layout` "shared_prompt"; rows g*G .. g*G+G-1 share
     their prompt): the reference pass's and the update's Linears run each group's prompt once; their
     attention and LM head stay per row (that is what the layout computes).
@@ -139,10 +144,16 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     fixed_bytes = (n_weights + p["p_vh"] + p["p_u"] - (p["p_lin"] if sampler_form == "factored" else 0)) * bytes_per_el
     kv_per_slot = 2 * L * config.num_key_value_heads * hd * bytes_per_el
     decode_s = 0.0
+    runs = None if prompt_runs is None else np.unique(np.asarray(prompt_runs), return_index=True, return_inverse=True)
     for t in range(int(comp_lens.max())):
         live = comp_lens > t
         n_live = int(live.sum())
-        kv_bytes = float(np.sum(prompt_lens[live] + t + 1)) * kv_per_slot
+        if runs is None:
+            kv_bytes = float(np.sum(prompt_lens[live] + t + 1)) * kv_per_slot
+        else:  # each run's prompt once while one of its rows is live
+            run_live = np.zeros(len(runs[0]), bool)
+            run_live[runs[2].reshape(-1)[live]] = True
+            kv_bytes = float(np.sum(prompt_lens[runs[1]][run_live]) + n_live * (t + 1)) * kv_per_slot
         flops = 2 * (p_sample + D * V) * n_live
         decode_s += max((fixed_bytes + kv_bytes) / hbm_bps, flops / peak_flops)
     out = {"prefill_s": prefill / peak_flops, "decode_s": decode_s, "ref_s": reference / peak_flops,
@@ -150,7 +161,13 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     out["floor_s"] = sum(out.values())
     if slots is not None:
         steps = -(-int(comp_lens.sum()) // slots)
-        kv_reads = float(np.sum(comp_lens * prompt_lens + comp_lens * (comp_lens + 1) / 2)) * kv_per_slot
+        if runs is None:
+            prompt_reads = float(np.sum(comp_lens * prompt_lens))
+        else:  # a run's prompt is read at least while its longest row decodes
+            longest = np.zeros(len(runs[0]))
+            np.maximum.at(longest, runs[2].reshape(-1), comp_lens)
+            prompt_reads = float(np.sum(longest * prompt_lens[runs[1]]))
+        kv_reads = (prompt_reads + float(np.sum(comp_lens * (comp_lens + 1) / 2))) * kv_per_slot
         flops = 2 * (p_sample + D * V) * comp_lens.sum()
         out["decode_slots_s"] = max((steps * fixed_bytes + kv_reads) / hbm_bps, flops / peak_flops)
         out["decode_slots_steps"] = steps
@@ -165,11 +182,12 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
 def sampler_schedule_floor(config, prompt_lens, comp_lens, slots: int, refill_rows: int, devices: int,
                            peak_flops: float, hbm_bps: float, sampler_form: str = "exact", ids=None) -> dict:
     """The refill sampler's floor at the decode steps its schedule runs: for each device's part of the rows
-    (`refill.device_parts`), prefill (of each refill's distinct prompts: ids [N], the rows' prompt
-    identities, default all distinct) + `step_floor(schedule_steps=)`'s decode term; the largest part's
+    (`refill.device_parts`), prefill (of each run's prompt once, `refill.PromptRuns`: ids [N], the rows'
+    prompt identities, default all distinct) + `step_floor(schedule_steps=, prompt_runs=)`'s decode
+    term (each run's prompt read once per step); the largest part's
     (devices sample at once). {"sample_floor_schedule_s", "schedule_steps": the largest part's decode
     steps, as `schedule_decode_steps(devices=)` counts them}."""
-    from jaxhack.rl.refill import device_parts, prompt_windows, schedule_decode_steps
+    from jaxhack.rl.refill import PromptRuns, device_parts, schedule_decode_steps
 
     prompt_lens, comp_lens = np.asarray(prompt_lens), np.asarray(comp_lens)
     ids = np.arange(len(comp_lens)) if ids is None else np.asarray(ids)
@@ -179,20 +197,23 @@ def sampler_schedule_floor(config, prompt_lens, comp_lens, slots: int, refill_ro
         if b == a:
             continue
         steps.append(schedule_decode_steps(comp_lens[a:b], slots, refill_rows))
+        book = PromptRuns(ids[a:b], slots, refill_rows)
         part = step_floor(config, prompt_lens[a:b], comp_lens[a:b], peak_flops, hbm_bps, slots=slots,
-                          sampler_form=sampler_form, schedule_steps=steps[-1],
-                          prefilled=np.concatenate(prompt_windows(ids[a:b], refill_rows)[1]))
+                          sampler_form=sampler_form, schedule_steps=steps[-1], prefilled=book.first,
+                          prompt_runs=book.run_of_row)
         floors.append(part["prefill_s"] + part["decode_schedule_s"])
     return {"sample_floor_schedule_s": max(floors), "schedule_steps": max(steps)}
 
 
 def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int, max_len: int,
                     prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2, tokens: int | None = None,
-                    sampler_form: str = "exact", prefill_rows: int | None = None, lend: bool = False) -> dict:
+                    sampler_form: str = "exact", prefill_rows: int | None = None, lend: bool = False,
+                    pool_positions: int = 0) -> dict:
     """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
     decode copies (`decode_layout.decode_layers`: the Linear weights and the bases; the factored form copies the
-    bases only) + the group's KV cache + the prefill scores of `prefill_rows` rows (default: the group;
-    the refill schedule prefills its U distinct prompts per refill at a time; lend: the stacked arrays
+    bases only) + the group's KV cache (n_rows_group x cache_slots positions, plus the refill sampler's
+    prompt pool, `pool_positions` = entries x positions) + the prefill scores of `prefill_rows` rows (default: the group;
+    the refill schedule prefills the U prompts new to its pool per refill at a time; lend: the stacked arrays
     the copies duplicate are freed while sampling, `rl.lend`, so one copy is held); update: params + bases + one micro-batch's
     saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
     policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
@@ -202,7 +223,7 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
     L, D, V, F = config.num_hidden_layers, config.hidden_size, config.vocab_size, config.intermediate_size
     weights = (p["p_lin"] + V * D) * bytes_per_el
     bases = (p["p_vh"] + p["p_u"]) * bytes_per_el
-    kv = 2 * L * n_rows_group * cache_slots * config.num_key_value_heads * config.head_dim * bytes_per_el
+    kv = 2 * L * (n_rows_group * cache_slots + pool_positions) * config.num_key_value_heads * config.head_dim * bytes_per_el
     scores = (n_rows_group if prefill_rows is None else prefill_rows) * config.num_attention_heads * prefill_chunk * prompt_bucket * 4 * 2
     copies = 0 if lend else bases + (0 if sampler_form == "factored" else p["p_lin"] * bytes_per_el)
     sample = weights + bases + copies + kv + scores
@@ -215,14 +236,18 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
 
 
 def slot_plan(config, comp_lens, cache_slots: int, refill_rows: int, bytes_per_el: int = 2,
-              slots=(64, 96, 128, 160, 192, 256)) -> dict:
+              slots=(64, 96, 128, 160, 192, 256), ids=None, prompt_positions: int = 0) -> dict:
     """For each refill slot count: the decode steps the schedule runs for these completion lengths
-    (`rl.refill.schedule_decode_steps`, exact) and the KV cache it holds (GB), to weigh slots against
-    memory."""
-    from jaxhack.rl.refill import schedule_decode_steps
+    (`rl.refill.schedule_decode_steps`, exact) and the KV cache it holds (GB: cache_slots positions per
+    slot, plus the prompt pool's entries for the rows' prompt ids, `refill.PromptRuns`, of
+    prompt_positions each), to weigh slots against memory."""
+    from jaxhack.rl.refill import PromptRuns, schedule_decode_steps
 
-    per_slot = 2 * config.num_hidden_layers * cache_slots * config.num_key_value_heads * config.head_dim * bytes_per_el
-    return {str(b): {"decode_steps": schedule_decode_steps(comp_lens, b, refill_rows), "kv_gb": b * per_slot / 1e9}
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * bytes_per_el
+    ids = np.arange(len(comp_lens)) if ids is None else ids
+    return {str(b): {"decode_steps": schedule_decode_steps(comp_lens, b, refill_rows),
+                     "kv_gb": (b * cache_slots + PromptRuns(ids, b, refill_rows).pool_size * prompt_positions)
+                     * per_position / 1e9}
             for b in slots}
 
 
@@ -300,7 +325,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     from jaxhack.grads.losses import centered_advantages
     from jaxhack.rl import learner, sampler
     from jaxhack.rl.lend import lent_merge
-    from jaxhack.rl.refill import device_parts, prompt_windows
+    from jaxhack.rl.refill import PromptRuns, device_parts
 
     cfg, config, params, trainable, frozen, optimizer, opt_state, hyper, v_hack = place(built, mesh)
     n_dev = 1 if mesh is None else int(mesh.shape["data"])
@@ -333,35 +358,42 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     # refill: sample_rows slots (at most the padded batch); groups: B_groups rows per group
     B_slots = sampler.refill_slots(N, args.sample_rows, n_dev)  # refill: slots per device, as generate picks
     batch = {"groups": B_groups, "refill": B_slots * n_dev, "none": 0}
-    # the refill sampler prefills each refill's distinct prompts once (rl.refill.prompt_windows), per device part
+    # the refill sampler's prompt pool (rl.refill.PromptRuns), per device part: each prompt prefilled once
+    # and held once; its slots hold the generated tokens only (Sg positions)
     ids = np.repeat(np.arange(cfg.prompts_per_step), cfg.group_size)  # the rows' prompts: G rows share one
     parts = device_parts(N, n_dev)
-    windows = {a: prompt_windows(ids[a:b], args.refill_rows) for a, b in zip(parts, parts[1:]) if b > a}
-    refill_prompts = max(w[2] for w in windows.values())  # U: prompts per refill program
+    books = {a: PromptRuns(ids[a:b], B_slots, args.refill_rows) for a, b in zip(parts, parts[1:]) if b > a}
+    refill_prompts = max(book.U for book in books.values())  # U: prompts per refill program
+    Sg, Pp = -(-cfg.max_new // 128) * 128, -(-P // 128) * 128
+    pool = max(book.pool_size for book in books.values()) * Pp
     mb_tokens = cfg.microbatch * max_len if cfg.microbatch_tokens is None else min(cfg.microbatch_tokens,
                                                                                    cfg.microbatch * max_len)
-    mem = {sched: memory_estimate(config, batch[sched] // n_dev, S, cfg.microbatch, max_len,
-                                  min(args.prefill_chunk, P), P, 2 if not args.tiny else 4, tokens=mb_tokens,
+    mem = {sched: memory_estimate(config, batch[sched] // n_dev, Sg if sched == "refill" else S, cfg.microbatch,
+                                  max_len, min(args.prefill_chunk, P), P, 2 if not args.tiny else 4, tokens=mb_tokens,
                                   sampler_form=cfg.sampler_form,
-                                  prefill_rows=refill_prompts if sched == "refill" else None, lend=cfg.lend_weights)
+                                  prefill_rows=refill_prompts if sched == "refill" else None, lend=cfg.lend_weights,
+                                  pool_positions=pool if sched == "refill" else 0)
            for sched in schedules}
     # the floor of the computation performed (this sampler form and learner layout), and the issue's
     # floor (exact sampler, per-row learner) for comparison
     shared = cfg.group_size if cfg.update_layout == "shared_prompt" else None
-    prefilled = (np.concatenate([a + np.concatenate(w[1]) for a, w in windows.items()])
-                 if schedules == ("refill",) else None)
+    refill_only = schedules == ("refill",)
+    prefilled = np.concatenate([a + book.first for a, book in books.items()]) if refill_only else None
+    runs = np.concatenate([a + book.run_of_row for a, book in books.items()]) if refill_only else None
     floor = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
                        args.hbm_tbps * 1e12, slots=B_slots, sampler_form=cfg.sampler_form, shared_prompt_groups=shared,
-                       prefilled=prefilled)
+                       prefilled=prefilled, prompt_runs=runs)
     floor_exact = step_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, args.peak_tflops * 1e12,
                              args.hbm_tbps * 1e12, slots=B_slots)
-    refill_plan = slot_plan(config, comp_lens, S, args.refill_rows, 2 if not args.tiny else 4)
+    refill_plan = slot_plan(config, comp_lens, Sg, args.refill_rows, 2 if not args.tiny else 4, ids=ids,
+                            prompt_positions=Pp)
     schedule_floor = sampler_schedule_floor(config, np.repeat(prompt_lens, cfg.group_size), comp_lens, B_slots,
                                             args.refill_rows, n_dev, args.peak_tflops * 1e12, args.hbm_tbps * 1e12,
                                             cfg.sampler_form, ids=ids)
-    log(f"{regime}: {N} rows, prompt bucket {P}, cache {S} slots, mean completion {comp_lens.mean():.0f}, "
-        f"max {comp_lens.max()}; groups: {len(groups)} of {B_groups} rows; refill: {B_slots} slots, "
-        f"{args.refill_rows} rows per refill; memory estimate "
+    log(f"{regime}: {N} rows, prompt bucket {P}, mean completion {comp_lens.mean():.0f}, "
+        f"max {comp_lens.max()}; groups: {len(groups)} of {B_groups} rows of {S} positions; refill: {B_slots} slots "
+        f"of {Sg} positions and a pool of {pool // Pp} prompts of {Pp}, {args.refill_rows} rows per refill; "
+        f"memory estimate "
         + ", ".join(f"{k} {m['peak_gb']:.1f} GB (sample {m['sample_gb']:.1f}, update {m['update_gb']:.1f})"
                     for k, m in mem.items())
         + f"; floor {floor['floor_s']:.1f} s (decode at {B_slots} slots: {floor['floor_slots_s']:.1f} s)")
@@ -492,8 +524,9 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "max_completion": int(comp_lens.max()), "prompt_len_mean": float(prompt_lens.mean()),
             "sample_rows": args.sample_rows, "sampler_groups": len(groups) if schedule == "groups" else None,
             "sampler_batch": batch[schedule], "refill_rows": args.refill_rows if schedule == "refill" else None,
-            # prompts the sampler prefills (refill: each refill's distinct ones), against N rows
+            # prompts the sampler prefills (refill: each once, into its prompt pool), against N rows
             "prefilled_prompts": len(prefilled) if prefilled is not None else N,
+            **({"prompt_pool": pool // Pp, "slot_positions": Sg, "prompt_positions": Pp} if schedule == "refill" else {}),
             "prefill_chunk": args.prefill_chunk, "update": args.update, "microbatch": cfg.microbatch,
             "microbatch_tokens": cfg.microbatch_tokens, "learner_only": schedule == "none",
             "remat": cfg.remat, "floor": floor, "sampler_form": cfg.sampler_form, "lend_weights": cfg.lend_weights,

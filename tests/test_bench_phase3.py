@@ -34,7 +34,11 @@ def test_tiny_worst_case_step_both_samplers(tmp_path):
     assert refill["sampler_batch"] == 4 and refill["decode_steps"] == 48
     assert refill["planned_decode_steps"] == 48 and groups["planned_decode_steps"] is None
     assert refill["refill_plan"]["96"]["decode_steps"] == 24  # every row at once: its 24 tokens
-    assert refill["refill_plan"]["192"]["kv_gb"] == 2 * refill["refill_plan"]["96"]["kv_gb"]
+    # each slot holds its generated tokens only; the prompt pool (one entry per prompt) does not grow with the slots
+    kv = {b: refill["refill_plan"][str(b)]["kv_gb"] for b in (64, 96, 192)}
+    np.testing.assert_allclose(kv[192] - kv[96], 3 * (kv[96] - kv[64]), rtol=1e-9)
+    assert kv[96] < 96 / 64 * kv[64] and kv[192] < 2 * kv[96]  # + the pool, the same for every slot count
+    assert refill["slot_positions"] == 128 and refill["prompt_pool"] * refill["prompt_positions"] > 0
 
 
 def test_tiny_realistic_sample_only_refill_runs_fewer_steps(tmp_path):
@@ -73,12 +77,23 @@ def test_realistic_lengths_and_floor_terms():
     # the shared-prompt learner: the Linears run each prompt once per group of 6 (attention stays per row)
     shared = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, shared_prompt_groups=6)
     assert shared["prefill_s"] == short["prefill_s"] and shared["decode_s"] == short["decode_s"]
-    # the refill sampler prefills each refill's distinct prompts: 65 of the 258 rows' (43 prompts x 6, R = 8)
-    from jaxhack.rl.refill import prompt_windows
-    firsts = np.concatenate(prompt_windows(np.repeat(np.arange(43), 6), 8)[1])
-    once = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, prefilled=firsts)
-    np.testing.assert_allclose(once["prefill_s"], short["prefill_s"] * 65 / 258, rtol=1e-12)
-    assert once["decode_s"] == short["decode_s"]
+    # the refill sampler's prompt pool: each of the 43 prompts prefilled once, and read once per decode
+    # step for its 6 rows (43 x 400 prompt positions a step, not 258 x 400)
+    from jaxhack.rl.refill import PromptRuns
+    book = PromptRuns(np.repeat(np.arange(43), 6), 152, 8)
+    once = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, prefilled=book.first,
+                            slots=152)
+    np.testing.assert_allclose(once["prefill_s"], short["prefill_s"] * 43 / 258, rtol=1e-12)
+    pooled = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, prefilled=book.first,
+                              prompt_runs=book.run_of_row, slots=152)
+    kv_position = 2 * QWEN3_4B.num_hidden_layers * QWEN3_4B.num_key_value_heads * QWEN3_4B.head_dim * 2
+    fixed = once["decode_fixed_gb_per_step"] * 1e9
+    by_hand = sum(fixed + (43 * 400 + 258 * (t + 1)) * kv_position for t in range(500)) / 3.35e12
+    np.testing.assert_allclose(pooled["decode_s"], by_hand, rtol=1e-9)
+    assert pooled["decode_s"] < once["decode_s"] == short["decode_s"]
+    # at 152 slots: each prompt read for its longest row's 500 steps, at least
+    saved = (258 - 43) * 400 * 500 * kv_position / 3.35e12
+    np.testing.assert_allclose(once["decode_slots_s"] - pooled["decode_slots_s"], saved, rtol=1e-9)
     p = bench.linear_params(QWEN3_4B)
     saved_tokens = 258 * 400 - 43 * 400  # 5 of each group's 6 prompts
     np.testing.assert_allclose((short["update_tflop"] - shared["update_tflop"]) * 1e12,
@@ -175,7 +190,7 @@ def test_sampler_floor_at_the_schedules_steps():
     from jaxhack.rl.refill import schedule_decode_steps
     assert two["schedule_steps"] == max(h["schedule_steps"] for h in halves) == schedule_decode_steps(
         lengths, 152, 8, devices=2)
-    # GRPO groups of 6: each part prefills its refills' distinct prompts only
+    # GRPO groups of 6: each prompt prefilled once and read once per step for its rows
     ids = np.repeat(np.arange(43), 6)
     grouped = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 1, 989e12, 4.8e12, ids=ids)
     assert grouped["schedule_steps"] == sched["schedule_steps"]

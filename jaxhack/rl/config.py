@@ -212,11 +212,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  lr=7e-5, beta=1e-3, warmup_steps=2, eval_every=10, ckpt_every=10, n_eval=4,
                  microbatch=8, remat="full", vhack_pairs=64, sandbox_wall_s=10.0),
     # The seed's Phase 3 run (spec2.md): ~7 h per run on one 96 GB GPU. sample_rows=152: the 258 rollouts
-    # decode through 152 refill slots (continuous batching, rl/refill.py), KV cache ~46 GB at 2048
-    # positions, which fits an 80 GB H100 because the sampler holds one copy of the weights (lend_weights,
-    # rl/lend.py): realistic step 39.6 s (96 slots, two copies) -> 37.5 s, peak 68.3 GB both (H200 capped at
-    # 80 GB, session 12; docs/benchmarks.md); 34.4 s, 64.9 GB with one prefill per refill's distinct prompt
-    # (session 13). The reference pass and update: micro-batches of 12288 tokens (24 rows of 512 ... 6 of
+    # decode through 152 refill slots (continuous batching, rl/refill.py), which fits an 80 GB H100 because
+    # the sampler holds one copy of the weights (lend_weights, rl/lend.py): realistic step 39.6 s (96 slots,
+    # two copies) -> 37.5 s, peak 68.3 GB both (H200 capped at 80 GB, session 12; docs/benchmarks.md);
+    # 34.4 s, 64.9 GB with one prefill per refill's distinct prompt (session 13); 34.3 s, 61.7 GB with the
+    # prompt pool (slots of 1536 positions, 34.4 GB, and 64 prompts of 512, 4.8 GB; session 14). The reference pass and update: micro-batches of 12288 tokens (24 rows of 512 ... 6 of
     # 2048), remat "linear" (no matmul recomputed): update 26.9 -> 20.6 s, learner
     # peak 62.9 GB (session 7); lengths cut to multiples of 128 (not 512): 15% fewer padded tokens at the
     # realistic lengths, at most 16 compiled shapes per program (session 8). --sampler-form factored: 33.7 s
