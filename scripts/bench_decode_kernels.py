@@ -14,10 +14,18 @@ pairs), then a grid of split / block_k / warps / stages. Bytes = the live slots'
 can still differ inside the sampler (its rows' lengths are not uniform): decide with bench_generate /
 bench_phase3.
 
+`prefix`: the refill sampler's decode attention over its prompt pool (`prefix_decode_attention`: each
+prompt's keys read once for its G rows, merged with each row's own generated keys) against session
+13's layout (each slot a copy of its prompt ahead of its generated tokens, `decode_attention`), at
+the `full` preset's state: --slots rows in GRPO groups of 6, prompts of 300-500 tokens in a pool of 64
+entries of 512, generated lengths drawn as bench_phase3's realistic regime (gamma, mean 500). Bytes:
+each layout's live keys and values.
+
 Each line: `fraction_of_bandwidth` = bytes / (time * --hbm-tbps). JSON lines to --out, a table on stdout.
 
     PYTHONPATH=. python scripts/bench_decode_kernels.py --part matmul attention --hbm-tbps 4.8 \
         --out docs/results/bench_decode_kernels_h200.jsonl
+    PYTHONPATH=. python scripts/bench_decode_kernels.py --part prefix --hbm-tbps 4.8 --out docs/results/...
     PYTHONPATH=. python scripts/bench_decode_kernels.py --part matmul --rows 16 --small --implementation interpret  # CPU smoke
 """
 from __future__ import annotations
@@ -293,14 +301,69 @@ def bench_attention(args, emit):
               f"best {summary['best_us']} us ({summary['best_fraction']}) {summary['best_config']}", flush=True)
 
 
+def bench_prefix(args, emit):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxhack.models import decode_attention as da
+
+    small = args.small
+    Hq, Hkv, hd = (8, 2, 16) if small else (32, 8, 128)
+    B, G = (12, 3) if small else (args.slots, 6)
+    Pp, Sg, NP = (128, 128, 8) if small else (512, 1536, 64)
+    rng = np.random.default_rng(0)
+    n_prompts = -(-B // G)
+    prompt = (np.arange(B) // G).astype(np.int32)  # slots hold whole groups' rows
+    member = (np.arange(B) % G).astype(np.int32)
+    Gm = 1 << (G - 1).bit_length()
+    members = np.full((NP, Gm), B - 1, np.int32)
+    members[prompt, member] = np.arange(B)
+    plen = rng.integers(Pp * 300 // 512, Pp * 500 // 512 + 1, NP).astype(np.int32)
+    pstart = (Pp - plen).astype(np.int32)
+    gen = np.clip(np.rint(rng.gamma(4.0, 125.0 * Sg / 1536, B)), 1, Sg - 1).astype(np.int32)  # live own slots
+    read = np.arange(NP) < n_prompts
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    k, v = (jax.random.normal(key, (B, Hkv, Sg, hd), jnp.bfloat16) for key in keys[:2])
+    pk, pv = (jax.random.normal(key, (NP, Hkv, Pp, hd), jnp.bfloat16) for key in keys[2:4])
+    qs = [jax.random.normal(jax.random.fold_in(keys[4], i), (B, Hq, hd), jnp.bfloat16)
+          for i in range(args.attention_calls)]
+    prefix = {"k": pk, "v": pv, "start": jnp.asarray(pstart), "end": jnp.asarray(np.where(read, Pp, pstart)),
+              "members": jnp.asarray(members), "prompt": jnp.asarray(prompt), "member": jnp.asarray(member)}
+    start, end = jnp.zeros((B,), jnp.int32), jnp.asarray(gen)
+    # session 13's layout: each slot its prompt's copy at 0..Pp-1, then its generated tokens
+    k_rows, v_rows = jnp.concatenate([pk[prompt], k], axis=2), jnp.concatenate([pv[prompt], v], axis=2)
+    s_rows, e_rows = jnp.asarray(pstart[prompt]), jnp.asarray(Pp + gen)
+    ref = da.decode_attention_reference(qs[0].astype(jnp.float32), k_rows.astype(jnp.float32),
+                                        v_rows.astype(jnp.float32), s_rows, e_rows)
+    per_token = Hkv * hd * 2 * 2  # K and V, bf16, one layer
+    bytes_rows = int(np.sum(plen[prompt] + gen)) * per_token
+    bytes_pool = int(np.sum(plen[:n_prompts]) + np.sum(gen)) * per_token
+    base = {"part": "prefix", "slots": B, "group": G, "prompts": n_prompts, "pool": NP, "prompt_positions": Pp,
+            "slot_positions": Sg, "mean_prompt": float(plen[:n_prompts].mean()), "mean_generated": float(gen.mean())}
+    impl = args.implementation
+    rows = jax.jit(lambda qs, k, v: [da.decode_attention(q, k, v, s_rows, e_rows, implementation=impl) for q in qs])
+    pool = jax.jit(lambda qs, k, v, p: [da.prefix_decode_attention(q, k, v, start, end, p, impl) for q in qs])
+    calls = len(qs)
+    a = measure(rows, (qs, k_rows, v_rows), (qs[:1], k_rows, v_rows), calls, ref,
+                {**base, "impl": "per_row_prompt_copies", "live_bytes": bytes_rows}, bytes_rows, args, emit)
+    b = measure(pool, (qs, k, v, prefix), (qs[:1], k, v, prefix), calls, ref,
+                {**base, "impl": "prompt_pool", "live_bytes": bytes_pool}, bytes_pool, args, emit)
+    if a and b:
+        print(f"prefix B={B} G={G}: per-row prompt copies {a['us']} us ({bytes_rows / 1e6:.0f} MB, "
+              f"{a['fraction_of_bandwidth']}), prompt pool {b['us']} us ({bytes_pool / 1e6:.0f} MB, "
+              f"{b['fraction_of_bandwidth']}); rel_err {b['rel_err']:.1e}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", nargs="+", choices=("matmul", "attention"), default=["matmul", "attention"])
+    ap.add_argument("--part", nargs="+", choices=("matmul", "attention", "prefix"), default=["matmul", "attention"])
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 128], help="matmul rows M (powers of two >= 16)")
     ap.add_argument("--matmuls", nargs="+", default=None, help=f"subset of {list(MATMULS_4B)}")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="attention rows")
     ap.add_argument("--cache-len", type=int, nargs="+", default=[1152, 2048], help="attention cache slots")
     ap.add_argument("--attention-calls", type=int, default=8)
+    ap.add_argument("--slots", type=int, default=152, help="prefix: the refill sampler's decode slots")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--budget-per-shape-s", type=float, default=12.0, help="stop a shape's tile search after this")
     ap.add_argument("--l2-defeat-mb", type=float, default=2048.0)
@@ -310,7 +373,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     try:
-        checks.at_least(args, ("rows", "batch", "cache_len", "attention_calls", "runs"))
+        checks.at_least(args, ("rows", "batch", "cache_len", "attention_calls", "runs", "slots"))
     except UserError as e:
         ap.error(str(e))
     shapes = MATMULS_SMALL if args.small else MATMULS_4B
@@ -341,6 +404,8 @@ def main(argv=None) -> int:
         bench_matmul(args, emit)
     if "attention" in args.part:
         bench_attention(args, emit)
+    if "prefix" in args.part:
+        bench_prefix(args, emit)
     return 0
 
 

@@ -49,3 +49,20 @@ def test_bad_shapes_and_arguments_are_refused(capsys):
         bench.main([])
     assert exit_info.value.code == 2
     assert "the Pallas kernels need a GPU (backend: cpu)" in capsys.readouterr().err
+
+
+def test_prefix_part_compares_the_prompt_pool_with_per_row_prompt_copies(tmp_path):
+    """--part prefix (small shapes, the Pallas kernels run by the interpreter): both layouts give the
+    whole softmax (bf16 against the fp32 reference) and the pool reads each group's prompt once."""
+    import json
+
+    out = tmp_path / "prefix.jsonl"
+    assert _script().main(["--part", "prefix", "--small", "--implementation", "interpret", "--attention-calls", "1",
+                           "--runs", "1", "--out", str(out)]) == 0
+    rows, pool = (json.loads(line) for line in out.read_text().splitlines())
+    assert (rows["impl"], pool["impl"]) == ("per_row_prompt_copies", "prompt_pool")
+    assert rows["rel_err"] < 1e-2 and pool["rel_err"] < 1e-2
+    per_token = 2 * 16 * 2 * 2  # Hkv x hd x (K, V) x bf16
+    generated = pool["mean_generated"] * pool["slots"]
+    np.testing.assert_allclose(pool["live_bytes"], (pool["mean_prompt"] * pool["prompts"] + generated) * per_token)
+    assert rows["live_bytes"] > pool["live_bytes"] + (pool["group"] - 1) * pool["prompts"] * 64 * per_token
