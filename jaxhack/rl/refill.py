@@ -40,9 +40,9 @@ takes the next pending row instead:
   kernel, as with row groups of another size).
 
 Trade-off of deciding refills on the host: one device-to-host sync per round (about N / R rounds)
-and a freed slot idles until R slots are free (R also sets the prefill's batch). Decode steps are set by the longest rows started
-last, not by R (`schedule_decode_steps`: 1517 steps at R = 8 and 1508 at R = 1 for the `full`
-preset's realistic lengths).
+and a freed slot idles until R slots are free (R also sets the prefill's batch). The decode steps are
+set by the long rows started last more than by R (`schedule_decode_steps`: 1517 steps at R = 8 and
+1508 at R = 1 for the `full` preset's realistic lengths).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ import numpy as np
 from jaxhack.models import decode_layout, qwen3
 from jaxhack.models.config import Qwen3Config
 from jaxhack.models.decode_attention import SPLIT
-from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, next_tokens, prefill, row_keys
+from jaxhack.rl.sampling import MAX_EOS_IDS, SAMPLER_COMPILER_OPTIONS, batch_bucket, next_tokens, prefill, row_keys
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["cache", "logits", "start", "length"],
@@ -227,7 +227,7 @@ class PromptRuns:
         most_new = max((int(np.sum((starts >= a) & (starts < a + R))) for a in range(0, N, R)), default=1)
         self.U = min(R, 1 << max(0, most_new - 1).bit_length())
         self.most_rows = 1 << max(0, int(self.left.max(initial=1)) - 1).bit_length()
-        self.pool_size = min(_bucket(len(starts)), slots + 1)
+        self.pool_size = min(batch_bucket(len(starts)), slots + 1)
         self.free = list(range(self.pool_size))
         self.entry = {}  # run -> pool entry
 
@@ -248,11 +248,6 @@ class PromptRuns:
             self.left[r] -= 1
             if self.left[r] == 0:
                 self.free.append(self.entry.pop(r))
-
-
-def _bucket(n: int) -> int:
-    """n rounded up to a power of two up to 64, then to a multiple of 64 (as `sampler.batch_bucket`)."""
-    return 1 << max(0, (n - 1).bit_length()) if n <= 64 else -(-n // 64) * 64
 
 
 def device_parts(n: int, devices: int) -> np.ndarray:
@@ -391,15 +386,15 @@ def generate_slots(params, adapters, prompt_tokens: np.ndarray, prompt_mask: np.
             rows[:k] = np.arange(next_row, next_row + k)
             row_caps = np.ones((R,), np.int32)
             row_caps[:k] = caps[next_row:next_row + k]
-            firsts, pool_rows, pool_row, member = table.refill(rows[:k])  # new runs' first rows; [U] [k] [k]
+            firsts, new_entries, entry, member = table.refill(rows[:k])  # new runs' first rows; [U]; [k]; [k]
             toks = np.full((table.U, P), pad_id, np.int32)
             msk = np.zeros((table.U, P), bool)
             toks[:len(firsts)], msk[:len(firsts)] = prompt_tokens[firsts], prompt_mask[firsts]
-            prompt, members = np.zeros((R,), np.int32), np.zeros((R,), np.int32)
-            prompt[:k], members[:k] = pool_row, member
+            row_entry, row_member = np.zeros((R,), np.int32), np.zeros((R,), np.int32)
+            row_entry[:k], row_member[:k] = entry, member
             state, previous = _refill_jit(state, params, adapters, jnp.asarray(toks), jnp.asarray(msk),
-                                          jnp.asarray(pool_rows), jnp.asarray(idx), jnp.asarray(rows + row_offset),
-                                          jnp.asarray(row_caps), jnp.asarray(prompt), jnp.asarray(members),
+                                          jnp.asarray(new_entries), jnp.asarray(idx), jnp.asarray(rows + row_offset),
+                                          jnp.asarray(row_caps), jnp.asarray(row_entry), jnp.asarray(row_member),
                                           jnp.int32(pad_id), config=config, prefill_chunk=prefill_chunk)
             evicted = slot_row[chosen]
             if (evicted >= 0).any():

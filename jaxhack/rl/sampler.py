@@ -38,7 +38,7 @@ from jaxhack.models.decode_attention import SPLIT
 from jaxhack.rl.lend import decode_weights
 from jaxhack.rl.refill import device_parts, distinct_prompts, generate_slots, generate_slots_on_devices
 from jaxhack.rl.sampling import (GREEDY, MAX_EOS_IDS, NUCLEUS, SAMPLER_COMPILER_OPTIONS, TEMPERATURE,  # noqa: F401
-                                 next_tokens, prefill_prompts, row_keys, sample_from_logits)
+                                 batch_bucket, next_tokens, prefill_prompts, row_keys, sample_from_logits)
 from jaxhack.parallel import mesh as meshlib
 
 SAMPLER_FORMS = ("exact", "factored")  # generate(form=...): how SVD-adapted Linears are computed
@@ -62,13 +62,6 @@ class SampleResult:
 def prompt_bucket(length: int, multiple: int = 64) -> int:
     """Prompt length rounded up to a multiple of `multiple` (at least `multiple`)."""
     return max(multiple, -(-length // multiple) * multiple)
-
-
-def batch_bucket(batch: int) -> int:
-    """Batch size rounded up to a power of two up to 64, then to a multiple of 64."""
-    if batch <= 64:
-        return 1 << max(0, (batch - 1).bit_length())
-    return -(-batch // 64) * 64
 
 
 def refill_slots(n: int, max_rows: int | None, devices: int = 1) -> int:

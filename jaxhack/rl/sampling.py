@@ -23,6 +23,14 @@ MAX_EOS_IDS = 8  # EOS ids are passed as a fixed-size array padded with -1 (chan
 SAMPLER_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
+def batch_bucket(batch: int) -> int:
+    """Batch size rounded up to a power of two up to 64, then to a multiple of 64 (fewer compiled
+    shapes: row groups, refill slots, the refill sampler's prompt pool)."""
+    if batch <= 64:
+        return 1 << max(0, (batch - 1).bit_length())
+    return -(-batch // 64) * 64
+
+
 def sample_from_logits(logits: jax.Array, keys: jax.Array, mode: jax.Array, temperature: jax.Array,
                        top_p: jax.Array) -> jax.Array:
     """Pick one token per row. logits: [B, V] fp32; keys: [B] PRNG keys, one per row -> [B] int32.
