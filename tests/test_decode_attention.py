@@ -89,13 +89,16 @@ def test_prefix_attention_is_attention_over_the_prompt_then_the_rows_own_keys(im
     prefix = {"k": pk, "v": pv, "start": pstart, "end": pstart + plen, "members": members, "prompt": prompt,
               "member": member}
     out = np.asarray(prefix_decode_attention(q, k, v, start, end, prefix, implementation))
-    for b in (0, 1, 2, 4):  # the rows a prompt's member table points at
-        p = int(prompt[b])
-        keys = jnp.concatenate([pk[p, :, pstart[p]:pstart[p] + plen[p]], k[b, :, start[b]:end[b]]], axis=1)
-        vals = jnp.concatenate([pv[p, :, pstart[p]:pstart[p] + plen[p]], v[b, :, start[b]:end[b]]], axis=1)
-        ref = decode_attention_reference(q[b:b + 1], keys[None], vals[None], jnp.array([0]),
-                                         jnp.array([keys.shape[1]]))
-        np.testing.assert_allclose(out[b], np.asarray(ref)[0], rtol=2e-5, atol=2e-5)
+    qn, kn, vn, pkn, pvn = (np.asarray(x, np.float64) for x in (q, k, v, pk, pv))
+    for b in (0, 1, 2, 4):  # the rows a prompt's member table points at: softmax by hand over both key sets
+        p, a, z = int(prompt[b]), int(pstart[int(prompt[b])]), int(pstart[int(prompt[b])] + plen[int(prompt[b])])
+        keys = np.concatenate([pkn[p, :, a:z], kn[b, :, int(start[b]):int(end[b])]], axis=1)  # [Hkv,n,hd]
+        vals = np.concatenate([pvn[p, :, a:z], vn[b, :, int(start[b]):int(end[b])]], axis=1)
+        scores = np.einsum("kgd,knd->kgn", qn[b].reshape(Hkv, Hq // Hkv, hd), keys) / np.sqrt(hd)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        ref = np.einsum("kgn,knd->kgd", weights, vals).reshape(Hq, hd)
+        np.testing.assert_allclose(out[b], ref, rtol=2e-5, atol=2e-5)
     # a prompt no live row reads (end = start) reads nothing: its rows get their own keys' attention
     quiet = dict(prefix, end=pstart.at[1].set(pstart[1]))
     alone = np.asarray(decode_attention_reference(q, k, v, start, end))
