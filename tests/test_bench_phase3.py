@@ -1,4 +1,5 @@
-"""scripts/bench_phase3.py runs end to end at tiny size on CPU and writes its JSON line."""
+"""scripts/bench_phase3.py runs end to end at tiny size on CPU and writes its JSON line; its floors and
+memory model (jaxhack/phase3_floor.py) by hand."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import load_script
+from jaxhack import phase3_floor as floors
 
 
 def load():
@@ -64,27 +66,26 @@ def test_profiled_sampler_call_is_written_per_decode_step(tmp_path):
 
 
 def test_realistic_lengths_and_floor_terms():
-    bench = load()
-    lengths = bench.completion_lengths("realistic", 4000, 1536)
+    lengths = floors.completion_lengths("realistic", 4000, 1536)
     assert 470 < lengths.mean() < 530 and lengths.min() >= 16 and lengths.max() <= 1536
     from jaxhack.models.config import QWEN3_4B
     prompts = np.full(258, 400)
-    worst = bench.step_floor(QWEN3_4B, prompts, np.full(258, 1536), 989e12, 3.35e12)
-    short = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12)
+    worst = floors.step_floor(QWEN3_4B, prompts, np.full(258, 1536), 989e12, 3.35e12)
+    short = floors.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12)
     assert short["floor_s"] < worst["floor_s"] and short["prefill_s"] == worst["prefill_s"]
     # decode reads all weights + full-rank adapter bases each step: 8.52 G params -> ~17 GB in bf16
     assert 16 < worst["decode_fixed_gb_per_step"] < 19
     # the shared-prompt learner: the Linears run each prompt once per group of 6 (attention stays per row)
-    shared = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, shared_prompt_groups=6)
+    shared = floors.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, shared_prompt_groups=6)
     assert shared["prefill_s"] == short["prefill_s"] and shared["decode_s"] == short["decode_s"]
     # the refill sampler's prompt pool: each of the 43 prompts prefilled once, and read once per decode
     # step for its 6 rows (43 x 400 prompt positions a step, not 258 x 400)
     from jaxhack.rl.refill import PromptRuns
     book = PromptRuns(np.repeat(np.arange(43), 6), 152, 8)
-    once = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, prefilled=book.first,
+    once = floors.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, prefilled=book.first,
                             slots=152)
     np.testing.assert_allclose(once["prefill_s"], short["prefill_s"] * 43 / 258, rtol=1e-12)
-    pooled = bench.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, prefilled=book.first,
+    pooled = floors.step_floor(QWEN3_4B, prompts, np.full(258, 500), 989e12, 3.35e12, prefilled=book.first,
                               prompt_runs=book.run_of_row, slots=152)
     kv_position = 2 * QWEN3_4B.num_hidden_layers * QWEN3_4B.num_key_value_heads * QWEN3_4B.head_dim * 2
     fixed = once["decode_fixed_gb_per_step"] * 1e9
@@ -94,7 +95,7 @@ def test_realistic_lengths_and_floor_terms():
     # at 152 slots: each prompt read for its longest row's 500 steps, at least
     saved = (258 - 43) * 400 * 500 * kv_position / 3.35e12
     np.testing.assert_allclose(once["decode_slots_s"] - pooled["decode_slots_s"], saved, rtol=1e-9)
-    p = bench.linear_params(QWEN3_4B)
+    p = floors.linear_params(QWEN3_4B)
     saved_tokens = 258 * 400 - 43 * 400  # 5 of each group's 6 prompts
     np.testing.assert_allclose((short["update_tflop"] - shared["update_tflop"]) * 1e12,
                                4 * (p["p_lin"] + p["p_vh"] + p["p_u"]) * saved_tokens, rtol=1e-9)
@@ -168,23 +169,22 @@ def test_sampler_floor_at_the_schedules_steps():
     """sampler_schedule_floor: with every row decoding at once (slots >= rows, equal lengths) the floor at
     the schedule's steps is the all-rows floor; with fewer slots it lies between the perfectly packed floor
     and that floor times the extra steps; on 2 devices it is the larger part's."""
-    bench = load()
     from jaxhack.models.config import QWEN3_4B
     prompts, lengths = np.full(96, 400), np.full(96, 300)
-    one = bench.step_floor(QWEN3_4B, prompts, lengths, 989e12, 4.8e12, slots=96, schedule_steps=300)
+    one = floors.step_floor(QWEN3_4B, prompts, lengths, 989e12, 4.8e12, slots=96, schedule_steps=300)
     np.testing.assert_allclose(one["decode_schedule_s"], one["decode_s"], rtol=1e-9)
-    sched = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 96, 8, 1, 989e12, 4.8e12)
+    sched = floors.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 96, 8, 1, 989e12, 4.8e12)
     assert sched["schedule_steps"] == 300
     np.testing.assert_allclose(sched["sample_floor_schedule_s"], one["prefill_s"] + one["decode_s"], rtol=1e-9)
     rng = np.random.default_rng(0)
     lengths = rng.integers(16, 1536, 258)
     prompts = np.full(258, 400)
-    packed = bench.step_floor(QWEN3_4B, prompts, lengths, 989e12, 4.8e12, slots=152)
-    sched = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 1, 989e12, 4.8e12)
+    packed = floors.step_floor(QWEN3_4B, prompts, lengths, 989e12, 4.8e12, slots=152)
+    sched = floors.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 1, 989e12, 4.8e12)
     assert sched["schedule_steps"] > packed["decode_slots_steps"]  # the schedule cannot pack perfectly
     assert sched["sample_floor_schedule_s"] > packed["prefill_s"] + packed["decode_slots_s"]
-    two = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 2, 989e12, 4.8e12)
-    halves = [bench.sampler_schedule_floor(QWEN3_4B, prompts[a:b], lengths[a:b], 152, 8, 1, 989e12, 4.8e12)
+    two = floors.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 2, 989e12, 4.8e12)
+    halves = [floors.sampler_schedule_floor(QWEN3_4B, prompts[a:b], lengths[a:b], 152, 8, 1, 989e12, 4.8e12)
               for a, b in ((0, 129), (129, 258))]
     assert two["sample_floor_schedule_s"] == max(h["sample_floor_schedule_s"] for h in halves)
     from jaxhack.rl.refill import schedule_decode_steps
@@ -192,6 +192,6 @@ def test_sampler_floor_at_the_schedules_steps():
         lengths, 152, 8, devices=2)
     # GRPO groups of 6: each prompt prefilled once and read once per step for its rows
     ids = np.repeat(np.arange(43), 6)
-    grouped = bench.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 1, 989e12, 4.8e12, ids=ids)
+    grouped = floors.sampler_schedule_floor(QWEN3_4B, prompts, lengths, 152, 8, 1, 989e12, 4.8e12, ids=ids)
     assert grouped["schedule_steps"] == sched["schedule_steps"]
     assert grouped["sample_floor_schedule_s"] < sched["sample_floor_schedule_s"]

@@ -20,7 +20,7 @@ LAYERS = [
     ("jaxhack.projection",),
     ("jaxhack.rl.sampling", "jaxhack.rl.lend", "jaxhack.rl.refill", "jaxhack.rl.sampler"),
     ("jaxhack.probes", "jaxhack.rl"),
-    ("jaxhack.bench", "jaxhack.demo", "jaxhack.organism"),
+    ("jaxhack.bench", "jaxhack.demo", "jaxhack.organism", "jaxhack.phase3_floor"),
     ("jaxhack.commands", "jaxhack.cli"),
 ]
 
