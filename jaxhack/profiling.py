@@ -59,14 +59,16 @@ def summarize_trace(trace_dir: Path, steps: int) -> dict:
             if "xla op" in lname or "xla module" in lname or "step" in lname or "source" in lname:
                 continue
             for event in line.events:
-                entry = per_kernel[event.name]
+                stats = _event_stats(event)
+                hlo = str(stats.get("hlo_op") or stats.get("long_name") or stats.get("tf_op") or "")[:400]
+                # one entry per (kernel, launching HLO op): with XLA's command buffers off
+                # (--xla_gpu_enable_command_buffer=) the same cuBLAS kernel of different matmuls splits
+                entry = per_kernel[(event.name, hlo)]
                 entry["ns"] += event.duration_ns
                 entry["count"] += 1
-                if not entry["hlo"]:
-                    stats = _event_stats(event)
-                    entry["hlo"] = str(stats.get("long_name") or stats.get("hlo_op") or stats.get("tf_op") or "")[:400]
-    rows = [{"kernel": k, "ms_per_step": v["ns"] / 1e6 / steps, "calls_per_step": v["count"] / steps,
-             "hlo": v["hlo"], "category": category(k, v["hlo"])} for k, v in per_kernel.items()]
+                entry["hlo"] = hlo
+    rows = [{"kernel": k[0], "ms_per_step": v["ns"] / 1e6 / steps, "calls_per_step": v["count"] / steps,
+             "hlo": v["hlo"], "category": category(k[0], v["hlo"])} for k, v in per_kernel.items()]
     rows.sort(key=lambda r: -r["ms_per_step"])
     by_category = collections.defaultdict(float)
     for r in rows:
