@@ -16,6 +16,7 @@ from jaxhack.grads.losses import sequence_logprobs
 from jaxhack.grads.shared_prompt import group_layout, group_microbatches, shared_prompt_logprobs
 from jaxhack.models.adapters import init_svd_adapter, merge
 from jaxhack.models.config import TINY
+from jaxhack.models.packed_rows import gather_rows, gather_slots
 from jaxhack.projection.arms import ARMS
 from jaxhack.projection.v_hack import random_v_hack
 from jaxhack.rl import learner
@@ -66,6 +67,43 @@ def test_layout_packs_each_prompt_once_and_maps_rows_back():
         np.testing.assert_array_equal(lay["packed_pred"][g][lay["row_source"][g, j, 1:n]], lay["row_source"][g, j, :n - 1])
     np.testing.assert_array_equal(lay["out_row"][0, :5], 0)  # prompt slots take row 0's output
     np.testing.assert_array_equal(lay["out_row"][0, 5:17], [0] * 4 + [1] + [2] * 7)
+
+
+def test_packed_gathers_have_the_plain_gathers_gradients():
+    """`packed_rows`: the custom gradients (gathers by the inverse maps) equal the plain gathers'
+    (scatter-adds) for cotangents that are 0 at the rows' right padding, what attention gives there;
+    including a group with an empty row and prompts of different lengths."""
+    batch = grouped_batch()
+    lay = group_layout(batch["tokens"], batch["attention_mask"], batch["prompt_len"], G, multiple=8)
+    Bg, Tp = lay["packed_tokens"].shape
+    T = lay["row_source"].shape[2]
+    rng = np.random.default_rng(5)
+    packed = jnp.asarray(rng.standard_normal((Bg, Tp, 2, 3)), jnp.float32)
+    real = jnp.asarray(lay["row_source"] < Tp - 1)[..., None, None]  # [Bg,G,T,1,1] real row positions
+    d_rows = jnp.asarray(rng.standard_normal((Bg, G, T, 2, 3)), jnp.float32) * real
+    src, readers = jnp.asarray(lay["row_source"]), jnp.asarray(lay["slot_readers"])
+    plain_rows = jax.vmap(lambda a, i: a[i])
+    out, vjp = jax.vjp(lambda a: gather_rows(a, src, readers), packed)
+    ref, ref_vjp = jax.vjp(lambda a: plain_rows(a, src), packed)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_allclose(vjp(d_rows)[0], ref_vjp(d_rows)[0], rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(vjp(d_rows)[0]).max()) > 0
+    # the outputs back: every slot's output comes from one row position; the rest get cotangent 0
+    rows = jnp.asarray(rng.standard_normal((Bg, G, T, 2, 3)), jnp.float32)
+    o_row, o_pos, r_slot = (jnp.asarray(lay[k]) for k in ("out_row", "out_pos", "row_slot"))
+    d_packed = jnp.asarray(rng.standard_normal((Bg, Tp, 2, 3)), jnp.float32) * jnp.asarray(lay["packed_mask"])[..., None, None]
+    out, vjp = jax.vjp(lambda r: gather_slots(r, o_row, o_pos, r_slot), rows)
+    ref, ref_vjp = jax.vjp(lambda r: jax.vmap(lambda o, a, b: o[a, b])(r, o_row, o_pos), rows)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(vjp(d_packed)[0], ref_vjp(d_packed)[0])
+    # the inverse maps: a slot read by row g at position t <=> row_source[g, t] is that slot
+    for b in range(Bg):
+        for g in range(G):
+            for t in range(T):
+                s = int(lay["row_source"][b, g, t])
+                assert (lay["slot_readers"][b, s, g] == t) == (s < Tp - 1)
+                taken = int(lay["row_slot"][b, g, t])
+                assert taken == Tp or (lay["out_row"][b, taken], lay["out_pos"][b, taken]) == (g, t)
 
 
 def test_rows_of_a_group_must_share_their_prompt():

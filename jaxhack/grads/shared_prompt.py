@@ -32,7 +32,9 @@ from jaxhack.grads.microbatch import length_microbatches, take_rows
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 
-LAYOUT_KEYS = ("packed_tokens", "packed_positions", "packed_mask", "packed_pred", "row_source", "out_row", "out_pos")
+LAYOUT_KEYS = ("packed_tokens", "packed_positions", "packed_mask", "packed_pred", "row_source", "out_row", "out_pos",
+               "slot_readers", "row_slot")
+GROUP_KEYS = ("row_source", "out_row", "out_pos", "slot_readers", "row_slot")  # what attention needs (`qwen3.grouped_causal_attention`)
 
 
 def packed_lengths(attention_mask, prompt_len, group_size: int) -> np.ndarray:
@@ -52,7 +54,10 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
       packed_tokens, packed_positions [Bg, Tp] int32, packed_mask [Bg, Tp] bool (real tokens),
       packed_pred [Bg, Tp] int32 (the slot before each slot in its row: the hidden state that predicts
       its token; 0 where there is none), row_source [Bg, G, T] int32 (the packed slot of each row position), out_row / out_pos [Bg, Tp]
-      int32 (the row and row position whose attention output each slot takes).
+      int32 (the row and row position whose attention output each slot takes), and their inverses for the
+      gathers' gradients (`models.packed_rows`): slot_readers [Bg, Tp, G] int32 (the position of row g that
+      reads slot s; T where none does) and row_slot [Bg, G, T] int32 (the slot that takes row g's output at
+      position t; Tp where none does).
     ValueError when a group's rows do not share their prompt tokens."""
     tokens, attention_mask = np.asarray(tokens), np.asarray(attention_mask, bool)
     prompt_len = np.asarray(prompt_len, np.int64)
@@ -73,7 +78,8 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
     Tp = int(-(-(packed_len.max() + 1) // multiple) * multiple)
     out = {"packed_tokens": np.zeros((Bg, Tp), np.int32), "packed_positions": np.zeros((Bg, Tp), np.int32),
            "packed_mask": np.zeros((Bg, Tp), bool), "packed_pred": np.zeros((Bg, Tp), np.int32), "row_source": np.full((Bg, G, T), Tp - 1, np.int32),
-           "out_row": np.zeros((Bg, Tp), np.int32), "out_pos": np.full((Bg, Tp), T - 1, np.int32)}
+           "out_row": np.zeros((Bg, Tp), np.int32), "out_pos": np.full((Bg, Tp), T - 1, np.int32),
+           "slot_readers": np.full((Bg, Tp, G), T, np.int32), "row_slot": np.full((Bg, G, T), Tp, np.int32)}
     for g in range(Bg):
         r0 = g * G
         P = int(min(prompt_len[r0], real[r0:r0 + G].max()))  # an all-empty group has no prompt either
@@ -84,6 +90,8 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
         out["packed_pred"][g, 1:P] = span[:-1]
         out["row_source"][g, :, :P] = span
         out["out_pos"][g, :P] = span
+        out["slot_readers"][g, :P, :] = span[:, None]  # every row reads the prompt at its own positions
+        out["row_slot"][g, 0, :P] = span  # the prompt slots take row 0's outputs
         offset = P
         for j in range(G):
             L = int(comp[r0 + j])
@@ -95,6 +103,8 @@ def group_layout(tokens, attention_mask, prompt_len, group_size: int, multiple: 
             out["row_source"][g, j, P:P + L] = slots
             out["out_row"][g, slots] = j
             out["out_pos"][g, slots] = positions
+            out["slot_readers"][g, slots, j] = positions
+            out["row_slot"][g, j, P:P + L] = slots
             offset += L
     return out
 
@@ -143,7 +153,7 @@ def shared_prompt_logprobs(params, config: Qwen3Config, adapters, tokens: jax.Ar
     chex.assert_rank(tokens, 2)
     Bg, G, T = layout["row_source"].shape
     chex.assert_shape(tokens, (Bg * G, T))
-    groups = {k: layout[k] for k in ("row_source", "out_row", "out_pos")}
+    groups = {k: layout[k] for k in GROUP_KEYS}
     hidden, _ = qwen3.forward(params, config, layout["packed_tokens"], layout["packed_mask"], adapters=adapters,
                               remat=remat, positions=layout["packed_positions"], attention="grouped",
                               groups=groups)  # [Bg,Tp,D]

@@ -17,6 +17,7 @@ from jaxhack.models.adapters import add_adapter_delta
 from jaxhack.models.config import Qwen3Config, module_shapes
 from jaxhack.models.decode_attention import decode_attention, prefix_decode_attention
 from jaxhack.models.decode_layout import factored_output, group_projections, is_decode_group
+from jaxhack.models.packed_rows import gather_rows, gather_slots
 
 Params = dict[str, Any]
 _MASK_VALUE = -1e30  # finite, so a fully masked row (a pad query) gives a uniform softmax, not NaN
@@ -123,17 +124,19 @@ def grouped_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, groups: d
     completions back to back; `grads.shared_prompt.group_layout`). groups["row_source"] [Bg,G,T]: the
     packed slot of each position of each row's own sequence [prompt; completion; right padding];
     groups["out_row"], groups["out_pos"] [Bg,Tp]: the row and position whose output each slot takes
-    (a prompt slot: row 0's). Each row's sequence is gathered and run through `causal_attention`
-    (exact for right-padded rows; each row's padding is skipped: a micro-batch's rows differ in length
-    far more than the per-row layout's length-sorted ones), then scattered back. -> [Bg,Tp,Hq,hd]. The
-    gradient of a shared prompt key or value sums over the G rows that read it (the gather's transpose)."""
+    (a prompt slot: row 0's); groups["slot_readers"], groups["row_slot"]: their inverse maps. Each row's
+    sequence is gathered and run through `causal_attention` (exact for right-padded rows; each row's
+    padding is skipped: a micro-batch's rows differ in length far more than the per-row layout's
+    length-sorted ones), and each slot's output gathered back. -> [Bg,Tp,Hq,hd]. The gradient of a shared
+    prompt key or value sums over the G rows that read it; both gathers' gradients are gathers by the
+    inverse maps (`packed_rows`), not scatter-adds."""
     Bg, G, T = groups["row_source"].shape
     Tp = q.shape[1]
-    gather = jax.vmap(lambda a, idx: a[idx])  # per group: [Tp, ...] at [G, T] -> [G, T, ...]
-    rows = [gather(a, groups["row_source"]).reshape(Bg * G, T, *a.shape[2:]) for a in (q, k, v)]
+    rows = [gather_rows(a, groups["row_source"], groups["slot_readers"]).reshape(Bg * G, T, *a.shape[2:])
+            for a in (q, k, v)]
     lengths = jnp.sum(groups["row_source"] < Tp - 1, axis=-1).reshape(Bg * G)  # real positions (the last slot is padding)
     out = causal_attention(*rows, lengths=lengths).reshape(Bg, G, T, *q.shape[2:])  # [Bg,G,T,Hq,hd]
-    return jax.vmap(lambda o, r, t: o[r, t])(out, groups["out_row"], groups["out_pos"])
+    return gather_slots(out, groups["out_row"], groups["out_pos"], groups["row_slot"])
 
 
 def _projections(x, layer, ad, names: tuple[str, ...], fused_name: str, sizes: tuple[int, ...],
