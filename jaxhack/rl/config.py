@@ -216,7 +216,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the sampler holds one copy of the weights (lend_weights, rl/lend.py): realistic step 39.6 s (96 slots,
     # two copies) -> 37.5 s, peak 68.3 GB both (H200 capped at 80 GB, session 12; docs/benchmarks.md);
     # 34.4 s, 64.9 GB with one prefill per refill's distinct prompt (session 13); 34.3 s, 61.7 GB with the
-    # prompt pool (slots of 1536 positions, 34.4 GB, and 64 prompts of 512, 4.8 GB; session 14). The reference pass and update: micro-batches of 12288 tokens (24 rows of 512 ... 6 of
+    # prompt pool (slots of 1536 positions, 34.4 GB, and 64 prompts of 512, 4.8 GB; session 14); 33.3 s with
+    # the shared-prompt attention's gathers differentiated as gathers (update 13.3 -> 11.9 s, session 15). The reference pass and update: micro-batches of 12288 tokens (24 rows of 512 ... 6 of
     # 2048), remat "linear" (no matmul recomputed): update 26.9 -> 20.6 s, learner
     # peak 62.9 GB (session 7); lengths cut to multiples of 128 (not 512): 15% fewer padded tokens at the
     # realistic lengths, at most 16 compiled shapes per program (session 8). --sampler-form factored: 33.7 s
