@@ -20,6 +20,7 @@ with lengths). The G terms of a prompt slot are summed in fp32 and rounded once.
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -34,10 +35,12 @@ def _take(values: jax.Array, index: jax.Array) -> jax.Array:
 def gather_rows(packed: jax.Array, row_source: jax.Array, slot_readers: jax.Array) -> jax.Array:
     """packed [Bg, Tp, ...] -> rows [Bg, G, T, ...]: rows[b, g, t] = packed[b, row_source[b, g, t]].
     slot_readers [Bg, Tp, G]: the position of row g that reads slot s (T: none), the inverse map."""
-    return _take(packed, row_source)
+    return _gather_rows_fwd(packed, row_source, slot_readers)[0]
 
 
 def _gather_rows_fwd(packed, row_source, slot_readers):
+    Bg, G, _ = row_source.shape
+    chex.assert_shape(slot_readers, (Bg, packed.shape[1], G))
     return _take(packed, row_source), slot_readers
 
 
@@ -57,16 +60,14 @@ gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 def gather_slots(rows: jax.Array, out_row: jax.Array, out_pos: jax.Array, row_slot: jax.Array) -> jax.Array:
     """rows [Bg, G, T, ...] -> packed [Bg, Tp, ...]: packed[b, s] = rows[b, out_row[b, s], out_pos[b, s]].
     row_slot [Bg, G, T]: the slot that takes row g's position t (Tp: none), the inverse map."""
-    return _take_slots(rows, out_row, out_pos)
-
-
-def _take_slots(rows, out_row, out_pos):
-    Bg, G, T = rows.shape[:3]
-    return _take(rows.reshape(Bg, G * T, *rows.shape[3:]), out_row * T + out_pos)
+    return _gather_slots_fwd(rows, out_row, out_pos, row_slot)[0]
 
 
 def _gather_slots_fwd(rows, out_row, out_pos, row_slot):
-    return _take_slots(rows, out_row, out_pos), row_slot
+    chex.assert_shape(row_slot, rows.shape[:3])
+    chex.assert_equal_shape([out_row, out_pos])
+    Bg, G, T = rows.shape[:3]
+    return _take(rows.reshape(Bg, G * T, *rows.shape[3:]), out_row * T + out_pos), row_slot
 
 
 def _gather_slots_bwd(row_slot, d_packed):
