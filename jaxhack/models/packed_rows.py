@@ -16,7 +16,9 @@ scatter-adds; on a GPU those four scatters took 5% of an update micro-batch (doc
 
 This is the exact gradient of the forward gather for every cotangent that is 0 at the rows' right
 padding, which is what attention gives there (each row's padding is skipped; `qwen3.causal_attention`
-with lengths). The G terms of a prompt slot are summed in fp32 and rounded once.
+with lengths). The G terms of a prompt slot are summed in fp32 and rounded once, in a fixed order: unlike
+a GPU scatter-add with repeated indices (atomic adds), the result does not depend on the order in which
+threads land.
 """
 from __future__ import annotations
 
