@@ -11,6 +11,9 @@ writes the full table as JSON.
     PYTHONPATH=. python scripts/profile_kernels.py generate --adapter svd --batch 96 --prompt-len 384
     PYTHONPATH=. python scripts/profile_kernels.py update --batch 12 --prompt-len 400 --completion-len 624
     PYTHONPATH=. python scripts/profile_kernels.py update --batch 24 --group-size 6 --update-layout shared_prompt
+    # as one of bench_phase3.py's realistic micro-batches: 3 groups, completions drawn with max_new 1536
+    PYTHONPATH=. python scripts/profile_kernels.py update --batch 18 --group-size 6 --update-layout shared_prompt \
+        --lengths realistic --completion-len 1536
     PYTHONPATH=. python scripts/profile_kernels.py probe --small     # CPU smoke test (no GPU planes)
 """
 from __future__ import annotations
@@ -102,7 +105,10 @@ def build_update(args):
     """(fn, inputs) of one micro-batch of the Phase 3 update: value_and_grad of the trainer's Dr.GRPO loss
     (`grads.losses.grpo_batch_loss`, causal attention) over `--batch` rows of `--prompt-len` +
     `--completion-len` tokens with the full-rank SVD adapter, remat `--remat` (rl/learner.make_update_fn
-    runs this once per micro-batch)."""
+    runs this once per micro-batch). `--lengths realistic`: as bench_phase3.py's realistic regime, each
+    group's prompt drawn from prompt-len +- min(100, prompt-len / 4) and each completion from
+    `phase3_floor.completion_lengths` with max_new = completion-len (mean ~500 at 1536); rows right-padded
+    to the longest, cut to a multiple of 128 as the learner's micro-batches are."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -119,17 +125,26 @@ def build_update(args):
     trainable, frozen = random_svd_adapter(params, jax.random.PRNGKey(1), dtype)
     rng = np.random.default_rng(0)
     G = (min(args.group_size, R) if args.small else args.group_size) if args.update_layout == "shared_prompt" else R
-    prompts = [rng.integers(3, config.vocab_size, P).tolist() for _ in range(R // G)]
+    prompt_lens, comp_lens = np.full(R // G, P), np.full(R, C)
+    if args.lengths == "realistic":
+        from jaxhack.phase3_floor import completion_lengths
+
+        half = min(100, P // 4)
+        prompt_lens = rng.integers(P - half, P + half + 1, R // G)
+        comp_lens = completion_lengths("realistic", R, C)
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in prompt_lens]
+    T = int(prompt_lens.max() + comp_lens.max())
+    T = T if args.lengths == "equal" else -(-T // 128) * 128
     batch = make_batch([prompts[i // G] for i in range(R)],  # rows i*G .. i*G+G-1 share a prompt, as GRPO's
-                       [rng.integers(3, config.vocab_size, C).tolist() for _ in range(R)], pad_id=0,
-                       padding="right", length=P + C)
-    batch.update(advantage=rng.standard_normal(R).astype(np.float32), old_logp=np.zeros((R, P + C), np.float32),
-                 use_current=np.ones(R, bool), ref_logp=np.zeros((R, P + C), np.float32))
-    positions = R * (P + C)
+                       [rng.integers(3, config.vocab_size, int(c)).tolist() for c in comp_lens], pad_id=0,
+                       padding="right", length=T)
+    batch.update(advantage=rng.standard_normal(R).astype(np.float32), old_logp=np.zeros((R, T), np.float32),
+                 use_current=np.ones(R, bool), ref_logp=np.zeros((R, T), np.float32))
+    positions = R * T
     if args.update_layout == "shared_prompt":  # the groups' packed buffers (grads.shared_prompt)
         from jaxhack.grads.shared_prompt import group_layout
 
-        layout = group_layout(batch["tokens"], batch["attention_mask"], np.full(R, P), G)
+        layout = group_layout(batch["tokens"], batch["attention_mask"], np.repeat(prompt_lens, G), G)
         batch.update(layout)
         positions = layout["packed_tokens"].size
     batch = jax.tree.map(jnp.asarray, batch)
@@ -137,8 +152,9 @@ def build_update(args):
                              remat=args.remat, chunk=256)
     grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(3,))
     return (lambda: grad_fn(trainable, frozen, params, config, batch)), {
-        "rows": R, "tokens": R * (P + C), "remat": args.remat, "update_layout": args.update_layout,
-        "group_size": G, "linear_positions": positions}
+        "rows": R, "tokens": int(np.repeat(prompt_lens, G).sum() + comp_lens.sum()), "row_positions": R * T,
+        "completion_tokens": int(comp_lens.sum()), "lengths": args.lengths, "remat": args.remat,
+        "update_layout": args.update_layout, "group_size": G, "linear_positions": positions}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generate: sample through a full-rank SVD adapter at temperature 1 (the Phase 3 sampler)")
     ap.add_argument("--remat", default="linear", choices=("none", "full", "dots", "linear"),
                     help="update: remat policy (the full preset: linear)")
+    ap.add_argument("--lengths", choices=("equal", "realistic"), default="equal",
+                    help="update: every row prompt-len + completion-len tokens, or drawn as bench_phase3.py's "
+                         "realistic regime (completion-len is then max_new)")
     ap.add_argument("--update-layout", choices=("rows", "shared_prompt"), default="rows",
                     help="update: per-row sequences, or each group's prompt once (--group-size rows per group)")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")

@@ -31,3 +31,19 @@ def test_shared_prompt_update_runs_whole_groups_once(capsys):
     assert float(aux["n_tokens"]) == 2 * 8  # both rows' 8 completion tokens
     assert float(abs(grads["q_proj"]["delta_s"]).max()) > 0
 
+
+
+def test_realistic_lengths_update_matches_its_stated_tokens():
+    """--lengths realistic (as bench_phase3.py's realistic micro-batches): the group's prompt is drawn
+    around --prompt-len, the rows are cut to a multiple of 128, and the loss counts exactly the drawn
+    completion tokens."""
+    profile = load_script("profile_kernels")
+    args = profile.build_parser().parse_args(["update", "--small", "--update-layout", "shared_prompt",
+                                              "--lengths", "realistic"])
+    run, meta = profile.build_update(args)
+    assert meta["lengths"] == "realistic" and meta["row_positions"] == 2 * 128
+    prompt = (meta["tokens"] - meta["completion_tokens"]) // 2
+    assert 6 <= prompt <= 10 and meta["linear_positions"] >= prompt + meta["completion_tokens"]
+    (loss, aux), grads = run()
+    assert float(aux["n_tokens"]) == meta["completion_tokens"] == 2 * 8
+    assert float(abs(grads["q_proj"]["delta_s"]).max()) > 0
