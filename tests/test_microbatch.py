@@ -14,7 +14,7 @@ from jaxhack.models.adapters import init_svd_adapter
 from jaxhack.models.config import TINY
 from jaxhack.grads.batch import make_batch
 from jaxhack.grads.losses import grpo_batch_loss, sequence_logprobs
-from jaxhack.grads.microbatch import length_microbatches, rows_at, take_rows
+from jaxhack.grads.microbatch import length_microbatches, put_rows, rows_at, take_rows
 
 CONFIG = dataclasses.replace(TINY, vocab_size=128)
 
@@ -118,3 +118,14 @@ def test_row_plan_token_budget_is_per_device_and_splits_evenly(monkeypatch):
     # multiple of 3) gave some device more than its 32 tokens on these lengths
     old = length_microbatches(lengths, 12, multiple=8, max_len=40, max_tokens=96)
     assert any(-(-len(r) // 3) * T > 32 for r, T in old)
+
+
+def test_put_rows_writes_each_result_at_its_rows_and_drops_empty_rows():
+    out = np.full((4, 6), -1.0, np.float32)
+    parts = [(np.array([2, -1]), 3, np.array([[1, 2, 3], [9, 9, 9]], np.float32)),  # row -1: padding, dropped
+             (np.array([0, 3]), 6, np.arange(12, dtype=np.float32).reshape(2, 6))]
+    put_rows(out, parts)
+    np.testing.assert_array_equal(out[2], [1, 2, 3, -1, -1, -1])  # past its cut: untouched
+    np.testing.assert_array_equal(out[0], np.arange(6))
+    np.testing.assert_array_equal(out[3], np.arange(6, 12))
+    np.testing.assert_array_equal(out[1], -1)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhack.grads.microbatch import length_microbatches, take_rows
+from jaxhack.grads.microbatch import length_microbatches, put_rows, take_rows
 from jaxhack.grads.shared_prompt import LAYOUT_KEYS, shared_prompt_logprobs
 from jaxhack.models import qwen3
 from jaxhack.models.adapters import merge
@@ -82,16 +82,14 @@ def batched_logprobs(params, config: Qwen3Config, adapters, tokens, attention_ma
                                    attention=attention) for i in range(0, n, step)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
     host = {"tokens": np.asarray(tokens), "attention_mask": np.asarray(attention_mask)}
-    out = np.zeros((n, T), np.float32)
+    parts = []
     for rows, t in length_microbatches(host["attention_mask"].sum(1), microbatch, multiple=length_multiple,
                                        max_len=T, max_tokens=max_tokens):
         mb = take_rows(host, rows, t)
-        logp = np.asarray(sequence_logprobs(params, config, adapters, jnp.asarray(mb["tokens"]),
-                                            jnp.asarray(mb["attention_mask"]), remat=remat, chunk=chunk,
-                                            attention=attention))  # [microbatch, t]
-        real = rows >= 0
-        out[rows[real], :t] = logp[real]
-    return jnp.asarray(out)
+        parts.append((rows, t, sequence_logprobs(params, config, adapters, jnp.asarray(mb["tokens"]),
+                                                 jnp.asarray(mb["attention_mask"]), remat=remat, chunk=chunk,
+                                                 attention=attention)))  # [microbatch, t], dispatched
+    return jnp.asarray(put_rows(np.zeros((n, T), np.float32), parts))
 
 
 def sample_logprobs(trainable, frozen, params, config: Qwen3Config, sample: dict,

@@ -79,3 +79,15 @@ def take_rows(batch: dict, rows: np.ndarray, T: int) -> dict:
         part = np.where(real.reshape((-1,) + (1,) * (part.ndim - 1)), part, np.zeros((), part.dtype))
         out[name] = part
     return out
+
+
+def put_rows(out: np.ndarray, parts, to_host=np.asarray) -> np.ndarray:
+    """Write each micro-batch's result [R, t] back at its rows into out [N, T] (rows -1: empty, dropped).
+    parts: [(rows, t, values)], values device arrays of micro-batches already dispatched: they are read
+    back (`to_host`) only here, so the device runs the micro-batches back to back instead of waiting for
+    the host between them."""
+    for rows, t, values in parts:
+        values = to_host(values)
+        real = rows >= 0
+        out[rows[real], :t] = values[real]
+    return out

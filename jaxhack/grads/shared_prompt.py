@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxhack.grads.microbatch import length_microbatches, take_rows
+from jaxhack.grads.microbatch import length_microbatches, put_rows, take_rows
 from jaxhack.models import qwen3
 from jaxhack.models.config import Qwen3Config
 
@@ -171,11 +171,7 @@ def batched_shared_prompt_logprobs(params, config: Qwen3Config, adapters, batch:
     per micro-batch (`group_microbatches`); entries past a row's micro-batch cut, and rows left out
     (padding rows past the last whole group), are 0."""
     host = {k: np.asarray(batch[k]) for k in ("tokens", "attention_mask", "prompt_len")}
-    out = np.zeros(host["tokens"].shape, np.float32)
-    for rows, t, layout in group_microbatches(host, group_size, microbatch, multiple, max_tokens):
-        part = take_rows(host, rows, t)
-        logp = np.asarray(shared_prompt_logprobs(params, config, adapters, jnp.asarray(part["tokens"]),
-                                                 jax.tree.map(jnp.asarray, layout), chunk=chunk))  # [R, t]
-        real = rows >= 0
-        out[rows[real], :t] = logp[real]
-    return out
+    parts = [(rows, t, shared_prompt_logprobs(params, config, adapters, jnp.asarray(take_rows(host, rows, t)["tokens"]),
+                                              jax.tree.map(jnp.asarray, layout), chunk=chunk))  # [R, t], dispatched
+             for rows, t, layout in group_microbatches(host, group_size, microbatch, multiple, max_tokens)]
+    return put_rows(np.zeros(host["tokens"].shape, np.float32), parts)

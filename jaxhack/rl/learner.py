@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxhack.grads.batch import make_batch, place_completion_values
 from jaxhack.grads.losses import centered_advantages, grpo_batch_loss, reference_logprobs, sequence_logprobs
-from jaxhack.grads.microbatch import length_microbatches, take_rows
+from jaxhack.grads.microbatch import length_microbatches, put_rows, take_rows
 from jaxhack.grads.shared_prompt import batched_shared_prompt_logprobs, group_microbatches, shared_prompt_logprobs
 from jaxhack.models.config import Qwen3Config
 from jaxhack.parallel import mesh as meshlib
@@ -169,18 +169,15 @@ def sharded_reference_logp(params, config: Qwen3Config, batch: dict, cfg: TrainC
     program per micro-batch shape, params replicated); with update_layout "shared_prompt" whole groups
     per device (`group_microbatches(devices=D)`). Returns [N,T] host log-probs."""
     host = {k: np.asarray(batch[k]) for k in ("tokens", "attention_mask", "prompt_len") if k in batch}
-    n, T = host["tokens"].shape
-    out = np.zeros((n, T), np.float32)
     shared = cfg.update_layout == "shared_prompt"
     fn, sharding = _sharded_logprobs(mesh, config, cfg.logp_chunk, shared), meshlib.row_sharded(mesh)
+    parts = []
     for rows, t, layout in learner_plan(host, cfg.update_layout, cfg.group_size, cfg.microbatch, cfg.length_multiple,
                                         mesh, cfg.microbatch_tokens):
         mb = take_rows(host, rows, t)
         second = meshlib.tree_to_global(layout, sharding) if shared else meshlib.to_global(mb["attention_mask"], sharding)
-        logp = meshlib.to_host(fn(params, meshlib.to_global(mb["tokens"], sharding), second))  # [rows, t]
-        real = rows >= 0
-        out[rows[real], :t] = logp[real]
-    return out
+        parts.append((rows, t, fn(params, meshlib.to_global(mb["tokens"], sharding), second)))  # [rows, t], dispatched
+    return put_rows(np.zeros(host["tokens"].shape, np.float32), parts, meshlib.to_host)
 
 
 # ----------------------------------------------------------------------------------------------
