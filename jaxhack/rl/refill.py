@@ -218,9 +218,10 @@ class PromptRuns:
     def __init__(self, ids, slots: int, refill_rows: int):
         ids = np.asarray(ids).reshape(-1)
         N = len(ids)
-        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if N else np.zeros(0, int)
-        self.run_of_row = np.cumsum(np.r_[True, ids[1:] != ids[:-1]]) - 1 if N else np.zeros(0, int)
-        self.member = np.arange(N) - starts[self.run_of_row] if N else np.zeros(0, int)
+        is_start = np.r_[True, ids[1:] != ids[:-1]][:N]  # [N] the row begins a run
+        starts = np.flatnonzero(is_start)
+        self.run_of_row = np.cumsum(is_start) - 1
+        self.member = np.arange(N) - starts[self.run_of_row]
         self.left = np.diff(np.r_[starts, N])  # [runs] rows not finished
         self.first = starts
         R = max(1, min(refill_rows, slots))
