@@ -28,6 +28,16 @@ def linear_params(config) -> dict:
             "p_u": L * sum(min(i, o) * o for i, o in dims)}
 
 
+def sampler_params(p: dict, sampler_form: str) -> int:
+    """Multiply-adds per token (= weights read per decode step) of the target Linears in the sampler's
+    form: exact x W + ((x Vh^T) delta) U^T: p_lin + p_vh + p_u; factored ((x Vh^T)(S + delta)) U^T:
+    p_vh + p_u; dense x W + x dW: 2 p_lin. p: `linear_params`."""
+    forms = {"exact": p["p_lin"] + p["p_vh"] + p["p_u"], "factored": p["p_vh"] + p["p_u"], "dense": 2 * p["p_lin"]}
+    if sampler_form not in forms:
+        raise ValueError(f"sampler_form {sampler_form!r}: expected one of {tuple(forms)}")
+    return forms[sampler_form]
+
+
 def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2,
                slots: int | None = None, sampler_form: str = "exact", shared_prompt_groups: int | None = None,
                schedule_steps: int | None = None, prefilled=None, prompt_runs=None) -> dict:
@@ -52,7 +62,8 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     same bytes floor at that many steps, which separates the schedule's cost from the kernels'.
     sampler_form "factored" (`sampler.generate(form="factored")`): prefill and decode compute each Linear
     from its SVD factors, p_vh + p_u instead of p_lin + p_vh + p_u, and decode reads the bases but not
-    the Linear weights (the embedding / LM head and norms still).
+    the Linear weights (the embedding / LM head and norms still); "dense" (`form="dense"`): each Linear
+    as x W + x dW, 2 p_lin, and decode reads W and dW, not the bases.
     prompt_runs: [N] the run each row belongs to (rows of a run share their prompt and the refill
     sampler's prompt pool holds it once, `refill.PromptRuns`): decode then reads a run's prompt once per
     step while any of its rows is live (with slots: at least for its longest row's steps), not once per
@@ -69,7 +80,7 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     comp_lens = np.asarray(comp_lens, np.float64)
     total = prompt_lens + comp_lens
     attn_fwd = lambda T: float(np.sum(2.0 * T * T * Hq * hd * L))  # causal: half of 4 T^2 Hq hd
-    p_sample = p["p_vh"] + p["p_u"] if sampler_form == "factored" else p_all  # per token, prefill and decode
+    p_sample = sampler_params(p, sampler_form)  # per token, prefill and decode
     prefill_lens = prompt_lens if prefilled is None else prompt_lens[np.asarray(prefilled, int)]
     prefill = 2 * p_sample * prefill_lens.sum() + attn_fwd(prefill_lens)
     learner_tokens = total.sum() if shared_prompt_groups is None else (
@@ -78,7 +89,7 @@ def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float
     update = 4 * p_all * learner_tokens + 3 * attn_fwd(total) + 4 * D * V * comp_lens.sum()
     # decode: weights (tied embedding once) + adapter bases, every step; KV of each live row
     n_weights = p["p_lin"] + V * D + L * (4 * D + 2 * hd) + D
-    fixed_bytes = (n_weights + p["p_vh"] + p["p_u"] - (p["p_lin"] if sampler_form == "factored" else 0)) * bytes_per_el
+    fixed_bytes = (n_weights - p["p_lin"] + sampler_params(p, sampler_form)) * bytes_per_el
     kv_per_slot = 2 * L * config.num_key_value_heads * hd * bytes_per_el
     decode_s = 0.0
     runs = None if prompt_runs is None else np.unique(np.asarray(prompt_runs), return_index=True, return_inverse=True)
@@ -148,11 +159,11 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
                     pool_positions: int = 0) -> dict:
     """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
     decode copies (`decode_layout.decode_layers`: the Linear weights and the bases; the factored form copies the
-    bases only) + the group's KV cache (n_rows_group x cache_slots positions, plus the refill sampler's
+    bases only; the dense form the weights and their dense changes dW) + the group's KV cache (n_rows_group x cache_slots positions, plus the refill sampler's
     prompt pool, `pool_positions` = entries x positions) + the prefill scores of `prefill_rows` rows (default: the group;
     the refill schedule prefills the U prompts new to its pool per refill at a time; lend: the stacked arrays
-    the copies duplicate are freed while sampling, `rl.lend`, so one copy is held); update: params + bases + one micro-batch's
-    saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
+    the copies duplicate are freed while sampling, `rl.lend`, so one copy is held, plus the dense form's
+    dW); update: params + bases + one micro-batch's saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
     policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
     not modelled either: the measured sampler peaks were 4.5 GB (exact, 96 slots) and 1.1 GB (factored,
     128 slots) above this estimate (H200, session 8)."""
@@ -162,7 +173,10 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
     bases = (p["p_vh"] + p["p_u"]) * bytes_per_el
     kv = 2 * L * (n_rows_group * cache_slots + pool_positions) * config.num_key_value_heads * config.head_dim * bytes_per_el
     scores = (n_rows_group if prefill_rows is None else prefill_rows) * config.num_attention_heads * prefill_chunk * prompt_bucket * 4 * 2
-    copies = 0 if lend else bases + (0 if sampler_form == "factored" else p["p_lin"] * bytes_per_el)
+    # the decode layout's copies: the exact form W and the bases, factored the bases, dense W and dW
+    # (lend: the stacked arrays the layout holds exactly are freed, so only dW is extra)
+    layout = sampler_params(p, sampler_form) * bytes_per_el
+    copies = (p["p_lin"] * bytes_per_el if sampler_form == "dense" else 0) if lend else layout
     sample = weights + bases + copies + kv + scores
     tokens = microbatch * max_len if tokens is None else tokens  # one micro-batch (or its token budget)
     update = (weights + bases + L * tokens * D * bytes_per_el  # saved layer inputs

@@ -438,7 +438,8 @@ def main(argv=None) -> int:
                     help="micro-batch lengths round up to this (default: the preset's length_multiple)")
     ap.add_argument("--sampler-form", default=None,
                     help="exact (default): x W + the adapter, as trained; factored: SVD-adapted Linears from "
-                         "their factors (fewer bytes per decode step; rl/sampler.generate)")
+                         "their factors (fewer bytes per decode step; rl/sampler.generate); dense: x W + x dW with "
+                         "the adapter's change dW built once per sampler call")
     ap.add_argument("--update-layout", default=None,
                     help="shared_prompt (the full preset's default on one device): the reference pass and the update "
                          "run each group's prompt once (grads/shared_prompt.py; fewer tokens, the same loss; floor_s "

@@ -1,17 +1,20 @@
-"""How far the factored sampler's policy is from the policy being trained, at Qwen3-4B shape in bf16.
+"""How far the factored and dense samplers' policies are from the policy being trained, at Qwen3-4B
+shape in bf16.
 
 `sampler.generate(form="factored")` computes every SVD-adapted Linear as ((x Vh^T)(S + delta)) U^T
 from the bf16 factors instead of x W + ((x Vh^T) delta) U^T. With the weights' own SVD the two are
-the same function up to the rounding of the factors to bf16. This script measures what that rounding
-does to the sampled tokens' log-probabilities, against the mismatch the exact sampler already has
-(its KV-cache decode against the learner's full-sequence forward):
+the same function up to the rounding of the factors to bf16. `form="dense"` computes x W + x dW with
+dW = bf16((U diag(delta) Vh)^T): the same function for any bases, up to the rounding of the adapter's
+change. This script measures what each rounding does to the sampled tokens' log-probabilities, against
+the mismatch the exact sampler already has (its KV-cache decode against the learner's full-sequence
+forward):
 
 - a random Qwen3-4B-shaped model whose every target Linear is W = bf16(Vh^T diag(S) U^T) for random
   orthonormal fp32 U, Vh (one QR per module, permuted and sign-flipped per layer) and S of a plausible
   spectrum, with the adapter's u / vh = bf16(U),
   bf16(Vh): the situation of a real checkpoint (bf16 weights, bf16 SVD factors). delta_s ~ N(0, 0.01^2),
   about what 200 Adam steps at lr 7e-5 can reach (|delta| <= steps x lr = 0.014);
-- both forms sample the same prompts with the same key at temperature 1;
+- the three forms sample the same prompts with the same key at temperature 1;
 - each form's own log-probs of its tokens are compared with the learner's (`qwen3.forward` over the
   whole sequence with `adapters`, `token_logprobs`): mean |gap|, and the mean of sampler - learner
   log-prob, which estimates KL(sampler || learner) per token.
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
                            "new_tokens": args.new_tokens, "layers": config.num_hidden_layers, "dtype": str(jnp.dtype(dtype)), "build_s": build_s,
                            "delta_s_std": 0.01, "temperature": 1.0,
                            "factor_residual_max": max(float(jnp.max(r)) for r in residuals.values())}
-    for form in ("exact", "factored"):
+    for form in ("exact", "factored", "dense"):
         res = sampler.generate(params, config, prompts, max_new_tokens=args.new_tokens, key=jax.random.PRNGKey(7),
                                adapters=adapters, temperature=1.0, eos_token_ids=[], form=form)
         learner = learner_logprobs(params, config, adapters, prompts, res)
@@ -147,10 +150,11 @@ def main(argv=None) -> int:
         record[form] = {"mean_abs_logp_gap": float(np.mean(np.abs(gap))), "max_abs_logp_gap": float(np.max(np.abs(gap))),
                         "kl_estimate_per_token": float(np.mean(gap)),
                         "mean_learner_logp": float(np.mean(learner[mask]))}
-    same = results["exact"].tokens == results["factored"].tokens
-    first = np.where(same.all(axis=1), args.new_tokens, np.argmin(same, axis=1))
-    record.update(identical_rows=int(same.all(axis=1).sum()),
-                  tokens_before_first_divergence_median=float(np.median(first)))
+    for form in ("factored", "dense"):  # the tokens against the exact sampler's (same key)
+        same = results["exact"].tokens == results[form].tokens
+        first = np.where(same.all(axis=1), args.new_tokens, np.argmin(same, axis=1))
+        record[form].update(identical_rows_to_exact=int(same.all(axis=1).sum()),
+                            tokens_before_first_divergence_median=float(np.median(first)))
     print(json.dumps(record))
     if args.out:
         from jaxhack.io import append_jsonl

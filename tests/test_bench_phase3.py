@@ -103,6 +103,31 @@ def test_realistic_lengths_and_floor_terms():
                                rtol=1e-9)
 
 
+def test_sampler_forms_bytes_per_decode_step_and_memory():
+    """What each sampler form reads per decode step (the floor's fixed bytes) and holds while sampling,
+    from the Linears' sizes by hand: exact W + U + Vh, factored U + Vh, dense W + dW (Qwen3-4B:
+    7.27 GB of target Linears, 9.76 GB of full-rank bases)."""
+    from jaxhack.models.config import QWEN3_4B
+    p = floors.linear_params(QWEN3_4B)
+    lin, bases = p["p_lin"] * 2, (p["p_vh"] + p["p_u"]) * 2
+    assert 7.2e9 < lin < 7.3e9 and 9.7e9 < bases < 9.8e9
+    prompts, lengths = np.full(12, 400), np.full(12, 100)
+    fixed = {form: floors.step_floor(QWEN3_4B, prompts, lengths, 989e12, 3.35e12, sampler_form=form)
+             ["decode_fixed_gb_per_step"] * 1e9 for form in ("exact", "factored", "dense")}
+    np.testing.assert_allclose(fixed["exact"] - fixed["dense"], bases - lin, rtol=1e-12)
+    np.testing.assert_allclose(fixed["exact"] - fixed["factored"], lin, rtol=1e-12)
+    mem = {(form, lend): floors.memory_estimate(QWEN3_4B, 152, 1536, 8, 2048, 256, 512, sampler_form=form,
+                                                lend=lend)["sample_gb"] * 1e9
+           for form in ("exact", "factored", "dense") for lend in (False, True)}
+    # lent: the exact and factored layouts replace what they copy; the dense one adds dW (the bases stay)
+    assert mem[("exact", True)] == mem[("factored", True)]
+    np.testing.assert_allclose(mem[("dense", True)] - mem[("exact", True)], lin, rtol=1e-9)
+    np.testing.assert_allclose(mem[("exact", False)] - mem[("exact", True)], lin + bases, rtol=1e-9)
+    np.testing.assert_allclose(mem[("dense", False)] - mem[("dense", True)], lin, rtol=1e-9)
+    with pytest.raises(ValueError, match="sampler_form 'fused': expected one of"):
+        floors.step_floor(QWEN3_4B, prompts, lengths, 989e12, 3.35e12, sampler_form="fused")
+
+
 def test_meshes_mode_writes_one_line_per_mesh(tmp_path):
     """--meshes (here data=1, the one CPU device of the suite; 2 and 4 fake devices were checked by hand with
     --cpu-devices 4): the mesh fields and the scaling efficiency against the data=1 line of the call."""
@@ -149,7 +174,7 @@ def test_tiny_learner_only_with_token_budget(tmp_path):
     (["--refill-rows", "-1"], "--refill-rows must be >= 1, got -1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--sampler-form", "exact", "--microbatch-tokens", "0"], "--microbatch-tokens must be >= 1"),
-    (["--sampler-form", "fused"], "--sampler-form 'fused': expected one of ('exact', 'factored')"),
+    (["--sampler-form", "fused"], "--sampler-form 'fused': expected one of ('exact', 'factored', 'dense')"),
     (["--max-new", "0"], "--max-new must be >= 1"),
     (["--profile-sample", "p.json"], "--profile-sample needs --sample-only"),
     (["--sample-only", "--profile-sample", "no/such/dir/p.json"], "no/such/dir/p.json: no such directory"),

@@ -40,29 +40,36 @@ def _host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-@pytest.mark.parametrize("kind, targets, factored", [
-    ("svd", None, False), ("svd", ("k_proj", "up_proj", "o_proj"), False), ("svd", None, True),
-    ("svd", ("k_proj", "up_proj", "o_proj"), True), ("lora", None, False), (None, None, False)])
-def test_stacked_from_decode_inverts_decode_layers_exactly(kind, targets, factored):
+SOME = ("k_proj", "up_proj", "o_proj")
+
+
+@pytest.mark.parametrize("kind, targets, form", [
+    ("svd", None, "exact"), ("svd", SOME, "exact"), ("svd", None, "factored"), ("svd", SOME, "factored"),
+    ("svd", None, "dense"), ("svd", SOME, "dense"), ("lora", None, "exact"), ("lora", None, "dense"),
+    (None, None, "exact")])
+def test_stacked_from_decode_inverts_decode_layers_exactly(kind, targets, form):
     """Every array the layout holds comes back bit for bit: the stacked weights (all of them in the
-    exact form; all but the factored modules' in the factored form) and the SVD bases."""
+    exact and dense forms; all but the factored modules' in the factored form) and the SVD bases (held
+    by the exact and factored layouts, not by the dense one, which holds W and the dense changes)."""
     params = _params()
     merged = None if kind is None else adapterlib.merge(*_adapter(params, kind, targets))
-    layers, layer_adapters = decode_layout.decode_layers(params, merged, factored=factored)
+    layers, layer_adapters = decode_layout.decode_layers(params, merged, form=form)
     widths = tuple((name, w.shape[-1]) for name, w in params["layers"].items())
     stacked, bases = decode_layout.stacked_from_decode(layers, layer_adapters, widths)
-    factored_modules = set(merged or ()) if factored and kind == "svd" else set()
+    factored_modules = set(merged or ()) if form == "factored" and kind == "svd" else set()
     assert set(stacked) == set(params["layers"]) - factored_modules
     for name, w in stacked.items():
         assert w.dtype == params["layers"][name].dtype
         np.testing.assert_array_equal(np.asarray(w), np.asarray(params["layers"][name]), err_msg=name)
-    assert set(bases) == (set(merged) if kind == "svd" else set())
+    assert set(bases) == (set(merged) if kind == "svd" and form != "dense" else set())
+    if form == "dense" and kind == "svd":  # no copy of the bases in the layout (they stay with the caller)
+        assert all("u" not in la[name] and "vh" not in la[name] for la in layer_adapters for name in merged)
     for name, module in bases.items():
         for key in ("u", "vh"):
             np.testing.assert_array_equal(np.asarray(module[key]), np.asarray(merged[name][key]), err_msg=name)
 
 
-@pytest.mark.parametrize("schedule, form", [("refill", "exact"), ("groups", "factored")])
+@pytest.mark.parametrize("schedule, form", [("refill", "exact"), ("groups", "factored"), ("refill", "dense")])
 def test_generate_lending_frees_the_stacked_copies_and_puts_equal_ones_back(schedule, form):
     params = _params()
     trainable, frozen = _adapter(params, "svd")
@@ -86,13 +93,13 @@ def test_generate_lending_frees_the_stacked_copies_and_puts_equal_ones_back(sche
     np.testing.assert_array_equal(lent.tokens, kept.tokens)
     np.testing.assert_array_equal(lent.logprobs, kept.logprobs)
     # while sampling: the stacked weights the layout holds, and the bases, were freed (not the factored
-    # form's weights, which its layout does not hold)
+    # form's weights, which its layout does not hold, nor the dense form's bases)
     factored = form == "factored"
-    assert seen["deleted"]["u"]
+    assert seen["deleted"]["u"] == (form != "dense")
     for name in old_layers:
         assert seen["deleted"][name] == (not (factored and name in merged)), name
     # after: equal arrays in the same dicts; the trainer's copy of the bases is put back from the merge
-    assert old_layers["input_norm"].is_deleted() and old_u.is_deleted()
+    assert old_layers["input_norm"].is_deleted() and old_u.is_deleted() == (form != "dense")
     lend.put_back_bases(frozen, merged)
     jax.tree.map(np.testing.assert_array_equal, _host(params), before_params)
     jax.tree.map(np.testing.assert_array_equal, _host(frozen), before_frozen)

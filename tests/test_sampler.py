@@ -535,6 +535,47 @@ def test_factored_form_gives_the_exact_forms_tokens(params, targets):
     np.testing.assert_allclose(greedy.logprobs[1], ref_logp, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("targets", [None, ("q_proj", "up_proj", "down_proj")], ids=["all", "some"])
+def test_dense_form_gives_the_exact_forms_tokens(params, targets):
+    """The dense sampler x W + x (U diag(delta) Vh)^T samples the exact form's tokens (fp32: the two
+    associate the adapter's product differently, nothing else) in both schedules, greedy and at
+    temperature 1, for any bases (the random ones of svd_adapters, not the weights' SVD); with some
+    modules adapted, the q/k/v and gate/up groups mix adapted and plain modules. The adapter is large
+    enough to change the tokens, and the greedy tokens are the full (training) forward's."""
+    adapters = svd_adapters(CONFIG, jax.random.PRNGKey(5))
+    if targets is not None:
+        adapters = {name: a for name, a in adapters.items() if name in targets}
+    adapters = {name: {**a, "delta_s": a["delta_s"] + 0.3, "delta_s_hack": a["delta_s_hack"] - 0.1}
+                for name, a in adapters.items()}
+    kw = dict(max_new_tokens=MAX_NEW, key=jax.random.PRNGKey(1), eos_token_ids=[], adapters=adapters)
+    base = sampler.generate(params, CONFIG, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0,
+                            key=jax.random.PRNGKey(1), eos_token_ids=[])
+    for temperature, extra in ((0.0, {}), (1.0, dict(max_rows=2, refill_rows=1))):
+        exact = sampler.generate(params, CONFIG, PROMPTS, temperature=temperature, form="exact", **kw, **extra)
+        dense = sampler.generate(params, CONFIG, PROMPTS, temperature=temperature, form="dense", **kw, **extra)
+        np.testing.assert_array_equal(dense.tokens, exact.tokens)
+        np.testing.assert_allclose(dense.logprobs, exact.logprobs, atol=2e-4)
+        if temperature == 0.0:
+            assert (exact.tokens != base.tokens).any()
+    ref_tokens, ref_logp = reference_greedy(params, PROMPTS[1], MAX_NEW, adapters=adapters)
+    greedy = sampler.generate(params, CONFIG, PROMPTS, temperature=0.0, form="dense", **kw)
+    np.testing.assert_array_equal(greedy.tokens[1], ref_tokens)
+    np.testing.assert_allclose(greedy.logprobs[1], ref_logp, atol=2e-4, rtol=1e-4)
+
+
+def test_dense_delta_is_the_adapters_change_of_the_weight():
+    """dense_delta(u, delta, vh) is (U diag(delta) Vh)^T: x @ it equals the adapter's ((x Vh^T) delta) U^T,
+    in fp32 to float rounding, and in bf16 within bf16 rounding of the change."""
+    ku, kv, kd, kx = jax.random.split(jax.random.PRNGKey(3), 4)
+    u, vh = jax.random.normal(ku, (48, 32)), jax.random.normal(kv, (32, 40))  # [out,r], [r,in]
+    delta, x = 0.01 * jax.random.normal(kd, (32,)), jax.random.normal(kx, (5, 40))
+    want = ((x @ vh.T) * delta) @ u.T  # [5, 48]
+    np.testing.assert_allclose(x @ decode_layout.dense_delta(u, delta, vh, jnp.float32), want, rtol=1e-5, atol=1e-6)
+    got = x.astype(jnp.bfloat16) @ decode_layout.dense_delta(u, delta, vh, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0, atol=0.02 * float(jnp.max(jnp.abs(want))))
+
+
 def test_factored_scales_are_the_singular_values_and_flag_foreign_bases(params):
     """factored_scales recovers S from the SVD factors (residual ~0) and reports a residual near 1 for
     bases that are not the weights' (the random bases of svd_adapters): the check the trainer runs."""
@@ -553,14 +594,15 @@ def test_bad_sampler_form_is_refused(params):
         sampler.generate(params, CONFIG, PROMPTS, max_new_tokens=2, key=jax.random.PRNGKey(0), form="fused")
 
 
-def test_factored_form_leaves_lora_exact(params):
-    """Only SVD adapters have factors: with LoRA the factored form is the exact computation."""
+@pytest.mark.parametrize("form", ["factored", "dense"])
+def test_factored_and_dense_forms_leave_lora_exact(params, form):
+    """Only SVD adapters have factors: with LoRA the factored and dense forms are the exact computation."""
     adapters = lora_adapters(CONFIG, jax.random.PRNGKey(11))
     kw = dict(max_new_tokens=8, temperature=1.0, key=jax.random.PRNGKey(4), eos_token_ids=[], adapters=adapters)
     exact = sampler.generate(params, CONFIG, PROMPTS, form="exact", **kw)
-    factored = sampler.generate(params, CONFIG, PROMPTS, form="factored", **kw)
-    np.testing.assert_array_equal(factored.tokens, exact.tokens)
-    np.testing.assert_array_equal(factored.logprobs, exact.logprobs)
+    other = sampler.generate(params, CONFIG, PROMPTS, form=form, **kw)
+    np.testing.assert_array_equal(other.tokens, exact.tokens)
+    np.testing.assert_array_equal(other.logprobs, exact.logprobs)
 
 
 def test_refill_on_devices_raises_a_parts_error_and_stops_the_others(params, monkeypatch):
@@ -575,7 +617,7 @@ def test_refill_on_devices_raises_a_parts_error_and_stops_the_others(params, mon
     prompts = [rng.integers(3, 200, n).tolist() for n in rng.integers(1, 30, 6)]
     tokens, mask = sampler.left_pad(prompts, 64, 6, 0)
     eos = np.full((sampler.MAX_EOS_IDS,), -1, np.int32)
-    with lend.decode_weights(params, None, factored=False, lend=False) as (laid_out, _):
+    with lend.decode_weights(params, None, form="exact", lend=False) as (laid_out, _):
         pass  # the decode layout generate_slots reads (sampler.generate builds it once per call)
     args = (laid_out, None, tokens, mask, np.full((6,), 5, np.int32), eos, 0, jax.random.PRNGKey(2), sampler.TEMPERATURE,
             1.0, 1.0)

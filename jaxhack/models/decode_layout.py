@@ -34,8 +34,16 @@ def factored_output(h: jax.Array, factored: dict, dtype) -> jax.Array:
 def is_decode_group(layer: dict, names: tuple[str, ...], fused_name: str) -> bool:
     """Whether `layer` holds `fused_name` in one of decode_layers' group layouts (else: the stacked
     training layout, one linear() per module, or a group left per module)."""
-    return (fused_name + "_vh" in layer or fused_name + "_w_vh" in layer
+    return (fused_name + "_vh" in layer or fused_name + "_w_vh" in layer or fused_name + "_w_dw" in layer
             or (len(names) > 1 and fused_name in layer))
+
+
+def dense_delta(u: jax.Array, delta: jax.Array, vh: jax.Array, dtype) -> jax.Array:
+    """The SVD adapter's change of one weight, dense, in the jax layout: (U diag(delta) Vh)^T [d_in, d_out].
+    u [d_out, r], delta [r] (delta_s + delta_s_hack, fp32), vh [r, d_in]. U * delta is rounded to `dtype`
+    (as the learner rounds (x Vh^T) * delta), the product is accumulated in fp32 and rounded once."""
+    scaled = (u.astype(jnp.float32) * delta.astype(jnp.float32)).astype(dtype)  # [d_out, r]
+    return jnp.einsum("ri,or->io", vh.astype(dtype), scaled, preferred_element_type=jnp.float32).astype(dtype)
 
 
 def group_projections(x, layer, ad, names: tuple[str, ...], fused_name: str, sizes: tuple[int, ...]):
@@ -46,6 +54,8 @@ def group_projections(x, layer, ad, names: tuple[str, ...], fused_name: str, siz
     - `fused_name`_w_vh (exact form, SVD adapters): x [W_1 | W_2 | .. | Vh_a^T | Vh_b^T ..] gives every
       module's x W_m and every adapted module's h_m = x Vh_m^T, then x W_m + (h_m * delta_m) U_m^T,
       with the same roundings as `adapters.adapter_delta` (bf16 h, bf16 product);
+    - `fused_name`_w_dw (dense form, SVD adapters): x [W_1 | W_2 | .. | dW_a | dW_b ..] gives every
+      module's x W_m and every adapted module's x dW_m (`dense_delta`), then x W_m + x dW_m;
     - `fused_name` (plain weights or LoRA): x [W_1 | W_2 | ..], then each module's adapter delta.
     ad: name -> the module's per-layer adapter dict or None."""
     if fused_name + "_vh" in layer:
@@ -65,6 +75,14 @@ def group_projections(x, layer, ad, names: tuple[str, ...], fused_name: str, siz
         adds = _u_products([h * d for h, d in zip(hs, deltas)], layer[fused_name + "_u"], x.dtype, None)
         for i, add in zip(adapted, adds):
             ys[i] = ys[i] + add.astype(ys[i].dtype)
+        return [y if i in adapted else add_adapter_delta(y, x, ad(name)) for i, (name, y) in enumerate(zip(names, ys))]
+    if fused_name + "_w_dw" in layer:
+        adapted = [i for i, name in enumerate(names) if ad(name) is not None and "delta_s" in ad(name)]
+        out = x @ layer[fused_name + "_w_dw"]  # [..., sum(sizes) + the adapted modules' sizes]
+        parts = _split_last(out, list(sizes) + [sizes[i] for i in adapted])
+        ys = list(parts[:len(names)])
+        for i, add in zip(adapted, parts[len(names):]):
+            ys[i] = ys[i] + add
         return [y if i in adapted else add_adapter_delta(y, x, ad(name)) for i, (name, y) in enumerate(zip(names, ys))]
     fused = x @ layer[fused_name]  # [..., sum(sizes)]
     return [add_adapter_delta(y, x, ad(name)) for name, y in zip(names, _split_last(fused, sizes))]
@@ -140,15 +158,19 @@ def factored_scales(params: Params, adapters: dict, residual: bool = False):
     return (scales, residuals) if residual else scales
 
 
-def decode_layers(params: Params, adapters: dict | None = None, factored: bool = False):
+DECODE_FORMS = ("exact", "factored", "dense")  # how decode_layers lays out the SVD-adapted Linears
+
+
+def decode_layers(params: Params, adapters: dict | None = None, form: str = "exact"):
     """Per-layer copies of the weights for decoding: (layers, layer_adapters), tuples of L dicts.
 
     Built once per sampler call, outside its decode loop: static slices of the stacked [L, ...]
     weights inside an XLA while loop were copied on every step (docs/benchmarks.md). Each group of
     Linears that reads one input (q/k/v, o, gate/up, down: `FUSED_GROUPS`) becomes one matmul per
     decode step for everything that multiplies that input, and the U factors of equal-shape modules
-    are stacked for one batched matmul (k/v, gate/up), so a layer runs 9 matmul kernels whatever the
-    form (18 for the exact form with one kernel per factor). `group_projections` reads these layouts:
+    are stacked for one batched matmul (k/v, gate/up), so a layer runs 9 matmul kernels in the exact
+    and factored forms (18 for the exact form with one kernel per factor) and 4 in the dense form.
+    `group_projections` reads these layouts:
     - no adapter, or LoRA: "qkv_proj", "gate_up_proj" = the weights concatenated along d_out (LoRA
       deltas stay per module);
     - exact form, SVD adapters: "<group>_w_vh" = [W_1 | .. | Vh_a^T | ..] (the weights, then each adapted
@@ -162,10 +184,18 @@ def decode_layers(params: Params, adapters: dict | None = None, factored: bool =
       every weight, the size of bf16 quantisation itself). A group whose modules are all factored
       holds "<group>_vh" (the Vh factors concatenated along r) and "<group>_u"; the module keeps
       {"factor_scale"}. In a group with some modules not adapted, each factored module keeps its
-      own {"u", "vh", "factor_scale"} (one linear() each). LoRA modules stay exact."""
+      own {"u", "vh", "factor_scale"} (one linear() each). LoRA modules stay exact;
+    - dense (the sampler's "dense" form): each SVD-adapted module's change dW = (U diag(delta) Vh)^T
+      (`dense_delta`, delta = delta_s + delta_s_hack) is built once, and "<group>_w_dw" = [W_1 | .. |
+      dW_a | ..]: one matmul reads |W| + |dW| (Qwen3-4B: 14.5 instead of 17.0 GB of Linears per decode step) and the
+      U / Vh factors are not copied (the module keeps delta_s, delta_s_hack). x W + x dW is the exact
+      form's x W + ((x Vh^T) delta) U^T with the adapter's product associated the other way: the
+      same function, rounded differently (bf16 dW instead of bf16 h and h * delta; docs/sampler.md)."""
+    if form not in DECODE_FORMS:
+        raise ValueError(f"decode_layers: form must be one of {DECODE_FORMS}, got {form!r}")
     stacked = params["layers"]
     L = stacked["q_proj"].shape[0]
-    scales = factored_scales(params, adapters) if factored and adapters is not None else {}
+    scales = factored_scales(params, adapters) if form == "factored" and adapters is not None else {}
     svd = {name for name, a in (adapters or {}).items() if "delta_s" in a}
     layers, layer_adapters = [], []
     for index in range(L):
@@ -181,6 +211,11 @@ def decode_layers(params: Params, adapters: dict | None = None, factored: bool =
                 layer[fused_name + "_u"] = _equal_shape_runs([la[name].pop("u") for name in names])
             elif not all(name in layer for name in names):  # mixed factored / exact: one linear() each
                 continue
+            elif any(name in svd for name in names) and form == "dense":  # W and the dense changes
+                adapted = [name for name in names if name in svd]
+                changes = [dense_delta(la[name].pop("u"), la[name]["delta_s"] + la[name]["delta_s_hack"],
+                                       la[name].pop("vh"), layer[name].dtype) for name in adapted]
+                layer[fused_name + "_w_dw"] = jnp.concatenate([layer.pop(name) for name in names] + changes, axis=-1)
             elif any(name in svd for name in names):  # exact form with SVD adapters
                 adapted = [name for name in names if name in svd]
                 layer[fused_name + "_w_vh"] = jnp.concatenate(
@@ -231,6 +266,10 @@ def _layer_arrays(layer: dict, la: dict | None, widths: dict) -> tuple[dict, dic
             ws.update(zip(names, parts[:len(names)]))
             for name, vh_t, u in zip(adapted, parts[len(names):], _unstack_runs(layer[fused_name + "_u"])):
                 bases[name] = {"u": u, "vh": vh_t.T}
+        elif fused_name + "_w_dw" in layer:  # dense form: [W_1 | .. | dW_a | ..]; the bases are not held
+            ws.update(zip(names, _split_last(layer[fused_name + "_w_dw"], [widths[name] for name in names]
+                                             + [widths[name] for name in names if ad(name) is not None
+                                                and "delta_s" in ad(name)])))
         elif len(names) > 1 and fused_name in layer:  # plain weights concatenated
             ws.update(zip(names, _split_last(layer[fused_name], [widths[name] for name in names])))
         for name in names:  # a factored module of a mixed group keeps its own factors

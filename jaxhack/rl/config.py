@@ -108,7 +108,8 @@ class TrainConfig:
     prefill_chunk: int = 256           # prompt tokens per sampler prefill forward
     sampler_form: str = "exact"        # "exact": sample through x W + the adapter, as trained; "factored":
                                        # SVD-adapted Linears from their factors (fewer bytes per decode step,
-                                       # bf16-rounding-level logit changes; rl/sampler.generate, docs/sampler.md)
+                                       # bf16-rounding-level logit changes); "dense": x W + x dW, the adapter's
+                                       # change as a dense weight (rl/sampler.generate, docs/sampler.md)
     lend_weights: bool = True          # the sampler frees the stacked weights while it samples from its decode
                                        # layout and rebuilds them bit for bit (one copy: ~17 GB more KV cache
                                        # at Qwen3-4B; rl/lend.py); changes no value

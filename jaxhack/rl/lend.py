@@ -6,8 +6,9 @@ sampling leaves that much less for the KV cache (docs/sampler.md, "Lent weights"
 `decode_weights`:
 1. builds the layout (one jitted program) and waits for it;
 2. deletes the caller's arrays that the layout holds exactly (`decode_layout.stacked_from_decode`: every
-   array of params["layers"] in the exact form, all but the factored modules' weights in the factored
-   form, and the SVD bases adapters[module]["u" / "vh"]), so their memory is free while sampling;
+   array of params["layers"] in the exact and dense forms, all but the factored modules' weights in the
+   factored form, and the SVD bases adapters[module]["u" / "vh"] in the exact and factored forms; the
+   dense form holds W and U diag(delta) Vh, not the bases, which stay), so their memory is free while sampling;
 3. after sampling, or on an error, rebuilds them bit for bit (splits, transposes, stacks) and puts them
    back into the caller's dicts: params["layers"][name] and adapters[module][key].
 
@@ -25,19 +26,20 @@ import jax
 from jaxhack.models import decode_layout
 from jaxhack.models.adapters import merge
 
-decode_layers_jit = jax.jit(decode_layout.decode_layers, static_argnames=("factored",))
+decode_layers_jit = jax.jit(decode_layout.decode_layers, static_argnames=("form",))
 _stacked_jit = jax.jit(decode_layout.stacked_from_decode, static_argnames=("out_widths",))
 
 
 @contextlib.contextmanager
-def decode_weights(params: dict, adapters: dict | None, *, factored: bool, lend: bool):
-    """Yields (params with the per-layer "layers", per-layer adapters) for the sampler's programs.
+def decode_weights(params: dict, adapters: dict | None, *, form: str, lend: bool):
+    """Yields (params with the per-layer "layers", per-layer adapters) for the sampler's programs; form:
+    `decode_layout.DECODE_FORMS`.
     params already laid out (`decode_layout.is_laid_out`) are yielded as they are. lend: see the module
     docstring (the caller's stacked arrays are deleted inside the block and rebuilt at its end)."""
     if decode_layout.is_laid_out(params):
         yield params, adapters
         return
-    layers, layer_adapters = decode_layers_jit(params, adapters, factored=factored)
+    layers, layer_adapters = decode_layers_jit(params, adapters, form=form)
     if not lend:
         yield {**params, "layers": layers}, layer_adapters
         return

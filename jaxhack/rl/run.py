@@ -129,8 +129,8 @@ def factored_sampler_check(cfg: TrainConfig, adapter: str, params, frozen, train
     benchmark's random ones (--svd-random-bases), which are timed, not trained."""
     if cfg.sampler_form != "factored" or adapter != "svd":
         return {"form": cfg.sampler_form if adapter == "svd" else "exact",
-                **({"note": "the factored form applies to SVD adapters; a LoRA arm samples exactly"}
-                   if cfg.sampler_form == "factored" else {})}
+                **({"note": f"the {cfg.sampler_form} form applies to SVD adapters; a LoRA arm samples exactly"}
+                   if cfg.sampler_form != "exact" and adapter != "svd" else {})}
     _, residuals = jax.jit(functools.partial(decode_layout.factored_scales, residual=True))(
         params, adapters_merge(trainable0, frozen))
     worst_name, worst = max(((name, float(np.max(r))) for name, r in residuals.items()), key=lambda kv: kv[1])
