@@ -153,5 +153,6 @@ def test_resume_check_reads_a_field_the_run_predates_as_its_default(tmp_path):
     new = make_config("smoke").to_dict()
     old = {k: v for k, v in new.items() if k != "sampler_form"}
     check_resume_config(old, new, tmp_path / "run.json")
-    with pytest.raises(ValueError, match="sampler_form: None -> 'factored'|sampler_form: 'exact' -> 'factored'"):
+    with pytest.raises(ValueError, match="sampler_form: None -> 'factored'|sampler_form: 'exact' -> 'factored'") as e:
         check_resume_config(old, {**new, "sampler_form": "factored"}, tmp_path / "run.json")
+    assert str(e.value).endswith(f"(to continue the run as it was started, add --config {tmp_path / 'run.json'})")

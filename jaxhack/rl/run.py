@@ -232,7 +232,8 @@ def check_resume_config(old: dict, new: dict, path: Path) -> None:
             if k not in RESUME_FREE_FIELDS and old.get(k, defaults.get(k)) != v}
     if diff:
         raise ValueError(f"{path}: cannot resume, config differs from the run's: "
-                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+                         + f" (to continue the run as it was started, add --config {path})")
 
 
 def final_summary(run_dir: Path, window: int = 5) -> dict:
