@@ -158,13 +158,14 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
                     sampler_form: str = "exact", prefill_rows: int | None = None, lend: bool = False,
                     pool_positions: int = 0) -> dict:
     """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
-    decode copies (`decode_layout.decode_layers`: the Linear weights and the bases; the factored form copies the
-    bases only; the dense form the weights and their dense changes dW) + the group's KV cache (n_rows_group x cache_slots positions, plus the refill sampler's
-    prompt pool, `pool_positions` = entries x positions) + the prefill scores of `prefill_rows` rows (default: the group;
-    the refill schedule prefills the U prompts new to its pool per refill at a time; lend: the stacked arrays
-    the copies duplicate are freed while sampling, `rl.lend`, so one copy is held, plus the dense form's
-    dW); update: params + bases + one micro-batch's saved layer inputs (remat full) + one layer's recompute + the vocab-chunked LM head. (Other remat
-    policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
+    decode copies (`decode_layout.decode_layers`: the Linear weights and the bases; the factored form
+    copies the bases only; the dense form the weights and their dense changes dW) + the group's KV cache
+    (n_rows_group x cache_slots positions, plus the refill sampler's prompt pool, `pool_positions` =
+    entries x positions) + the prefill scores of `prefill_rows` rows (default: the group; the refill
+    schedule prefills the U prompts new to its pool per refill at a time; lend: the stacked arrays the
+    copies duplicate are freed while sampling, `rl.lend`, so one copy is held, plus the dense form's dW);
+    update: params + bases + one micro-batch's saved layer inputs (remat full) + one layer's recompute +
+    the vocab-chunked LM head. (Other remat policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
     not modelled either: the measured sampler peaks were 4.5 GB (exact, 96 slots) and 1.1 GB (factored,
     128 slots) above this estimate (H200, session 8)."""
     p = linear_params(config)

@@ -67,7 +67,7 @@ def group_projections(x, layer, ad, names: tuple[str, ...], fused_name: str, siz
         return [checkpoint_name(y, "linear_out")
                 for y in _u_products(gs, layer[fused_name + "_u"], x.dtype, jnp.float32)]
     if fused_name + "_w_vh" in layer:
-        adapted = [i for i, name in enumerate(names) if ad(name) is not None and "delta_s" in ad(name)]
+        adapted = _svd_adapted(names, ad)
         deltas = [(ad(names[i])["delta_s"] + ad(names[i])["delta_s_hack"]).astype(x.dtype) for i in adapted]
         out = x @ layer[fused_name + "_w_vh"]  # [..., sum(sizes) + sum of the adapted ranks]
         parts = _split_last(out, list(sizes) + [d.shape[-1] for d in deltas])
@@ -77,7 +77,7 @@ def group_projections(x, layer, ad, names: tuple[str, ...], fused_name: str, siz
             ys[i] = ys[i] + add.astype(ys[i].dtype)
         return [y if i in adapted else add_adapter_delta(y, x, ad(name)) for i, (name, y) in enumerate(zip(names, ys))]
     if fused_name + "_w_dw" in layer:
-        adapted = [i for i, name in enumerate(names) if ad(name) is not None and "delta_s" in ad(name)]
+        adapted = _svd_adapted(names, ad)
         out = x @ layer[fused_name + "_w_dw"]  # [..., sum(sizes) + the adapted modules' sizes]
         parts = _split_last(out, list(sizes) + [sizes[i] for i in adapted])
         ys = list(parts[:len(names)])
@@ -86,6 +86,11 @@ def group_projections(x, layer, ad, names: tuple[str, ...], fused_name: str, siz
         return [y if i in adapted else add_adapter_delta(y, x, ad(name)) for i, (name, y) in enumerate(zip(names, ys))]
     fused = x @ layer[fused_name]  # [..., sum(sizes)]
     return [add_adapter_delta(y, x, ad(name)) for name, y in zip(names, _split_last(fused, sizes))]
+
+
+def _svd_adapted(names: tuple[str, ...], ad) -> list[int]:
+    """The indices of the modules in `names` with an SVD adapter (ad(name) holds delta_s)."""
+    return [i for i, name in enumerate(names) if ad(name) is not None and "delta_s" in ad(name)]
 
 
 def _split_last(x: jax.Array, widths) -> list[jax.Array]:
@@ -260,16 +265,15 @@ def _layer_arrays(layer: dict, la: dict | None, widths: dict) -> tuple[dict, dic
             for name, u, vh in zip(names, _unstack_runs(layer[fused_name + "_u"]), vhs):
                 bases[name] = {"u": u, "vh": vh}
         elif fused_name + "_w_vh" in layer:  # exact form: [W_1 | .. | Vh_a^T | ..] and the U stacks
-            adapted = [name for name in names if ad(name) is not None and "delta_s" in ad(name)]
+            adapted = [names[i] for i in _svd_adapted(names, ad)]
             parts = _split_last(layer[fused_name + "_w_vh"],
                                 [widths[name] for name in names] + [ad(name)["delta_s"].shape[-1] for name in adapted])
             ws.update(zip(names, parts[:len(names)]))
             for name, vh_t, u in zip(adapted, parts[len(names):], _unstack_runs(layer[fused_name + "_u"])):
                 bases[name] = {"u": u, "vh": vh_t.T}
         elif fused_name + "_w_dw" in layer:  # dense form: [W_1 | .. | dW_a | ..]; the bases are not held
-            ws.update(zip(names, _split_last(layer[fused_name + "_w_dw"], [widths[name] for name in names]
-                                             + [widths[name] for name in names if ad(name) is not None
-                                                and "delta_s" in ad(name)])))
+            widths_dw = [widths[name] for name in names] + [widths[names[i]] for i in _svd_adapted(names, ad)]
+            ws.update(zip(names, _split_last(layer[fused_name + "_w_dw"], widths_dw)))
         elif len(names) > 1 and fused_name in layer:  # plain weights concatenated
             ws.update(zip(names, _split_last(layer[fused_name], [widths[name] for name in names])))
         for name in names:  # a factored module of a mixed group keeps its own factors
