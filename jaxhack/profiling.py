@@ -46,7 +46,7 @@ def summarize_trace(trace_dir: Path, steps: int) -> dict:
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
     data = ProfileData.from_file(str(files[-1]))
-    per_kernel = collections.defaultdict(lambda: {"ns": 0, "count": 0, "hlo": ""})
+    per_kernel = collections.defaultdict(lambda: {"ns": 0, "count": 0})  # (kernel, HLO op) -> totals
     planes, line_ms = [], collections.defaultdict(float)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
@@ -66,9 +66,8 @@ def summarize_trace(trace_dir: Path, steps: int) -> dict:
                 entry = per_kernel[(event.name, hlo)]
                 entry["ns"] += event.duration_ns
                 entry["count"] += 1
-                entry["hlo"] = hlo
-    rows = [{"kernel": k[0], "ms_per_step": v["ns"] / 1e6 / steps, "calls_per_step": v["count"] / steps,
-             "hlo": v["hlo"], "category": category(k[0], v["hlo"])} for k, v in per_kernel.items()]
+    rows = [{"kernel": kernel, "ms_per_step": v["ns"] / 1e6 / steps, "calls_per_step": v["count"] / steps,
+             "hlo": hlo, "category": category(kernel, hlo)} for (kernel, hlo), v in per_kernel.items()]
     rows.sort(key=lambda r: -r["ms_per_step"])
     by_category = collections.defaultdict(float)
     for r in rows:

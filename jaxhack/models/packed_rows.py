@@ -47,7 +47,7 @@ def _gather_rows_fwd(packed, row_source, slot_readers):
 
 
 def _gather_rows_bwd(slot_readers, d_rows):
-    Bg, G, T = d_rows.shape[:3]
+    G = d_rows.shape[1]
     total = None
     for g in range(G):  # G gathers [Bg, Tp, ...]; a completion slot has one reader, a prompt slot G
         part = _take(d_rows[:, g], slot_readers[:, :, g]).astype(jnp.float32)
