@@ -21,11 +21,17 @@ the `full` preset's state: --slots rows in GRPO groups of 6, prompts of 300-500 
 entries of 512, generated lengths drawn as bench_phase3's realistic regime (gamma, mean 500). Bytes:
 each layout's live keys and values.
 
+`stream`: what the card's memory can be made to deliver at all, the yardstick for the fractions above:
+a sum over --stream-gb of bf16 (each byte read once, fp32 accumulation) and a copy of the same array
+(read + write). On an H200 these say how far below the datasheet's 4.8 TB/s any read-bound kernel
+already sits before it does anything else.
+
 Each line: `fraction_of_bandwidth` = bytes / (time * --hbm-tbps). JSON lines to --out, a table on stdout.
 
     PYTHONPATH=. python scripts/bench_decode_kernels.py --part matmul attention --hbm-tbps 4.8 \
         --out docs/results/bench_decode_kernels_h200.jsonl
     PYTHONPATH=. python scripts/bench_decode_kernels.py --part prefix --hbm-tbps 4.8 --out docs/results/...
+    PYTHONPATH=. python scripts/bench_decode_kernels.py --part stream --hbm-tbps 4.8 --out docs/results/...
     PYTHONPATH=. python scripts/bench_decode_kernels.py --part matmul --rows 16 --small --implementation interpret  # CPU smoke
 """
 from __future__ import annotations
@@ -355,15 +361,37 @@ def bench_prefix(args, emit):
               f"{b['fraction_of_bandwidth']}); rel_err {b['rel_err']:.1e}", flush=True)
 
 
+def bench_stream(args, emit):
+    """Read-only (a sum) and read + write (a copy) streams over one array of --stream-gb: the bandwidth
+    a trivially simple kernel reaches on this card, against --hbm-tbps."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 1 << 20 if args.small else int(args.stream_gb * 1e9) // 2
+    x = jnp.ones((n // 1024, 1024), jnp.bfloat16)  # the values do not change the bytes moved
+    nbytes = x.size * x.dtype.itemsize
+    read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    copy = jax.jit(lambda a: a * jnp.bfloat16(1.0) + jnp.bfloat16(0.0))  # a new array: one read, one write
+    for kind, fn, moved in (("read", read, nbytes), ("copy", copy, 2 * nbytes)):
+        s = _time(fn, x, runs=args.runs)
+        rec = {"part": "stream", "kind": kind, "gb": round(nbytes / 1e9, 3), "bytes_moved": moved,
+               "us": float(f"{s * 1e6:.5g}"), "tbps": float(f"{moved / s / 1e12:.4g}"),
+               "fraction_of_bandwidth": float(f"{moved / (s * args.hbm_tbps * 1e12):.4g}")}
+        print(f"stream {kind:<5} {rec['gb']} GB: {rec['tbps']:.2f} TB/s = {rec['fraction_of_bandwidth']:.0%} of "
+              f"{args.hbm_tbps} TB/s")
+        emit(rec)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", nargs="+", choices=("matmul", "attention", "prefix"), default=["matmul", "attention"])
+    ap.add_argument("--part", nargs="+", choices=("matmul", "attention", "prefix", "stream"), default=["matmul", "attention"])
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 128], help="matmul rows M (powers of two >= 16)")
     ap.add_argument("--matmuls", nargs="+", default=None, help=f"subset of {list(MATMULS_4B)}")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="attention rows")
     ap.add_argument("--cache-len", type=int, nargs="+", default=[1152, 2048], help="attention cache slots")
     ap.add_argument("--attention-calls", type=int, default=8)
     ap.add_argument("--slots", type=int, default=152, help="prefix: the refill sampler's decode slots")
+    ap.add_argument("--stream-gb", type=float, default=4.0, help="stream: size of the array read")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--budget-per-shape-s", type=float, default=12.0, help="stop a shape's tile search after this")
     ap.add_argument("--l2-defeat-mb", type=float, default=2048.0)
@@ -373,7 +401,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     try:
-        checks.at_least(args, ("rows", "batch", "cache_len", "attention_calls", "runs", "slots"))
+        checks.at_least(args, ("rows", "batch", "cache_len", "attention_calls", "runs", "slots", "stream_gb"))
     except UserError as e:
         ap.error(str(e))
     shapes = MATMULS_SMALL if args.small else MATMULS_4B
@@ -406,6 +434,8 @@ def main(argv=None) -> int:
         bench_attention(args, emit)
     if "prefix" in args.part:
         bench_prefix(args, emit)
+    if "stream" in args.part:
+        bench_stream(args, emit)
     return 0
 
 

@@ -66,3 +66,19 @@ def test_prefix_part_compares_the_prompt_pool_with_per_row_prompt_copies(tmp_pat
     generated = pool["mean_generated"] * pool["slots"]
     np.testing.assert_allclose(pool["live_bytes"], (pool["mean_prompt"] * pool["prompts"] + generated) * per_token)
     assert rows["live_bytes"] > pool["live_bytes"] + (pool["group"] - 1) * pool["prompts"] * 64 * per_token
+
+
+def test_stream_part_counts_one_read_for_the_sum_and_two_for_the_copy(tmp_path):
+    """--part stream (small: 2 MB): the copy moves twice the bytes the sum reads, and each line's fraction
+    is its bytes over time x --hbm-tbps."""
+    import json
+
+    out = tmp_path / "stream.jsonl"
+    assert _script().main(["--part", "stream", "--small", "--implementation", "interpret", "--runs", "2",
+                           "--hbm-tbps", "2.0", "--out", str(out)]) == 0
+    read, copy = (json.loads(line) for line in out.read_text().splitlines())
+    assert (read["kind"], copy["kind"]) == ("read", "copy") and read["gb"] == copy["gb"]
+    assert read["bytes_moved"] == 2 * (1 << 20) and copy["bytes_moved"] == 2 * read["bytes_moved"]  # 1M bf16
+    for rec in (read, copy):
+        assert rec["tbps"] == pytest.approx(rec["bytes_moved"] / (rec["us"] * 1e-6) / 1e12, rel=1e-3)
+        assert rec["fraction_of_bandwidth"] == pytest.approx(rec["tbps"] / 2.0, rel=1e-3)
