@@ -165,7 +165,8 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
     schedule prefills the U prompts new to its pool per refill at a time; lend: the stacked arrays the
     copies duplicate are freed while sampling, `rl.lend`, so one copy is held, plus the dense form's dW);
     update: params + bases + one micro-batch's saved layer inputs (remat full) + one layer's recompute +
-    the vocab-chunked LM head. (Other remat policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
+    the vocab-chunked LM head. With lend, sample is at least params + bases + the whole layout: the moment
+    the stacked arrays are rebuilt after sampling. (Other remat policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
     not modelled either: the measured sampler peaks were 4.5 GB (exact, 96 slots) and 1.1 GB (factored,
     128 slots) above this estimate (H200, session 8)."""
     p = linear_params(config)
@@ -179,6 +180,11 @@ def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int
     layout = sampler_params(p, sampler_form) * bytes_per_el
     copies = (p["p_lin"] * bytes_per_el if sampler_form == "dense" else 0) if lend else layout
     sample = weights + bases + copies + kv + scores
+    # lend: after sampling the stacked arrays are rebuilt from the layout, which is freed only when the
+    # rebuild ends, so both copies are held for a moment (the KV cache is gone by then); this is the
+    # sampler's peak when the cache is smaller than the layout (48 rows x 1024 positions, exact form:
+    # 36.1 GB measured, 26.7 GB without this term; H200, session 17)
+    sample = max(sample, weights + bases + layout) if lend else sample
     tokens = microbatch * max_len if tokens is None else tokens  # one micro-batch (or its token budget)
     update = (weights + bases + L * tokens * D * bytes_per_el  # saved layer inputs
               + tokens * (2 * F + 4 * D) * bytes_per_el * 3  # one layer's recompute and its gradient
