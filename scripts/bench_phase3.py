@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     ap.add_argument("--length-multiple", type=int, default=None,
                     help="micro-batch lengths round up to this (default: the preset's length_multiple)")
     ap.add_argument("--sampler-form", default=None,
-                    help="exact (default): x W + the adapter, as trained; factored: SVD-adapted Linears from "
+                    help="default: the full preset's (dense). exact: x W + the adapter, as trained; factored: SVD-adapted Linears from "
                          "their factors (fewer bytes per decode step; rl/sampler.generate); dense: x W + x dW with "
                          "the adapter's change dW built once per sampler call")
     ap.add_argument("--update-layout", default=None,

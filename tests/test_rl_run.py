@@ -113,6 +113,11 @@ def test_none_on_the_cli_clears_only_optional_fields():
     cfg = config_from_args(parser.parse_args(["--preset", "fast", "--remat", "none", "--microbatch", "none"]))
     assert cfg.remat == "none" and cfg.microbatch is None
     assert config_from_args(parser.parse_args(["--preset", "fast"])).remat == "full"
+    # the GPU presets sample in the dense form (measured faster at both shapes), the CPU ones as trained
+    forms = {preset: config_from_args(parser.parse_args(["--preset", preset])).sampler_form
+             for preset in ("smoke", "fast", "full")}
+    assert forms == {"smoke": "exact", "fast": "dense", "full": "dense"}
+    assert config_from_args(parser.parse_args(["--preset", "fast", "--sampler-form", "exact"])).sampler_form == "exact"
 
 
 def test_factored_sampler_check_refuses_foreign_bases_and_records_the_residual():
