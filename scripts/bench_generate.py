@@ -54,6 +54,26 @@ def bandwidth_floor(config: Qwen3Config, batch: int, prompt_len: int, new_tokens
             "floor_s_per_step": step_s, "ceiling_tokens_per_s": batch / step_s}
 
 
+def roofline_floor(config: Qwen3Config, batch: int, prompt_len: int, new_tokens: int, hbm_tbps: float,
+                   peak_tflops: float, bytes_per_el: int = 2) -> dict:
+    """The decode step's floor when each part takes the longer of its reads and its FLOPs: the matmuls
+    read every weight once and do 2 x weights x batch FLOPs (at 256 rows on an H200 the FLOPs take
+    longer: 1.88 against 1.52 ms for the layers, so the bandwidth ceiling is not reachable there); the
+    attention reads the live KV cache and does 4 x batch x live slots x Hq x hd FLOPs per layer.
+    Norm weights are counted with the matmuls' bytes (they are 0.01% of them)."""
+    bw = bandwidth_floor(config, batch, prompt_len, new_tokens, hbm_tbps, bytes_per_el)
+    s_avg = prompt_len + new_tokens / 2
+    weights = {"bytes": bw["weight_gb"] * 1e9, "flop": 2.0 * param_count(config) * batch}
+    attention = {"bytes": bw["kv_read_gb_per_step"] * 1e9,
+                 "flop": 4.0 * config.num_hidden_layers * batch * s_avg * config.num_attention_heads * config.head_dim}
+    parts = {name: max(p["bytes"] / (hbm_tbps * 1e12), p["flop"] / (peak_tflops * 1e12))
+             for name, p in (("weights", weights), ("attention", attention))}
+    step_s = sum(parts.values())
+    return {"weights_s": parts["weights"], "attention_s": parts["attention"],
+            "weights_compute_bound": weights["flop"] / (peak_tflops * 1e12) > weights["bytes"] / (hbm_tbps * 1e12),
+            "floor_s_per_step": step_s, "ceiling_tokens_per_s": batch / step_s, "peak_tflops": peak_tflops}
+
+
 def random_prompts(config: Qwen3Config, batch: int, prompt_len: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(3, config.vocab_size, size=(batch, prompt_len), dtype=np.int64)
@@ -172,6 +192,8 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--small", action="store_true", help="tiny model, small sizes, CPU-friendly smoke test")
     ap.add_argument("--hbm-tbps", type=float, default=3.35, help="device memory bandwidth (H100 SXM: 3.35)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="dense bf16 peak for the roofline floor (H100 / H200 SXM: 989)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="append the JSON lines to this file")
     ap.add_argument("--torch-only-batch", type=int, default=None, help=argparse.SUPPRESS)
@@ -184,6 +206,9 @@ def main(argv=None) -> None:
         for b in batches:
             checks.positive("--batches", b)
         checks.at_least(args, ("new_tokens", "prompt_len", "repeats", "torch_repeats"))
+        for flag, value in (("--peak-tflops", args.peak_tflops), ("--hbm-tbps", args.hbm_tbps)):
+            if not value > 0:
+                raise UserError(f"{flag} must be > 0, got {value}")
     except UserError as e:
         ap.error(str(e))
     config = model_config(args.small)
@@ -220,10 +245,13 @@ def main(argv=None) -> None:
     for batch in batches:
         floor = bandwidth_floor(config, batch, args.prompt_len, args.new_tokens, args.hbm_tbps,
                                 bytes_per_el=jnp.dtype(dtype).itemsize)
+        roofline = roofline_floor(config, batch, args.prompt_len, args.new_tokens, args.hbm_tbps, args.peak_tflops,
+                                  bytes_per_el=jnp.dtype(dtype).itemsize)
         print(f"jaxhack: batch {batch} x {args.new_tokens} new tokens ...", file=sys.stderr, flush=True)
         try:
-            record = {**common, "batch": batch, "floor": floor, **run_jax(args, batch, params)}
+            record = {**common, "batch": batch, "floor": floor, "roofline": roofline, **run_jax(args, batch, params)}
             record["fraction_of_ceiling"] = record["tokens_per_s"] / floor["ceiling_tokens_per_s"]
+            record["fraction_of_roofline"] = record["tokens_per_s"] / roofline["ceiling_tokens_per_s"]
         except Exception as e:  # noqa: BLE001 - an OOM at one batch size must not hide the others
             record = {**common, "backend": "jaxhack", "batch": batch, "floor": floor,
                       "error": f"{type(e).__name__}: {str(e)[:500]}"}
