@@ -86,3 +86,36 @@ def profile(run, steps: int) -> dict:
             for _ in range(steps):
                 jax.block_until_ready(run())
         return summarize_trace(Path(tmp), steps)
+
+
+DECODE_ROLES = ("layer matmuls", "decode attention", "small per-layer kernels", "LM head",
+                "per-step kernels", "prefill and the rest")
+
+
+def decode_roles(summary: dict, decode_steps: int, layers: int, layer_matmul_bytes: float | None = None) -> dict:
+    """A sampler call's kernels (`summarize_trace` of one call) grouped by what they do in a decode step,
+    from their names and how often they run: the Pallas decode attention (`mha_forward*`); kernels run
+    about once per layer per step or more (calls >= 0.9 x layers x steps): the layer matmuls (gemm,
+    cuBLAS's split-K reductions included) and the small per-layer kernels (norms, RoPE, cache writes,
+    SiLU, the attention's combine); kernels run about once per step: the LM head (gemm) and the
+    per-step rest (sampling, bookkeeping); everything rarer: prefill and the rest.
+    -> {role: {"us_per_decode_step", "kernels", "launches_per_decode_step"}}, with "tbps" for the layer
+    matmuls when layer_matmul_bytes (the bytes of one step's layer weights) is given."""
+    roles = {role: {"us_per_decode_step": 0.0, "kernels": 0, "launches_per_decode_step": 0.0} for role in DECODE_ROLES}
+    for row in summary["kernels"]:
+        per_step = row["calls_per_step"] / decode_steps
+        gemm = row["category"] == "gemm"
+        if "mha_forward" in row["kernel"]:
+            role = "decode attention"
+        elif per_step >= 0.9 * layers:
+            role = "layer matmuls" if gemm else "small per-layer kernels"
+        elif per_step >= 0.9:
+            role = "LM head" if gemm else "per-step kernels"
+        else:
+            role = "prefill and the rest"
+        roles[role]["us_per_decode_step"] += 1e3 * row["ms_per_step"] / decode_steps
+        roles[role]["kernels"] += 1
+        roles[role]["launches_per_decode_step"] += per_step
+    if layer_matmul_bytes and roles["layer matmuls"]["us_per_decode_step"] > 0:
+        roles["layer matmuls"]["tbps"] = layer_matmul_bytes / (roles["layer matmuls"]["us_per_decode_step"] * 1e-6) / 1e12
+    return roles

@@ -391,6 +391,13 @@ def write_sample_profile(args, regime: str, schedule: str, run) -> dict:
         f"{steps} decode steps ({1e3 * summary['total_ms_per_step'] / steps:.0f} us per step) -> {args.profile_sample}")
     for cat, ms in summary["by_category_ms"].items():
         log(f"  {cat:<28} {1e3 * ms / steps:8.1f} us per decode step")
+    from jaxhack.profiling import decode_roles
+
+    layers = TINY_SHAPE["num_hidden_layers"] if args.tiny else QWEN3_4B.num_hidden_layers
+    summary["roles"] = decode_roles(summary, steps, layers)
+    Path(args.profile_sample).write_text(json.dumps(summary, indent=1))
+    for role, r in summary["roles"].items():
+        log(f"  {role:<28} {r['us_per_decode_step']:8.1f} us per decode step, {r['launches_per_decode_step']:6.1f} launches")
     for row in summary["kernels"][:15]:
         log(f"  {row['us_per_decode_step']:8.1f} us {row['calls_per_step'] / steps:6.1f}x per step  "
             f"[{row['category']}] {row['kernel'][:70]}")

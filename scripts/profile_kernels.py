@@ -3,7 +3,9 @@
 Runs the step a few times under the profiler (`jaxhack.profiling`: device time of every kernel, by
 kernel name and by a coarse category: gemm, attention, copy/transpose, reduction/elementwise fusion).
 Prints the top kernels, each with the HLO instruction that launched it when the trace records one, and
-writes the full table as JSON.
+writes the full table as JSON. For `generate` also the time per decode step by role (`profiling.decode_roles`:
+layer matmuls with the rate they stream the weights at, decode attention, small per-layer kernels, LM
+head, per-step kernels, prefill and the rest).
 
     PYTHONPATH=. python scripts/profile_kernels.py probe --variant dots:causal --out prof_probe.json
     PYTHONPATH=. python scripts/profile_kernels.py decode --batch 64 --cache-len 1152
@@ -221,6 +223,20 @@ def main(argv=None) -> int:
         print(f"{r['ms_per_step']:9.3f} ms {r['calls_per_step']:7.1f}x  [{r['category']}] {r['kernel'][:90]}")
         if r["hlo"]:
             print(f"{'':22}{r['hlo'][:220]}")
+    if args.what == "generate":  # what a decode step spends, by role (docs/benchmarks.md "Session 17")
+        from jaxhack.bench import config_for
+        from jaxhack.profiling import decode_roles
+
+        config = config_for(args.small)
+        steps = 8 if args.small else args.new_tokens
+        D, F = config.hidden_size, config.intermediate_size
+        layer_bytes = (config.num_hidden_layers * 2 * (D * (config.q_dim + 2 * config.kv_dim) + config.q_dim * D + 3 * D * F)
+                       if args.adapter == "none" else None)  # bf16 weights the 4 layer matmuls read per step
+        summary["roles"] = decode_roles(summary, steps, config.num_hidden_layers, layer_bytes)
+        print(f"per decode step ({steps} steps per call; wall {1e3 * wall_ms / steps:.0f} us unprofiled):")
+        for role, r in summary["roles"].items():
+            rate = f"  {r['tbps']:.2f} TB/s" if "tbps" in r else ""
+            print(f"  {role:<26} {r['us_per_decode_step']:9.1f} us  {r['launches_per_decode_step']:6.1f} launches{rate}")
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1))
     return 0
