@@ -372,7 +372,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
 def write_sample_profile(args, regime: str, schedule: str, run) -> dict:
     """One sampler call under the profiler (`jaxhack.profiling`): each kernel's device time per call and per
     decode step, written as JSON to args.profile_sample; the largest printed."""
-    from jaxhack.profiling import profile
+    from jaxhack.profiling import decode_roles, profile
 
     res = {}
 
@@ -384,18 +384,14 @@ def write_sample_profile(args, regime: str, schedule: str, run) -> dict:
     steps = res["sample"].decode_steps
     for row in summary["kernels"]:
         row["us_per_decode_step"] = 1e3 * row["ms_per_step"] / steps
+    layers = TINY_SHAPE["num_hidden_layers"] if args.tiny else QWEN3_4B.num_hidden_layers
     summary.update(regime=regime, sampler=schedule, decode_steps=steps, sample_rows=args.sample_rows,
-                   max_new=args.max_new, sampler_form=args.sampler_form)
+                   max_new=args.max_new, sampler_form=args.sampler_form, roles=decode_roles(summary, steps, layers))
     Path(args.profile_sample).write_text(json.dumps(summary, indent=1))
     log(f"profile of one {regime} {schedule} sampler call: kernels sum to {summary['total_ms_per_step']:.0f} ms over "
         f"{steps} decode steps ({1e3 * summary['total_ms_per_step'] / steps:.0f} us per step) -> {args.profile_sample}")
     for cat, ms in summary["by_category_ms"].items():
         log(f"  {cat:<28} {1e3 * ms / steps:8.1f} us per decode step")
-    from jaxhack.profiling import decode_roles
-
-    layers = TINY_SHAPE["num_hidden_layers"] if args.tiny else QWEN3_4B.num_hidden_layers
-    summary["roles"] = decode_roles(summary, steps, layers)
-    Path(args.profile_sample).write_text(json.dumps(summary, indent=1))
     for role, r in summary["roles"].items():
         log(f"  {role:<28} {r['us_per_decode_step']:8.1f} us per decode step, {r['launches_per_decode_step']:6.1f} launches")
     for row in summary["kernels"][:15]:

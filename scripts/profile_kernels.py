@@ -225,13 +225,13 @@ def main(argv=None) -> int:
             print(f"{'':22}{r['hlo'][:220]}")
     if args.what == "generate":  # what a decode step spends, by role (docs/benchmarks.md "Session 17")
         from jaxhack.bench import config_for
+        from jaxhack.phase3_floor import linear_params
         from jaxhack.profiling import decode_roles
 
         config = config_for(args.small)
-        steps = 8 if args.small else args.new_tokens
-        D, F = config.hidden_size, config.intermediate_size
-        layer_bytes = (config.num_hidden_layers * 2 * (D * (config.q_dim + 2 * config.kv_dim) + config.q_dim * D + 3 * D * F)
-                       if args.adapter == "none" else None)  # bf16 weights the 4 layer matmuls read per step
+        steps = meta["new_tokens"]
+        # the bf16 weights the layer matmuls read per step (with the SVD adapter they read its bases too)
+        layer_bytes = 2 * linear_params(config)["p_lin"] if args.adapter == "none" else None
         summary["roles"] = decode_roles(summary, steps, config.num_hidden_layers, layer_bytes)
         print(f"per decode step ({steps} steps per call; wall {1e3 * wall_ms / steps:.0f} us unprofiled):")
         for role, r in summary["roles"].items():
