@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-len", type=int, nargs="+", default=[1152, 2048], help="attention cache slots")
     ap.add_argument("--attention-calls", type=int, default=8)
     ap.add_argument("--slots", type=int, default=152, help="prefix: the refill sampler's decode slots")
-    ap.add_argument("--stream-gb", type=float, default=4.0, help="stream: size of the array read")
+    ap.add_argument("--stream-gb", type=float, default=4.0, help="stream: GB of the array read (>= 1: far larger than the L2 cache)")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--budget-per-shape-s", type=float, default=12.0, help="stop a shape's tile search after this")
     ap.add_argument("--l2-defeat-mb", type=float, default=2048.0)
