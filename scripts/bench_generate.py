@@ -66,11 +66,11 @@ def roofline_floor(config: Qwen3Config, batch: int, prompt_len: int, new_tokens:
     weights = {"bytes": bw["weight_gb"] * 1e9, "flop": 2.0 * param_count(config) * batch}
     attention = {"bytes": bw["kv_read_gb_per_step"] * 1e9,
                  "flop": 4.0 * config.num_hidden_layers * batch * s_avg * config.num_attention_heads * config.head_dim}
-    parts = {name: max(p["bytes"] / (hbm_tbps * 1e12), p["flop"] / (peak_tflops * 1e12))
-             for name, p in (("weights", weights), ("attention", attention))}
-    step_s = sum(parts.values())
-    return {"weights_s": parts["weights"], "attention_s": parts["attention"],
-            "weights_compute_bound": weights["flop"] / (peak_tflops * 1e12) > weights["bytes"] / (hbm_tbps * 1e12),
+    reads_flops = {name: (p["bytes"] / (hbm_tbps * 1e12), p["flop"] / (peak_tflops * 1e12))
+                   for name, p in (("weights", weights), ("attention", attention))}  # seconds each
+    step_s = sum(max(t) for t in reads_flops.values())
+    return {"weights_s": max(reads_flops["weights"]), "attention_s": max(reads_flops["attention"]),
+            "weights_compute_bound": reads_flops["weights"][1] > reads_flops["weights"][0],
             "floor_s_per_step": step_s, "ceiling_tokens_per_s": batch / step_s, "peak_tflops": peak_tflops}
 
 

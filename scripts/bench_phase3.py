@@ -296,8 +296,8 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
                                           "n_completion_tokens": int(res.lengths.sum())})
                 log(f"{regime} {schedule} sample {step}: {sample_s:.2f} s, {res.decode_steps} decode steps")
         if args.profile_sample:  # one more call of the last schedule, under the profiler
-            write_sample_profile(args, regime, schedules[-1], lambda: sample(args.steps + 1, schedules[-1],
-                                                                             comp_lens, trainable)[0])
+            write_sample_profile(args, regime, schedules[-1], config.num_hidden_layers,
+                                 lambda: sample(args.steps + 1, schedules[-1], comp_lens, trainable)[0])
     else:
         for step in range(args.warmup):  # compiles the reference pass and the update (same shapes for both)
             t, trainable, opt_state = one_step(step, trainable, opt_state, schedules[-1])
@@ -369,7 +369,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
     return out
 
 
-def write_sample_profile(args, regime: str, schedule: str, run) -> dict:
+def write_sample_profile(args, regime: str, schedule: str, layers: int, run) -> dict:
     """One sampler call under the profiler (`jaxhack.profiling`): each kernel's device time per call and per
     decode step, written as JSON to args.profile_sample; the largest printed."""
     from jaxhack.profiling import decode_roles, profile
@@ -384,7 +384,6 @@ def write_sample_profile(args, regime: str, schedule: str, run) -> dict:
     steps = res["sample"].decode_steps
     for row in summary["kernels"]:
         row["us_per_decode_step"] = 1e3 * row["ms_per_step"] / steps
-    layers = TINY_SHAPE["num_hidden_layers"] if args.tiny else QWEN3_4B.num_hidden_layers
     summary.update(regime=regime, sampler=schedule, decode_steps=steps, sample_rows=args.sample_rows,
                    max_new=args.max_new, sampler_form=args.sampler_form, roles=decode_roles(summary, steps, layers))
     Path(args.profile_sample).write_text(json.dumps(summary, indent=1))
