@@ -94,7 +94,8 @@ DECODE_ROLES = ("layer matmuls", "decode attention", "small per-layer kernels", 
 
 def decode_roles(summary: dict, decode_steps: int, layers: int, layer_matmul_bytes: float | None = None) -> dict:
     """A sampler call's kernels (`summarize_trace` of one call) grouped by what they do in a decode step,
-    from their names and how often they run: the Pallas decode attention (`mha_forward*`); kernels run
+    from their names and how often they run: the Pallas decode attention (`mha_forward*`, or the fused
+    kernel `fused_decode_attention*`, which also does the norms, RoPE and cache writes); kernels run
     about once per layer per step or more (calls >= 0.9 x layers x steps): the layer matmuls (gemm,
     cuBLAS's split-K reductions included) and the small per-layer kernels (norms, RoPE, cache writes,
     SiLU, the attention's combine); kernels run about once per step: the LM head (gemm) and the
@@ -105,7 +106,7 @@ def decode_roles(summary: dict, decode_steps: int, layers: int, layer_matmul_byt
     for row in summary["kernels"]:
         per_step = row["calls_per_step"] / decode_steps
         gemm = row["category"] == "gemm"
-        if "mha_forward" in row["kernel"]:
+        if "mha_forward" in row["kernel"] or "fused_decode_attention" in row["kernel"]:
             role = "decode attention"
         elif per_step >= 0.9 * layers:
             role = "layer matmuls" if gemm else "small per-layer kernels"

@@ -142,6 +142,7 @@ def run_torch(args, batch: int) -> dict:
 def run_jax(args, batch: int, params) -> dict:
     import jax
 
+    from jaxhack.models import fused_decode
     from jaxhack.rl import sampler
 
     config = model_config(args.small)
@@ -163,6 +164,7 @@ def run_jax(args, batch: int, params) -> dict:
     peak = stats.get("peak_bytes_in_use")
     p_bucket = sampler.prompt_bucket(args.prompt_len)
     return {"backend": "jaxhack", "dtype": str(params["embed"].dtype), "device": dev.device_kind,
+            "decode_kernel": fused_decode.requested(),  # JAXHACK_DECODE_KERNEL (models/fused_decode.py)
             "first_call_s": compile_and_run, "times_s": times, "median_s": median,
             "tokens_per_s": batch * args.new_tokens / median,
             "peak_mem_gb": peak / 1e9 if peak is not None else None,

@@ -4,9 +4,10 @@
    path, both bf16, and both against an fp32 masked reference: the cuDNN path must be as close to
    fp32 as the XLA bf16 path is. Also asserts that the compiled program really calls cuDNN's fMHA.
 2. The Pallas decode-attention kernel against its reference on random bf16 inputs with ragged ranges.
-3. One decode step of qwen3.forward with attention="decode" (Pallas) against attention="masked"
+3. The fused decode kernel (norms, RoPE, cache write, attention) against the split path, 4B shapes.
+4. One decode step of qwen3.forward with attention="decode" (Pallas) against attention="masked"
    after a left-padded prefill, bf16.
-4. The shared-prompt learner layout (`grads.shared_prompt`: cuDNN attention told each row's length)
+5. The shared-prompt learner layout (`grads.shared_prompt`: cuDNN attention told each row's length)
    against the per-row causal layout, both bf16, and both against an fp32 masked reference: log-probs
    and delta_s gradients on the completion tokens, all finite.
 
@@ -146,6 +147,48 @@ def check_decode_kernel() -> dict:
     return out
 
 
+def check_fused_decode() -> dict:
+    """The fused decode kernel (`fused_decode`, Pallas) at Qwen3-4B's attention shapes and batch 64
+    against the split path (XLA norms/RoPE/cache write, then attention) in bf16, both against fp32
+    attention over the same rounded queries and cache; the caches it writes against the split path's."""
+    from jaxhack.models.fused_decode import fused_decode_attention, rope_tables
+
+    B, Hq, Hkv, S, hd, theta, eps = 64, 32, 8, 9 * SPLIT, 128, 1e6, 1e-6
+    ks = jax.random.split(jax.random.PRNGKey(5), 5)
+    qkv = 3 * jax.random.normal(ks[0], (B, Hq + 2 * Hkv, hd), jnp.bfloat16)
+    q_norm, k_norm = (1 + 0.1 * jax.random.normal(k, (hd,), jnp.bfloat16) for k in ks[1:3])
+    k_cache = jax.random.normal(ks[3], (B, Hkv, S, hd), jnp.bfloat16)
+    v_cache = jax.random.normal(ks[4], (B, Hkv, S, hd), jnp.bfloat16)
+    rng = np.random.default_rng(3)
+    start = jnp.asarray(rng.integers(0, 200, B), jnp.int32)
+    slot = jnp.asarray(rng.integers(200, S, B), jnp.int32).at[0].set(start[0])  # row 0: the new token alone
+    positions = slot - start
+
+    def split(qkv, k_cache, v_cache):
+        q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+        q = qwen3.rope(qwen3.rms_norm(q[:, None], q_norm, eps), positions[:, None], theta)[:, 0]
+        k = qwen3.rope(qwen3.rms_norm(k[:, None], k_norm, eps), positions[:, None], theta)[:, 0]
+        rows = jnp.arange(B)
+        k_cache, v_cache = k_cache.at[rows, :, slot].set(k), v_cache.at[rows, :, slot].set(v)
+        return q, decode_attention(q, k_cache, v_cache, start, slot + 1, implementation="pallas"), k_cache, v_cache
+
+    def fused(qkv, k_cache, v_cache):
+        cos, sin = rope_tables(positions, hd, theta, jnp.bfloat16)
+        return fused_decode_attention(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, start, slot, num_q_heads=Hq,
+                                      eps=eps, implementation="pallas")
+
+    q, out_split, k_split, v_split = jax.jit(split)(qkv, k_cache, v_cache)
+    out_fused, k_fused, v_fused = jax.jit(fused)(qkv, k_cache, v_cache)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref32 = decode_attention_reference(f32(q), f32(k_split), f32(v_split), start, slot + 1)
+    out = {"rel_err_fused_vs_fp32": rel(f32(out_fused), ref32), "rel_err_split_vs_fp32": rel(f32(out_split), ref32),
+           "cache_rel_diff_fused_vs_split": rel(f32(k_fused), f32(k_split)) + rel(f32(v_fused), f32(v_split)),
+           "cache_slots_differing": int(jnp.sum(jnp.any(k_fused != k_split, axis=-1)))}
+    out["ok"] = bool(out["rel_err_fused_vs_fp32"] < 1.5 * out["rel_err_split_vs_fp32"] + 2e-3
+                     and out["cache_rel_diff_fused_vs_split"] < 1e-2)
+    return out
+
+
 def check_decode_step() -> dict:
     B, P, S = 8, 64, 2 * SPLIT
     params = random_params(MEDIUM, jax.random.PRNGKey(4), jnp.bfloat16)
@@ -166,16 +209,23 @@ def check_decode_step() -> dict:
     return out
 
 
+CHECKS = {"probe_attention": check_probe_attention, "decode_kernel": check_decode_kernel,
+          "fused_decode": check_fused_decode, "decode_step": check_decode_step, "shared_prompt": check_shared_prompt}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--checks", nargs="+", choices=sorted(CHECKS), default=sorted(CHECKS),
+                    help="which checks to run (default: all)")
     args = ap.parse_args(argv)
     if jax.default_backend() != "gpu":
         print("gpu_check_kernels: no GPU; these checks need one (CPU paths are covered by the tests)")
         return 2
-    results = {"device": str(jax.devices()[0]), "jax": jax.__version__,
-               "probe_attention": check_probe_attention(), "decode_kernel": check_decode_kernel(),
-               "decode_step": check_decode_step(), "shared_prompt": check_shared_prompt()}
+    results = {"device": str(jax.devices()[0]), "jax": jax.__version__}
+    for name in args.checks:
+        results[name] = CHECKS[name]()
+        print(f"{name}: {'ok' if results[name]['ok'] else 'FAILED'}", file=sys.stderr, flush=True)
     print(json.dumps(results, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

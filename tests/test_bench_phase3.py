@@ -74,11 +74,11 @@ def test_decode_roles_sort_a_sampler_calls_kernels_by_what_they_do():
     rows = [("mha_forward", "other fusion", 20, 2.0), ("nvjet_gate_up", "gemm", 20, 4.0),
             ("cublasLt::splitKreduce_kernel", "gemm", 20, 0.5), ("fusion_rms_norm", "other fusion", 40, 0.8),
             ("nvjet_head", "gemm", 10, 1.0), ("input_reduce_fusion", "reduction fusion", 10, 0.3),
-            ("nvjet_prefill", "gemm", 2, 0.6)]
+            ("nvjet_prefill", "gemm", 2, 0.6), ("fused_decode_attention_kernel", "other fusion", 20, 1.0)]
     summary = {"kernels": [{"kernel": k, "category": c, "calls_per_step": n, "ms_per_step": ms} for k, c, n, ms in rows]}
     roles = decode_roles(summary, decode_steps=10, layers=2, layer_matmul_bytes=9e6)
     got = {role: (round(r["us_per_decode_step"], 6), r["kernels"]) for role, r in roles.items()}
-    assert got == {"layer matmuls": (450.0, 2), "decode attention": (200.0, 1), "small per-layer kernels": (80.0, 1),
+    assert got == {"layer matmuls": (450.0, 2), "decode attention": (300.0, 2), "small per-layer kernels": (80.0, 1),
                    "LM head": (100.0, 1), "per-step kernels": (30.0, 1), "prefill and the rest": (60.0, 1)}
     assert roles["layer matmuls"]["tbps"] == pytest.approx(9e6 / 450e-6 / 1e12)
     assert roles["small per-layer kernels"]["launches_per_decode_step"] == 4.0

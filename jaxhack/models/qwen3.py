@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxhack.models.adapters import add_adapter_delta
 from jaxhack.models.config import Qwen3Config, module_shapes
 from jaxhack.models.decode_attention import decode_attention, prefix_decode_attention
+from jaxhack.models.fused_decode import fused_decode_attention, kernel_choice, rope_tables
 from jaxhack.models.decode_layout import factored_output, group_projections, is_decode_group
 from jaxhack.models.packed_rows import gather_rows, gather_slots
 
@@ -176,6 +177,14 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
     x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
     q, k, v = _projections(x, layer, ad, ("q_proj", "k_proj", "v_proj"), "qkv_proj",
                            (config.q_dim, config.kv_dim, config.kv_dim), delta_zero)
+    fused = _fused_decode_choice(q, layer, cache_kv, attention_kind, prefix, jnp.ndim(cache_index) == 0)
+    if fused is not None:  # norms, RoPE, cache write and attention in one kernel (`fused_decode`)
+        qkv = jnp.concatenate([q, k, v], axis=-1).reshape(B, Hq + 2 * Hkv, hd)  # the fused matmul's output
+        cos, sin = rope_tables(positions[:, 0], hd, config.rope_theta, q.dtype)  # [B,hd/2]
+        attn, k_cache, v_cache = fused_decode_attention(
+            qkv, layer["q_norm"], layer["k_norm"], cos, sin, *cache_kv, decode_range[0],
+            jnp.broadcast_to(cache_index, (B,)), num_q_heads=Hq, eps=config.rms_norm_eps, implementation=fused)
+        return _mlp_block(h, attn.reshape(B, T, Hq * hd), layer, ad, config, delta_zero), (k_cache, v_cache)
     q, k, v = q.reshape(B, T, Hq, hd), k.reshape(B, T, Hkv, hd), v.reshape(B, T, Hkv, hd)
     q = rope(rms_norm(q, layer["q_norm"], config.rms_norm_eps), positions, config.rope_theta)
     k = rope(rms_norm(k, layer["k_norm"], config.rms_norm_eps), positions, config.rope_theta)
@@ -205,14 +214,29 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
                              key_mask[:, :key_len], config)
         else:
             attn = attention(q, k_heads, v_heads, query_slots, key_mask, config)
-    h = h + _projections(attn, layer, ad, ("o_proj",), "o_proj", (config.hidden_size,), delta_zero)[0]
+    return _mlp_block(h, attn, layer, ad, config, delta_zero), new_kv
 
+
+def _fused_decode_choice(q, layer, cache_kv, attention_kind: str, prefix, lockstep: bool) -> str | None:
+    """`fused_decode.kernel_choice` where the fused kernel applies: one new token per row ("decode",
+    no shared prompts) with a cache, and the projections, norms and cache in one dtype (the kernel
+    rounds as the split path does in that dtype). None: the split path."""
+    if attention_kind != "decode" or prefix is not None or cache_kv is None:
+        return None
+    if {q.dtype, cache_kv[0].dtype, layer["q_norm"].dtype, layer["k_norm"].dtype} != {q.dtype}:
+        return None
+    B, Hkv, S, _ = cache_kv[0].shape
+    return kernel_choice(q.dtype, S, B * Hkv, lockstep)
+
+
+def _mlp_block(h, attn, layer, ad, config: Qwen3Config, delta_zero: bool):
+    """The rest of a layer after attention: h + o_proj(attn), then the MLP and its residual. attn [B,T,Hq*hd]."""
+    h = h + _projections(attn, layer, ad, ("o_proj",), "o_proj", (config.hidden_size,), delta_zero)[0]
     x = rms_norm(h, layer["post_attn_norm"], config.rms_norm_eps)
     gate, up = _projections(x, layer, ad, ("gate_proj", "up_proj"), "gate_up_proj",
                             (config.intermediate_size, config.intermediate_size), delta_zero)
-    h = h + _projections(jax.nn.silu(gate) * up, layer, ad, ("down_proj",), "down_proj", (config.hidden_size,),
-                         delta_zero)[0]
-    return h, new_kv
+    return h + _projections(jax.nn.silu(gate) * up, layer, ad, ("down_proj",), "down_proj", (config.hidden_size,),
+                            delta_zero)[0]
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

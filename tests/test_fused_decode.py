@@ -1,0 +1,139 @@
+"""The fused decode kernel (norms, RoPE, cache write and attention in one Pallas program per row and
+KV head), run by Pallas' interpreter on CPU: it writes the split path's cache (bf16: bit for bit) and
+gives its attention within the dtype's rounding, alone, inside qwen3.forward and in the sampler."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import random_params
+from jaxhack.models import fused_decode, qwen3
+from jaxhack.models.config import TINY
+from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, SPLIT, decode_attention_reference
+from jaxhack.models.fused_decode import ENV, fused_decode_attention, kernel_choice, rope_tables
+
+THETA, EPS = 10000.0, 1e-6
+
+
+def _inputs(seed, dtype, B=3, Hq=8, Hkv=2, S=2 * SPLIT, hd=32):
+    rng = np.random.default_rng(seed)
+    qkv = jnp.asarray(3 * rng.standard_normal((B, Hq + 2 * Hkv, hd)), dtype)
+    q_norm = jnp.asarray(1 + 0.1 * rng.standard_normal(hd), dtype)
+    k_norm = jnp.asarray(1 + 0.1 * rng.standard_normal(hd), dtype)
+    k_cache = jnp.asarray(rng.standard_normal((B, Hkv, S, hd)), dtype)
+    v_cache = jnp.asarray(rng.standard_normal((B, Hkv, S, hd)), dtype)
+    return qkv, q_norm, k_norm, k_cache, v_cache
+
+
+def _split_path(qkv, q_norm, k_norm, k_cache, v_cache, start, slot, positions, Hq):
+    """What qwen3._layer does without the kernel: norms, RoPE, the cache writes, then attention over
+    [start, slot]. Returns (out [B,Hq,hd], k_cache, v_cache)."""
+    Hkv = k_cache.shape[1]
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+    q = qwen3.rope(qwen3.rms_norm(q[:, None], q_norm, EPS), positions[:, None], THETA)[:, 0]
+    k = qwen3.rope(qwen3.rms_norm(k[:, None], k_norm, EPS), positions[:, None], THETA)[:, 0]
+    rows = jnp.arange(qkv.shape[0])
+    k_cache = k_cache.at[rows, :, slot, :].set(k.astype(k_cache.dtype))
+    v_cache = v_cache.at[rows, :, slot, :].set(v.astype(v_cache.dtype))
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k_cache, v_cache))
+    return decode_attention_reference(q32, k32, v32, start, slot + 1), k_cache, v_cache
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_writes_the_split_paths_cache_and_gives_its_attention(dtype):
+    """Rows whose range starts inside a block, spans blocks, and is the new token alone (start == slot,
+    as for a finished row); the attention against an fp32 softmax of the same rounded q and keys."""
+    Hq = 8
+    qkv, q_norm, k_norm, k_cache, v_cache = _inputs(0, dtype, Hq=Hq)
+    start, slot, positions = jnp.array([0, 5, 70]), jnp.array([3, 200, 70]), jnp.array([3, 195, 11])
+    cos, sin = rope_tables(positions, qkv.shape[-1], THETA, dtype)
+    out, k_new, v_new = fused_decode_attention(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, start, slot,
+                                               num_q_heads=Hq, eps=EPS, implementation="interpret")
+    ref, k_ref, v_ref = _split_path(qkv, q_norm, k_norm, k_cache, v_cache, start, slot, positions, Hq)
+    # bf16: every rounding as the split path's, bit for bit; fp32: the norm's sum is taken in another order
+    check = np.testing.assert_array_equal if dtype == jnp.bfloat16 else lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=2e-6, atol=2e-6)
+    check(np.asarray(k_new, np.float32), np.asarray(k_ref, np.float32))
+    check(np.asarray(v_new, np.float32), np.asarray(v_ref, np.float32))
+    assert out.dtype == dtype and out.shape == (3, Hq, qkv.shape[-1])
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert np.linalg.norm(out - ref) <= tol * np.linalg.norm(ref), np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    # row 2 attends to its new token only: each query head's output is its KV head's new value
+    Hkv = k_cache.shape[1]
+    for head in range(Hkv):
+        np.testing.assert_allclose(out[2, 4 * head:4 * head + 4],
+                                   np.broadcast_to(np.asarray(qkv[2, Hq + Hkv + head], np.float32), (4, qkv.shape[-1])),
+                                   rtol=1e-6)
+
+
+def test_slots_outside_the_range_are_not_read():
+    """Garbage (huge values, NaN) in the cache outside [start, slot) changes nothing."""
+    Hq = 8
+    qkv, q_norm, k_norm, k_cache, v_cache = _inputs(1, jnp.float32, Hq=Hq)
+    start, slot = jnp.array([10, 64, 0]), jnp.array([100, 130, 1])
+    cos, sin = rope_tables(jnp.array([90, 66, 1]), qkv.shape[-1], THETA, jnp.float32)
+    run = lambda k, v: fused_decode_attention(qkv, q_norm, k_norm, cos, sin, k, v, start, slot,  # noqa: E731
+                                              num_q_heads=Hq, eps=EPS, implementation="interpret")[0]
+    clean = np.asarray(run(k_cache, v_cache))
+    k_bad = k_cache.at[0, :, :10].set(1e4).at[0, :, 100:].set(jnp.nan).at[1, :, :64].set(jnp.nan)
+    v_bad = v_cache.at[0, :, :10].set(jnp.nan).at[2, :, 1:].set(1e6)
+    np.testing.assert_array_equal(np.asarray(run(k_bad, v_bad)), clean)
+
+
+def test_choice_follows_the_environment_and_the_split_paths_tiling(monkeypatch):
+    bf16, S = jnp.bfloat16, 2 * SPLIT
+    monkeypatch.delenv(ENV, raising=False)
+    assert kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS, True) is None  # CPU: no Pallas GPU kernel
+    monkeypatch.setattr(fused_decode, "default_implementation", lambda dtype, cache_len: "pallas")  # as on a GPU
+    assert kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS, True) == "pallas"
+    assert kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS - 8, True) is None  # few pairs: split the key axis
+    assert kernel_choice(bf16, S, 4 * ONE_PART_MIN_PROGRAMS, False) is None  # refill: rows at different steps
+    monkeypatch.setenv(ENV, "split")
+    assert kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS, True) is None
+    monkeypatch.setenv(ENV, "fused-interpret")
+    assert kernel_choice(bf16, S, 2, False) == "interpret"
+    monkeypatch.setenv(ENV, "fast")
+    with pytest.raises(ValueError, match="JAXHACK_DECODE_KERNEL='fast'; expected one of fused, split"):
+        kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS, True)
+
+
+def test_bad_shapes_are_refused():
+    qkv, q_norm, k_norm, k_cache, v_cache = _inputs(2, jnp.float32)
+    cos, sin = rope_tables(jnp.zeros(3, jnp.int32), qkv.shape[-1], THETA, jnp.float32)
+    args = (q_norm, k_norm, cos, sin, k_cache, v_cache, jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.int32))
+    with pytest.raises(AssertionError):
+        fused_decode_attention(qkv, *args, num_q_heads=6, eps=EPS, implementation="interpret")
+    with pytest.raises(ValueError, match="expected 'pallas' or 'interpret'"):
+        fused_decode_attention(qkv, *args, num_q_heads=8, eps=EPS, implementation="xla")
+
+
+def _decode_step(params, B=3, P=6, S=SPLIT, seed=5):
+    lengths = np.array([6, 2, 4])[:B]
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(0, TINY.vocab_size, (B, P)), jnp.int32)
+    prompt_mask = np.arange(P)[None, :] >= (P - lengths)[:, None]
+    mask = jnp.asarray(np.concatenate([prompt_mask, np.zeros((B, S - P), bool)], axis=1))
+    cache = qwen3.init_cache(TINY, B, S, jnp.float32)
+    _, cache = qwen3.forward(params, TINY, ids, mask, cache=cache, cache_index=0)
+    token = jnp.asarray(rng.integers(0, TINY.vocab_size, (B, 1)), jnp.int32)
+    return qwen3.forward(params, TINY, token, mask.at[:, P].set(True), cache=cache, cache_index=P, attention="decode")
+
+
+def test_forward_decode_with_the_kernel_equals_the_split_path(monkeypatch):
+    """qwen3.forward(attention="decode") with JAXHACK_DECODE_KERNEL=fused-interpret: same hidden states
+    (fp32 rounding) and the same cache as the split path; the kernel did run."""
+    params = random_params(TINY, seed=4)
+    monkeypatch.setenv(ENV, "split")
+    h_split, c_split = _decode_step(params)
+    calls = []
+    original = qwen3.fused_decode_attention
+    monkeypatch.setattr(qwen3, "fused_decode_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setenv(ENV, "fused-interpret")
+    h_fused, c_fused = _decode_step(params)
+    assert len(calls) == TINY.num_hidden_layers
+    np.testing.assert_allclose(np.asarray(h_fused), np.asarray(h_split), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(c_fused), jax.tree.leaves(c_split)):  # later layers see rounding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
