@@ -137,3 +137,26 @@ def test_forward_decode_with_the_kernel_equals_the_split_path(monkeypatch):
     np.testing.assert_allclose(np.asarray(h_fused), np.asarray(h_split), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(c_fused), jax.tree.leaves(c_split)):  # later layers see rounding
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_fused_decode_times_both_paths_and_checks_them(tmp_path, capsys):
+    """scripts/bench_fused_decode.py on CPU (the interpreter, tiny shapes): a record per path, the fused
+    kernel's output against the split path's within bf16 rounding, and bad flags are one-line errors."""
+    import json
+
+    from helpers import load_script
+
+    bench = load_script("bench_fused_decode")
+    out = tmp_path / "fused.jsonl"
+    assert bench.main(["--small", "--implementation", "interpret", "--batch", "2", "--cache-len", "128",
+                       "--calls", "2", "--runs", "1", "--hbm-tbps", "4.8", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["impl"] for r in records] == ["split", "fused", "fused"]
+    assert records[0]["rel_diff_vs_split"] == 0.0 and all(0 < r["rel_diff_vs_split"] < 1e-2 for r in records[1:])
+    assert all(r["us"] > 0 and r["live_bytes"] > 0 and r["batch"] == 2 for r in records)
+    assert "best fused" in capsys.readouterr().out
+    for flags, message in ((["--cache-len", "100"], "--cache-len [100]: expected multiples of 128"),
+                           (["--hbm-tbps", "0"], "--hbm-tbps must be > 0"), (["--calls", "0"], "--calls must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(flags)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
