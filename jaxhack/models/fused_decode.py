@@ -35,7 +35,10 @@ from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, default_imple
 
 ENV = "JAXHACK_DECODE_KERNEL"  # "fused" (default), "split", or "fused-interpret" (any backend; tests)
 CHOICES = ("fused", "split", "fused-interpret")
+# tiles: the best of 12 (block_k 32/64/128 x 4/8 warps x 2/3 stages) at batch 256 and within 1.2% of the
+# best at batch 64 (1152 slots, H200; scripts/bench_fused_decode.py, docs/benchmarks.md "Session 18")
 BLOCK_K = 64
+NUM_STAGES = 3
 _NEG = -1e30  # masked scores: finite, so that exp(masked - max) is 0 and never NaN
 
 
@@ -150,7 +153,7 @@ def _kernel(qkv_ref, q_norm_ref, k_norm_ref, cos_ref, sin_ref, start_ref, slot_r
 def fused_decode_attention(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array, cos: jax.Array, sin: jax.Array,
                            k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, slot: jax.Array, *,
                            num_q_heads: int, eps: float, implementation: str = "pallas", block_k: int = BLOCK_K,
-                           num_warps: int = 4, num_stages: int = 2):
+                           num_warps: int = 4, num_stages: int = NUM_STAGES):
     """One decode step's attention of a layer, from its q/k/v projection's output.
 
     qkv: [B, Hq + 2 Hkv, hd], the projection's output (queries, then keys, then values) before the
