@@ -35,10 +35,11 @@ from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, default_imple
 
 ENV = "JAXHACK_DECODE_KERNEL"  # "fused" (default), "split", or "fused-interpret" (any backend; tests)
 CHOICES = ("fused", "split", "fused-interpret")
-# tiles: the best of 12 (block_k 32/64/128 x 4/8 warps x 2/3 stages) at batch 256 and within 1.2% of the
-# best at batch 64 (1152 slots, H200; scripts/bench_fused_decode.py, docs/benchmarks.md "Session 18")
+# tiles: JAX's flash-decoding defaults. In isolation (scripts/bench_fused_decode.py, H200) 3 stages were
+# 1.6% / 3.5% faster at batch 64 / 256, but generation at batch 64 was 2.8% slower with them (13,409
+# against 13,799 tok/s; batch 256 +0.6%): docs/benchmarks.md "Session 18"
 BLOCK_K = 64
-NUM_STAGES = 3
+NUM_STAGES = 2
 _NEG = -1e30  # masked scores: finite, so that exp(masked - max) is 0 and never NaN
 
 
