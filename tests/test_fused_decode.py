@@ -160,3 +160,31 @@ def test_bench_fused_decode_times_both_paths_and_checks_them(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(flags)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sampler_gives_the_split_paths_tokens_with_the_kernel(monkeypatch):
+    """The sampler's greedy tokens with the kernel (interpreted) are the split path's, log-probs within
+    fp32 rounding: the guard rail 'sampler outputs unchanged' for the fused path. Compiled programs are
+    cleared around it (the kernel choice is read when a program is traced)."""
+    import dataclasses
+
+    from jaxhack.rl import sampler
+
+    config = dataclasses.replace(TINY, eos_token_ids=(2,))
+    params = qwen3.init_params(config, jax.random.PRNGKey(0), jnp.float32)
+    params["lm_head"] = params["lm_head"] * 40.0  # clear greedy winners
+    prompts = [[5, 17, 33], [1, 9, 8, 7, 100, 200, 300], [4] * 5 + [11, 12, 13]]
+
+    def run(choice):
+        monkeypatch.setenv(ENV, choice)
+        jax.clear_caches()
+        return sampler.generate(params, config, prompts, max_new_tokens=12, temperature=0.0,
+                                key=jax.random.PRNGKey(1), eos_token_ids=[])
+
+    try:
+        split, fused = run("split"), run("fused-interpret")
+    finally:
+        jax.clear_caches()
+    np.testing.assert_array_equal(fused.tokens, split.tokens)
+    assert len(np.unique(split.tokens)) > 4  # not a degenerate sequence
+    np.testing.assert_allclose(fused.logprobs, split.logprobs, atol=2e-5)

@@ -36,8 +36,8 @@ from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, default_imple
 ENV = "JAXHACK_DECODE_KERNEL"  # "fused" (default), "split", or "fused-interpret" (any backend; tests)
 CHOICES = ("fused", "split", "fused-interpret")
 # tiles: JAX's flash-decoding defaults. In isolation (scripts/bench_fused_decode.py, H200) 3 stages were
-# 1.6% / 3.5% faster at batch 64 / 256, but generation at batch 64 was 2.8% slower with them (13,409
-# against 13,799 tok/s; batch 256 +0.6%): docs/benchmarks.md "Session 18"
+# 1.6% / 3.5% faster at batch 64 / 256, but in generation, same call, 2 stages gave 13,977 tok/s at
+# batch 64 against 13,318 with 3, and 23,401 against 23,399 at batch 256 (docs/benchmarks.md "Session 18")
 BLOCK_K = 64
 NUM_STAGES = 2
 _NEG = -1e30  # masked scores: finite, so that exp(masked - max) is 0 and never NaN
