@@ -211,6 +211,8 @@ def main(argv=None) -> None:
         for flag, value in (("--peak-tflops", args.peak_tflops), ("--hbm-tbps", args.hbm_tbps)):
             if not value > 0:
                 raise UserError(f"{flag} must be > 0, got {value}")
+        from jaxhack.models import fused_decode
+        fused_decode.requested()  # a bad JAXHACK_DECODE_KERNEL stops here, not as one error line per batch
     except UserError as e:
         ap.error(str(e))
     config = model_config(args.small)

@@ -26,6 +26,16 @@ def test_bad_sizes_are_one_line_errors(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_a_bad_decode_kernel_choice_is_one_line_before_any_work(monkeypatch, capsys):
+    monkeypatch.setenv("JAXHACK_DECODE_KERNEL", "fast")
+    bench = load_script("bench_generate")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--small", "--skip-torch", "--batches", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "JAXHACK_DECODE_KERNEL='fast'; expected one of fused, split, fused-interpret" in err and "Traceback" not in err
+
+
 def test_roofline_floor_takes_the_longer_of_reads_and_flops_per_part():
     """At Qwen3-4B shape on an H200 (4.8 TB/s, 989 TFLOP/s): batch 64's matmuls are read-bound, so the
     roofline is the bandwidth floor; at batch 256 their FLOPs take longer than their reads, so the

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import random_params
+from jaxhack.io import UserError
 from jaxhack.models import fused_decode, qwen3
 from jaxhack.models.config import TINY
 from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, SPLIT, decode_attention_reference
@@ -96,7 +97,7 @@ def test_choice_follows_the_environment_and_the_split_paths_tiling(monkeypatch):
     monkeypatch.setenv(ENV, "fused-interpret")
     assert kernel_choice(bf16, S, 2, False) == "interpret"
     monkeypatch.setenv(ENV, "fast")
-    with pytest.raises(ValueError, match="JAXHACK_DECODE_KERNEL='fast'; expected one of fused, split"):
+    with pytest.raises(UserError, match="JAXHACK_DECODE_KERNEL='fast'; expected one of fused, split"):
         kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS, True)
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxhack.io import UserError
 from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, default_implementation
 
 ENV = "JAXHACK_DECODE_KERNEL"  # "fused" (default), "split", or "fused-interpret" (any backend; tests)
@@ -44,10 +45,11 @@ _NEG = -1e30  # masked scores: finite, so that exp(masked - max) is 0 and never 
 
 
 def requested() -> str:
-    """The decode kernel JAXHACK_DECODE_KERNEL asks for (default "fused"); a bad value is an error."""
+    """The decode kernel JAXHACK_DECODE_KERNEL asks for (default "fused"); a bad value is the user's
+    error (one line from the CLI)."""
     choice = os.environ.get(ENV, "fused")
     if choice not in CHOICES:
-        raise ValueError(f"{ENV}={choice!r}; expected one of {', '.join(CHOICES)}")
+        raise UserError(f"{ENV}={choice!r}; expected one of {', '.join(CHOICES)}")
     return choice
 
 

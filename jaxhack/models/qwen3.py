@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxhack.models.adapters import add_adapter_delta
 from jaxhack.models.config import Qwen3Config, module_shapes
 from jaxhack.models.decode_attention import decode_attention, prefix_decode_attention
-from jaxhack.models.fused_decode import fused_decode_attention, kernel_choice, rope_tables
+from jaxhack.models.fused_decode import fused_decode_attention, kernel_choice, requested, rope_tables
 from jaxhack.models.decode_layout import factored_output, group_projections, is_decode_group
 from jaxhack.models.packed_rows import gather_rows, gather_slots
 
@@ -221,7 +221,10 @@ def _fused_decode_choice(q, layer, cache_kv, attention_kind: str, prefix, lockst
     """`fused_decode.kernel_choice` where the fused kernel applies: one new token per row ("decode",
     no shared prompts) with a cache, and the projections, norms and cache in one dtype (the kernel
     rounds as the split path does in that dtype). None: the split path."""
-    if attention_kind != "decode" or prefix is not None or cache_kv is None:
+    if attention_kind != "decode":
+        return None
+    requested()  # a bad JAXHACK_DECODE_KERNEL is an error wherever decoding runs, the refill sampler too
+    if prefix is not None or cache_kv is None:
         return None
     if {q.dtype, cache_kv[0].dtype, layer["q_norm"].dtype, layer["k_norm"].dtype} != {q.dtype}:
         return None
