@@ -16,8 +16,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxhack.models.adapters import add_adapter_delta
 from jaxhack.models.config import Qwen3Config, module_shapes
 from jaxhack.models.decode_attention import decode_attention, prefix_decode_attention
-from jaxhack.models.fused_decode import fused_decode_attention, kernel_choice, requested, rope_tables
 from jaxhack.models.decode_layout import factored_output, group_projections, is_decode_group
+from jaxhack.models.fused_decode import fused_decode_attention, kernel_choice, requested, rope_tables
 from jaxhack.models.packed_rows import gather_rows, gather_slots
 
 Params = dict[str, Any]
