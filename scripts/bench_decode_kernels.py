@@ -411,14 +411,13 @@ def main(argv=None) -> int:
     bad_rows = [m for m in args.rows if m & (m - 1) or m < 16]
     if bad_rows:
         ap.error(f"--rows {bad_rows}: expected powers of two >= 16")
-    bad_lengths = [S for S in args.cache_len if S % 128]
-    if bad_lengths:
-        ap.error(f"--cache-len {bad_lengths}: expected multiples of 128 (the decode kernel's smallest part)")
+    try:
+        checks.multiples("--cache-len", args.cache_len, 128, "the decode kernel's smallest part")
+        checks.pallas_backend(args.implementation)
+    except UserError as e:
+        ap.error(str(e))
 
     import jax
-    if args.implementation == "pallas" and jax.default_backend() != "gpu":
-        ap.error(f"the Pallas kernels need a GPU (backend: {jax.default_backend()}); on a CPU pass "
-                 "--implementation interpret --small")
     device = jax.devices()[0].device_kind
     print(f"device: {device}", file=sys.stderr)
 

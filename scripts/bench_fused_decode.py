@@ -121,17 +121,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         checks.at_least(args, ("batch", "cache_len", "calls", "runs"))
+        if args.hbm_tbps <= 0:
+            raise UserError(f"--hbm-tbps must be > 0, got {args.hbm_tbps}")
+        checks.multiples("--cache-len", args.cache_len, 128, "the split path's smallest part")
+        checks.pallas_backend(args.implementation)
     except UserError as e:
         ap.error(str(e))
-    if args.hbm_tbps <= 0:
-        ap.error(f"--hbm-tbps must be > 0, got {args.hbm_tbps}")
-    bad = [S for S in args.cache_len if S % 128]
-    if bad:
-        ap.error(f"--cache-len {bad}: expected multiples of 128 (the split path's smallest part)")
     import jax
-    if args.implementation == "pallas" and jax.default_backend() != "gpu":
-        ap.error(f"the Pallas kernels need a GPU (backend: {jax.default_backend()}); on a CPU pass "
-                 "--implementation interpret --small")
     device = jax.devices()[0].device_kind
     if args.small:
         GRID[:] = GRID[:1]

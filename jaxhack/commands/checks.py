@@ -22,6 +22,22 @@ def positive(flag: str, value, minimum: int = 1) -> None:
         raise UserError(f"{flag} must be >= {minimum}, got {value}")
 
 
+def multiples(flag: str, values, of: int, why: str) -> None:
+    """Each of a flag's values (a list) a multiple of `of`; `why` says what needs it."""
+    bad = [v for v in values if v % of]
+    if bad:
+        raise UserError(f"{flag} {bad}: expected multiples of {of} ({why})")
+
+
+def pallas_backend(implementation: str) -> None:
+    """The benchmarks' --implementation: 'pallas' (the GPU kernels) needs a GPU; 'interpret' runs anywhere."""
+    import jax
+
+    if implementation == "pallas" and jax.default_backend() != "gpu":
+        raise UserError(f"the Pallas kernels need a GPU (backend: {jax.default_backend()}); on a CPU pass "
+                        "--implementation interpret --small")
+
+
 def at_least(args, dests: tuple[str, ...], minimum: int = 1) -> None:
     """`positive` for the argparse flags `dests` (attribute names of args, e.g. "sample_rows" for
     --sample-rows) that are set: None (not given, no default) passes; a list (nargs) is checked value
