@@ -225,6 +225,19 @@ def test_ctrl_c_is_a_clean_stop_that_says_how_to_resume(capsys):
     assert "rerun the same command" in capsys.readouterr().err
 
 
+def test_a_bad_decode_kernel_choice_stops_any_command_up_front(monkeypatch, capsys):
+    """JAXHACK_DECODE_KERNEL is read where decoding is traced; guarded checks it before any command runs,
+    so a typo is never silently ignored by a command that does not decode."""
+    ran = []
+    monkeypatch.setenv("JAXHACK_DECODE_KERNEL", "fussed")
+    assert guarded(lambda args: ran.append(1) or 0, argparse.Namespace()) == 2
+    assert not ran
+    err = capsys.readouterr().err
+    assert "JAXHACK_DECODE_KERNEL='fussed'; expected one of fused, split, fused-interpret" in err and "Traceback" not in err
+    monkeypatch.setenv("JAXHACK_DECODE_KERNEL", "split")
+    assert guarded(lambda args: ran.append(1) or 0, argparse.Namespace()) == 0 and ran == [1]
+
+
 def test_a_real_bug_keeps_its_traceback():
     def buggy(args):
         raise ZeroDivisionError("bug")

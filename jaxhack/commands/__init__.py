@@ -65,6 +65,8 @@ def guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     """Run a command: UserError -> `error: MESSAGE` (status 2); Ctrl-C -> one line with the way to
     resume (status 130); anything else propagates with its traceback (a bug)."""
     try:
+        from jaxhack.models.fused_decode import requested
+        requested()  # a bad JAXHACK_DECODE_KERNEL stops every command up front, not only those that decode
         return run(args)
     except UserError as err:
         return fail(err)
