@@ -70,10 +70,10 @@ def kernel_choice(dtype, cache_len: int, programs: int, lockstep: bool) -> str |
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, hd/2] in `dtype` of each row's position [B], as `qwen3.rope` computes them (its
-    tables repeat these for the second half of the head)."""
+    """RoPE's cos, sin [..., hd/2] in `dtype` at integer positions [...] (the half-split layout's
+    rotation pairs element i with i + hd/2, so both halves use these; `qwen3.rope` repeats them)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [hd/2]
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq  # [B,hd/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., hd/2]
     return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 

@@ -65,10 +65,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding (half-split layout). x: [B,T,H,hd]; positions: [B,T] int."""
     hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,hd/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B,T,1,hd]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    cos, sin = (jnp.concatenate([t, t], axis=-1)[:, :, None, :]  # [B,T,1,hd]
+                for t in rope_tables(positions, hd, theta, x.dtype))  # [B,T,hd/2] each
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x * cos + rotated * sin
