@@ -2,7 +2,8 @@
 
 `matmul`: every Linear of a Qwen3-4B decode step at M rows (exact form: the fused weights q/k/v,
 o, gate/up, down in [K, N]; factored form: the SVD bases in [N, K]), XLA's einsum against a split-K
-Pallas kernel (`skinny_matmul`, below) over a small grid of tile settings. Each timing runs
+Pallas kernel (`skinny_matmul`, below) over a small grid of tile settings, and with --mosaic against
+JAX's own TMA + wgmma Hopper matmul (`mosaic_matmul`). Each timing runs
 L copies of the matmul on L distinct weights in one jitted call (L * |W| >= 512 MB, so nothing is
 served from the 50-60 MB L2), reported per matmul.
 
@@ -176,6 +177,22 @@ def measure(many, full_args, one_args, calls: int, ref, record: dict, bytes_read
     return record
 
 
+# tile_n x tile_k x pipeline depth for `mosaic_matmul` at M = 64 (tile_m); these fit the H200's shared memory
+MOSAIC_TILES = [{"tile_n": tn, "tile_k": tk, "max_concurrent_steps": steps}
+                for tn, tk, steps in ((64, 64, 4), (64, 64, 8), (64, 128, 4), (128, 64, 4))]
+
+
+def mosaic_matmul(x, w, *, tile_n: int, tile_k: int, max_concurrent_steps: int):
+    """x [M, K] @ w [K, N] by JAX's persistent, warp-specialised Hopper matmul (TMA loads, wgmma;
+    `jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu`), two consumer warpgroups along N, no split-K.
+    M must be a multiple of 64 (its tile_m here). Hopper GPUs only."""
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hopper
+
+    config = hopper.TuningConfig(tile_m=64, tile_n=tile_n, tile_k=tile_k, max_concurrent_steps=max_concurrent_steps,
+                                 epi_tile_n=64, epi_tile_m=64, wg_dimension=hopper.MatmulDimension.N)
+    return hopper.matmul(x, w, None, config)
+
+
 def matmul_tiles(K: int, N: int, min_programs: int):
     """Stage 1 of the tile search: block_n x block_k x k_splits where the shapes divide and the
     grid has at least min_programs programs (fewer leave SMs idle)."""
@@ -217,6 +234,9 @@ def bench_matmul(args, emit):
                                w_bytes, args, emit)
 
             xla = run(lambda x, w: skinny_matmul_reference(x, w, layout), "xla", None)
+            if args.mosaic and layout == "kn":  # JAX's TMA + wgmma Hopper matmul (Pallas on Mosaic GPU)
+                for config in MOSAIC_TILES:
+                    run(lambda x, w, c=config: mosaic_matmul(x, w, **c), "mosaic_hopper_matmul", config)
             best = None
             t_end = time.perf_counter() + args.budget_per_shape_s
             min_programs = 1 if args.small else 128
@@ -387,6 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--part", nargs="+", choices=("matmul", "attention", "prefix", "stream"), default=["matmul", "attention"])
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 128], help="matmul rows M (powers of two >= 16)")
     ap.add_argument("--matmuls", nargs="+", default=None, help=f"subset of {list(MATMULS_4B)}")
+    ap.add_argument("--mosaic", action="store_true",
+                    help="matmul: also JAX's Mosaic GPU Hopper matmul (TMA + wgmma; Hopper only, rows multiple of 64)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="attention rows")
     ap.add_argument("--cache-len", type=int, nargs="+", default=[1152, 2048], help="attention cache slots")
     ap.add_argument("--attention-calls", type=int, default=8)
@@ -411,6 +433,8 @@ def main(argv=None) -> int:
     bad_rows = [m for m in args.rows if m & (m - 1) or m < 16]
     if bad_rows:
         ap.error(f"--rows {bad_rows}: expected powers of two >= 16")
+    if args.mosaic and (args.small or args.implementation != "pallas" or any(m % 64 for m in args.rows)):
+        ap.error("--mosaic runs on a Hopper GPU only (no --small / interpret) at --rows multiples of 64")
     try:
         checks.multiples("--cache-len", args.cache_len, 128, "the decode kernel's smallest part")
         checks.pallas_backend(args.implementation)

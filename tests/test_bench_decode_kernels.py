@@ -45,6 +45,10 @@ def test_bad_shapes_and_arguments_are_refused(capsys):
         bench.main(["--cache-len", "100"])
     assert exit_info.value.code == 2
     assert "--cache-len [100]: expected multiples of 128" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--mosaic", "--small", "--implementation", "interpret"])
+    assert exit_info.value.code == 2
+    assert "--mosaic runs on a Hopper GPU only" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # the suite runs on a CPU
         bench.main([])
     assert exit_info.value.code == 2
