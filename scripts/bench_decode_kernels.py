@@ -235,7 +235,7 @@ def bench_matmul(args, emit):
 
             xla = run(lambda x, w: skinny_matmul_reference(x, w, layout), "xla", None)
             if args.mosaic and layout == "kn":  # JAX's TMA + wgmma Hopper matmul (Pallas on Mosaic GPU)
-                for config in MOSAIC_TILES:
+                for config in MOSAIC_TILES[:args.mosaic_settings]:
                     run(lambda x, w, c=config: mosaic_matmul(x, w, **c), "mosaic_hopper_matmul", config)
             best = None
             t_end = time.perf_counter() + args.budget_per_shape_s
@@ -409,6 +409,8 @@ def main(argv=None) -> int:
     ap.add_argument("--matmuls", nargs="+", default=None, help=f"subset of {list(MATMULS_4B)}")
     ap.add_argument("--mosaic", action="store_true",
                     help="matmul: also JAX's Mosaic GPU Hopper matmul (TMA + wgmma; Hopper only, rows multiple of 64)")
+    ap.add_argument("--mosaic-settings", type=int, default=len(MOSAIC_TILES),
+                    help=f"--mosaic: the first N of its {len(MOSAIC_TILES)} tile settings (each compiles for ~30 s)")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="attention rows")
     ap.add_argument("--cache-len", type=int, nargs="+", default=[1152, 2048], help="attention cache slots")
     ap.add_argument("--attention-calls", type=int, default=8)
@@ -423,7 +425,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     try:
-        checks.at_least(args, ("rows", "batch", "cache_len", "attention_calls", "runs", "slots", "stream_gb"))
+        checks.at_least(args, ("rows", "batch", "cache_len", "attention_calls", "runs", "slots", "stream_gb",
+                               "mosaic_settings"))
     except UserError as e:
         ap.error(str(e))
     shapes = MATMULS_SMALL if args.small else MATMULS_4B
