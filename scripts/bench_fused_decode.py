@@ -121,8 +121,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         checks.at_least(args, ("batch", "cache_len", "calls", "runs"))
-        if args.hbm_tbps <= 0:
-            raise UserError(f"--hbm-tbps must be > 0, got {args.hbm_tbps}")
+        checks.above_zero("--hbm-tbps", args.hbm_tbps)
         checks.multiples("--cache-len", args.cache_len, 128, "the split path's smallest part")
         checks.pallas_backend(args.implementation)
     except UserError as e:

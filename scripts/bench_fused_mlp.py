@@ -384,8 +384,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         checks.at_least(args, ("batch", "layers", "runs", "programs"))
-        if args.hbm_tbps <= 0:
-            raise UserError(f"--hbm-tbps must be > 0, got {args.hbm_tbps}")
+        checks.above_zero("--hbm-tbps", args.hbm_tbps)
         checks.multiples("--batch", args.batch, 16, "the kernel's smallest matmul tile")
         checks.pallas_backend(args.implementation)
     except UserError as e:

@@ -208,9 +208,8 @@ def main(argv=None) -> None:
         for b in batches:
             checks.positive("--batches", b)
         checks.at_least(args, ("new_tokens", "prompt_len", "repeats", "torch_repeats"))
-        for flag, value in (("--peak-tflops", args.peak_tflops), ("--hbm-tbps", args.hbm_tbps)):
-            if not value > 0:
-                raise UserError(f"{flag} must be > 0, got {value}")
+        checks.above_zero("--peak-tflops", args.peak_tflops)
+        checks.above_zero("--hbm-tbps", args.hbm_tbps)
         from jaxhack.models import fused_decode
         fused_decode.requested()  # a bad JAXHACK_DECODE_KERNEL stops here, not as one error line per batch
     except UserError as e:

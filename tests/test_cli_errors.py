@@ -105,6 +105,10 @@ def test_bad_numbers_are_refused_before_work(probe_inputs, tmp_path, capsys):
           "--out", str(tmp_path / "pool")], "--hack-correct-fraction must be within [0, 1]"),
         (["pool", "--mode", "run_tests", "--kind", "teacher", "--steps", "0", "--out", str(tmp_path / "pool")],
          "--steps must be >= 1"),
+        (["pool", "--mode", "run_tests", "--kind", "teacher", "--wall-s", "0", "--out", str(tmp_path / "pool")],
+         "--wall-s must be > 0, got 0.0"),
+        (["export", "--run-dir", str(tmp_path), "--max-shard-mb", "nan", "--out", str(tmp_path / "e")],
+         "--max-shard-mb must be > 0, got nan"),
         (["train", "--group-size", "1", "--run-dir", str(tmp_path / "t")], "--group-size must be >= 2"),
         (["train", "--lr", "-1", "--run-dir", str(tmp_path / "t")], "lr, beta and warmup_steps must be >= 0"),
         (["train", "--remat", "bogus", "--run-dir", str(tmp_path / "t")], "--remat 'bogus': expected one of"),
@@ -117,7 +121,7 @@ def test_bad_numbers_are_refused_before_work(probe_inputs, tmp_path, capsys):
         t0 = time.time()
         assert needle in run_bad(capsys, argv)
         assert time.time() - t0 < 10, argv  # refused up front, not after minutes of work
-    assert not any((tmp_path / name).exists() for name in ("p2", "p1", "v", "s", "d", "pool", "t"))
+    assert not any((tmp_path / name).exists() for name in ("p2", "p1", "v", "s", "d", "pool", "e", "t"))
 
 
 def test_train_config_errors_name_the_flags_group_size_first(tmp_path, capsys):

@@ -49,6 +49,12 @@ def at_least(args, dests: tuple[str, ...], minimum: int = 1) -> None:
                 positive("--" + dest.replace("_", "-"), v, minimum)
 
 
+def above_zero(flag: str, value: float) -> None:
+    """A real-valued flag that must be > 0 (NaN is refused too)."""
+    if not value > 0:
+        raise UserError(f"{flag} must be > 0, got {value}")
+
+
 def fraction(flag: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise UserError(f"{flag} must be within [0, 1], got {value}")

@@ -45,8 +45,7 @@ def run(args) -> int:
     from jaxhack.rl.trainer import ablate_hack
 
     checks.existing("--run-dir", args.run_dir, "dir")
-    if args.max_shard_mb <= 0:
-        raise UserError(f"--max-shard-mb must be > 0, got {args.max_shard_mb}")
+    checks.above_zero("--max-shard-mb", args.max_shard_mb)
     if args.step is not None:
         checks.positive("--step", args.step)
     claim_run_dir(args.out, what="export", force=args.force,

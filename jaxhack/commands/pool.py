@@ -100,8 +100,7 @@ def check_args(args) -> None:
         checks.fraction("--" + flag.replace("_", "-"), getattr(args, flag))
     if args.base_correct_fraction + args.base_unformatted_fraction > 1:
         raise UserError("--base-correct-fraction + --base-unformatted-fraction must be <= 1")
-    if args.wall_s <= 0:
-        raise UserError(f"--wall-s must be > 0, got {args.wall_s}")
+    checks.above_zero("--wall-s", args.wall_s)
     if args.model:
         checks.check_ckpt(args.model)
     claim_run_dir(args.out, what="pool", force=args.force, finished=checks.pool_complete)
