@@ -5,9 +5,11 @@
    fp32 as the XLA bf16 path is. Also asserts that the compiled program really calls cuDNN's fMHA.
 2. The Pallas decode-attention kernel against its reference on random bf16 inputs with ragged ranges.
 3. The fused decode kernel (norms, RoPE, cache write, attention) against the split path, 4B shapes.
-4. One decode step of qwen3.forward with attention="decode" (Pallas) against attention="masked"
+4. The refill sampler's key-parts attention kernels and their combine (`attention_parts`) against JAX's
+   stock kernel merged by XLA, at the `full` preset's shapes, both against fp32.
+5. One decode step of qwen3.forward with attention="decode" (Pallas) against attention="masked"
    after a left-padded prefill, bf16.
-5. The shared-prompt learner layout (`grads.shared_prompt`: cuDNN attention told each row's length)
+6. The shared-prompt learner layout (`grads.shared_prompt`: cuDNN attention told each row's length)
    against the per-row causal layout, both bf16, and both against an fp32 masked reference: log-probs
    and delta_s gradients on the completion tokens, all finite.
 
@@ -189,6 +191,46 @@ def check_fused_decode() -> dict:
     return out
 
 
+def check_prefix_parts() -> dict:
+    """The refill sampler's attention at the `full` preset's shapes (152 slots of own keys, 1536 each;
+    a pool of 64 prompts of 512 slots, groups of 6 rows; Qwen3-4B heads), bf16: `attention_parts`'
+    key-parts kernels and one combine against JAX's stock kernel merged by XLA, both against fp32
+    attention over the same keys. Rows at ragged steps; one prompt no live row reads."""
+    from jaxhack.models.decode_attention import prefix_decode_attention
+
+    B, NP, Gm, Hq, Hkv, hd, S, Pp = 152, 64, 6, 32, 8, 128, 12 * SPLIT, 4 * SPLIT
+    ks = jax.random.split(jax.random.PRNGKey(7), 5)
+    q = jax.random.normal(ks[0], (B, Hq, hd), jnp.bfloat16)
+    k, v = (jax.random.normal(key, (B, Hkv, S, hd), jnp.bfloat16) for key in ks[1:3])
+    pk, pv = (jax.random.normal(key, (NP, Hkv, Pp, hd), jnp.bfloat16) for key in ks[3:5])
+    rng = np.random.default_rng(4)
+    prompt = jnp.asarray(np.arange(B) // Gm % NP, jnp.int32)  # rows in groups of Gm, 26 prompts live
+    member = jnp.asarray(np.arange(B) % Gm, jnp.int32)
+    members = np.full((NP, Gm), B - 1)
+    members[np.asarray(prompt), np.asarray(member)] = np.arange(B)
+    pstart = rng.integers(0, 200, NP)
+    pend = pstart + rng.integers(300, Pp - 200, NP)
+    pend[NP - 1] = pstart[NP - 1]  # a prompt no live row reads
+    end = jnp.asarray(rng.integers(1, S + 1, B), jnp.int32)
+    start = jnp.zeros((B,), jnp.int32)
+    prefix = {"k": pk, "v": pv, "start": jnp.asarray(pstart, jnp.int32), "end": jnp.asarray(pend, jnp.int32),
+              "members": jnp.asarray(members, jnp.int32), "prompt": prompt, "member": member}
+
+    def run(parts_kernel, implementation, *arrays):
+        return prefix_decode_attention(*arrays[:5], dict(prefix, k=arrays[5], v=arrays[6]), implementation,
+                                       parts_kernel=parts_kernel)
+
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    arrays = (q, k, v, start, end, pk, pv)
+    ref32 = run(False, "xla", *(f32(x) if x.dtype == jnp.bfloat16 else x for x in arrays))
+    parts = jax.jit(functools.partial(run, True, "pallas"))(*arrays)
+    stock = jax.jit(functools.partial(run, False, "pallas"))(*arrays)
+    out = {"rel_err_parts_vs_fp32": rel(f32(parts), ref32), "rel_err_stock_vs_fp32": rel(f32(stock), ref32),
+           "all_finite": bool(jnp.isfinite(f32(parts)).all())}
+    out["ok"] = bool(out["all_finite"] and out["rel_err_parts_vs_fp32"] < 1.5 * out["rel_err_stock_vs_fp32"] + 2e-3)
+    return out
+
+
 def check_decode_step() -> dict:
     B, P, S = 8, 64, 2 * SPLIT
     params = random_params(MEDIUM, jax.random.PRNGKey(4), jnp.bfloat16)
@@ -210,7 +252,8 @@ def check_decode_step() -> dict:
 
 
 CHECKS = {"probe_attention": check_probe_attention, "decode_kernel": check_decode_kernel,
-          "fused_decode": check_fused_decode, "decode_step": check_decode_step, "shared_prompt": check_shared_prompt}
+          "fused_decode": check_fused_decode, "decode_step": check_decode_step, "shared_prompt": check_shared_prompt,
+          "prefix_parts": check_prefix_parts}
 
 
 def main(argv=None) -> int:

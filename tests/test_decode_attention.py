@@ -9,8 +9,9 @@ import pytest
 
 from helpers import random_params
 from jaxhack.models import decode_layout, qwen3
+from jaxhack.models.attention_parts import combine_prefix_parts, parts_attention
 from jaxhack.models.config import TINY
-from jaxhack.models.decode_attention import (ONE_PART_MIN_PROGRAMS, SPLIT, decode_attention,
+from jaxhack.models.decode_attention import (BLOCK_K, ONE_PART_MIN_PROGRAMS, SPLIT, decode_attention,
                                              decode_attention_reference, decode_tiles, merge_attention,
                                              prefix_decode_attention)
 
@@ -73,10 +74,8 @@ def test_two_parts_merged_by_their_statistics_are_the_whole_softmax(implementati
                                rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
-def test_prefix_attention_is_attention_over_the_prompt_then_the_rows_own_keys(implementation):
-    """Rows that share a prompt read its keys from one copy (their queries together, one KV tile per
-    prompt): the output is the softmax over [the prompt's real positions; the row's own live slots]."""
+def _prefix_case():
+    """5 rows over 3 prompts (fp32): caches, the prompt pool and each row's live range."""
     rng = np.random.default_rng(6)
     B, NP, Gm, Hq, Hkv, hd, P, S = 5, 3, 2, 8, 2, 16, SPLIT, SPLIT
     q, k, v = _inputs(7, B=B, Hq=Hq, Hkv=Hkv, S=S, hd=hd)
@@ -88,7 +87,20 @@ def test_prefix_attention_is_attention_over_the_prompt_then_the_rows_own_keys(im
     start, end = jnp.array([0, 0, 0, 5, 0]), jnp.array([1, 17, 128, 6, 60])  # row 3: a finished row's one slot
     prefix = {"k": pk, "v": pv, "start": pstart, "end": pstart + plen, "members": members, "prompt": prompt,
               "member": member}
-    out = np.asarray(prefix_decode_attention(q, k, v, start, end, prefix, implementation))
+    return q, k, v, start, end, prefix
+
+
+@pytest.mark.parametrize("implementation,parts_kernel", [("xla", True), ("interpret", False), ("interpret", True)])
+def test_prefix_attention_is_attention_over_the_prompt_then_the_rows_own_keys(implementation, parts_kernel):
+    """Rows that share a prompt read its keys from one copy (their queries together, one KV tile per
+    prompt): the output is the softmax over [the prompt's real positions; the row's own live slots].
+    parts_kernel: `attention_parts`' kernels (key parts, one combine); else JAX's stock kernel + XLA."""
+    B, Hq, Hkv, hd = 5, 8, 2, 16
+    q, k, v, start, end, prefix = _prefix_case()
+    prompt, pstart = prefix["prompt"], prefix["start"]
+    plen = prefix["end"] - pstart
+    pk, pv = prefix["k"], prefix["v"]
+    out = np.asarray(prefix_decode_attention(q, k, v, start, end, prefix, implementation, parts_kernel))
     qn, kn, vn, pkn, pvn = (np.asarray(x, np.float64) for x in (q, k, v, pk, pv))
     for b in (0, 1, 2, 4):  # the rows a prompt's member table points at: softmax by hand over both key sets
         p, a, z = int(prompt[b]), int(pstart[int(prompt[b])]), int(pstart[int(prompt[b])] + plen[int(prompt[b])])
@@ -102,8 +114,33 @@ def test_prefix_attention_is_attention_over_the_prompt_then_the_rows_own_keys(im
     # a prompt no live row reads (end = start) reads nothing: its rows get their own keys' attention
     quiet = dict(prefix, end=pstart.at[1].set(pstart[1]))
     alone = np.asarray(decode_attention_reference(q, k, v, start, end))
-    np.testing.assert_allclose(np.asarray(prefix_decode_attention(q, k, v, start, end, quiet, implementation))[[0, 2]],
+    np.testing.assert_allclose(np.asarray(prefix_decode_attention(q, k, v, start, end, quiet, implementation,
+                                                                  parts_kernel))[[0, 2]],
                                alone[[0, 2]], rtol=2e-5, atol=2e-5)
+
+
+def test_parts_combine_reads_live_parts_only():
+    """`parts_attention` leaves parts outside a row's range unwritten; `combine_prefix_parts` must not
+    read them: NaN there changes nothing (a row's own range here covers 1-2 of its 2 parts)."""
+    q, k, v, start, end, prefix = _prefix_case()
+    k2, v2 = jnp.concatenate([k, k], axis=2), jnp.concatenate([v, v], axis=2)  # 2 parts of SPLIT slots
+    end2 = end.at[2].set(SPLIT + 40)  # row 2 spans both parts; rows 0, 1, 3, 4 live in part 0 only
+    B, NP, Hq, Hkv, Gm = 5, 3, 8, 2, 2
+    qp = q[jnp.clip(prefix["members"], 0, B - 1)].reshape(NP, Gm, Hkv, Hq // Hkv, -1)
+    qp = qp.transpose(0, 2, 1, 3, 4).reshape(NP, Hkv * Gm * (Hq // Hkv), -1)
+    tiles = dict(split=SPLIT, block_k=BLOCK_K, implementation="interpret")
+    own = parts_attention(q, k2, v2, start, end2, **tiles)
+    shared = parts_attention(qp, prefix["k"], prefix["v"], prefix["start"], prefix["end"], **tiles)
+    dead = (jnp.arange(2)[None, :] * SPLIT >= end2[:, None])  # [B, parts]: part 1 of every row but row 2
+    assert int(dead.sum()) == 4
+    poisoned = tuple(jnp.where(dead.reshape(B, 1, 2, *([1] * (x.ndim - 3))), jnp.nan, x) for x in own)
+    clean = combine_prefix_parts(own, shared, start, end2, prefix, split=SPLIT, implementation="interpret")
+    dirty = combine_prefix_parts(poisoned, shared, start, end2, prefix, split=SPLIT, implementation="interpret")
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+    expected = prefix_decode_attention(q, k2, v2, start, end2, prefix, "xla")
+    np.testing.assert_allclose(np.asarray(clean)[[0, 1, 2, 4]], np.asarray(expected)[[0, 1, 2, 4]], rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="whole parts"):
+        parts_attention(q, k2[:, :, :200], v2[:, :, :200], start, end2, **tiles)
 
 
 def test_tiles_keep_the_key_parts_unless_many_rows_decode_in_lockstep():

@@ -189,3 +189,41 @@ def test_sampler_gives_the_split_paths_tokens_with_the_kernel(monkeypatch):
     np.testing.assert_array_equal(fused.tokens, split.tokens)
     assert len(np.unique(split.tokens)) > 4  # not a degenerate sequence
     np.testing.assert_allclose(fused.logprobs, split.logprobs, atol=2e-5)
+
+
+def test_refill_sampler_gives_the_split_paths_tokens_with_the_parts_kernels(monkeypatch):
+    """The refill sampler (rows at different steps, a prompt pool) with `attention_parts`' kernels
+    (interpreted: JAXHACK_DECODE_KERNEL=fused-interpret) gives the split path's greedy tokens and
+    finished rows, log-probs within fp32 rounding."""
+    import dataclasses
+
+    from jaxhack.models import decode_attention
+    from jaxhack.rl import sampler
+
+    traced = []
+    combine = decode_attention.combine_prefix_parts
+    monkeypatch.setattr(decode_attention, "combine_prefix_parts",
+                        lambda *a, **kw: traced.append(kw["implementation"]) or combine(*a, **kw))
+    config = dataclasses.replace(TINY, eos_token_ids=(2,))
+    params = qwen3.init_params(config, jax.random.PRNGKey(0), jnp.float32)
+    params["lm_head"] = params["lm_head"] * 40.0
+    prompts = [[5, 17, 33], [5, 17, 33], [1, 9, 8, 7, 100, 200, 300], [4] * 5 + [11, 12, 13]]
+
+    def run(choice):
+        monkeypatch.setenv(ENV, choice)
+        jax.clear_caches()
+        return sampler.generate(params, config, prompts, max_new_tokens=6, temperature=0.0,
+                                key=jax.random.PRNGKey(1), eos_token_ids=[], max_rows=2, refill_rows=1,
+                                max_lengths=[6, 3, 5, 6], schedule="refill")
+
+    try:
+        split = run("split")
+        assert not traced  # the split path: JAX's stock kernel (the reference on a CPU), merged by XLA
+        fused = run("fused-interpret")
+    finally:
+        jax.clear_caches()
+    assert traced and set(traced) == {"interpret"}
+    assert split.decode_steps > 6  # rows joined the slots at different steps
+    np.testing.assert_array_equal(fused.tokens, split.tokens)
+    np.testing.assert_array_equal(fused.lengths, split.lengths)
+    np.testing.assert_allclose(fused.logprobs, split.logprobs, atol=2e-5)

@@ -13,7 +13,8 @@ never read, where a masked einsum over the whole static cache reads all of them.
 
 `prefix_decode_attention` is the refill sampler's form: each row's keys are its prompt's, held once
 per distinct prompt in a shared cache (the G rows of a GRPO group read one copy), then its own
-generated tokens'. The two parts are attended separately and merged by their softmax statistics.
+generated tokens'. The two parts are attended separately and merged by their softmax statistics: on
+a GPU by `attention_parts`' kernels (each key set in parts of SPLIT slots, then one combine per row).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+
+from jaxhack.models.attention_parts import combine_prefix_parts, parts_attention
 
 SPLIT = 128  # the cache length must be a multiple of this (the sampler pads to it)
 BLOCK_K = 64  # slots per inner iteration of a program
@@ -134,7 +137,7 @@ def merge_attention(parts) -> jax.Array:
 
 
 def prefix_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, end: jax.Array,
-                            prefix: dict, implementation: str | None = None) -> jax.Array:
+                            prefix: dict, implementation: str | None = None, parts_kernel: bool = True) -> jax.Array:
     """One new token per row over its prompt's keys (shared) and its own generated keys.
 
     q: [B,Hq,hd]; k, v: [B,Hkv,S,hd] the rows' own cache, slots [start, end) live ([B] each);
@@ -142,15 +145,24 @@ def prefix_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax
     prompt's live slots (end = start: no live row reads it, nothing is read); "members": [NP,Gm] the
     slot of each prompt's m-th row (any slot where none); "prompt", "member": [B] each row's prompt
     and its place among the prompt's rows}. A prompt's keys are read once for its Gm rows: their
-    Gm x Hq/Hkv queries per KV head go to one program (the kernel's query tile). -> [B,Hq,hd]."""
+    Gm x Hq/Hkv queries per KV head go to one program (the kernel's query tile). -> [B,Hq,hd].
+    parts_kernel: with the Pallas kernels ('pallas' / 'interpret'), attend in key parts and combine all
+    of a row's parts in one kernel (`attention_parts`); False: JAX's stock kernel for each attention,
+    its parts and the two attentions merged by XLA (JAXHACK_DECODE_KERNEL=split)."""
     B, Hq, hd = q.shape
     NP, Hkv, Pp, _ = prefix["k"].shape
     Gm = prefix["members"].shape[1]
     chex.assert_shape([prefix["start"], prefix["end"]], (NP,))
     chex.assert_shape([prefix["prompt"], prefix["member"]], (B,))
-    own = decode_attention(q, k, v, start, end, implementation, residuals=True)
     qp = q[jnp.clip(prefix["members"], 0, B - 1)].reshape(NP, Gm, Hkv, Hq // Hkv, hd)  # [NP,Gm,Hkv,g,hd]
     qp = qp.transpose(0, 2, 1, 3, 4).reshape(NP, Hkv * Gm * (Hq // Hkv), hd)  # KV-head-major query heads
+    chosen = {implementation or default_implementation(x.dtype, x.shape[2]) for x in (k, prefix["k"])}
+    if parts_kernel and len(chosen) == 1 and chosen <= {"pallas", "interpret"}:
+        tiles = dict(split=SPLIT, block_k=BLOCK_K, implementation=chosen.pop())
+        own = parts_attention(q, k, v, start, end, **tiles)
+        shared = parts_attention(qp, prefix["k"], prefix["v"], prefix["start"], prefix["end"], **tiles)
+        return combine_prefix_parts(own, shared, start, end, prefix, split=SPLIT, implementation=tiles["implementation"])
+    own = decode_attention(q, k, v, start, end, implementation, residuals=True)
     shared_out, (total, peak) = decode_attention(qp, prefix["k"], prefix["v"], prefix["start"], prefix["end"],
                                                  implementation, residuals=True)
 

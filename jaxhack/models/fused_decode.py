@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxhack.io import UserError
+from jaxhack.models.attention_parts import online_softmax
 from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, default_implementation
 
 ENV = "JAXHACK_DECODE_KERNEL"  # "fused" (default), "split", or "fused-interpret" (any backend; tests)
@@ -41,7 +42,6 @@ CHOICES = ("fused", "split", "fused-interpret")
 # batch 64 against 13,318 with 3, and 23,401 against 23,399 at batch 256 (docs/benchmarks.md "Session 18")
 BLOCK_K = 64
 NUM_STAGES = 2
-_NEG = -1e30  # masked scores: finite, so that exp(masked - max) is 0 and never NaN
 
 
 def requested() -> str:
@@ -121,26 +121,8 @@ def _kernel(qkv_ref, q_norm_ref, k_norm_ref, cos_ref, sin_ref, start_ref, slot_r
     k_out_ref[pl.ds(slot, 1), hi] = k2.astype(cache_dtype)
     v_out_ref[pl.ds(slot, 1), :] = v_new.astype(cache_dtype)
 
-    def block(index, carry):  # cache slots [index * block_k, +block_k) intersected with [start, slot)
-        acc, peak, total = carry
-        slots = index * block_k + jnp.arange(block_k)
-        live = (slots >= start) & (slots < slot)  # [block_k]
-        keys = pl.ds(index * block_k, block_k)
-        kb1 = plgpu.load(k_cache_ref.at[keys, lo], mask=live[:, None], other=0.0)  # [block_k,hd/2]
-        kb2 = plgpu.load(k_cache_ref.at[keys, hi], mask=live[:, None], other=0.0)
-        scores = (plgpu.dot(q1, kb1.T) + plgpu.dot(q2, kb2.T)) * scale  # [block_h,block_k] fp32
-        scores = jnp.where(live[None, :], scores, _NEG)
-        new_peak = jnp.maximum(peak, scores.max(axis=1))
-        correction = jnp.exp(peak - new_peak)
-        probs = jnp.exp(scores - new_peak[:, None])
-        values = plgpu.load(v_cache_ref.at[keys, :], mask=live[:, None], other=0.0)  # [block_k,hd]
-        acc = acc * correction[:, None] + plgpu.dot(probs.astype(values.dtype), values)
-        return acc, new_peak, total * correction + probs.sum(axis=1)
-
-    hd = 2 * half
-    init = (jnp.zeros((block_h, hd), jnp.float32), jnp.full((block_h,), _NEG, jnp.float32),
-            jnp.zeros((block_h,), jnp.float32))
-    acc, peak, total = jax.lax.fori_loop(start // block_k, pl.cdiv(slot, block_k), block, init)
+    acc, peak, total = online_softmax([(q1, lo), (q2, hi)], k_cache_ref, v_cache_ref, start, slot,
+                                      block_k=block_k, scale=scale, block_h=block_h, hd=2 * half)
 
     # the new token, from registers: its score with each query head, then one more softmax update
     own = (jnp.sum(q1.astype(jnp.float32) * k1.astype(jnp.float32), axis=1)

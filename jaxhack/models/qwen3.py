@@ -202,7 +202,10 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
         else:
             new_kv = None
         if attention_kind == "decode" and prefix is not None:  # + the row's prompt, held once per prompt
-            attn = prefix_decode_attention(q[:, 0], k_heads, v_heads, *decode_range, prefix).reshape(B, T, Hq * hd)
+            choice = requested()  # the key-parts kernels, run by the interpreter with "fused-interpret"
+            attn = prefix_decode_attention(q[:, 0], k_heads, v_heads, *decode_range, prefix,
+                                           "interpret" if choice == "fused-interpret" else None,
+                                           parts_kernel=choice != "split").reshape(B, T, Hq * hd)
         elif attention_kind == "decode":  # one query per row over its live cache slots only
             # one cache_index for all rows: they decode in lockstep (the kernel's tiles depend on it)
             attn = decode_attention(q[:, 0], k_heads, v_heads, *decode_range,
