@@ -54,7 +54,7 @@ def online_softmax(queries, k_ref, v_ref, lo, hi, *, block_k: int, scale: float,
     return jax.lax.fori_loop(lo // block_k, pl.cdiv(hi, block_k), block, init)
 
 
-def _query_tile(heads: int) -> int:
+def query_tile(heads: int) -> int:
     """Query rows per program: a power of two >= 16 (the dot's smallest tile) covering `heads`."""
     return max(16, 1 << (heads - 1).bit_length())
 
@@ -65,7 +65,7 @@ def _parts_kernel(q_ref, start_ref, end_ref, k_ref, v_ref, out_ref, total_ref, p
     total/peak_ref [heads]."""
     head, part = pl.program_id(1), pl.program_id(2)
     hd = q_ref.shape[-1]
-    block_h = _query_tile(heads)
+    block_h = query_tile(heads)
     lo = jnp.maximum(start_ref[()], part * split)
     hi = jnp.minimum(end_ref[()], (part + 1) * split)
 

@@ -24,7 +24,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxhack.models.attention_parts import combine_prefix_parts, parts_attention
+from jaxhack.models.attention_parts import combine_prefix_parts, parts_attention, query_tile
 
 SPLIT = 128  # the cache length must be a multiple of this (the sampler pads to it)
 BLOCK_K = 64  # slots per inner iteration of a program
@@ -110,7 +110,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
         raise ValueError(f"tiles {tiles}: the cache length {S} must be a multiple of split, and split of block_k")
     # query heads per program: a power of two >= 16 covering one KV head's (4 at Qwen3-4B; 24 when the
     # G = 6 rows of a group read their shared prompt together), so each KV tile is read by one program
-    block_h = max(16, 1 << (Hq // Hkv - 1).bit_length())
+    block_h = query_tile(Hq // Hkv)
     # gqa takes [B,S,Hkv,hd] and swaps to [B,Hkv,S,hd] inside: the two transposes cancel in XLA
     out = pallas_decode.gqa(q, k.swapaxes(1, 2), v.swapaxes(1, 2), start.astype(jnp.int32),
                             end.astype(jnp.int32), block_h=block_h, block_k=tiles["block_k"],

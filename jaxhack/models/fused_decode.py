@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxhack.io import UserError
-from jaxhack.models.attention_parts import online_softmax
+from jaxhack.models.attention_parts import online_softmax, query_tile
 from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, default_implementation
 
 ENV = "JAXHACK_DECODE_KERNEL"  # "fused" (default), "split", or "fused-interpret" (any backend; tests)
@@ -159,7 +159,7 @@ def fused_decode_attention(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array,
         raise ValueError(f"{num_q_heads} query heads over {Hkv} KV heads, head dim {hd}, {S} cache slots: "
                          f"expected whole groups, an even head dim and slots a multiple of {block_k}")
     group = num_q_heads // Hkv
-    block_h = max(16, 1 << (group - 1).bit_length())  # the dot's smallest tile
+    block_h = query_tile(group)
     kernel = functools.partial(_kernel, num_q_heads=num_q_heads, group=group, block_h=block_h, block_k=block_k,
                                eps=eps, scale=hd ** -0.5)
     row = lambda b, h: (b, 0, 0)  # noqa: E731
