@@ -5,7 +5,7 @@ slots (flash-decoding) to balance the work, and its prompt's keys are attended s
 GRPO group (`decode_attention.prefix_decode_attention`). With JAX's stock kernel each attention's parts
 are combined by XLA (a maximum, an optimisation barrier, exponentials, a weighted sum) and the two
 attentions then merged: ~8 small kernels a layer, ~780 us of a 10 ms decode step at 152 slots
-(docs/benchmarks.md, "Session 16").
+(docs/benchmarks.md, "Session 17").
 
 - `parts_attention`: one program per (row, KV head, part) writes that part's normalised output (in the
   query's dtype) and its softmax statistics (sum, max; fp32); a part outside the row's live range
