@@ -419,10 +419,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--budget-per-shape-s", type=float, default=12.0, help="stop a shape's tile search after this")
     ap.add_argument("--l2-defeat-mb", type=float, default=2048.0)
-    ap.add_argument("--hbm-tbps", type=float, default=3.35, help="card bandwidth (H100 3.35, H200 4.8)")
-    ap.add_argument("--implementation", choices=("pallas", "interpret"), default="pallas")
-    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test with --implementation interpret)")
-    ap.add_argument("--out", default=None)
+    checks.add_kernel_bench_flags(ap)
     args = ap.parse_args(argv)
     try:
         checks.at_least(args, ("rows", "batch", "cache_len", "attention_calls", "runs", "slots", "stream_gb",
@@ -440,7 +437,7 @@ def main(argv=None) -> int:
         ap.error("--mosaic runs on a Hopper GPU only (no --small / interpret) at --rows multiples of 64")
     try:
         checks.multiples("--cache-len", args.cache_len, 128, "the decode kernel's smallest part")
-        checks.pallas_backend(args.implementation)
+        checks.kernel_bench_flags(args)
     except UserError as e:
         ap.error(str(e))
 

@@ -114,16 +114,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-len", type=int, nargs="+", default=[1152], help="cache slots (multiples of 128)")
     ap.add_argument("--calls", type=int, default=8, help="layers' steps chained per timed call")
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--hbm-tbps", type=float, default=3.35, help="card bandwidth (H100 3.35, H200 4.8)")
-    ap.add_argument("--implementation", choices=("pallas", "interpret"), default="pallas")
-    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test with --implementation interpret)")
-    ap.add_argument("--out", default=None)
+    checks.add_kernel_bench_flags(ap)
     args = ap.parse_args(argv)
     try:
         checks.at_least(args, ("batch", "cache_len", "calls", "runs"))
-        checks.above_zero("--hbm-tbps", args.hbm_tbps)
         checks.multiples("--cache-len", args.cache_len, 128, "the split path's smallest part")
-        checks.pallas_backend(args.implementation)
+        checks.kernel_bench_flags(args)
     except UserError as e:
         ap.error(str(e))
     import jax

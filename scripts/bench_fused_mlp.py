@@ -375,18 +375,14 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=36, help="layers chained per timed call")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--programs", type=int, default=None, help="default: the GPU's SM count")
-    ap.add_argument("--hbm-tbps", type=float, default=3.35, help="card bandwidth (H100 3.35, H200 4.8)")
-    ap.add_argument("--implementation", choices=("pallas", "interpret"), default="pallas")
     ap.add_argument("--grid", action="store_true", help="also time the tile grid")
     ap.add_argument("--per-phase", action="store_true", help="also time each phase alone (diagnostics)")
-    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test with --implementation interpret)")
-    ap.add_argument("--out", default=None)
+    checks.add_kernel_bench_flags(ap)
     args = ap.parse_args(argv)
     try:
         checks.at_least(args, ("batch", "layers", "runs", "programs"))
-        checks.above_zero("--hbm-tbps", args.hbm_tbps)
         checks.multiples("--batch", args.batch, 16, "the kernel's smallest matmul tile")
-        checks.pallas_backend(args.implementation)
+        checks.kernel_bench_flags(args)
     except UserError as e:
         ap.error(str(e))
     device = jax.devices()[0].device_kind

@@ -45,6 +45,10 @@ def test_bad_shapes_and_arguments_are_refused(capsys):
         bench.main(["--cache-len", "100"])
     assert exit_info.value.code == 2
     assert "--cache-len [100]: expected multiples of 128" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the kernel benchmarks' shared flags (checks.kernel_bench_flags)
+        bench.main(["--hbm-tbps", "0"])
+    assert exit_info.value.code == 2
+    assert "--hbm-tbps must be > 0, got 0.0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--mosaic", "--small", "--implementation", "interpret"])
     assert exit_info.value.code == 2

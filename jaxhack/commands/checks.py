@@ -38,6 +38,21 @@ def pallas_backend(implementation: str) -> None:
                         "--implementation interpret --small")
 
 
+def add_kernel_bench_flags(ap) -> None:
+    """The flags the kernel benchmarks share (scripts/bench_decode_kernels.py, bench_fused_decode.py,
+    bench_fused_mlp.py); `kernel_bench_flags` checks them."""
+    ap.add_argument("--hbm-tbps", type=float, default=3.35, help="card bandwidth (H100 3.35, H200 4.8)")
+    ap.add_argument("--implementation", choices=("pallas", "interpret"), default="pallas")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test with --implementation interpret)")
+    ap.add_argument("--out", default=None)
+
+
+def kernel_bench_flags(args) -> None:
+    """`add_kernel_bench_flags`' values: a positive bandwidth, and a GPU for the Pallas kernels."""
+    above_zero("--hbm-tbps", args.hbm_tbps)
+    pallas_backend(args.implementation)
+
+
 def at_least(args, dests: tuple[str, ...], minimum: int = 1) -> None:
     """`positive` for the argparse flags `dests` (attribute names of args, e.g. "sample_rows" for
     --sample-rows) that are set: None (not given, no default) passes; a list (nargs) is checked value
