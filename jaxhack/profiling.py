@@ -92,13 +92,19 @@ DECODE_ROLES = ("layer matmuls", "decode attention", "small per-layer kernels", 
                 "per-step kernels", "prefill and the rest")
 
 
+# the Pallas decode-attention kernels, by name: JAX's (`mha_forward*`), the fused ones (`models/fused_decode`:
+# norms, RoPE and cache writes included) and the refill sampler's key parts and their combine (`attention_parts`)
+ATTENTION_KERNELS = ("mha_forward", "fused_decode_attention", "fused_decode_parts", "parts_attention",
+                     "combine_prefix_parts")
+
+
 def decode_roles(summary: dict, decode_steps: int, layers: int, layer_matmul_bytes: float | None = None) -> dict:
     """A sampler call's kernels (`summarize_trace` of one call) grouped by what they do in a decode step,
-    from their names and how often they run: the Pallas decode attention (`mha_forward*`, or the fused
-    kernel `fused_decode_attention*`, which also does the norms, RoPE and cache writes); kernels run
-    about once per layer per step or more (calls >= 0.9 x layers x steps): the layer matmuls (gemm,
-    cuBLAS's split-K reductions included) and the small per-layer kernels (norms, RoPE, cache writes,
-    SiLU, the attention's combine); kernels run about once per step: the LM head (gemm) and the
+    from their names and how often they run: the Pallas decode attention (ATTENTION_KERNELS); kernels
+    run in at least 45% of the layers each step (calls >= 0.45 x layers x steps, and twice a step: a
+    layer loop unrolled by 2 gives one layer's kernel two names, each run in half the layers): the layer
+    matmuls (gemm, cuBLAS's split-K reductions included) and the small per-layer kernels (norms, RoPE,
+    cache writes, SiLU, residual adds); kernels run about once per step: the LM head (gemm) and the
     per-step rest (sampling, bookkeeping); everything rarer: prefill and the rest.
     -> {role: {"us_per_decode_step", "kernels", "launches_per_decode_step"}}, with "tbps" for the layer
     matmuls when layer_matmul_bytes (the bytes of one step's layer weights) is given."""
@@ -106,9 +112,9 @@ def decode_roles(summary: dict, decode_steps: int, layers: int, layer_matmul_byt
     for row in summary["kernels"]:
         per_step = row["calls_per_step"] / decode_steps
         gemm = row["category"] == "gemm"
-        if "mha_forward" in row["kernel"] or "fused_decode_attention" in row["kernel"]:
+        if any(name in row["kernel"] for name in ATTENTION_KERNELS):
             role = "decode attention"
-        elif per_step >= 0.9 * layers:
+        elif per_step >= max(0.45 * layers, 2):
             role = "layer matmuls" if gemm else "small per-layer kernels"
         elif per_step >= 0.9:
             role = "LM head" if gemm else "per-step kernels"

@@ -68,21 +68,25 @@ def test_profiled_sampler_call_is_written_per_decode_step(tmp_path):
 
 
 def test_decode_roles_sort_a_sampler_calls_kernels_by_what_they_do():
-    """`profiling.decode_roles` on a made-up trace of 10 decode steps of a 2-layer model: each kernel
-    lands in the role its name and launch count say, and the layer matmuls' rate is their bytes over
-    their time."""
-    rows = [("mha_forward", "other fusion", 20, 2.0), ("nvjet_gate_up", "gemm", 20, 4.0),
-            ("cublasLt::splitKreduce_kernel", "gemm", 20, 0.5), ("fusion_rms_norm", "other fusion", 40, 0.8),
+    """`profiling.decode_roles` on a made-up trace of 10 decode steps of a 4-layer model: each kernel
+    lands in the role its name and launch count say (the refill sampler's attention kernels too, and a
+    per-layer kernel run in every other layer), and the layer matmuls' rate is their bytes over their
+    time."""
+    rows = [("mha_forward", "other fusion", 40, 2.0), ("nvjet_gate_up", "gemm", 40, 4.0),
+            ("cublasLt::splitKreduce_kernel", "gemm", 40, 0.5), ("fusion_rms_norm", "other fusion", 80, 0.8),
+            ("fusion_1577", "other fusion", 20, 0.4),  # a layer loop unrolled by 2: half the layers each
             ("nvjet_head", "gemm", 10, 1.0), ("input_reduce_fusion", "reduction fusion", 10, 0.3),
-            ("nvjet_prefill", "gemm", 2, 0.6), ("fused_decode_attention_kernel", "other fusion", 20, 1.0)]
+            ("nvjet_prefill", "gemm", 2, 0.6), ("fused_decode_attention_kernel", "other fusion", 40, 1.0),
+            ("fused_decode_parts", "other fusion", 40, 0.7), ("parts_attention__1", "other fusion", 40, 0.2),
+            ("combine_prefix_parts", "other fusion", 40, 0.1)]
     summary = {"kernels": [{"kernel": k, "category": c, "calls_per_step": n, "ms_per_step": ms} for k, c, n, ms in rows]}
-    roles = decode_roles(summary, decode_steps=10, layers=2, layer_matmul_bytes=9e6)
+    roles = decode_roles(summary, decode_steps=10, layers=4, layer_matmul_bytes=9e6)
     got = {role: (round(r["us_per_decode_step"], 6), r["kernels"]) for role, r in roles.items()}
-    assert got == {"layer matmuls": (450.0, 2), "decode attention": (300.0, 2), "small per-layer kernels": (80.0, 1),
+    assert got == {"layer matmuls": (450.0, 2), "decode attention": (400.0, 5), "small per-layer kernels": (120.0, 2),
                    "LM head": (100.0, 1), "per-step kernels": (30.0, 1), "prefill and the rest": (60.0, 1)}
     assert roles["layer matmuls"]["tbps"] == pytest.approx(9e6 / 450e-6 / 1e12)
-    assert roles["small per-layer kernels"]["launches_per_decode_step"] == 4.0
-    assert "tbps" not in decode_roles(summary, 10, 2)["layer matmuls"]
+    assert roles["small per-layer kernels"]["launches_per_decode_step"] == 10.0
+    assert "tbps" not in decode_roles(summary, 10, 4)["layer matmuls"]
 
 
 def test_realistic_lengths_and_floor_terms():

@@ -13,7 +13,7 @@ from jaxhack.io import UserError
 from jaxhack.models import fused_decode, qwen3
 from jaxhack.models.config import TINY
 from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, SPLIT, decode_attention_reference
-from jaxhack.models.fused_decode import ENV, fused_decode_attention, kernel_choice, rope_tables
+from jaxhack.models.fused_decode import ENV, fused_decode_attention, fused_decode_parts, kernel_choice, rope_tables
 
 THETA, EPS = 10000.0, 1e-6
 
@@ -84,6 +84,67 @@ def test_slots_outside_the_range_are_not_read():
     np.testing.assert_array_equal(np.asarray(run(k_bad, v_bad)), clean)
 
 
+def _merge_live_parts(out, total, peak, start, end, split):
+    """numpy: each row's attention from its live parts [start // split, ceil(end / split)) -> [B,Hq,hd]."""
+    B, Hkv, _, g, hd = out.shape
+    merged = np.zeros((B, Hkv, g, hd))
+    for b in range(B):
+        live = range(start[b] // split, -(-end[b] // split))
+        top = np.max([peak[b, :, j] for j in live], axis=0)  # [Hkv,g]
+        weights = [total[b, :, j] * np.exp(peak[b, :, j] - top) for j in live]
+        merged[b] = sum(w[..., None] * out[b, :, j] for w, j in zip(weights, live)) / sum(weights)[..., None]
+    return merged.reshape(B, Hkv * g, hd)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_parts_kernel_writes_the_split_paths_cache_queries_and_parts(dtype):
+    """`fused_decode_parts` (the refill sampler's form, rows at their own slots): the split path's
+    cache and rotated queries (bf16: bit for bit), and live parts whose merge is the attention over
+    [start, slot]; ranges inside one part, across parts, the new token alone, the new token first
+    in its part."""
+    Hq, split = 8, SPLIT // 2
+    qkv, q_norm, k_norm, k_cache, v_cache = _inputs(3, dtype, B=4, Hq=Hq)
+    start, slot = jnp.array([0, 5, 70, 30]), jnp.array([3, 200, 70, 2 * split])
+    positions = jnp.array([3, 195, 11, 200])
+    cos, sin = rope_tables(positions, qkv.shape[-1], THETA, dtype)
+    q, (out, total, peak), k_new, v_new = fused_decode_parts(
+        qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, start, slot, num_q_heads=Hq, eps=EPS, split=split,
+        implementation="interpret")
+    ref, k_ref, v_ref = _split_path(qkv, q_norm, k_norm, k_cache, v_cache, start, slot, positions, Hq)
+    q_ref = qwen3.rope(qwen3.rms_norm(qkv[:, None, :Hq], q_norm, EPS), positions[:, None], THETA)[:, 0]
+    check = np.testing.assert_array_equal if dtype == jnp.bfloat16 else lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=2e-6, atol=2e-6)
+    for got, want in ((k_new, k_ref), (v_new, v_ref), (q, q_ref)):
+        check(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert out.shape == (4, 2, k_cache.shape[2] // split, Hq // 2, qkv.shape[-1]) and out.dtype == dtype
+    merged = _merge_live_parts(*(np.asarray(x, np.float64) for x in (out, total, peak)), np.asarray(start),
+                               np.asarray(slot) + 1, split)
+    ref = np.asarray(ref, np.float64)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert np.linalg.norm(merged - ref) <= tol * np.linalg.norm(ref), np.linalg.norm(merged - ref) / np.linalg.norm(ref)
+
+
+def test_parts_kernel_reads_only_the_range_and_writes_only_live_parts():
+    """NaN in the cache outside [start, slot) changes no live part; parts outside the range keep
+    what the output buffers held (they are not written)."""
+    Hq, split = 8, SPLIT // 2
+    qkv, q_norm, k_norm, k_cache, v_cache = _inputs(4, jnp.float32, Hq=Hq)
+    start, slot = jnp.array([70, 64, 0]), jnp.array([100, 200, 1])
+    cos, sin = rope_tables(jnp.array([90, 66, 1]), qkv.shape[-1], THETA, jnp.float32)
+    run = lambda k, v: fused_decode_parts(qkv, q_norm, k_norm, cos, sin, k, v, start, slot,  # noqa: E731
+                                          num_q_heads=Hq, eps=EPS, split=split, implementation="interpret")
+    q, clean, k_out, _ = run(k_cache, v_cache)
+    k_bad = k_cache.at[0, :, :70].set(jnp.nan).at[0, :, 101:].set(jnp.nan).at[1, :, :64].set(1e4)
+    v_bad = v_cache.at[0, :, :70].set(jnp.nan).at[2, :, 1:].set(jnp.nan)
+    q_bad, dirty, k_bad_out, _ = run(k_bad, v_bad)
+    live = [(0, 1), (1, 1), (1, 2), (1, 3), (2, 0)]  # (row, part) holding a slot of [start, slot]
+    for a, b in zip(clean, dirty):
+        for row, part in live:
+            np.testing.assert_array_equal(np.asarray(b[row, :, part]), np.asarray(a[row, :, part]))
+    np.testing.assert_array_equal(np.asarray(q_bad), np.asarray(q))
+    np.testing.assert_array_equal(np.asarray(k_bad_out[1, :, 200]), np.asarray(k_out[1, :, 200]))
+
+
 def test_choice_follows_the_environment_and_the_split_paths_tiling(monkeypatch):
     bf16, S = jnp.bfloat16, 2 * SPLIT
     monkeypatch.delenv(ENV, raising=False)
@@ -91,9 +152,11 @@ def test_choice_follows_the_environment_and_the_split_paths_tiling(monkeypatch):
     monkeypatch.setattr(fused_decode, "default_implementation", lambda dtype, cache_len: "pallas")  # as on a GPU
     assert kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS, True) == "pallas"
     assert kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS - 8, True) is None  # few pairs: split the key axis
-    assert kernel_choice(bf16, S, 4 * ONE_PART_MIN_PROGRAMS, False) is None  # refill: rows at different steps
+    assert kernel_choice(bf16, S, 4 * ONE_PART_MIN_PROGRAMS, False) is None  # rows at different steps, one part each
+    assert kernel_choice(bf16, S, 8, False, key_parts=True) == "pallas"  # the refill sampler: in key parts
     monkeypatch.setenv(ENV, "split")
     assert kernel_choice(bf16, S, ONE_PART_MIN_PROGRAMS, True) is None
+    assert kernel_choice(bf16, S, 8, False, key_parts=True) is None
     monkeypatch.setenv(ENV, "fused-interpret")
     assert kernel_choice(bf16, S, 2, False) == "interpret"
     monkeypatch.setenv(ENV, "fast")
@@ -192,18 +255,21 @@ def test_sampler_gives_the_split_paths_tokens_with_the_kernel(monkeypatch):
 
 
 def test_refill_sampler_gives_the_split_paths_tokens_with_the_parts_kernels(monkeypatch):
-    """The refill sampler (rows at different steps, a prompt pool) with `attention_parts`' kernels
-    (interpreted: JAXHACK_DECODE_KERNEL=fused-interpret) gives the split path's greedy tokens and
-    finished rows, log-probs within fp32 rounding."""
+    """The refill sampler (rows at different steps, a prompt pool) with `fused_decode_parts` and
+    `attention_parts`' kernels (interpreted: JAXHACK_DECODE_KERNEL=fused-interpret) gives the split
+    path's greedy tokens and finished rows, log-probs within fp32 rounding."""
     import dataclasses
 
     from jaxhack.models import decode_attention
     from jaxhack.rl import sampler
 
-    traced = []
+    traced, fused_parts = [], []
     combine = decode_attention.combine_prefix_parts
     monkeypatch.setattr(decode_attention, "combine_prefix_parts",
                         lambda *a, **kw: traced.append(kw["implementation"]) or combine(*a, **kw))
+    own_parts = qwen3.fused_decode_parts
+    monkeypatch.setattr(qwen3, "fused_decode_parts",
+                        lambda *a, **kw: fused_parts.append(kw["implementation"]) or own_parts(*a, **kw))
     config = dataclasses.replace(TINY, eos_token_ids=(2,))
     params = qwen3.init_params(config, jax.random.PRNGKey(0), jnp.float32)
     params["lm_head"] = params["lm_head"] * 40.0
@@ -223,6 +289,7 @@ def test_refill_sampler_gives_the_split_paths_tokens_with_the_parts_kernels(monk
     finally:
         jax.clear_caches()
     assert traced and set(traced) == {"interpret"}
+    assert fused_parts and set(fused_parts) == {"interpret"}  # norms, RoPE, cache writes in the own-key parts
     assert split.decode_steps > 6  # rows joined the slots at different steps
     np.testing.assert_array_equal(fused.tokens, split.tokens)
     np.testing.assert_array_equal(fused.lengths, split.lengths)

@@ -14,7 +14,9 @@ never read, where a masked einsum over the whole static cache reads all of them.
 `prefix_decode_attention` is the refill sampler's form: each row's keys are its prompt's, held once
 per distinct prompt in a shared cache (the G rows of a GRPO group read one copy), then its own
 generated tokens'. The two parts are attended separately and merged by their softmax statistics: on
-a GPU by `attention_parts`' kernels (each key set in parts of SPLIT slots, then one combine per row).
+a GPU by `attention_parts`' kernels (each key set in parts of SPLIT slots, then one combine per row);
+`prompts_and_combine` is its second half, which the sampler's fused kernel (`fused_decode_parts`:
+the rows' own keys with the norms, RoPE and cache write) hands its own-key parts to.
 """
 from __future__ import annotations
 
@@ -150,21 +152,15 @@ def prefix_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax
     of a row's parts in one kernel (`attention_parts`); False: JAX's stock kernel for each attention,
     its parts and the two attentions merged by XLA (JAXHACK_DECODE_KERNEL=split)."""
     B, Hq, hd = q.shape
-    NP, Hkv, Pp, _ = prefix["k"].shape
-    Gm = prefix["members"].shape[1]
-    chex.assert_shape([prefix["start"], prefix["end"]], (NP,))
-    chex.assert_shape([prefix["prompt"], prefix["member"]], (B,))
-    qp = q[jnp.clip(prefix["members"], 0, B - 1)].reshape(NP, Gm, Hkv, Hq // Hkv, hd)  # [NP,Gm,Hkv,g,hd]
-    qp = qp.transpose(0, 2, 1, 3, 4).reshape(NP, Hkv * Gm * (Hq // Hkv), hd)  # KV-head-major query heads
     chosen = {implementation or default_implementation(x.dtype, x.shape[2]) for x in (k, prefix["k"])}
     if parts_kernel and len(chosen) == 1 and chosen <= {"pallas", "interpret"}:
-        tiles = dict(split=SPLIT, block_k=BLOCK_K, implementation=chosen.pop())
-        own = parts_attention(q, k, v, start, end, **tiles)
-        shared = parts_attention(qp, prefix["k"], prefix["v"], prefix["start"], prefix["end"], **tiles)
-        return combine_prefix_parts(own, shared, start, end, prefix, split=SPLIT, implementation=tiles["implementation"])
+        implementation = chosen.pop()
+        own = parts_attention(q, k, v, start, end, split=SPLIT, block_k=BLOCK_K, implementation=implementation)
+        return prompts_and_combine(q, own, start, end, prefix, implementation)
     own = decode_attention(q, k, v, start, end, implementation, residuals=True)
-    shared_out, (total, peak) = decode_attention(qp, prefix["k"], prefix["v"], prefix["start"], prefix["end"],
-                                                 implementation, residuals=True)
+    NP, Hkv, Gm = prefix["k"].shape[0], prefix["k"].shape[1], prefix["members"].shape[1]
+    shared_out, (total, peak) = decode_attention(_prompt_queries(q, prefix), prefix["k"], prefix["v"], prefix["start"],
+                                                 prefix["end"], implementation, residuals=True)
 
     def to_rows(x):  # [NP, Hkv*Gm*g, ...] -> [B, Hq, ...]: row b's own queries' results
         x = x.reshape(NP, Hkv, Gm, Hq // Hkv, *x.shape[2:]).swapaxes(1, 2).reshape(NP, Gm, Hq, *x.shape[2:])
@@ -172,3 +168,26 @@ def prefix_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax
 
     shared = (to_rows(shared_out), (to_rows(total), to_rows(peak)))
     return merge_attention([own, shared])
+
+
+def _prompt_queries(q: jax.Array, prefix: dict) -> jax.Array:
+    """q [B,Hq,hd] -> [NP, Hkv*Gm*g, hd]: each prompt's rows' queries, KV-head-major (one program per
+    (prompt, KV head) takes its Gm rows' g query heads as one query tile)."""
+    B, Hq, hd = q.shape
+    NP, Hkv = prefix["k"].shape[:2]
+    Gm = prefix["members"].shape[1]
+    chex.assert_shape([prefix["start"], prefix["end"]], (NP,))
+    chex.assert_shape([prefix["prompt"], prefix["member"]], (B,))
+    qp = q[jnp.clip(prefix["members"], 0, B - 1)].reshape(NP, Gm, Hkv, Hq // Hkv, hd)  # [NP,Gm,Hkv,g,hd]
+    return qp.transpose(0, 2, 1, 3, 4).reshape(NP, Hkv * Gm * (Hq // Hkv), hd)
+
+
+def prompts_and_combine(q: jax.Array, own, start: jax.Array, end: jax.Array, prefix: dict,
+                        implementation: str) -> jax.Array:
+    """The prompt pool's attention in key parts, then each row's parts combined in one kernel.
+    q: [B,Hq,hd] (normalised, rotated); own: the rows' own-key parts over [start, end) (`parts_attention`
+    or `fused_decode.fused_decode_parts`, parts of SPLIT slots); prefix as `prefix_decode_attention`'s;
+    implementation 'pallas' or 'interpret'. -> [B,Hq,hd] in own's dtype."""
+    shared = parts_attention(_prompt_queries(q, prefix), prefix["k"], prefix["v"], prefix["start"], prefix["end"],
+                             split=SPLIT, block_k=BLOCK_K, implementation=implementation)
+    return combine_prefix_parts(own, shared, start, end, prefix, split=SPLIT, implementation=implementation)

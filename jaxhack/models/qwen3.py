@@ -15,9 +15,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxhack.models.adapters import add_adapter_delta
 from jaxhack.models.config import Qwen3Config, module_shapes
-from jaxhack.models.decode_attention import decode_attention, prefix_decode_attention
+from jaxhack.models.decode_attention import SPLIT, decode_attention, prefix_decode_attention, prompts_and_combine
 from jaxhack.models.decode_layout import factored_output, group_projections, is_decode_group
-from jaxhack.models.fused_decode import fused_decode_attention, kernel_choice, requested, rope_tables
+from jaxhack.models.fused_decode import (fused_decode_attention, fused_decode_parts, kernel_choice, requested,
+                                         rope_tables)
 from jaxhack.models.packed_rows import gather_rows, gather_slots
 
 Params = dict[str, Any]
@@ -179,9 +180,14 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
     if fused is not None:  # norms, RoPE, cache write and attention in one kernel (`fused_decode`)
         qkv = jnp.concatenate([q, k, v], axis=-1).reshape(B, Hq + 2 * Hkv, hd)  # the fused matmul's output
         cos, sin = rope_tables(positions[:, 0], hd, config.rope_theta, q.dtype)  # [B,hd/2]
-        attn, k_cache, v_cache = fused_decode_attention(
-            qkv, layer["q_norm"], layer["k_norm"], cos, sin, *cache_kv, decode_range[0],
-            jnp.broadcast_to(cache_index, (B,)), num_q_heads=Hq, eps=config.rms_norm_eps, implementation=fused)
+        args = (qkv, layer["q_norm"], layer["k_norm"], cos, sin, *cache_kv, decode_range[0],
+                jnp.broadcast_to(cache_index, (B,)))
+        kw = dict(num_q_heads=Hq, eps=config.rms_norm_eps, implementation=fused)
+        if prefix is None:
+            attn, k_cache, v_cache = fused_decode_attention(*args, **kw)
+        else:  # the refill sampler: the rows' own keys in parts, then the prompt pool's and one combine
+            q_rot, own, k_cache, v_cache = fused_decode_parts(*args, split=SPLIT, **kw)
+            attn = prompts_and_combine(q_rot, own, *decode_range, prefix, fused)
         return _mlp_block(h, attn.reshape(B, T, Hq * hd), layer, ad, config, delta_zero), (k_cache, v_cache)
     q, k, v = q.reshape(B, T, Hq, hd), k.reshape(B, T, Hkv, hd), v.reshape(B, T, Hkv, hd)
     q = rope(rms_norm(q, layer["q_norm"], config.rms_norm_eps), positions, config.rope_theta)
@@ -219,18 +225,24 @@ def _layer(h, layer, layer_adapters, cache_kv, positions, query_slots, key_mask,
 
 
 def _fused_decode_choice(q, layer, cache_kv, attention_kind: str, prefix, lockstep: bool) -> str | None:
-    """`fused_decode.kernel_choice` where the fused kernel applies: one new token per row ("decode",
-    no shared prompts) with a cache, and the projections, norms and cache in one dtype (the kernel
-    rounds as the split path does in that dtype). None: the split path."""
+    """`fused_decode.kernel_choice` where a fused kernel applies: one new token per row ("decode") with
+    a cache, and the projections, norms and caches in one dtype (the kernels round as the split path
+    does in that dtype); with shared prompts (the refill sampler) their cache of whole parts too.
+    None: the split path."""
     if attention_kind != "decode":
         return None
-    requested()  # a bad JAXHACK_DECODE_KERNEL is an error wherever decoding runs, the refill sampler too
-    if prefix is not None or cache_kv is None:
+    requested()  # a bad JAXHACK_DECODE_KERNEL is an error wherever decoding runs
+    if cache_kv is None:
         return None
-    if {q.dtype, cache_kv[0].dtype, layer["q_norm"].dtype, layer["k_norm"].dtype} != {q.dtype}:
+    dtypes = {q.dtype, cache_kv[0].dtype, layer["q_norm"].dtype, layer["k_norm"].dtype}
+    if prefix is not None:
+        dtypes.add(prefix["k"].dtype)
+        if prefix["k"].shape[2] % SPLIT:
+            return None
+    if dtypes != {q.dtype}:
         return None
     B, Hkv, S, _ = cache_kv[0].shape
-    return kernel_choice(q.dtype, S, B * Hkv, lockstep)
+    return kernel_choice(q.dtype, S, B * Hkv, lockstep, key_parts=prefix is not None)
 
 
 def _mlp_block(h, attn, layer, ad, config: Qwen3Config, delta_zero: bool):
