@@ -151,6 +151,26 @@ def check_decode_kernel() -> dict:
     return out
 
 
+def _decode_inputs(seed: int, B: int, Hq: int, Hkv: int, S: int, hd: int):
+    """A decode step's q/k/v projection output [B, Hq+2Hkv, hd], head norms [hd] and caches [B,Hkv,S,hd], bf16."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    qkv = 3 * jax.random.normal(ks[0], (B, Hq + 2 * Hkv, hd), jnp.bfloat16)
+    q_norm, k_norm = (1 + 0.1 * jax.random.normal(k, (hd,), jnp.bfloat16) for k in ks[1:3])
+    k_cache, v_cache = (jax.random.normal(key, (B, Hkv, S, hd), jnp.bfloat16) for key in ks[3:5])
+    return qkv, q_norm, k_norm, k_cache, v_cache
+
+
+def _split_prologue(qkv, q_norm, k_norm, k_cache, v_cache, slot, positions, Hq: int, theta: float, eps: float):
+    """The split path before attention (`qwen3._layer` without the fused kernels): q/k norms and RoPE in
+    XLA, the new key and value written at each row's slot. -> (q [B,Hq,hd], k_cache, v_cache)."""
+    Hkv = k_cache.shape[1]
+    q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
+    q = qwen3.rope(qwen3.rms_norm(q[:, None], q_norm, eps), positions[:, None], theta)[:, 0]
+    k = qwen3.rope(qwen3.rms_norm(k[:, None], k_norm, eps), positions[:, None], theta)[:, 0]
+    rows = jnp.arange(qkv.shape[0])
+    return q, k_cache.at[rows, :, slot].set(k), v_cache.at[rows, :, slot].set(v)
+
+
 def check_fused_decode() -> dict:
     """The fused decode kernel (`fused_decode`, Pallas) at Qwen3-4B's attention shapes and batch 64
     against the split path (XLA norms/RoPE/cache write, then attention) in bf16, both against fp32
@@ -158,22 +178,14 @@ def check_fused_decode() -> dict:
     from jaxhack.models.fused_decode import fused_decode_attention, rope_tables
 
     B, Hq, Hkv, S, hd, theta, eps = 64, 32, 8, 9 * SPLIT, 128, 1e6, 1e-6
-    ks = jax.random.split(jax.random.PRNGKey(5), 5)
-    qkv = 3 * jax.random.normal(ks[0], (B, Hq + 2 * Hkv, hd), jnp.bfloat16)
-    q_norm, k_norm = (1 + 0.1 * jax.random.normal(k, (hd,), jnp.bfloat16) for k in ks[1:3])
-    k_cache = jax.random.normal(ks[3], (B, Hkv, S, hd), jnp.bfloat16)
-    v_cache = jax.random.normal(ks[4], (B, Hkv, S, hd), jnp.bfloat16)
+    qkv, q_norm, k_norm, k_cache, v_cache = _decode_inputs(5, B, Hq, Hkv, S, hd)
     rng = np.random.default_rng(3)
     start = jnp.asarray(rng.integers(0, 200, B), jnp.int32)
     slot = jnp.asarray(rng.integers(200, S, B), jnp.int32).at[0].set(start[0])  # row 0: the new token alone
     positions = slot - start
 
     def split(qkv, k_cache, v_cache):
-        q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
-        q = qwen3.rope(qwen3.rms_norm(q[:, None], q_norm, eps), positions[:, None], theta)[:, 0]
-        k = qwen3.rope(qwen3.rms_norm(k[:, None], k_norm, eps), positions[:, None], theta)[:, 0]
-        rows = jnp.arange(B)
-        k_cache, v_cache = k_cache.at[rows, :, slot].set(k), v_cache.at[rows, :, slot].set(v)
+        q, k_cache, v_cache = _split_prologue(qkv, q_norm, k_norm, k_cache, v_cache, slot, positions, Hq, theta, eps)
         return q, decode_attention(q, k_cache, v_cache, start, slot + 1, implementation="pallas"), k_cache, v_cache
 
     def fused(qkv, k_cache, v_cache):
@@ -249,21 +261,14 @@ def check_fused_parts() -> dict:
     from jaxhack.models.fused_decode import fused_decode_parts, rope_tables
 
     B, NP, Gm, Hq, Hkv, hd, S, Pp, theta, eps = 152, 64, 6, 32, 8, 128, 12 * SPLIT, 4 * SPLIT, 1e6, 1e-6
-    ks = jax.random.split(jax.random.PRNGKey(9), 5)
-    qkv = 3 * jax.random.normal(ks[0], (B, Hq + 2 * Hkv, hd), jnp.bfloat16)
-    q_norm, k_norm = (1 + 0.1 * jax.random.normal(k, (hd,), jnp.bfloat16) for k in ks[1:3])
-    k_cache, v_cache = (jax.random.normal(key, (B, Hkv, S, hd), jnp.bfloat16) for key in ks[3:5])
+    qkv, q_norm, k_norm, k_cache, v_cache = _decode_inputs(9, B, Hq, Hkv, S, hd)
     prefix = _refill_pool(B, Gm, NP, Pp, Hkv, hd, seed=6)
     slot = jnp.asarray(np.random.default_rng(6).integers(0, S, B), jnp.int32)  # rows at ragged steps
     start = jnp.zeros((B,), jnp.int32).at[1].set(slot[1])  # row 1: its new token alone (a finished row)
     positions = slot + 300
 
     def split(qkv, k_cache, v_cache):
-        q, k, v = qkv[:, :Hq], qkv[:, Hq:Hq + Hkv], qkv[:, Hq + Hkv:]
-        q = qwen3.rope(qwen3.rms_norm(q[:, None], q_norm, eps), positions[:, None], theta)[:, 0]
-        k = qwen3.rope(qwen3.rms_norm(k[:, None], k_norm, eps), positions[:, None], theta)[:, 0]
-        rows = jnp.arange(B)
-        k_cache, v_cache = k_cache.at[rows, :, slot].set(k), v_cache.at[rows, :, slot].set(v)
+        q, k_cache, v_cache = _split_prologue(qkv, q_norm, k_norm, k_cache, v_cache, slot, positions, Hq, theta, eps)
         out = prefix_decode_attention(q, k_cache, v_cache, start, slot + 1, prefix, "pallas", parts_kernel=False)
         return q, out, k_cache, v_cache
 
