@@ -63,9 +63,11 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # workers in the order of SLOW_FILES (the slowest files, measured, first: the two workers then end about
 # together), then in file order.
 SHARED_SESSION_FIXTURES = ("probe_inputs",)
-SLOW_FILES = ("test_run_dirs.py", "test_sweep_ray.py", "test_organism_rise.py", "test_mesh_runs.py", "test_trainer.py",
-              "test_sampler.py", "test_bench_phase3.py", "test_losses.py", "test_probes.py", "test_env_grader.py",
-              "test_per_sample.py", "test_decode_attention.py", "test_projection.py", "test_microbatch.py")
+SLOW_FILES = ("test_organism_rise.py", "test_sampler.py", "test_fused_decode.py", "test_sweep_ray.py",
+              "test_mesh_sampler.py", "test_trainer.py", "test_mesh_runs.py", "test_run_dirs.py", "test_bench_phase3.py",
+              "test_decode_attention.py", "test_losses.py", "test_probes.py", "test_shared_prompt.py",
+              "test_mesh_shared_prompt.py", "test_env_grader.py", "test_per_sample.py", "test_projection.py",
+              "test_check_sampler_form.py", "test_lend.py", "test_microbatch.py")  # session 20's --durations, slowest first
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
     # on a GPU machine each worker would otherwise preallocate most of the GPU's memory for itself
