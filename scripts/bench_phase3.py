@@ -148,6 +148,7 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
 
     from jaxhack.grads.batch import make_batch
     from jaxhack.grads.losses import centered_advantages
+    from jaxhack.models.fused_decode import requested
     from jaxhack.rl import learner, sampler
     from jaxhack.rl.lend import lent_merge
     from jaxhack.rl.refill import PromptRuns, device_parts
@@ -364,7 +365,8 @@ def run_regime(args, regime: str, built, mesh=None) -> list[dict]:
             "floor_exact_form_s": floor_exact["floor_s"], "steps": recs, "peak_tflops": args.peak_tflops,
             "hbm_tbps": args.hbm_tbps, "mesh": None if mesh is None else f"data={n_dev}", "n_devices": n_dev,
             # the allocator's cap (e.g. 0.54 on a 141 GB H200 gives an 80 GB H100's ~76 GiB)
-            "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")})
+            "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+            "decode_kernel": requested()})  # JAXHACK_DECODE_KERNEL: the sampler's kernels (models/fused_decode.py)
         out.append(rec)
     return out
 

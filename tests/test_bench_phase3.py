@@ -44,7 +44,8 @@ def test_tiny_worst_case_step_both_samplers(tmp_path):
     assert refill["slot_positions"] == 128 and refill["prompt_pool"] * refill["prompt_positions"] > 0
 
 
-def test_tiny_realistic_sample_only_refill_runs_fewer_steps(tmp_path):
+def test_tiny_realistic_sample_only_refill_runs_fewer_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXHACK_DECODE_KERNEL", "split")  # recorded with each line, for before/after runs
     bench = load()
     out = tmp_path / "p3.jsonl"
     assert bench.main(["--tiny", "--regime", "realistic", "--sample-only", "--sampler", "both", "--max-new", "96",
@@ -53,6 +54,7 @@ def test_tiny_realistic_sample_only_refill_runs_fewer_steps(tmp_path):
     assert groups["sample_only"] and "update_s" not in groups and groups["max_completion"] > groups["mean_completion"]
     assert refill["decode_steps"] < groups["decode_steps"]
     assert refill["sample_floor_slots_s"] >= refill["sample_floor_s"] > 0
+    assert groups["decode_kernel"] == refill["decode_kernel"] == "split"
 
 
 def test_profiled_sampler_call_is_written_per_decode_step(tmp_path):

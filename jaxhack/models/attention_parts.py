@@ -33,7 +33,10 @@ def online_softmax(queries, k_ref, v_ref, lo, hi, *, block_k: int, scale: float,
     """Attention statistics over the key slots [lo, hi) of k_ref / v_ref [S, hd], blocks of block_k.
     queries: [(q [block_h, w], columns)]: the scores are the sum of q @ k[:, columns]^T over the list
     (one entry for whole heads; fused_decode passes RoPE's two halves). Blocks before the one holding
-    lo are not read. Returns (acc [block_h, hd] unnormalised fp32, peak [block_h], total [block_h])."""
+    lo are not read. Returns (acc [block_h, hd] unnormalised fp32, peak [block_h], total [block_h]).
+    An empty range [lo, lo) that is not block-aligned still runs one block, all masked: peak stays NEG
+    and total counts the masked slots. Callers either ensure lo < hi (`parts_attention`) or add a real
+    score afterwards (`fused_decode`'s new token), whose correction exp(NEG - score) = 0 clears it."""
     def block(index, carry):  # slots [index * block_k, +block_k) intersected with [lo, hi)
         acc, peak, total = carry
         slots = index * block_k + jnp.arange(block_k)
