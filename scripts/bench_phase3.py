@@ -499,6 +499,12 @@ def main(argv=None) -> int:
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    from jaxhack.models.fused_decode import requested
+    try:
+        requested()  # a bad JAXHACK_DECODE_KERNEL: one line here, not a traceback per regime after the weights
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     specs = args.meshes or ([args.mesh] if args.mesh else [None])
     from jaxhack.parallel.mesh import make_mesh
     try:

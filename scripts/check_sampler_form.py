@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxhack.commands import checks  # noqa: E402
 from jaxhack.io import UserError  # noqa: E402
+from jaxhack.models.fused_decode import requested  # noqa: E402
 
 
 def svd_consistent_model(config, key, dtype):
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         checks.at_least(args, ("rows", "prompt_len", "new_tokens", "layers"))
+        requested()  # JAXHACK_DECODE_KERNEL
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

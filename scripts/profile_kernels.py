@@ -191,10 +191,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from jaxhack.commands import checks
     from jaxhack.io import UserError
+    from jaxhack.models.fused_decode import requested
 
     try:
         checks.at_least(args, ("group_size", "prompt_len", "completion_len", "batch", "cache_len", "new_tokens",
                                "steps", "top"))
+        requested()  # JAXHACK_DECODE_KERNEL
     except UserError as e:
         ap.error(str(e))
     if args.what == "update" and args.update_layout == "shared_prompt" and not args.small and args.batch % args.group_size:

@@ -239,6 +239,15 @@ def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, capsys, argv,
     assert not out.exists()
 
 
+def test_a_bad_decode_kernel_choice_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXHACK_DECODE_KERNEL", "bogus")
+    out = tmp_path / "p3.jsonl"
+    assert load().main(["--tiny", "--regime", "worst", "--sample-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: JAXHACK_DECODE_KERNEL='bogus'; expected one of fused, split, fused-interpret"]
+    assert not out.exists()
+
+
 def test_sampler_floor_at_the_schedules_steps():
     """sampler_schedule_floor: with every row decoding at once (slots >= rows, equal lengths) the floor at
     the schedule's steps is the all-rows floor; with fewer slots it lies between the perfectly packed floor

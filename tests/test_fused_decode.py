@@ -294,3 +294,22 @@ def test_refill_sampler_gives_the_split_paths_tokens_with_the_parts_kernels(monk
     np.testing.assert_array_equal(fused.tokens, split.tokens)
     np.testing.assert_array_equal(fused.lengths, split.lengths)
     np.testing.assert_allclose(fused.logprobs, split.logprobs, atol=2e-5)
+
+
+@pytest.mark.parametrize("script, argv", [("check_sampler_form", ["--small"]), ("profile_kernels", ["generate", "--small"]),
+                                          ("bench_decode_step", ["--small"]), ("gpu_check_kernels", [])])
+def test_scripts_that_decode_refuse_a_bad_choice_in_one_line(script, argv, monkeypatch, capsys):
+    """Every script whose work reads JAXHACK_DECODE_KERNEL refuses a bad value up front (bench_generate.py
+    and bench_phase3.py: their own tests): exit 2 and one error line (profile_kernels reports through argparse: its usage lines, then the error), no traceback."""
+    from helpers import load_script
+
+    module = load_script(script)
+    monkeypatch.setenv(ENV, "bogus")
+    try:
+        code = module.main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and (len(err) == 1 or err[0].startswith("usage:")), err
+    assert err[-1].endswith("JAXHACK_DECODE_KERNEL='bogus'; expected one of fused, split, fused-interpret"), err
