@@ -182,7 +182,7 @@ def _parts_kernel(qkv_ref, q_norm_ref, k_norm_ref, cos_ref, sin_ref, start_ref, 
     def _():
         q1, q2 = _queries(qkv_ref, q_norm_ref, cos_ref, sin_ref, head, group=group, block_h=block_h, eps=eps)
         halves = [(q1, pl.ds(0, half)), (q2, pl.ds(half, half))]
-        acc, peak, total = online_softmax(halves, k_cache_ref, v_cache_ref, lo, jnp.maximum(lo, hi),
+        acc, peak, total = online_softmax(halves, k_cache_ref, v_cache_ref, lo, hi,  # lo <= hi: start <= slot
                                           block_k=block_k, scale=scale, block_h=block_h, hd=2 * half)
 
         @pl.when(holds_new)
