@@ -208,7 +208,8 @@ def check_fused_decode() -> dict:
 def _refill_pool(B: int, Gm: int, NP: int, Pp: int, Hkv: int, hd: int, seed: int) -> dict:
     """A prompt pool like the `full` preset's sampler holds (bf16, Qwen3-4B heads): rows in groups of
     Gm, 26 prompts live at 152 rows; one prompt no live row reads."""
-    pk, pv = (jax.random.normal(key, (NP, Hkv, Pp, hd), jnp.bfloat16) for key in jax.random.split(jax.random.PRNGKey(seed), 2))
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+    pk, pv = (jax.random.normal(key, (NP, Hkv, Pp, hd), jnp.bfloat16) for key in keys)
     rng = np.random.default_rng(seed)
     prompt = jnp.asarray(np.arange(B) // Gm % NP, jnp.int32)
     member = jnp.asarray(np.arange(B) % Gm, jnp.int32)

@@ -296,11 +296,13 @@ def test_refill_sampler_gives_the_split_paths_tokens_with_the_parts_kernels(monk
     np.testing.assert_allclose(fused.logprobs, split.logprobs, atol=2e-5)
 
 
-@pytest.mark.parametrize("script, argv", [("check_sampler_form", ["--small"]), ("profile_kernels", ["generate", "--small"]),
+@pytest.mark.parametrize("script, argv", [("check_sampler_form", ["--small"]),
+                                          ("profile_kernels", ["generate", "--small"]),
                                           ("bench_decode_step", ["--small"]), ("gpu_check_kernels", [])])
 def test_scripts_that_decode_refuse_a_bad_choice_in_one_line(script, argv, monkeypatch, capsys):
     """Every script whose work reads JAXHACK_DECODE_KERNEL refuses a bad value up front (bench_generate.py
-    and bench_phase3.py: their own tests): exit 2 and one error line (profile_kernels reports through argparse: its usage lines, then the error), no traceback."""
+    and bench_phase3.py: their own tests): exit 2 and one error line (profile_kernels reports through
+    argparse: its usage lines, then the error), no traceback."""
     from helpers import load_script
 
     module = load_script(script)
