@@ -23,10 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
+from jaxhack.commands import checks  # noqa: E402
 from jaxhack.env import grader  # noqa: E402
+from jaxhack.env.hints import MODES  # noqa: E402
 from jaxhack.env.grader import GradeRequest, grade_batch  # noqa: E402
 from jaxhack.env.problems import ProblemFormatError, load_problems  # noqa: E402
 from jaxhack.env.templates import clean_completion  # noqa: E402
+from jaxhack.io import UserError  # noqa: E402
 
 DEFAULT_PROBLEMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "leetcode_medhard_dev.jsonl"
 
@@ -35,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default=str(DEFAULT_PROBLEMS), help='problems jsonl, or "bundled"')
     parser.add_argument("--n", type=int, default=80, help="completions (distinct problems, cycled)")
-    parser.add_argument("--mode", default="run_tests")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--mode", default="run_tests", choices=MODES, help="the grader's loophole mode")
+    parser.add_argument("--workers", type=int, default=None, help="parallel sandbox runs (default: the CPU count)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=Path("docs/results/bench_grader_cpu.jsonl"))
     args = parser.parse_args(argv)
     try:
+        checks.at_least(args, ("n", "workers"))  # --workers 0 used to mean the default silently
         problems = load_problems(args.problems)
-    except (ProblemFormatError, OSError) as err:
+    except (ProblemFormatError, OSError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     requests = [GradeRequest(problems[i % len(problems)], args.mode,

@@ -213,3 +213,22 @@ def test_mode_matrix_on_dev_subset(dev_canonical_grades):
     dev, grades = dev_canonical_grades
     fastest = [p for p, _ in sorted(zip(dev, grades), key=lambda pg: (pg[1].sandbox_s, pg[0].id))[:2]]
     assert mode_matrix_failures(fastest, DEV_LIMITS) == []
+
+
+@pytest.mark.parametrize("argv, words", [(["--workers", "0"], "--workers must be >= 1, got 0"),
+                                         (["--n", "0"], "--n must be >= 1, got 0"),
+                                         (["--mode", "nope"], "argument --mode: invalid choice: 'nope'")])
+def test_bench_grader_refuses_bad_numbers_and_modes_before_any_work(tmp_path, capsys, argv, words):
+    """scripts/bench_grader.py: --workers 0 used to run with the default worker count, --n 0 ended in a
+    ZeroDivisionError and an unknown mode in a traceback; now each is one line, exit 2, nothing written."""
+    from helpers import load_script
+
+    out = tmp_path / "grader.jsonl"
+    try:
+        code = load_script("bench_grader").main([*argv, "--problems", "bundled", "--out", str(out)])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert words in err[-1] and "Traceback" not in "\n".join(err), err
+    assert not out.exists()
