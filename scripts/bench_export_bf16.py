@@ -24,15 +24,21 @@ from jaxhack.models.export import bf16_rounding  # noqa: E402
 PRESET_SIGMA = {"smoke": 1e-3 * 4, "fast": 7e-5 * 20, "full": 7e-5 * 200}
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64,2560", help="comma-separated square matrix sizes")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines file (default: stdout only)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    except ValueError:
+        ap.error(f"--sizes {args.sizes!r}: expected comma-separated integers")
+    if min(sizes) < 1 or args.seed < 0:
+        ap.error(f"--sizes {args.sizes!r} / --seed {args.seed}: expected sizes >= 1 and a seed >= 0")
     rng = np.random.default_rng(args.seed)
     lines = []
-    for n in (int(x) for x in args.sizes.split(",")):
+    for n in sizes:
         w = (0.02 * rng.standard_normal((n, n))).astype(np.float32)
         t0 = time.time()
         u, s, vh = np.linalg.svd(w)  # fp32

@@ -476,7 +476,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     # flags that bypass TrainConfig (max_new, prompts_per_step, sampler_form ... are checked by it: train_config)
     try:
-        checks.at_least(args, ("sample_rows", "refill_rows", "prefill_chunk", "steps", "prompt_len"))
+        checks.at_least(args, ("sample_rows", "refill_rows", "prefill_chunk", "steps", "prompt_len", "cpu_devices"))
         checks.at_least(args, ("warmup",), minimum=0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

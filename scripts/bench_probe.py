@@ -350,6 +350,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the JSON lines here (default docs/results/bench_probe.jsonl; "
                                                 "--small: not written unless given)")
     args = ap.parse_args(argv)
+    from jaxhack.commands import checks
+    from jaxhack.io import UserError
+    try:
+        checks.at_least(args, ("group_size", "prompt_len", "completion_len", "vmap_chunk", "chunk", "runs", "torch_runs",
+                               "layers"))
+        checks.above_zero("--compile-timeout", args.compile_timeout)
+        checks.above_zero("--torch-timeout", args.torch_timeout)
+        checks.above_zero("--peak-tflops", args.peak_tflops)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.small:
         args.prompt_len, args.completion_len, args.group_size = 16, 32, 2
     if args.compare:

@@ -225,6 +225,7 @@ def test_tiny_learner_only_with_token_budget(tmp_path):
     (["--sampler-form", "exact", "--microbatch-tokens", "0"], "--microbatch-tokens must be >= 1"),
     (["--sampler-form", "fused"], "--sampler-form 'fused': expected one of ('exact', 'factored', 'dense')"),
     (["--max-new", "0"], "--max-new must be >= 1"),
+    (["--cpu-devices", "-1"], "--cpu-devices must be >= 1, got -1"),
     (["--profile-sample", "p.json"], "--profile-sample needs --sample-only"),
     (["--sample-only", "--profile-sample", "no/such/dir/p.json"], "no/such/dir/p.json: no such directory"),
     (["--meshes", "data=1", "--update-layout", "packed"], "--update-layout 'packed': expected one of ('rows', 'shared_prompt')"),

@@ -37,6 +37,13 @@ def test_group_size_rule_comes_before_the_mix_rule():
     assert make_config("smoke", group_size=2).group_size == 2
 
 
+def test_an_unknown_param_dtype_is_a_config_error():
+    """--dtype -1 reached jnp.dtype in load_model as a TypeError traceback."""
+    with pytest.raises(ConfigError, match=r"dtype '-1': expected one of \('float32', 'bfloat16'\)"):
+        make_config("smoke", dtype="-1")
+    assert make_config("smoke", dtype="bfloat16").dtype == "bfloat16"
+
+
 def _save(tmp_path, bundle, meta):
     save_v_hack(tmp_path / "vh", bundle, meta=meta, force=True)
     return str(tmp_path / "vh")

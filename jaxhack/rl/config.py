@@ -27,6 +27,9 @@ OLD_LOGP_SOURCES = ("current", "sampler")
 UPDATE_LAYOUTS = ("rows", "shared_prompt")  # learner row layouts (TrainConfig.update_layout)
 
 
+PARAM_DTYPES = ("float32", "bfloat16")  # what `dtype` may cast the parameters to (models.load.load_model)
+
+
 class ConfigError(ValueError):
     """An invalid TrainConfig: `errors` holds one line per broken rule, in the order they are checked;
     a line about one field starts with the field's name (the CLI writes it as the flag, `flag_name`)."""
@@ -177,6 +180,8 @@ class TrainConfig:
             errors.append(f"update_layout {self.update_layout!r}: expected one of {UPDATE_LAYOUTS}")
         if self.prefill_chunk < 1:
             errors.append(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.dtype is not None and self.dtype not in PARAM_DTYPES:
+            errors.append(f"dtype {self.dtype!r}: expected one of {PARAM_DTYPES}")
         try:
             parse_mesh_spec(self.mesh)
         except ValueError as err:
