@@ -78,10 +78,16 @@ def _parts_kernel(q_ref, start_ref, end_ref, k_ref, v_ref, out_ref, total_ref, p
         q = plgpu.load(q_ref.at[pl.ds(head * heads, block_h), :], mask=rows[:, None], other=0.0)
         acc, peak, total = online_softmax([(q, pl.ds(0, hd))], k_ref, v_ref, lo, hi, block_k=block_k,
                                           scale=scale, block_h=block_h, hd=hd)
-        plgpu.store(out_ref.at[pl.ds(0, block_h), :], (acc / total[:, None]).astype(out_ref.dtype),
-                    mask=rows[:, None])
-        plgpu.store(total_ref.at[pl.ds(0, block_h)], total, mask=rows)
-        plgpu.store(peak_ref.at[pl.ds(0, block_h)], peak, mask=rows)
+        store_part(out_ref, total_ref, peak_ref, acc, peak, total, rows)
+
+
+def store_part(out_ref, total_ref, peak_ref, acc, peak, total, rows):
+    """A part's normalised output (in out_ref's dtype) and its softmax statistics, for the query tile's
+    real rows (rows [block_h] bool)."""
+    block_h = acc.shape[0]
+    plgpu.store(out_ref.at[pl.ds(0, block_h), :], (acc / total[:, None]).astype(out_ref.dtype), mask=rows[:, None])
+    plgpu.store(total_ref.at[pl.ds(0, block_h)], total, mask=rows)
+    plgpu.store(peak_ref.at[pl.ds(0, block_h)], peak, mask=rows)
 
 
 def parts_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, end: jax.Array, *,

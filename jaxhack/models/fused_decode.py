@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxhack.io import UserError
-from jaxhack.models.attention_parts import online_softmax, query_tile
+from jaxhack.models.attention_parts import online_softmax, query_tile, store_part
 from jaxhack.models.decode_attention import ONE_PART_MIN_PROGRAMS, default_implementation
 
 ENV = "JAXHACK_DECODE_KERNEL"  # "fused" (default), "split", or "fused-interpret" (any backend; tests)
@@ -193,19 +193,11 @@ def _parts_kernel(qkv_ref, q_norm_ref, k_norm_ref, cos_ref, sin_ref, start_ref, 
             for q_half, columns in halves:
                 plgpu.store(q_out_ref.at[pl.ds(0, block_h), columns], q_half, mask=q_rows)
             new = _add_new_token(acc, peak, total, q1, q2, k1, k2, v_new, scale)
-            _store_part(out_ref, total_ref, peak_ref, *new, q_rows)
+            store_part(out_ref, total_ref, peak_ref, *new, q_rows[:, 0])
 
         @pl.when(jnp.logical_not(holds_new))
         def _():
-            _store_part(out_ref, total_ref, peak_ref, acc, peak, total, q_rows)
-
-
-def _store_part(out_ref, total_ref, peak_ref, acc, peak, total, q_rows):
-    """A part's normalised output and its softmax statistics, for the query tile's real rows."""
-    block_h = acc.shape[0]
-    plgpu.store(out_ref.at[pl.ds(0, block_h), :], (acc / total[:, None]).astype(out_ref.dtype), mask=q_rows)
-    plgpu.store(total_ref.at[pl.ds(0, block_h)], total, mask=q_rows[:, 0])
-    plgpu.store(peak_ref.at[pl.ds(0, block_h)], peak, mask=q_rows[:, 0])
+            store_part(out_ref, total_ref, peak_ref, acc, peak, total, q_rows[:, 0])
 
 
 def _checked(qkv, q_norm, k_norm, cos, sin, k_cache, v_cache, start, slot, num_q_heads: int, implementation: str,
