@@ -7,7 +7,7 @@ measured step against them; derivation: docs/benchmarks.md, "Phase 3 step").
   decode steps at the FLOP peak instead; optionally at a number of slots and at a schedule's steps.
 - `sampler_schedule_floor`: the refill sampler's floor at the decode steps its schedule runs, per
   device part.
-- `memory_estimate`, `slot_plan`: GB held per phase, and the KV cache per slot count.
+- `slot_plan`: the KV cache and decode steps per slot count (the memory model itself: `rl.memory`).
 - `completion_lengths`: the benchmark's two regimes (realistic: gamma, mean ~500 at max_new 1536;
   worst: every row to max_new).
 
@@ -18,24 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def linear_params(config) -> dict:
-    """Multiply-adds per token of the 252 target Linears (p_lin), and of the SVD adapter's Vh (p_vh)
-    and U (p_u) factors, full rank r = min(in, out)."""
-    D, F, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    dims = [(D, config.q_dim), (D, config.kv_dim), (D, config.kv_dim), (config.q_dim, D), (D, F), (D, F), (F, D)]
-    return {"p_lin": L * sum(i * o for i, o in dims), "p_vh": L * sum(i * min(i, o) for i, o in dims),
-            "p_u": L * sum(min(i, o) * o for i, o in dims)}
-
-
-def sampler_params(p: dict, sampler_form: str) -> int:
-    """Multiply-adds per token (= weights read per decode step) of the target Linears in the sampler's
-    form: exact x W + ((x Vh^T) delta) U^T: p_lin + p_vh + p_u; factored ((x Vh^T)(S + delta)) U^T:
-    p_vh + p_u; dense x W + x dW: 2 p_lin. p: `linear_params`."""
-    forms = {"exact": p["p_lin"] + p["p_vh"] + p["p_u"], "factored": p["p_vh"] + p["p_u"], "dense": 2 * p["p_lin"]}
-    if sampler_form not in forms:
-        raise ValueError(f"sampler_form {sampler_form!r}: expected one of {tuple(forms)}")
-    return forms[sampler_form]
+from jaxhack.rl.memory import linear_params, sampler_params
 
 
 def step_floor(config, prompt_lens, comp_lens, peak_flops: float, hbm_bps: float, bytes_per_el: int = 2,
@@ -151,46 +134,6 @@ def sampler_schedule_floor(config, prompt_lens, comp_lens, slots: int, refill_ro
                           prompt_runs=book.run_of_row)
         floors.append(part["prefill_s"] + part["decode_schedule_s"])
     return {"sample_floor_schedule_s": max(floors), "schedule_steps": max(steps)}
-
-
-def memory_estimate(config, n_rows_group: int, cache_slots: int, microbatch: int, max_len: int,
-                    prefill_chunk: int, prompt_bucket: int, bytes_per_el: int = 2, tokens: int | None = None,
-                    sampler_form: str = "exact", prefill_rows: int | None = None, lend: bool = False,
-                    pool_positions: int = 0) -> dict:
-    """GB held at the peak of each phase (analytic). sample: params + adapter bases + their per-layer
-    decode copies (`decode_layout.decode_layers`: the Linear weights and the bases; the factored form
-    copies the bases only; the dense form the weights and their dense changes dW) + the group's KV cache
-    (n_rows_group x cache_slots positions, plus the refill sampler's prompt pool, `pool_positions` =
-    entries x positions) + the prefill scores of `prefill_rows` rows (default: the group; the refill
-    schedule prefills the U prompts new to its pool per refill at a time; lend: the stacked arrays the
-    copies duplicate are freed while sampling, `rl.lend`, so one copy is held, plus the dense form's dW);
-    update: params + bases + one micro-batch's saved layer inputs (remat full) + one layer's recompute +
-    the vocab-chunked LM head. With lend, sample is at least params + bases + the whole layout: the moment
-    the stacked arrays are rebuilt after sampling. (Other remat policies keep more: `linear` about 4 MB per token at Qwen3-4B shape; not modelled.) Temporaries are
-    not modelled either: the measured sampler peaks were 4.5 GB (exact, 96 slots) and 1.1 GB (factored,
-    128 slots) above this estimate (H200, session 8)."""
-    p = linear_params(config)
-    L, D, V, F = config.num_hidden_layers, config.hidden_size, config.vocab_size, config.intermediate_size
-    weights = (p["p_lin"] + V * D) * bytes_per_el
-    bases = (p["p_vh"] + p["p_u"]) * bytes_per_el
-    kv = 2 * L * (n_rows_group * cache_slots + pool_positions) * config.num_key_value_heads * config.head_dim * bytes_per_el
-    scores = (n_rows_group if prefill_rows is None else prefill_rows) * config.num_attention_heads * prefill_chunk * prompt_bucket * 4 * 2
-    # the decode layout's copies: the exact form W and the bases, factored the bases, dense W and dW
-    # (lend: the stacked arrays the layout holds exactly are freed, so only dW is extra)
-    layout = sampler_params(p, sampler_form) * bytes_per_el
-    copies = (p["p_lin"] * bytes_per_el if sampler_form == "dense" else 0) if lend else layout
-    sample = weights + bases + copies + kv + scores
-    # lend: after sampling the stacked arrays are rebuilt from the layout, which is freed only when the
-    # rebuild ends, so both copies are held for a moment (the KV cache is gone by then); this is the
-    # sampler's peak when the cache is smaller than the layout (48 rows x 1024 positions, exact form:
-    # 36.1 GB measured, 26.7 GB without this term; H200, session 17)
-    sample = max(sample, weights + bases + layout) if lend else sample
-    tokens = microbatch * max_len if tokens is None else tokens  # one micro-batch (or its token budget)
-    update = (weights + bases + L * tokens * D * bytes_per_el  # saved layer inputs
-              + tokens * (2 * F + 4 * D) * bytes_per_el * 3  # one layer's recompute and its gradient
-              + microbatch * 256 * V * 4 * 2)  # one LM-head chunk of fp32 logits and its cotangent
-    return {"sample_gb": sample / 1e9, "kv_gb": kv / 1e9, "update_gb": update / 1e9,
-            "peak_gb": max(sample, update) / 1e9}
 
 
 def slot_plan(config, comp_lens, cache_slots: int, refill_rows: int, bytes_per_el: int = 2,

@@ -71,8 +71,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxhack.commands import checks  # noqa: E402
 from jaxhack.io import UserError  # noqa: E402
-from jaxhack.phase3_floor import (completion_lengths, memory_estimate, sampler_schedule_floor, slot_plan,  # noqa: E402
+from jaxhack.phase3_floor import (completion_lengths, sampler_schedule_floor, slot_plan,  # noqa: E402
                                   step_floor)
+from jaxhack.rl.memory import memory_estimate  # noqa: E402
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # default 0.75 = 60 GB of an 80 GB card
 
 TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

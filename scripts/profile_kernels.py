@@ -227,7 +227,7 @@ def main(argv=None) -> int:
             print(f"{'':22}{r['hlo'][:220]}")
     if args.what == "generate":  # what a decode step spends, by role (docs/benchmarks.md "Session 17")
         from jaxhack.bench import config_for
-        from jaxhack.phase3_floor import linear_params
+        from jaxhack.rl.memory import linear_params
         from jaxhack.profiling import decode_roles
 
         config = config_for(args.small)

@@ -1,5 +1,5 @@
 """scripts/bench_phase3.py runs end to end at tiny size on CPU and writes its JSON line; its floors and
-memory model (jaxhack/phase3_floor.py) by hand."""
+memory model (jaxhack/phase3_floor.py, jaxhack/rl/memory.py) by hand."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import pytest
 from helpers import load_script
 from jaxhack import phase3_floor as floors
 from jaxhack.profiling import DECODE_ROLES, decode_roles
+from jaxhack.rl import memory
 
 
 def load():
@@ -121,7 +122,7 @@ def test_realistic_lengths_and_floor_terms():
     # at 152 slots: each prompt read for its longest row's 500 steps, at least
     saved = (258 - 43) * 400 * 500 * kv_position / 3.35e12
     np.testing.assert_allclose(once["decode_slots_s"] - pooled["decode_slots_s"], saved, rtol=1e-9)
-    p = floors.linear_params(QWEN3_4B)
+    p = memory.linear_params(QWEN3_4B)
     saved_tokens = 258 * 400 - 43 * 400  # 5 of each group's 6 prompts
     np.testing.assert_allclose((short["update_tflop"] - shared["update_tflop"]) * 1e12,
                                4 * (p["p_lin"] + p["p_vh"] + p["p_u"]) * saved_tokens, rtol=1e-9)
@@ -134,7 +135,7 @@ def test_sampler_forms_bytes_per_decode_step_and_memory():
     from the Linears' sizes by hand: exact W + U + Vh, factored U + Vh, dense W + dW (Qwen3-4B:
     7.27 GB of target Linears, 9.76 GB of full-rank bases)."""
     from jaxhack.models.config import QWEN3_4B
-    p = floors.linear_params(QWEN3_4B)
+    p = memory.linear_params(QWEN3_4B)
     lin, bases = p["p_lin"] * 2, (p["p_vh"] + p["p_u"]) * 2
     assert 7.2e9 < lin < 7.3e9 and 9.7e9 < bases < 9.8e9
     prompts, lengths = np.full(12, 400), np.full(12, 100)
@@ -142,7 +143,7 @@ def test_sampler_forms_bytes_per_decode_step_and_memory():
              ["decode_fixed_gb_per_step"] * 1e9 for form in ("exact", "factored", "dense")}
     np.testing.assert_allclose(fixed["exact"] - fixed["dense"], bases - lin, rtol=1e-12)
     np.testing.assert_allclose(fixed["exact"] - fixed["factored"], lin, rtol=1e-12)
-    mem = {(form, lend): floors.memory_estimate(QWEN3_4B, 152, 1536, 8, 2048, 256, 512, sampler_form=form,
+    mem = {(form, lend): memory.memory_estimate(QWEN3_4B, 152, 1536, 8, 2048, 256, 512, sampler_form=form,
                                                 lend=lend)["sample_gb"] * 1e9
            for form in ("exact", "factored", "dense") for lend in (False, True)}
     # lent: the exact and factored layouts replace what they copy; the dense one adds dW (the bases stay)
@@ -159,12 +160,12 @@ def test_lent_sampler_memory_counts_the_rebuild_of_the_stacked_arrays():
     sampling: a small KV cache (the `fast` preset's 48 rows x 1024 positions) puts the sampler's peak
     there for the exact form. Measured on an H200 (session 17): exact 36.1 GB, dense 32.8 GB."""
     from jaxhack.models.config import QWEN3_4B
-    p = floors.linear_params(QWEN3_4B)
+    p = memory.linear_params(QWEN3_4B)
     params = (p["p_lin"] + QWEN3_4B.vocab_size * QWEN3_4B.hidden_size + p["p_vh"] + p["p_u"]) * 2
-    small = {(form, lend): floors.memory_estimate(QWEN3_4B, 48, 1024, 8, 1024, 256, 512, sampler_form=form,
+    small = {(form, lend): memory.memory_estimate(QWEN3_4B, 48, 1024, 8, 1024, 256, 512, sampler_form=form,
                                                   lend=lend)["sample_gb"] * 1e9
              for form in ("exact", "dense") for lend in (False, True)}
-    rebuild = {form: params + floors.sampler_params(p, form) * 2 for form in ("exact", "dense")}
+    rebuild = {form: params + memory.sampler_params(p, form) * 2 for form in ("exact", "dense")}
     # exact: the layout holds W and the bases (17.0 GB), more than the 7.2 GB cache: the rebuild is the peak
     assert small[("exact", True)] == pytest.approx(rebuild["exact"], rel=1e-12)
     assert 34.0e9 < small[("exact", True)] < 36.1e9
@@ -173,8 +174,8 @@ def test_lent_sampler_memory_counts_the_rebuild_of_the_stacked_arrays():
     # without lending both copies and the cache are held while sampling: never below the lent estimate
     assert all(small[(form, False)] > small[(form, True)] for form in ("exact", "dense"))
     # the full preset's 152 slots: the cache is larger than the layout, the peak is while sampling
-    full = floors.memory_estimate(QWEN3_4B, 152, 1536, 8, 2048, 256, 512, sampler_form="dense", lend=True)
-    assert full["sample_gb"] * 1e9 > params + floors.sampler_params(p, "dense") * 2
+    full = memory.memory_estimate(QWEN3_4B, 152, 1536, 8, 2048, 256, 512, sampler_form="dense", lend=True)
+    assert full["sample_gb"] * 1e9 > params + memory.sampler_params(p, "dense") * 2
 
 
 def test_meshes_mode_writes_one_line_per_mesh(tmp_path):

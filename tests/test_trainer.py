@@ -18,6 +18,7 @@ import pytest
 from jaxhack.env.grader import GradeRequest, RewardConfig, grade_batch
 from jaxhack.env.pools import read_pool, write_pool_meta, write_pool_step
 from jaxhack.env.problems import BUNDLED_PROBLEMS_PATH, build_prompt, load_problems
+from jaxhack.models.config import Qwen3Config
 from jaxhack.rl import trainer as T
 from jaxhack.rl.config import make_config
 
@@ -205,7 +206,10 @@ def test_factored_sampler_trains_like_the_exact_one(env, straight_run):
                 assert mb[key] == va, key
     info = json.loads((Path(cfg.run_dir) / T.RUN_FILE).read_text())
     assert info["sampler"]["form"] == "factored" and info["sampler"]["factor_residual_max"] < 1e-4
-    assert json.loads((Path(cfg_a.run_dir) / T.RUN_FILE).read_text())["sampler"] == {"form": "exact"}
+    # the straight run's sampler: the exact form, and on a CPU (no memory limit known) the slots as given
+    assert json.loads((Path(cfg_a.run_dir) / T.RUN_FILE).read_text())["sampler"] == {
+        "form": "exact", "sample_rows_requested": None, "sample_rows": None, "estimate_gb": pytest.approx(0, abs=0.1),
+        "budget_gb": None}
 
 
 def test_chain_placement_guarantees():
@@ -284,6 +288,66 @@ def test_bounded_memory_settings_change_no_rollout(env, straight_run):
         assert x["hack_rate"] == y["hack_rate"] and x["reward_mean"] == y["reward_mean"]
         for key in ("loss", "grad_norm", "update_norm", "kl_mean"):
             np.testing.assert_allclose(y[key], x[key], rtol=2e-4, atol=1e-9)
+
+
+def test_slots_fitted_to_the_device_change_no_rollout(env, straight_run, monkeypatch, capsys):
+    """Under a device limit (patched; a CPU reports none) too small for all of a step's rows at once,
+    set-up fits fewer sampler slots (rl/memory.fit_sample_rows: the refill schedule), says so and
+    records it in run.json; the rollouts are the straight run's, also after a --resume that gives
+    another --sample-rows (a field free on resume)."""
+    from jaxhack.env.pools import list_pool_steps, read_pool_step
+    from jaxhack.rl import memory
+
+    cfg, _ = straight_run
+    info_a = json.loads((Path(cfg.run_dir) / T.RUN_FILE).read_text())
+    config = Qwen3Config.from_dict(info_a["model"]["config"])
+    bucket = -(-info_a["max_prompt_tokens"] // cfg.prompt_multiple) * cfg.prompt_multiple
+    n_rows = cfg.group_size * cfg.prompts_per_step
+
+    def gb(slots):
+        return memory.sampler_estimate_gb(config, n_rows, cfg.group_size, cfg.max_new, bucket, slots,
+                                          cfg.prefill_chunk, cfg.sampler_form, cfg.lend_weights, bytes_per_el=4)
+
+    assert gb(3) < gb(4) < gb(None)  # fewer rows at once hold less
+    limit = int((gb(3) + gb(4)) / 2 / (1 - memory.FIT_HEADROOM) * 1e9)
+    monkeypatch.setattr(memory, "device_limit_bytes", lambda: limit)
+    fitted = dataclasses.replace(cfg, run_dir=str(env[0] / "fitted"), eval_every=0)
+    T.train(fitted, stop_after=1, progress=False)
+    assert "note: the sampler decodes 3 rows at a time, not all rows" in capsys.readouterr().out
+    info = json.loads((Path(fitted.run_dir) / T.RUN_FILE).read_text())
+    assert info["sampler"]["sample_rows"] == 3 and info["sampler"]["sample_rows_requested"] is None
+    assert info["config"]["sample_rows"] is None  # the config as given: a rerun fits again
+    T.train(dataclasses.replace(fitted, sample_rows=2), resume=True, stop_after=1, progress=False)
+    steps_a = dict(list_pool_steps(Path(cfg.run_dir) / T.ROLLOUT_DIR))
+    steps_b = dict(list_pool_steps(Path(fitted.run_dir) / T.ROLLOUT_DIR))
+    assert sorted(steps_b) == [0, 1]
+    for step in (0, 1):
+        a, b = read_pool_step(steps_a[step]), read_pool_step(steps_b[step])
+        assert [r["completion"] for r in a] == [r["completion"] for r in b]
+
+
+def test_device_out_of_memory_is_one_line_naming_the_flag():
+    """XLA's RESOURCE_EXHAUSTED in a phase of a step becomes a UserError (the CLI's one line) naming the
+    flag that bounds that phase's memory; any other runtime error keeps its traceback."""
+    from jaxhack.io import UserError
+
+    cfg = make_config("smoke", sample_rows=5, microbatch=2, microbatch_tokens=64)
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 26.75MiB")
+    for phase, flag in [("sampling", r"--sample-rows \(now 5"), ("the eval", r"--sample-rows \(now 5"),
+                        ("the reference pass", r"--microbatch-tokens \(now 64"),
+                        ("the update", r"--microbatch-tokens \(now 64")]:
+        with pytest.raises(UserError, match=rf"ran out of memory in {phase} of step 3: lower {flag}"):
+            with T.out_of_memory_hint(cfg, phase, 3):
+                raise oom
+    with pytest.raises(UserError, match=r"in sampling of step 0: lower --sample-rows \(now all rows"):
+        with T.out_of_memory_hint(make_config("smoke"), "sampling", 0):
+            raise oom
+    with pytest.raises(UserError, match=r"in the update of step 0: set --microbatch"):
+        with T.out_of_memory_hint(make_config("smoke"), "the update", 0):
+            raise oom
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        with T.out_of_memory_hint(cfg, "the update", 3):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
 
 def test_vhack_refresh_from_own_rollouts_with_overlap_guard(env):

@@ -61,7 +61,7 @@ def degenerate_note(run_dir: Path) -> str | None:
     metrics = read_jsonl(run_dir / METRICS_FILE)
     if metrics and all(float(m.get("reward_std", 0.0)) == 0.0 for m in metrics):
         return ("note: the reward was the same for every rollout at every step, so every advantage is 0 and "
-                "nothing was learned (a random tiny model never writes a code block). For a non-degenerate "
+                "nothing was learned (e.g. a model with random weights never writes a code block). For a non-degenerate "
                 "run mix in teacher rows: --mix-teacher templates (or a TEACHER_POOL dir) --mix-per-group 1 "
                 "--max-new 256")
     return None

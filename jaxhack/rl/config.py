@@ -198,8 +198,11 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption (they do not change the trajectory).
+# sample_rows and prefill_chunk: how many rows decode at once and the prefill's chunk; every row draws
+# with its own key (tests/test_sampler.py: row groups, refill and prefill chunks give the same tokens).
 RESUME_FREE_FIELDS = ("run_dir", "grade_workers", "eval_every", "save_rollouts", "keep_ckpts",
-                      "ckpt_every", "sandbox_wall_s", "mesh", "update_layout", "lend_weights")
+                      "ckpt_every", "sandbox_wall_s", "mesh", "update_layout", "lend_weights", "sample_rows",
+                      "prefill_chunk")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, seconds: config.TINY random model, bundled problems.

@@ -29,6 +29,7 @@ from jaxhack.projection.v_hack import extract_v_hack, load_v_hack, random_v_hack
 from jaxhack.rl.config import RESUME_FREE_FIELDS, TrainConfig
 from jaxhack.rl.data import TEMPLATE_TEACHER, load_teacher_pool, split_problems, template_teacher
 from jaxhack.rl.learner import cached_update_fn, chain_names
+from jaxhack.rl.memory import fit_sample_rows
 
 METRICS_FILE, EVAL_FILE, RUN_FILE, DONE_FILE = "metrics.jsonl", "eval.jsonl", "run.json", "done.json"
 VHACK_DIR, ROLLOUT_DIR = "v_hack", "rollouts"
@@ -141,6 +142,26 @@ def factored_sampler_check(cfg: TrainConfig, adapter: str, params, frozen, train
     return {"form": "factored", "factor_residual_max": worst, "factor_residual_module": worst_name}
 
 
+def fit_slots(cfg: TrainConfig, config: Qwen3Config, params, prompt_bucket: int, mesh):
+    """The sampler's slots on this device (`rl.memory.fit_sample_rows`) for the run's prompt bucket and
+    the longer of max_new and eval_max_new; a note when fewer than cfg.sample_rows fit, a UserError
+    when not even a few do. The tokens do not depend on it (only how many rows decode at once)."""
+    max_new = max(cfg.max_new, cfg.eval_max_new or 0)
+    try:
+        fit = fit_sample_rows(config, cfg.group_size * cfg.prompts_per_step, cfg.group_size, max_new, prompt_bucket,
+                              cfg.sample_rows, cfg.prefill_chunk, cfg.sampler_form, cfg.lend_weights,
+                              devices=meshlib.data_size(mesh), bytes_per_el=params["embed"].dtype.itemsize)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if fit.reduced and meshlib.is_primary():
+        asked = "all rows" if fit.requested is None else f"{fit.requested}"
+        print(f"note: the sampler decodes {fit.slots} rows at a time, not {asked}: with prompts of up to "
+              f"{prompt_bucket} tokens and max_new {max_new} that would not fit in this device's "
+              f"{fit.budget_gb:.1f} GB (estimate at {fit.slots} rows: {fit.estimate_gb:.1f} GB); the samples are "
+              f"the same, only slower. --sample-rows sets it")
+    return fit
+
+
 def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext:
     """Load the model / problems / pool, build the adapter (the one factory, `models.load.make_adapter`:
     SVD cache dir and LoRA seed rules), the v_hack (extracted or loaded from RUN/v_hack) and the
@@ -170,6 +191,7 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
     max_prompt = max(len(v) for v in prompt_ids.values())
     prompt_multiple = -(-max_prompt // cfg.prompt_multiple) * cfg.prompt_multiple  # one prompt bucket
     seq_len = -(-(max_prompt + cfg.max_new) // 64) * 64
+    slot_fit = fit_slots(cfg, config, params, prompt_multiple, mesh)
     n_rows = cfg.group_size * cfg.prompts_per_step
     if cfg.microbatch is not None:
         n_rows = -(-n_rows // cfg.microbatch) * cfg.microbatch
@@ -211,7 +233,7 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
         "svd_bases": ("RANDOM ORTHONORMAL (benchmark only, --svd-random-bases)" if cfg.svd_random_bases
                       and arm.adapter == "svd" else ("svd of W" if arm.adapter == "svd" else "n/a (lora)")),
         "lora_seed": lora_seed if arm.adapter == "lora" else None,
-        "sampler": sampler_info,
+        "sampler": {**sampler_info, **slot_fit.to_dict()},
         "v_hack": v_meta, "n_train_problems": len(train_problems), "n_eval_problems": len(eval_problems),
         "train_problem_ids": [p.id for p in train_problems], "eval_problem_ids": [p.id for p in eval_problems],
         "seq_len": seq_len, "batch_rows": n_rows, "max_prompt_tokens": max_prompt,
@@ -220,7 +242,8 @@ def setup_run(cfg: TrainConfig, model=None, progress: bool = True) -> RunContext
                                            "devices": [str(d) for d in mesh.devices.flat],
                                            "process_count": jax.process_count()},
     }
-    return RunContext(cfg, run_dir, params, config, tokenizer, train_problems, eval_problems, prompt_ids,
+    run_cfg = dataclasses.replace(cfg, sample_rows=slot_fit.slots)  # run.json keeps the config as given
+    return RunContext(run_cfg, run_dir, params, config, tokenizer, train_problems, eval_problems, prompt_ids,
                       prompt_texts, teacher, frozen, trainable0, v_hack, optimizer, update_fn, seq_len,
                       n_rows, prompt_multiple, base_key, info, mesh)
 

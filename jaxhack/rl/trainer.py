@@ -24,6 +24,7 @@ differences between the cached decode and the training forward); teacher rows al
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -36,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxhack.env.pools import write_pool_meta, write_pool_step
-from jaxhack.io import append_jsonl, atomic_write_text, read_jsonl, rewrite_jsonl  # noqa: F401
+from jaxhack.io import UserError, append_jsonl, atomic_write_text, read_jsonl, rewrite_jsonl  # noqa: F401
 from jaxhack.parallel import mesh as meshlib
 from jaxhack.rl.checkpoints import CKPT_DIR, list_checkpoints, restore_train_state, save_train_state  # noqa: F401
 from jaxhack.rl.config import ARMS, TrainConfig
@@ -52,27 +53,52 @@ from jaxhack.rl.run import (DONE_FILE, EVAL_FILE, EVAL_TAG, METRICS_FILE, ROLLOU
 from jaxhack.tracking import TrackingSettings, open_tracker
 
 
+@contextlib.contextmanager
+def out_of_memory_hint(cfg: TrainConfig, phase: str, step: int):
+    """XLA's RESOURCE_EXHAUSTED (the device's memory ran out) in `phase` ("sampling", "the reference
+    pass", "the update", "the eval") as a UserError naming the flag that bounds that phase's memory
+    (one line from the CLI; XLA's allocator dump above it stays). Other errors pass through."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        if phase in ("sampling", "the eval"):
+            now = "all rows" if cfg.sample_rows is None else cfg.sample_rows
+            knob = (f"lower --sample-rows (now {now}: the rows the sampler decodes at once; the samples do not "
+                    f"depend on it) and rerun with --resume")
+        elif cfg.microbatch is None:
+            knob = "set --microbatch (rows per micro-batch of the reference pass and the update; now all at once)"
+        else:
+            knob = (f"lower --microbatch-tokens (now {cfg.microbatch_tokens}: the tokens one micro-batch of the "
+                    f"reference pass and the update holds) or --microbatch (now {cfg.microbatch})")
+        raise UserError(f"the device ran out of memory in {phase} of step {step}: {knob}") from None
+
+
 def train_step(ctx: RunContext, trainable, opt_state, step: int, cursor: int):
     """One full step. Returns (trainable, opt_state, metrics dict, rollout records)."""
     cfg = ctx.cfg
     t_step = time.time()
     idx = problem_indices(cursor, cfg.prompts_per_step, len(ctx.train_problems), cfg.seed)
-    with lent_merge(trainable, ctx.frozen) as adapters:  # cfg.lend_weights: the sampler borrows the bases
+    # cfg.lend_weights: the sampler borrows the bases
+    with lent_merge(trainable, ctx.frozen) as adapters, out_of_memory_hint(cfg, "sampling", step):
         rollout, t_gen, t_grade = sample_rollout(
             ctx.params, ctx.config, ctx.tokenizer, adapters, [ctx.train_problems[i] for i in idx], ctx.prompt_ids,
             ctx.teacher, cfg, jax.random.fold_in(ctx.base_key, step), step, ctx.prompt_multiple, mesh=ctx.mesh,
             grade_cache=ctx.grade_cache)
     t0 = time.time()
     batch, adv = train_batch(rollout, cfg, ctx.tokenizer.pad_token_id, ctx.n_rows, ctx.seq_len)
-    batch["ref_logp"] = reference_logp(ctx.params, ctx.config, batch, cfg, mesh=ctx.mesh)
+    with out_of_memory_hint(cfg, "the reference pass", step):
+        batch["ref_logp"] = reference_logp(ctx.params, ctx.config, batch, cfg, mesh=ctx.mesh)
     t_ref = time.time() - t0
-    if ctx.mesh is None:
-        trainable, opt_state, m = ctx.update_fn(trainable, opt_state, ctx.frozen, ctx.params,
-                                                jax.tree.map(jnp.asarray, batch))
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-    else:  # host batch: the update shards its rows over the mesh
-        trainable, opt_state, m = ctx.update_fn(trainable, opt_state, ctx.frozen, ctx.params, batch)
-        m = {k: float(v) for k, v in meshlib.tree_to_host(m).items()}
+    with out_of_memory_hint(cfg, "the update", step):
+        if ctx.mesh is None:
+            trainable, opt_state, m = ctx.update_fn(trainable, opt_state, ctx.frozen, ctx.params,
+                                                    jax.tree.map(jnp.asarray, batch))
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+        else:  # host batch: the update shards its rows over the mesh
+            trainable, opt_state, m = ctx.update_fn(trainable, opt_state, ctx.frozen, ctx.params, batch)
+            m = {k: float(v) for k, v in meshlib.tree_to_host(m).items()}
     t_update = time.time() - t0
     metrics = {
         "step": step, "cursor": cursor, "epoch": cursor // len(ctx.train_problems),
@@ -182,12 +208,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             return 0.0
         t0 = time.time()
         key = jax.random.fold_in(jax.random.fold_in(ctx.base_key, EVAL_TAG), done)
-        with lent_merge(trainable, ctx.frozen) as adapters:
-            rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, cfg, key, done,
+        with lent_merge(trainable, ctx.frozen) as adapters, out_of_memory_hint(ctx.cfg, "the eval", done):
+            rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, ctx.cfg, key, done,
                            ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh, grade_cache=ctx.grade_cache)
         if ARMS[cfg.arm].projection == "route":  # deploy = delta_s_hack ablated; both are reported
-            with lent_merge(ablate_hack(trainable), ctx.frozen) as adapters:
-                ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, cfg, key,
+            with lent_merge(ablate_hack(trainable), ctx.frozen) as adapters, out_of_memory_hint(ctx.cfg, "the eval", done):
+                ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, ctx.cfg, key,
                                    done, ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh,
                                    grade_cache=ctx.grade_cache)
             rec.update({f"ablated_{k}": v for k, v in ablated.items() if k not in ("step", "n", "temperature")})
