@@ -417,12 +417,13 @@ def test_each_distinct_prompt_is_prefilled_once(params):
 
 
 def test_prompt_pool_book_never_runs_out_nor_double_books():
-    """PromptRuns: the full preset's 43 runs of 6 rows fit a 64-entry pool with U = 2 prompts per refill
+    """PromptRuns: the full preset's 43 runs of 6 rows fit a 48-entry pool with U = 2 prompts per refill
     of 8 rows; with few slots entries are handed on, and no entry is ever held by two runs at once."""
     from jaxhack.rl.refill import PromptRuns
 
     full = PromptRuns(np.repeat(np.arange(43), 6), slots=152, refill_rows=8)
-    assert (full.pool_size, full.U, full.most_rows) == (64, 2, 8)
+    assert (full.pool_size, full.U, full.most_rows) == (48, 2, 8)
+    assert [PromptRuns(np.arange(n), 152, 8).pool_size for n in (3, 8, 9, 17)] == [4, 8, 16, 24]
     assert PromptRuns(np.arange(300), 152, 8).pool_size == 153  # distinct prompts: at most B + 1 entries
     rng = np.random.default_rng(0)
     for trial in range(20):
