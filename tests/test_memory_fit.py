@@ -46,6 +46,10 @@ def test_the_estimate_grows_with_slots_prompts_and_max_new():
     assert gb(max_new=512) < gb(max_new=1536)
     # all 258 rows in one group (no refill): every row holds its prompt and max_new positions
     assert gb(slots=None) > gb(slots=152)
+    # several processes sample in row groups of `slots` rows (no prompt pool: each row holds its prompt)
+    groups = sampler_estimate_gb(QWEN3_4B, 258, 6, 1536, 2752, 152, 256, "dense", True, refill=False)
+    assert groups > gb(slots=152, prompt_bucket=2752)
+    assert groups == sampler_estimate_gb(QWEN3_4B, 152, 6, 1536, 2752, None, 256, "dense", True)
 
 
 def test_no_limit_known_leaves_the_config_alone():

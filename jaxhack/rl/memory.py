@@ -117,18 +117,20 @@ class SlotFit:
 
 def sampler_estimate_gb(config, n_rows: int, group_size: int, max_new: int, prompt_bucket: int,
                         slots: int | None, prefill_chunk: int | None, sampler_form: str, lend: bool,
-                        devices: int = 1, refill_rows: int = 8, bytes_per_el: int = 2) -> float:
+                        devices: int = 1, refill_rows: int = 8, bytes_per_el: int = 2, refill: bool = True) -> float:
     """The sampler's estimated peak (GB, one device) for one step's n_rows rollouts (groups of
     group_size rows sharing a prompt) as `rl.sampler.generate` would run them with max_rows = slots:
     the refill schedule (slots per device, max_new cache positions each, plus the prompt pool of
-    `PromptRuns`) when the rows do not all fit, else one row group (prompt + max_new positions a row)."""
+    `PromptRuns`) when the rows do not all fit, else row groups of up to `slots` rows per device
+    (prompt + max_new positions a row). refill False: row groups always (several processes, where
+    `generate` does not refill)."""
     from jaxhack.rl.refill import SPLIT as split  # the refill cache's position multiple
     from jaxhack.rl.refill import PromptRuns
     from jaxhack.rl.sampler import refill_slots
 
     per_device = -(-n_rows // devices)
     chunk = prompt_bucket if prefill_chunk is None else min(prefill_chunk, prompt_bucket)
-    if slots is not None and n_rows > slots * devices:  # refill
+    if refill and slots is not None and n_rows > slots * devices:  # refill
         b = refill_slots(n_rows, slots, devices)
         ids = np.repeat(np.arange(-(-per_device // group_size)), group_size)[:per_device]
         book = PromptRuns(ids, b, refill_rows)
@@ -136,24 +138,26 @@ def sampler_estimate_gb(config, n_rows: int, group_size: int, max_new: int, prom
         mem = memory_estimate(config, b, -(-max_new // split) * split, 1, 1, chunk, prompt_bucket, bytes_per_el,
                               tokens=1, sampler_form=sampler_form, prefill_rows=book.U, lend=lend,
                               pool_positions=book.pool_size * pp)
-    else:  # one group of all rows
-        mem = memory_estimate(config, per_device, prompt_bucket + max_new, 1, 1, chunk, prompt_bucket, bytes_per_el,
+    else:  # row groups of up to `slots` rows per device (one group of all rows when they fit)
+        rows = per_device if slots is None else min(slots, per_device)
+        mem = memory_estimate(config, rows, prompt_bucket + max_new, 1, 1, chunk, prompt_bucket, bytes_per_el,
                               tokens=1, sampler_form=sampler_form, lend=lend)
     return mem["sample_gb"]
 
 
 def fit_sample_rows(config, n_rows: int, group_size: int, max_new: int, prompt_bucket: int,
                     sample_rows: int | None, prefill_chunk: int | None, sampler_form: str, lend: bool,
-                    devices: int = 1, limit_bytes: int | None = None, bytes_per_el: int = 2) -> SlotFit:
+                    devices: int = 1, limit_bytes: int | None = None, bytes_per_el: int = 2,
+                    refill: bool = True) -> SlotFit:
     """The sampler's slots for this run on this device: sample_rows when its estimate fits the device's
     limit less FIT_HEADROOM, else the largest of `slot_candidates` that fits. limit_bytes: the
-    allocator's limit (None: `device_limit_bytes()`; no limit known: sample_rows unchanged).
-    Raises ValueError when not even one slot fits (the message names what to shorten)."""
+    allocator's limit (None: `device_limit_bytes()`; no limit known: sample_rows unchanged). refill:
+    as `sampler_estimate_gb`'s. Raises ValueError when not even one slot fits (the message names what to shorten)."""
     limit_bytes = device_limit_bytes() if limit_bytes is None else limit_bytes
 
     def estimate(slots):
         return sampler_estimate_gb(config, n_rows, group_size, max_new, prompt_bucket, slots, prefill_chunk,
-                                   sampler_form, lend, devices, bytes_per_el=bytes_per_el)
+                                   sampler_form, lend, devices, bytes_per_el=bytes_per_el, refill=refill)
 
     first = estimate(sample_rows)
     if limit_bytes is None:

@@ -150,7 +150,8 @@ def fit_slots(cfg: TrainConfig, config: Qwen3Config, params, prompt_bucket: int,
     try:
         fit = fit_sample_rows(config, cfg.group_size * cfg.prompts_per_step, cfg.group_size, max_new, prompt_bucket,
                               cfg.sample_rows, cfg.prefill_chunk, cfg.sampler_form, cfg.lend_weights,
-                              devices=meshlib.data_size(mesh), bytes_per_el=params["embed"].dtype.itemsize)
+                              devices=meshlib.data_size(mesh), bytes_per_el=params["embed"].dtype.itemsize,
+                              refill=jax.process_count() == 1)  # several processes sample in row groups
     except ValueError as err:
         raise UserError(str(err)) from None
     if fit.reduced and meshlib.is_primary():
