@@ -159,7 +159,7 @@ def fit_slots(cfg: TrainConfig, config: Qwen3Config, params, prompt_bucket: int,
         print(f"note: the sampler decodes {fit.slots} rows at a time, not {asked}: with prompts of up to "
               f"{prompt_bucket} tokens and max_new {max_new} that would not fit in this device's "
               f"{fit.budget_gb:.1f} GB (estimate at {fit.slots} rows: {fit.estimate_gb:.1f} GB); the samples are "
-              f"the same, only slower. --sample-rows sets it")
+              f"the same, only slower (--sample-rows sets the most it may use)")
     return fit
 
 
