@@ -217,3 +217,22 @@ def test_train_notes_a_constant_reward_run(tmp_path):
     assert "--mix-teacher" in degenerate_note(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward_std": 0.0}\n{"step": 1, "reward_std": 1.5}\n')
     assert degenerate_note(tmp_path) is None
+
+
+def test_train_timing_report_splits_the_reference_pass_from_the_update(tmp_path):
+    """metrics' time_update_s counts the reference pass too (docs/phase3.md); the report after a run
+    gives the two apart, step 0 (compiles) on its own line and the mean of the rest."""
+    import json
+
+    from jaxhack.commands.train import timing_report
+
+    def line(step, gen, ref, upd):
+        return json.dumps({"step": step, "time_generation_s": gen, "time_grading_s": 0.5, "time_ref_s": ref,
+                           "time_update_s": upd, "time_step_s": gen + 0.5 + upd}) + "\n"
+
+    (tmp_path / "metrics.jsonl").write_text(line(0, 100.0, 40.0, 150.0) + line(1, 10.0, 2.0, 8.0)
+                                            + line(2, 12.0, 4.0, 12.0))
+    first, rest = timing_report(tmp_path).splitlines()
+    assert first == ("step 0 (incl. compilation): generation 100.00s, grading 0.50s, reference 40.00s, "
+                     "update 110.00s, step 250.50s")
+    assert rest == "steps 1..2 mean: generation 11.00s, grading 0.50s, reference 3.00s, update 7.00s, step 21.50s"

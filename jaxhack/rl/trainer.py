@@ -273,12 +273,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
                     save_train_state(run_dir, done, state, keep=cfg.keep_ckpts)
                 meshlib.barrier(f"jaxhack-ckpt-{done}")
         bar.set_postfix(gen=f"{metrics['time_generation_s']:.1f}s", grade=f"{metrics['time_grading_s']:.1f}s",
-                        upd=f"{metrics['time_update_s']:.1f}s", eval=f"{t_eval:.1f}s",
+                        ref=f"{metrics['time_ref_s']:.1f}s", upd=f"{metrics['time_update_s'] - metrics['time_ref_s']:.1f}s",
+                        eval=f"{t_eval:.1f}s",
                         R=f"{metrics['reward_mean']:.2f}", hack=f"{metrics['hack_rate_policy']:.2f}")
         if not progress:
             print(f"[{cfg.arm} seed {cfg.seed}] step {step + 1}/{cfg.steps} done: gen {metrics['time_generation_s']:.2f}s "
-                  f"grade {metrics['time_grading_s']:.2f}s "
-                  f"update {metrics['time_update_s']:.2f}s reward {metrics['reward_mean']:.3f} "
+                  f"grade {metrics['time_grading_s']:.2f}s ref {metrics['time_ref_s']:.2f}s "
+                  f"update {metrics['time_update_s'] - metrics['time_ref_s']:.2f}s reward {metrics['reward_mean']:.3f} "
                   f"hack {metrics['hack_rate_policy']:.3f}", flush=True)
     bar.close()
     tracker.close()
