@@ -29,13 +29,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args(argv)
+    from jaxhack.commands import fail
     from jaxhack.io import UserError
     from jaxhack.models.fused_decode import requested
     try:
         requested()  # JAXHACK_DECODE_KERNEL: one line, not a traceback from inside the traced step
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
 
     import jax
     import jax.numpy as jnp

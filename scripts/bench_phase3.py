@@ -69,7 +69,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxhack.commands import checks  # noqa: E402
+from jaxhack.commands import checks, fail  # noqa: E402
 from jaxhack.io import UserError  # noqa: E402
 from jaxhack.phase3_floor import (completion_lengths, sampler_schedule_floor, slot_plan,  # noqa: E402
                                   step_floor)
@@ -480,8 +480,7 @@ def main(argv=None) -> int:
         checks.at_least(args, ("sample_rows", "refill_rows", "prefill_chunk", "steps", "prompt_len", "cpu_devices"))
         checks.at_least(args, ("warmup",), minimum=0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.profile_sample and (not args.sample_only or args.regime == "both" or args.meshes or args.sampler == "both"):
         print("error: --profile-sample needs --sample-only, one --regime, one --sampler and no --meshes", file=sys.stderr)
         return 2
@@ -504,8 +503,7 @@ def main(argv=None) -> int:
     try:
         requested()  # a bad JAXHACK_DECODE_KERNEL: one line here, not a traceback per regime after the weights
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     specs = args.meshes or ([args.mesh] if args.mesh else [None])
     from jaxhack.parallel.mesh import make_mesh
     try:

@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the JSON lines here (default docs/results/bench_probe.jsonl; "
                                                 "--small: not written unless given)")
     args = ap.parse_args(argv)
-    from jaxhack.commands import checks
+    from jaxhack.commands import checks, fail
     from jaxhack.io import UserError
     try:
         checks.at_least(args, ("group_size", "prompt_len", "completion_len", "vmap_chunk", "chunk", "runs", "torch_runs",
@@ -359,8 +359,7 @@ def main(argv=None) -> int:
         checks.above_zero("--torch-timeout", args.torch_timeout)
         checks.above_zero("--peak-tflops", args.peak_tflops)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.small:
         args.prompt_len, args.completion_len, args.group_size = 16, 32, 2
     if args.compare:

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxhack.commands import checks  # noqa: E402
+from jaxhack.commands import checks, fail  # noqa: E402
 from jaxhack.io import UserError  # noqa: E402
 from jaxhack.models.fused_decode import requested  # noqa: E402
 
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
         checks.at_least(args, ("rows", "prompt_len", "new_tokens", "layers"))
         requested()  # JAXHACK_DECODE_KERNEL
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
 
     import jax
     import jax.numpy as jnp

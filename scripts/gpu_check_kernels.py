@@ -328,12 +328,12 @@ def main(argv=None) -> int:
                     help="which checks to run (default: all)")
     args = ap.parse_args(argv)
     from jaxhack.io import UserError
+    from jaxhack.commands import fail
     from jaxhack.models.fused_decode import requested
     try:
         requested()  # JAXHACK_DECODE_KERNEL (the decode-step check runs qwen3's decode)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if jax.default_backend() != "gpu":
         print("gpu_check_kernels: no GPU; these checks need one (CPU paths are covered by the tests)")
         return 2

@@ -36,15 +36,8 @@ from jaxhack.rl.checkpoints import CKPT_DIR
 from jaxhack.rl.config import ConfigError, TrainConfig, add_config_args, config_from_args, flag_name
 from jaxhack.rl.data import TEMPLATE_TEACHER
 from jaxhack.rl.run import DONE_FILE, METRICS_FILE, RUN_FILE
-from jaxhack.rl.trainer import train
+from jaxhack.rl.trainer import step_seconds, train
 from jaxhack.tracking import TrackingUnavailable, add_tracking_args, settings_from_args
-
-
-def step_seconds(m: dict) -> dict:
-    """A metrics line's split of the step: generation / grading / reference pass / update / step
-    (time_update_s counts the reference pass too; the update here is without it)."""
-    return {"generation": m["time_generation_s"], "grading": m["time_grading_s"], "reference": m["time_ref_s"],
-            "update": m["time_update_s"] - m["time_ref_s"], "step": m["time_step_s"]}
 
 
 def timing_report(run_dir: Path) -> str:

@@ -53,6 +53,13 @@ from jaxhack.rl.run import (DONE_FILE, EVAL_FILE, EVAL_TAG, METRICS_FILE, ROLLOU
 from jaxhack.tracking import TrackingSettings, open_tracker
 
 
+def step_seconds(m: dict) -> dict:
+    """A metrics line's split of the step: generation / grading / reference pass / update / step
+    (time_update_s counts the reference pass too; the update here is without it)."""
+    return {"generation": m["time_generation_s"], "grading": m["time_grading_s"], "reference": m["time_ref_s"],
+            "update": m["time_update_s"] - m["time_ref_s"], "step": m["time_step_s"]}
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(cfg: TrainConfig, phase: str, step: int):
     """XLA's RESOURCE_EXHAUSTED (the device's memory ran out) in `phase` ("sampling", "the reference
@@ -208,14 +215,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
             return 0.0
         t0 = time.time()
         key = jax.random.fold_in(jax.random.fold_in(ctx.base_key, EVAL_TAG), done)
-        with lent_merge(trainable, ctx.frozen) as adapters, out_of_memory_hint(ctx.cfg, "the eval", done):
-            rec = evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, ctx.cfg, key, done,
-                           ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh, grade_cache=ctx.grade_cache)
+
+        def held_out(policy):  # the held-out eval of one adapter state (ctx.cfg: the sampler's fitted slots)
+            with lent_merge(policy, ctx.frozen) as adapters, out_of_memory_hint(ctx.cfg, "the eval", done):
+                return evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, ctx.cfg, key,
+                                done, ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh, grade_cache=ctx.grade_cache)
+
+        rec = held_out(trainable)
         if ARMS[cfg.arm].projection == "route":  # deploy = delta_s_hack ablated; both are reported
-            with lent_merge(ablate_hack(trainable), ctx.frozen) as adapters, out_of_memory_hint(ctx.cfg, "the eval", done):
-                ablated = evaluate(ctx.params, ctx.config, ctx.tokenizer, adapters, ctx.eval_problems, ctx.cfg, key,
-                                   done, ctx.prompt_ids, ctx.prompt_multiple, mesh=ctx.mesh,
-                                   grade_cache=ctx.grade_cache)
+            ablated = held_out(ablate_hack(trainable))
             rec.update({f"ablated_{k}": v for k, v in ablated.items() if k not in ("step", "n", "temperature")})
         rec["time_eval_s"] = time.time() - t0
         if primary:
@@ -272,15 +280,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
                 if primary:
                     save_train_state(run_dir, done, state, keep=cfg.keep_ckpts)
                 meshlib.barrier(f"jaxhack-ckpt-{done}")
-        bar.set_postfix(gen=f"{metrics['time_generation_s']:.1f}s", grade=f"{metrics['time_grading_s']:.1f}s",
-                        ref=f"{metrics['time_ref_s']:.1f}s", upd=f"{metrics['time_update_s'] - metrics['time_ref_s']:.1f}s",
-                        eval=f"{t_eval:.1f}s",
+        t = step_seconds(metrics)
+        bar.set_postfix(gen=f"{t['generation']:.1f}s", grade=f"{t['grading']:.1f}s", ref=f"{t['reference']:.1f}s",
+                        upd=f"{t['update']:.1f}s", eval=f"{t_eval:.1f}s",
                         R=f"{metrics['reward_mean']:.2f}", hack=f"{metrics['hack_rate_policy']:.2f}")
         if not progress:
-            print(f"[{cfg.arm} seed {cfg.seed}] step {step + 1}/{cfg.steps} done: gen {metrics['time_generation_s']:.2f}s "
-                  f"grade {metrics['time_grading_s']:.2f}s ref {metrics['time_ref_s']:.2f}s "
-                  f"update {metrics['time_update_s'] - metrics['time_ref_s']:.2f}s reward {metrics['reward_mean']:.3f} "
-                  f"hack {metrics['hack_rate_policy']:.3f}", flush=True)
+            print(f"[{cfg.arm} seed {cfg.seed}] step {step + 1}/{cfg.steps} done: gen {t['generation']:.2f}s "
+                  f"grade {t['grading']:.2f}s ref {t['reference']:.2f}s update {t['update']:.2f}s "
+                  f"reward {metrics['reward_mean']:.3f} hack {metrics['hack_rate_policy']:.3f}", flush=True)
     bar.close()
     tracker.close()
     summary = final_summary(run_dir)
